@@ -1,0 +1,217 @@
+"""Typed configuration: one YAML file describes a run, for every stage.
+
+Load it with :func:`load_config`, which also applies ``section.key=value`` overrides from the command line.
+Every model forbids unknown keys, so a typo (``train.learning_rate``) fails at once, naming the key, before
+any cluster work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "AutoscalingConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PlatformConfig",
+    "ServeConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+DataFormat = Literal["alpaca", "messages", "sharegpt", "text"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field("assets/tiny-base", description="Hub id or local directory of the base causal LM.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' = float32 on CPU, bfloat16 on GPUs that support it."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub (off = safer).")
+
+
+class DataConfig(_Section):
+    path: str = Field("assets/demo-data/support.jsonl", description="File, directory or glob; local or s3:// gs://.")
+    format: DataFormat = Field("alpaca", description="Row format: alpaca | messages | sharegpt | text.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename source columns to the format's names, e.g. {question: instruction, answer: output}.",
+    )
+    max_length: int = Field(512, ge=8, description="Longest tokenized example; longer rows are quarantined.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
+    seed: int = Field(0, description="Seed of the deterministic train/val split.")
+    tokenizer_actors: int = Field(2, ge=1, description="Size of the Ray Data actor pool that tokenizes.")
+    system_prompt: str | None = Field(None, description="System message prepended to every conversation.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, description="LoRA rank: higher = more capacity and memory.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head."
+    )
+
+
+class TrainConfig(_Section):
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapter or full fine-tune.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks); one GPU each with use_gpu.")
+    use_gpu: bool = Field(False, description="Place each worker on a GPU (NCCL) instead of CPU (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    epochs: int = Field(3, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(8, ge=1, description="Examples per worker per step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated before each optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW), cosine-decayed after warmup.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    adapter_name: str = Field("adapter", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registry name.")
+    seed: int = Field(0)
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = inf).")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept, best by eval_loss.")
+    run_name: str | None = Field(None, description="Ray Train run name; re-running the same name resumes.")
+
+
+class TuneConfig(_Section):
+    space: str = Field("tune_spaces/lora_lr_rank.yaml", description="Search-space YAML in tune_spaces/.")
+    num_samples: int = Field(4, ge=1, description="Trials sampled from the space.")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None = as many as the cluster fits.")
+    metric: str = Field("eval_loss", description="Metric ASHA and the best-trial choice use.")
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before ASHA may stop it.")
+    reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor trials at each rung.")
+    num_workers_per_trial: int = Field(1, ge=1, description="Ray Train workers in each trial.")
+    name: str = Field("sweep", description="Experiment name under <output_dir>/sweep/.")
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Per-replica load the autoscaler aims for.")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 to accept remote clients.")
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = Field("aigc", description="Serve application name.")
+    base_model_id: str | None = Field(None, description="Model id clients use for the base model.")
+    max_tokens_cap: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica works on at once.")
+    max_queued_requests: int = Field(32, ge=-1, description="Queue per caller beyond which requests get 503.")
+    max_adapters_per_replica: int = Field(4, ge=1, description="LoRA adapters kept loaded (LRU) per replica.")
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+
+    @model_validator(mode="after")
+    def _default_le_cap(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) > max_tokens_cap")
+        return self
+
+
+class PlatformConfig(_Section):
+    """One run of the platform: every stage reads the section it needs."""
+
+    output_dir: str = Field("runs/demo", description="Where a run writes everything (local dir or URI).")
+    registry_dir: str = Field("runs/registry", description="Where trained adapters are registered.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("output_dir", "registry_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `aigc config --show` lists every key)"
+        lines.append(f"  {where}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, value = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = nxt
+        try:
+            node[keys[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PlatformConfig:
+    """Load a YAML config file (or the defaults) and apply overrides.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, or a field is invalid; the message names it.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " + overrides"
+    try:
+        return PlatformConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

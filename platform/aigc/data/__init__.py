@@ -1,0 +1,1 @@
+"""Data formats, chat templates and the Ray Data preprocessing job."""

@@ -1,0 +1,1 @@
+"""Base models, tokenizers, LoRA wiring and the tiny offline base model."""
