@@ -1,0 +1,325 @@
+"""The tiny offline base model: a ~1M-parameter Llama pretrained by this project's own code.
+
+:func:`build_tiny_base` writes a directory that ``AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` open, with no hub access:
+
+1. a deterministic plain-prose corpus about an online shop (product notes, order e-mails, FAQ paragraphs,
+   support stories, reviews). It contains no chat-template markers and never the demo's reply sentence,
+   so the model is a *base* model that knows the shop's vocabulary but not the support task;
+2. a byte-level BPE tokenizer trained on it, digits split one by one (so order numbers can be copied), with
+   the special tokens of :data:`aigc.data.templates.DEFAULT_CHAT_TEMPLATE`; ``<|end|>`` is the eos token
+   and also separates documents during pretraining, as ``<|endoftext|>`` does for GPT-2;
+3. a small ``LlamaForCausalLM`` (tied embeddings) trained for a few hundred steps on 2 CPU cores.
+
+Rebuild with ``python -m aigc.models.tiny assets/tiny-base``. Same seed and same machine -> same weights
+(float summation order may differ across CPUs and thread counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aigc.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN
+
+__all__ = ["SPECIAL_TOKENS", "build_tiny_base", "generate_corpus", "train_tokenizer"]
+
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, END_OF_TURN, "<|system|>", "<|user|>", "<|assistant|>")
+
+# fmt: off
+_NAMES = (
+    "Anna", "Ben", "Carla", "David", "Emma", "Felix", "Gina", "Hugo", "Iris", "Jonas", "Kira", "Leo", "Mia",
+    "Nina", "Oscar", "Paula", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Zoe",
+)
+_PRODUCTS = (
+    "coffee grinder", "wool sweater", "desk lamp", "yoga mat", "phone case", "water bottle", "rain jacket",
+    "gift card", "bluetooth speaker", "kettle", "cotton shirt", "blender", "notebook set", "teapot",
+    "board game", "travel mug", "garden chair", "wall clock", "bath towel", "leather belt", "backpack",
+    "umbrella", "cutting board", "reading light", "scarf", "toaster", "picture frame", "candle set",
+)
+_ADJECTIVES = ("light", "sturdy", "soft", "compact", "classic", "modern", "handmade", "simple", "warm", "bright")
+_MATERIALS = ("cotton", "steel", "bamboo", "recycled plastic", "oak", "wool", "glass", "ceramic", "leather")
+_COLOURS = ("black", "white", "navy blue", "forest green", "grey", "red", "sand", "yellow")
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+_NUMBER_WORDS = ("two", "three", "four", "five", "six", "seven", "ten", "fourteen", "thirty")
+# (department, what it handles, an example problem as a customer might describe it)
+_DEPARTMENTS = (
+    ("billing", "payments, refunds, invoices and receipts", "a card that was charged twice"),
+    ("billing", "double charges and missing refunds", "an invoice with the wrong amount"),
+    ("shipping", "deliveries, couriers and tracking numbers", "a parcel that had not arrived"),
+    ("shipping", "late parcels and lost packages", "a tracking page that had stopped updating"),
+    ("returns", "returns, exchanges and items in the wrong size", "shoes that were too small"),
+    ("returns", "exchanges and items sent back", "a sweater in the wrong colour"),
+    ("technical", "the app, the website and passwords", "an app that crashed at checkout"),
+    ("technical", "login problems and error messages", "a password reset link that did not work"),
+    ("account", "email addresses, usernames and closing accounts", "a request to delete an account"),
+    ("account", "profiles, phone numbers and the newsletter", "a new email address for the newsletter"),
+)
+_OPINIONS = (
+    "It works exactly as described.", "The quality is better than I expected.", "It arrived quickly and well packed.",
+    "The colour is a little darker than in the photos.", "I use it every day.", "It was a bit expensive but worth it.",
+    "My family loves it.", "The instructions could be clearer.",
+)
+# fmt: on
+
+
+def _order(rng: random.Random) -> str:
+    return str(rng.randrange(10000, 100000))
+
+
+def _product_note(rng: random.Random) -> str:
+    p, adj, mat, col = rng.choice(_PRODUCTS), rng.choice(_ADJECTIVES), rng.choice(_MATERIALS), rng.choice(_COLOURS)
+    return (
+        f"The {adj} {p} is made of {mat} and comes in {col}. It weighs {rng.randrange(90, 2000)} grams "
+        f"and costs {rng.randrange(5, 180)} dollars. {rng.choice(_OPINIONS)} "
+        f"Item number {rng.randrange(1000, 10000)} is in stock in our warehouse."
+    )
+
+
+def _order_email(rng: random.Random) -> str:
+    name, p, n, day = rng.choice(_NAMES), rng.choice(_PRODUCTS), _order(rng), rng.choice(_DAYS)
+    return (
+        f"Dear {name}, thank you for shopping with us. We have received your order #{n} for a {p}. "
+        f"Order #{n} will leave our warehouse on {day}, and the courier usually needs "
+        f"{rng.choice(_NUMBER_WORDS)} working days. Please keep the number #{n} for any question about it. "
+        "Kind regards, the shop."
+    )
+
+
+def _shipping_notice(rng: random.Random) -> str:
+    n, t = _order(rng), str(rng.randrange(100000, 1000000))
+    return (
+        f"Parcel update for order #{n}: the package left the warehouse on {rng.choice(_DAYS)}. "
+        f"Its tracking number is {t}. If order #{n} is late, the tracking page for {t} shows where it is."
+    )
+
+
+def _faq(rng: random.Random) -> str:
+    dept, handles, _ = rng.choice(_DEPARTMENTS)
+    days = rng.choice(_NUMBER_WORDS)
+    return rng.choice(
+        (
+            f"Who do I contact about {handles}? Questions about {handles} are handled by the {dept} team. "
+            "Please always mention your order number.",
+            f"How long does delivery take? Most parcels arrive within {days} working days. "
+            "The shipping team can check a late parcel with its tracking number.",
+            f"Can I return an item? Yes, you can return or exchange most items within {days} weeks. "
+            "The returns team sends a label for the parcel.",
+            "What if I forgot my password? Use the reset link on the login page of the app or the website. "
+            "If the link does not work, the technical team can help.",
+            "How do I close my account? The account team can delete an account or change the email address "
+            "on a profile. It takes about a day.",
+        )
+    )
+
+
+def _support_story(rng: random.Random) -> str:
+    name, agent, n = rng.choice(_NAMES), rng.choice(_NAMES), _order(rng)
+    dept, _, problem = rng.choice(_DEPARTMENTS)
+    hours = rng.choice(("two", "six", "twelve", "24", "48"))
+    return (
+        f"Last {rng.choice(_DAYS)} {name} wrote to the shop about order #{n}, describing {problem}. "
+        f"{agent} from the {dept} team looked at order #{n} within {hours} hours and wrote back to {name}. "
+        f"In the end {name} was happy, and the {dept} team closed the case."
+    )
+
+
+def _review(rng: random.Random) -> str:
+    p, name = rng.choice(_PRODUCTS), rng.choice(_NAMES)
+    stars = rng.choice(("two", "three", "four", "five"))
+    return (
+        f"Review by {name}: I bought the {p} {rng.choice(_NUMBER_WORDS)} weeks ago. "
+        f"{rng.choice(_OPINIONS)} {rng.choice(_OPINIONS)} I give it {stars} stars."
+    )
+
+
+_DOC_KINDS = (_product_note, _order_email, _shipping_notice, _faq, _support_story, _review)
+
+
+def generate_corpus(n_docs: int, seed: int = 0) -> list[str]:
+    """``n_docs`` plain-prose documents about the shop; deterministic in ``seed``."""
+    rng = random.Random(seed)
+    docs = [rng.choice(_DOC_KINDS)(rng) for _ in range(n_docs)]
+    for d in docs:  # the base model must not have seen the chat format
+        assert "<|" not in d and "forwarded order" not in d, d
+    return docs
+
+
+def train_tokenizer(docs: list[str], vocab_size: int = 2048) -> Any:
+    """Byte-level BPE (single digits) wrapped as a ``PreTrainedTokenizerFast`` with the chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=END_OF_TURN, pad_token=PAD_TOKEN, model_max_length=256
+    )
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    return fast
+
+
+def _token_stream(tokenizer: Any, docs: list[str]) -> torch.Tensor:
+    """All documents tokenized and joined, each followed by the eos token."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _make_model(tokenizer: Any, hidden: int, layers: int, heads: int, max_positions: int) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _pretrain(
+    model: Any, stream: torch.Tensor, steps: int, batch_size: int, block: int, lr: float, seed: int, log: bool
+) -> float:
+    """Next-token training on random windows of ``stream``; returns the mean loss of the last 10% of steps."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    model.train()
+    tail: list[float] = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup=max(1, steps // 20))
+        starts = torch.randint(0, len(stream) - block, (batch_size,), generator=gen)
+        batch = torch.stack([stream[s : s + block] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if log and (step % 100 == 0 or step == steps - 1):
+            print(f"[tiny] step {step:4d}/{steps} loss {loss.item():.3f}", flush=True)
+    return sum(tail) / len(tail)
+
+
+_README = """# tiny-base
+
+A ~{params_m:.1f}M-parameter Llama (`LlamaForCausalLM`: {layers} layers, hidden {hidden}, {heads} heads,
+tied embeddings, {positions} positions) with a byte-level BPE tokenizer of {vocab} tokens. It was pretrained
+from scratch for {steps} steps on a generated plain-prose corpus about a fictional online shop
+({corpus_tokens} tokens), so the platform's demo can fine-tune and serve a real model with no downloads.
+
+It is a *base* model: it has never seen the chat format or the demo's support replies. The tokenizer
+carries the project's chat template (`<|user|>`, `<|assistant|>`, `<|end|>` = eos, `<|pad|>` = pad).
+
+Built by project code (`aigc.models.tiny`, seed {seed}); rebuild with
+
+    python -m aigc.models.tiny assets/tiny-base
+"""
+
+
+def build_tiny_base(
+    out_dir: str,
+    seed: int = 0,
+    steps: int = 800,
+    n_docs: int = 12000,
+    vocab_size: int = 2048,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    max_positions: int = 256,
+    batch_size: int = 16,
+    block_size: int = 128,
+    lr: float = 3e-3,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Generate the corpus, train the tokenizer, pretrain the model and save both to ``out_dir``.
+
+    Returns a summary: parameter count, vocabulary and corpus sizes, final training loss, seconds taken.
+    """
+    t0 = time.time()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    docs = generate_corpus(n_docs, seed)
+    tokenizer = train_tokenizer(docs, vocab_size)
+    stream = _token_stream(tokenizer, docs)
+    model = _make_model(tokenizer, hidden, layers, heads, max_positions)
+    loss = _pretrain(model, stream, steps, batch_size, block_size, lr, seed, log)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    summary = {
+        "out_dir": str(out),
+        "params": params,
+        "vocab_size": len(tokenizer),
+        "corpus_docs": len(docs),
+        "corpus_tokens": int(stream.numel()),
+        "steps": steps,
+        "final_loss": round(loss, 4),
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out / "README.md").write_text(
+        _README.format(
+            params_m=params / 1e6, layers=layers, hidden=hidden, heads=heads, positions=max_positions,
+            vocab=len(tokenizer), steps=steps, corpus_tokens=stream.numel(), seed=seed,
+        ),
+        encoding="utf-8",
+    )  # fmt: skip
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m aigc.models.tiny OUT_DIR [--seed S] [--steps N]``."""
+    ap = argparse.ArgumentParser(description="Pretrain the tiny offline base model into OUT_DIR.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=800)
+    args = ap.parse_args(argv)
+    print(build_tiny_base(args.out_dir, seed=args.seed, steps=args.steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The per-worker training loop that Ray Train runs on every worker (one DDP rank each).
+
+It only trains: the driver (:mod:`aigc.train.trainer`) builds the scaling, run and failure configs. Every
+epoch it reports train loss, eval loss and perplexity, and a checkpoint (adapter + optimizer state +
+history) from rank 0. On a restart, ``ray.train.get_checkpoint()`` hands back the last one and the loop
+continues from the next epoch with the same schedule, so a resumed run ends at the same step count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["train_loop_per_worker", "collate", "evaluate", "ADAPTER_SUBDIR", "STATE_FILE", "HISTORY_FILE"]
+
+ADAPTER_SUBDIR = "adapter"
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of variable-length rows; padded label positions are -100."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    width = max(len(x) for x in ids)
+    out_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    out_labels = torch.full((len(ids), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
+        n = len(x)
+        out_ids[i, :n] = torch.as_tensor(np.asarray(x, dtype=np.int64))
+        out_labels[i, :n] = torch.as_tensor(np.asarray(y, dtype=np.int64))
+        mask[i, :n] = 1
+    return {"input_ids": out_ids, "labels": out_labels, "attention_mask": mask}
+
+
+def _token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token losses over answer tokens, and how many there were (exact, not a mean of means)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, (shift_labels != -100).sum()
+
+
+def _all_reduce(*values: float, device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: Any, batches: Any, device: torch.device) -> dict[str, float]:
+    """Eval loss per answer token and perplexity, summed exactly across all workers."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0.0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        s, n = _token_loss_sum(model, batch)
+        loss_sum += float(s)
+        count += float(n)
+    loss_sum, count = _all_reduce(loss_sum, count, device=device)
+    model.train(was_training)
+    loss = loss_sum / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def _unwrap(model: Any) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
+def _save_checkpoint(model: Any, optimizer: Any, scheduler: Any, state: dict, history: list, path: str) -> None:
+    _unwrap(model).save_pretrained(os.path.join(path, ADAPTER_SUBDIR))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
+        os.path.join(path, STATE_FILE),
+    )
+    with open(os.path.join(path, HISTORY_FILE), "w") as f:
+        json.dump(history, f, indent=1)
+
+
+def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: str, method: str) -> tuple[dict, list]:
+    from safetensors.torch import load_file
+
+    adapter = os.path.join(path, ADAPTER_SUBDIR)
+    inner = _unwrap(model)
+    if method == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(inner, load_file(os.path.join(adapter, "adapter_model.safetensors")))
+    else:
+        inner.load_state_dict(load_file(os.path.join(adapter, "model.safetensors")), strict=False)
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    with open(os.path.join(path, HISTORY_FILE)) as f:
+        history = json.load(f)
+    return state, history
+
+
+def _build_model(cfg: dict[str, Any], device: torch.device) -> Any:
+    from aigc.models.loading import apply_lora, load_base_model
+
+    model = load_base_model(cfg["model_name_or_path"], cfg["dtype"], str(device), cfg["trust_remote_code"])
+    if cfg["method"] == "lora":
+        model = apply_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_target_modules"])
+    model.train()
+    return model
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Fine-tune on this worker's shard of the ``train`` dataset; evaluate on its shard of ``val``.
+
+    ``cfg`` is a plain dict built by :func:`aigc.train.trainer.train_loop_config`.
+    """
+    import ray.train
+    import ray.train.torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    # 1. setup: same seed on every rank so LoRA weights start identical before DDP syncs them
+    torch.manual_seed(cfg["seed"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(_build_model(cfg, device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    total_steps = max(1, cfg["epochs"] * cfg["steps_per_epoch"])
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg["warmup_ratio"] * total_steps), total_steps)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if cfg["has_val"] else None
+
+    def batches(shard: Any, shuffle: bool, epoch: int = 0) -> Any:
+        return shard.iter_torch_batches(
+            batch_size=cfg["batch_size"],
+            collate_fn=lambda b: collate(b, cfg["pad_id"]),
+            local_shuffle_buffer_size=4 * cfg["batch_size"] if shuffle else None,
+            local_shuffle_seed=cfg["seed"] + epoch if shuffle else None,
+        )
+
+    # 2. resume, or measure the starting point
+    start_epoch, step, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state, history = _load_checkpoint(model, optimizer, scheduler, d, cfg["method"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+    if history:
+        initial_eval = history[0].get("initial_eval_loss")
+    elif val_shard is not None:
+        initial_eval = evaluate(model, batches(val_shard, False), device)["eval_loss"]
+    else:
+        initial_eval = None
+
+    # 3. epochs: accumulate grad_accum micro-batches per optimizer step; DDP syncs only on the last one
+    for epoch in range(start_epoch, cfg["epochs"]):
+        t0, loss_sum, tok_count, micro = time.time(), 0.0, 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        for batch in batches(train_shard, True, epoch):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            micro += 1
+            sync = micro % cfg["grad_accum"] == 0
+            with model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext():
+                s, n = _token_loss_sum(model, batch)
+                (s / max(int(n), 1) / cfg["grad_accum"]).backward()
+            loss_sum, tok_count = loss_sum + float(s), tok_count + float(n)
+            if sync:
+                torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+        loss_sum, tok_count = _all_reduce(loss_sum, tok_count, device=device)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": loss_sum / max(tok_count, 1.0),
+            "lr": scheduler.get_last_lr()[0],
+            "epoch_time_s": round(time.time() - t0, 2),
+            "train_tokens_per_s": round(tok_count / max(time.time() - t0, 1e-6), 1),
+        }
+        if val_shard is not None:
+            metrics.update(evaluate(model, batches(val_shard, False), device))
+            metrics["initial_eval_loss"] = initial_eval
+        history.append(metrics)
+
+        # 4. report; rank 0 alone writes the checkpoint, every rank reports (it is a collective)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                _save_checkpoint(model, optimizer, scheduler, {"epoch": epoch, "step": step}, history, tmp)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
