@@ -36,36 +36,80 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, END_OF_TURN, "<|system|>", "<|user
 # fmt: off
 _NAMES = (
     "Anna", "Ben", "Carla", "David", "Emma", "Felix", "Gina", "Hugo", "Iris", "Jonas", "Kira", "Leo", "Mia",
-    "Nina", "Oscar", "Paula", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Zoe",
+    "Nina", "Oscar", "Paula", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Zoe", "Maria", "Tom",
+    "Aisha", "Chen", "Priya", "Sofia", "James", "Fatima", "Noah", "Elena", "Ravi", "Hannah", "Yuki", "Omar",
 )
 _PRODUCTS = (
     "coffee grinder", "wool sweater", "desk lamp", "yoga mat", "phone case", "water bottle", "rain jacket",
     "gift card", "bluetooth speaker", "kettle", "cotton shirt", "blender", "notebook set", "teapot",
     "board game", "travel mug", "garden chair", "wall clock", "bath towel", "leather belt", "backpack",
     "umbrella", "cutting board", "reading light", "scarf", "toaster", "picture frame", "candle set",
+    "pair of running shoes", "pair of hiking boots", "pair of sunglasses", "pair of winter gloves",
 )
-_ADJECTIVES = ("light", "sturdy", "soft", "compact", "classic", "modern", "handmade", "simple", "warm", "bright")
+_ADJECTIVES = ("light", "sturdy", "soft", "compact", "classic", "modern", "handmade", "simple", "warm")
 _MATERIALS = ("cotton", "steel", "bamboo", "recycled plastic", "oak", "wool", "glass", "ceramic", "leather")
-_COLOURS = ("black", "white", "navy blue", "forest green", "grey", "red", "sand", "yellow")
-_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+_COLOURS = ("black", "white", "navy blue", "forest green", "grey", "red", "sand", "yellow", "orange")
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_CITIES = ("Lisbon", "Oslo", "Leeds", "Lyon", "Porto", "Krakow", "Dublin", "Graz", "Utrecht", "Malmo")
 _NUMBER_WORDS = ("two", "three", "four", "five", "six", "seven", "ten", "fourteen", "thirty")
-# (department, what it handles, an example problem as a customer might describe it)
-_DEPARTMENTS = (
-    ("billing", "payments, refunds, invoices and receipts", "a card that was charged twice"),
-    ("billing", "double charges and missing refunds", "an invoice with the wrong amount"),
-    ("shipping", "deliveries, couriers and tracking numbers", "a parcel that had not arrived"),
-    ("shipping", "late parcels and lost packages", "a tracking page that had stopped updating"),
-    ("returns", "returns, exchanges and items in the wrong size", "shoes that were too small"),
-    ("returns", "exchanges and items sent back", "a sweater in the wrong colour"),
-    ("technical", "the app, the website and passwords", "an app that crashed at checkout"),
-    ("technical", "login problems and error messages", "a password reset link that did not work"),
-    ("account", "email addresses, usernames and closing accounts", "a request to delete an account"),
-    ("account", "profiles, phone numbers and the newsletter", "a new email address for the newsletter"),
-)
+# department -> (what it handles, problems as a narrator reports them; "{p}" is a product)
+_DEPARTMENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "billing": ("payments, refunds, invoices and receipts", (
+        "her card had been charged twice for the {p}", "the refund for the {p} was still missing",
+        "the invoice showed the wrong amount", "he had been overcharged", "the discount code did not work",
+        "she needed a receipt for the {p}", "a payment had gone through two times",
+    )),
+    "shipping": ("deliveries, couriers, parcels and tracking numbers", (
+        "the {p} had not arrived", "the parcel was a week late", "the tracking number did not work",
+        "the courier had left the package with a neighbour", "the delivery was marked as delivered too early",
+    )),
+    "returns": ("returns, exchanges and items in the wrong size or colour", (
+        "the {p} was the wrong size", "she wanted to return the {p}", "he wanted to exchange the {p}",
+        "the {p} was too small", "the {p} came in the wrong colour", "the {p} did not fit",
+    )),
+    "technical": ("the app, the website, passwords and login problems", (
+        "the app crashed at checkout", "he could not log in", "she had forgotten her password",
+        "the password reset link did not work", "the website showed an error", "the app kept freezing",
+    )),
+    "account": ("email addresses, usernames, phone numbers and closing accounts", (
+        "she wanted to change the email address on her account", "he asked us to delete his account",
+        "she needed to update her phone number", "he wanted a new username",
+        "she wanted to unsubscribe from the newsletter", "he wanted to merge two accounts",
+    )),
+}
 _OPINIONS = (
-    "It works exactly as described.", "The quality is better than I expected.", "It arrived quickly and well packed.",
-    "The colour is a little darker than in the photos.", "I use it every day.", "It was a bit expensive but worth it.",
-    "My family loves it.", "The instructions could be clearer.",
+    "It works exactly as described.", "The quality is better than I expected.", "It was well packed.",
+    "The colour is a little darker than in the photos.", "I use it every day.", "It was a bit expensive.",
+    "My family loves it.", "The instructions could be clearer.", "It feels cheap.", "I would buy it again.",
+    "It broke after a month, sadly.", "Good value for the price.", "It is smaller than I thought.",
+)
+_SHOP_LINES = (
+    "Our shop was founded in {city} by two friends who liked simple, useful things.",
+    "Every parcel is packed by hand in our warehouse in {city}.",
+    "We try to answer every message on the same working day.",
+    "Customers can pay by card, bank transfer or gift card.",
+    "Gift cards never expire and can be used for any product.",
+    "Most items can be returned within thirty days if they are unused.",
+    "We use recycled paper and card for all our packaging.",
+    "Orders placed before noon usually leave the warehouse the same day.",
+    "Sale items can be exchanged, but the discount is not refunded twice.",
+    "Our newsletter comes out once a month with new products and small discounts.",
+    "The app shows every order, its status and its tracking number.",
+    "A strong password keeps your account and your saved cards safe.",
+    "If something is wrong with an order, the order number helps us find it quickly.",
+    "We are sorry when a parcel is late, and we always try to find out why.",
+    "This season we added {count} new products, from the {p} to the {p2}.",
+    "The {p} was our best seller in {city} last month.",
+    "Many customers buy the {p} as a gift for a friend or a sister.",
+    "Thank you to everyone who wrote to us with ideas this year.",
+    "Our support team works from {start} in the morning until {end} in the evening.",
+    "Good morning to all our readers, and thank you for shopping with us for so many years.",
+)
+_CARE_LINES = (
+    "Wash the {p} in cold water and let it dry flat.", "Keep the {p} away from direct sunlight.",
+    "Wipe the {p} with a soft, dry cloth.", "Do not put the {p} in the dishwasher.",
+    "Store the {p} in a cool, dry place.", "Check the {p} for small cracks before use.",
+    "The {p} should be cleaned once a week.", "If the {p} gets wet, dry it at room temperature.",
 )
 # fmt: on
 
@@ -74,20 +118,27 @@ def _order(rng: random.Random) -> str:
     return str(rng.randrange(10000, 100000))
 
 
+def _fill(rng: random.Random, line: str) -> str:
+    return line.format(
+        p=rng.choice(_PRODUCTS), p2=rng.choice(_PRODUCTS), city=rng.choice(_CITIES),
+        count=rng.randrange(3, 60), start=rng.randrange(7, 10), end=rng.randrange(5, 9),
+    )  # fmt: skip
+
+
 def _product_note(rng: random.Random) -> str:
-    p, adj, mat, col = rng.choice(_PRODUCTS), rng.choice(_ADJECTIVES), rng.choice(_MATERIALS), rng.choice(_COLOURS)
+    p, adj, mat = rng.choice(_PRODUCTS), rng.choice(_ADJECTIVES), rng.choice(_MATERIALS)
     return (
-        f"The {adj} {p} is made of {mat} and comes in {col}. It weighs {rng.randrange(90, 2000)} grams "
-        f"and costs {rng.randrange(5, 180)} dollars. {rng.choice(_OPINIONS)} "
-        f"Item number {rng.randrange(1000, 10000)} is in stock in our warehouse."
+        f"The {adj} {p} is made of {mat} and comes in {rng.choice(_COLOURS)}. It weighs "
+        f"{rng.randrange(90, 2000)} grams and costs {rng.randrange(5, 180)} dollars. {rng.choice(_OPINIONS)} "
+        f"Item number {rng.randrange(1000, 10000)} is in stock in our warehouse in {rng.choice(_CITIES)}."
     )
 
 
 def _order_email(rng: random.Random) -> str:
-    name, p, n, day = rng.choice(_NAMES), rng.choice(_PRODUCTS), _order(rng), rng.choice(_DAYS)
+    name, p, n = rng.choice(_NAMES), rng.choice(_PRODUCTS), _order(rng)
     return (
         f"Dear {name}, thank you for shopping with us. We have received your order #{n} for a {p}. "
-        f"Order #{n} will leave our warehouse on {day}, and the courier usually needs "
+        f"Order #{n} will leave our warehouse on {rng.choice(_DAYS)}, and the courier usually needs "
         f"{rng.choice(_NUMBER_WORDS)} working days. Please keep the number #{n} for any question about it. "
         "Kind regards, the shop."
     )
@@ -102,45 +153,45 @@ def _shipping_notice(rng: random.Random) -> str:
 
 
 def _faq(rng: random.Random) -> str:
-    dept, handles, _ = rng.choice(_DEPARTMENTS)
-    days = rng.choice(_NUMBER_WORDS)
-    return rng.choice(
-        (
-            f"Who do I contact about {handles}? Questions about {handles} are handled by the {dept} team. "
-            "Please always mention your order number.",
-            f"How long does delivery take? Most parcels arrive within {days} working days. "
-            "The shipping team can check a late parcel with its tracking number.",
-            f"Can I return an item? Yes, you can return or exchange most items within {days} weeks. "
-            "The returns team sends a label for the parcel.",
-            "What if I forgot my password? Use the reset link on the login page of the app or the website. "
-            "If the link does not work, the technical team can help.",
-            "How do I close my account? The account team can delete an account or change the email address "
-            "on a profile. It takes about a day.",
-        )
+    dept = rng.choice(list(_DEPARTMENTS))
+    handles, problems = _DEPARTMENTS[dept]
+    example = rng.choice(problems).format(p=rng.choice(_PRODUCTS))
+    return (
+        f"Who helps with {handles}? Questions about {handles} are handled by the {dept} team. "
+        f"For example, one customer told us that {example}, and the {dept} team sorted it out. "
+        f"{_fill(rng, rng.choice(_SHOP_LINES))}"
     )
 
 
 def _support_story(rng: random.Random) -> str:
     name, agent, n = rng.choice(_NAMES), rng.choice(_NAMES), _order(rng)
-    dept, _, problem = rng.choice(_DEPARTMENTS)
+    dept = rng.choice(list(_DEPARTMENTS))
+    problem = rng.choice(_DEPARTMENTS[dept][1]).format(p=rng.choice(_PRODUCTS))
     hours = rng.choice(("two", "six", "twelve", "24", "48"))
     return (
-        f"Last {rng.choice(_DAYS)} {name} wrote to the shop about order #{n}, describing {problem}. "
-        f"{agent} from the {dept} team looked at order #{n} within {hours} hours and wrote back to {name}. "
+        f"Last {rng.choice(_DAYS)} {name} wrote to the shop about order #{n} and said that {problem}. "
+        f"{agent} from the {dept} team asked for the order number again, and {name} wrote #{n}. "
+        f"{agent} looked at order #{n} within {hours} hours and wrote back. "
         f"In the end {name} was happy, and the {dept} team closed the case."
     )
 
 
 def _review(rng: random.Random) -> str:
     p, name = rng.choice(_PRODUCTS), rng.choice(_NAMES)
-    stars = rng.choice(("two", "three", "four", "five"))
+    stars = rng.choice(("one", "two", "three", "four", "five"))
     return (
-        f"Review by {name}: I bought the {p} {rng.choice(_NUMBER_WORDS)} weeks ago. "
+        f"Review by {name} from {rng.choice(_CITIES)}: "
+        f"I bought the {p} {rng.choice(_NUMBER_WORDS)} weeks ago. "
         f"{rng.choice(_OPINIONS)} {rng.choice(_OPINIONS)} I give it {stars} stars."
     )
 
 
-_DOC_KINDS = (_product_note, _order_email, _shipping_notice, _faq, _support_story, _review)
+def _blog(rng: random.Random) -> str:
+    lines = rng.sample(_SHOP_LINES, rng.randrange(3, 6)) + rng.sample(_CARE_LINES, rng.randrange(0, 3))
+    return " ".join(_fill(rng, line) for line in lines)
+
+
+_DOC_KINDS = (_product_note, _order_email, _shipping_notice, _faq, _support_story, _review, _blog)
 
 
 def generate_corpus(n_docs: int, seed: int = 0) -> list[str]:

@@ -18,9 +18,10 @@ from aigc.config import PlatformConfig
 from aigc.data.preprocess import DataError, read_stats
 from aigc.train.loop import ADAPTER_SUBDIR, HISTORY_FILE, train_loop_per_worker
 
-__all__ = ["TrainResult", "build_trainer", "train_loop_config", "run_training", "export_adapter"]
+__all__ = ["TrainResult", "build_trainer", "load_datasets", "train_loop_config", "run_training", "export_adapter"]
 
 _DONE_MARKER = "aigc_done.json"
+_READ_CPUS = 0.25
 
 
 @dataclass
@@ -62,7 +63,7 @@ def train_loop_config(cfg: PlatformConfig, rows_train: int, has_val: bool, num_w
     }
 
 
-def _datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import ray.data
 
     stats = read_stats(cfg.output_dir)
@@ -72,9 +73,11 @@ def _datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             f"{data_dir} was tokenized for {stats.get('tokenizer')!r} but model.name_or_path is "
             f"{cfg.model.name_or_path!r}: re-run `aigc preprocess` with this config"
         )
-    datasets = {"train": ray.data.read_parquet(os.path.join(data_dir, "train"))}
+    # Reading shards is I/O: a quarter CPU per read task leaves the CPUs to the Train workers, so a cluster
+    # full of trials cannot starve (and deadlock) the reads that feed them.
+    datasets = {"train": ray.data.read_parquet(os.path.join(data_dir, "train"), num_cpus=_READ_CPUS)}
     if stats["rows_val"] > 0:
-        datasets["val"] = ray.data.read_parquet(os.path.join(data_dir, "val"))
+        datasets["val"] = ray.data.read_parquet(os.path.join(data_dir, "val"), num_cpus=_READ_CPUS)
     return datasets, stats
 
 
@@ -174,7 +177,7 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
     """
     from aigc.registry import Registry
 
-    datasets, stats = _datasets(cfg)
+    datasets, stats = load_datasets(cfg)
     storage = _storage(cfg)
     name = _run_name(cfg, storage)
     print(f"[train] run {name!r}: {stats['rows_train']} train / {stats['rows_val']} val rows, "

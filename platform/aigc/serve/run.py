@@ -1,0 +1,94 @@
+"""Start the OpenAI-compatible app on the current Ray cluster (what ``aigc serve`` calls)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from aigc.config import PlatformConfig
+
+__all__ = ["run_server", "wait_until_healthy"]
+
+
+def _build_app(cfg: PlatformConfig) -> Any:
+    """``serve_apps.openai_app.build_app_from_config``; ``serve_apps/`` sits at the repository root, next to
+    ``platform/``, so it is importable from the root (Ray adds the driver's cwd to every worker's path)."""
+    try:
+        from serve_apps.openai_app import build_app_from_config
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parents[3]  # platform/aigc/serve/run.py -> the repository root
+        if not (root / "serve_apps" / "openai_app.py").is_file():
+            raise
+        sys.path.insert(0, str(root))
+        from serve_apps.openai_app import build_app_from_config
+    return build_app_from_config(cfg)
+
+
+def _get_json(url: str, timeout: float) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read().decode())
+
+
+def wait_until_healthy(base_url: str, timeout_s: float = 120.0) -> list[str]:
+    """Poll ``GET /healthz`` then ``GET /v1/models`` until both answer; returns the model ids.
+
+    Args:
+        base_url: the server root, e.g. ``http://127.0.0.1:8000``.
+        timeout_s: give up after this long.
+
+    Raises:
+        TimeoutError: the server did not answer in time (the last error is in the message).
+    """
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            _get_json(f"{base_url}/healthz", timeout=5)
+            return [m["id"] for m in _get_json(f"{base_url}/v1/models", timeout=10)["data"]]
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            last = exc
+            time.sleep(0.5)
+    raise TimeoutError(f"{base_url} did not become healthy within {timeout_s:.0f}s (last error: {last})")
+
+
+def run_server(cfg: PlatformConfig, blocking: bool = True) -> str:
+    """Deploy the app on ``cfg.serve.host:port`` and return the OpenAI base URL (``http://host:port/v1``).
+
+    Uses the Ray cluster this process is connected to, or starts a local one. Serve's HTTP options are
+    cluster-wide and fixed when Serve first starts: if Serve already runs on this cluster, its host and
+    port stay as they are (and the returned URL assumes ``cfg.serve``'s).
+
+    Args:
+        cfg: the platform config (its ``model``, ``registry_dir`` and ``serve`` sections are used).
+        blocking: wait until Ctrl-C, then shut Serve down; False returns as soon as the app is healthy.
+    """
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init()
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(_build_app(cfg), name=s.app_name, route_prefix="/")
+
+    client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    root = f"http://{client_host}:{s.port}"
+    models = wait_until_healthy(root)
+    print(f"[serve] app {s.app_name!r} is up: OpenAI base_url {root}/v1 (pid {os.getpid()})")
+    print(f"[serve] models: {', '.join(models)}")
+    if blocking:
+        print("[serve] Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("[serve] shutting down")
+        finally:
+            serve.shutdown()
+    return f"{root}/v1"
