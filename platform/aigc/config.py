@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "AutoscalingConfig",
+    "ClusterConfig",
     "ConfigError",
     "DataConfig",
     "LoraConfig",
@@ -135,6 +136,12 @@ class ServeConfig(_Section):
         return self
 
 
+class ClusterConfig(_Section):
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of the embedded local cluster; ignored when joining RAY_ADDRESS."
+    )
+
+
 class PlatformConfig(_Section):
     """One run of the platform: every stage reads the section it needs."""
 
@@ -146,6 +153,7 @@ class PlatformConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @field_validator("output_dir", "registry_dir")
     @classmethod
@@ -161,7 +169,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `aigc config --show` lists every key)"
+            msg = "unknown key (check the spelling; `aigc config` prints every key)"
         lines.append(f"  {where}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {where}: {msg}")
     return "\n".join(lines)
 

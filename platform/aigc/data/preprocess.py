@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.formats import FORMATS, RowError, required_fields, to_example
 
-__all__ = ["DataError", "PreprocessResult", "preprocess", "read_stats", "SUPPORTED_EXTENSIONS"]
+__all__ = ["DataError", "PreprocessResult", "list_input_files", "preprocess", "read_stats", "SUPPORTED_EXTENSIONS"]
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 _OUT_SCHEMA = pa.schema(
@@ -57,7 +57,7 @@ class PreprocessResult:
 # 1. reading ---------------------------------------------------------------------------------------------
 
 
-def _list_input_files(path: str) -> list[tuple[str, int]]:
+def list_input_files(path: str) -> list[tuple[str, int]]:
     """(path, size) of every input file under ``path`` (file, directory or glob); raises DataError."""
     fs, root = (pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path)))
     info = fs.get_file_info(root)
@@ -238,7 +238,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
     """
     import ray.data
 
-    files = _list_input_files(data.path)
+    files = list_input_files(data.path)
     paths = [p for p, _ in files]
     data_dir = os.path.join(output_dir, "data")
     os.makedirs(data_dir, exist_ok=True)
