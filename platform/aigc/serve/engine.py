@@ -16,8 +16,8 @@ Two costs to know about:
    :meth:`~GenerationEngine.acquire_adapter` it first; a delete only marks a busy adapter and the last
    :meth:`~GenerationEngine.release_adapter` (or the next generation) removes it.
 
-Generation runs in a worker thread (:meth:`~GenerationEngine.agenerate`, :meth:`~GenerationEngine.astream`)
-so a replica's asyncio loop keeps serving while the model works.
+Async generation (:meth:`~GenerationEngine.agenerate`, :meth:`~GenerationEngine.astream`) runs on the engine's
+own generation thread, in arrival order, so a replica's asyncio loop keeps serving while the model works.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -222,6 +223,8 @@ class GenerationEngine:
         self._model = get_peft_model(base, placeholder, adapter_name=_PLACEHOLDER).eval()
 
         self._model_lock = threading.Lock()  # one generate / load / delete at a time (see module docstring)
+        # Async requests queue here, first come first served, instead of each parking a thread on the lock.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aigc-generate")
         self._state_lock = threading.Lock()  # guards the bookkeeping below; never held while the model runs
         self._loaded: set[str] = set()
         self._refs: dict[str, int] = {}
@@ -354,6 +357,10 @@ class GenerationEngine:
         criteria = [_StopCriteria(self.tokenizer, job.prompt_tokens, p.stop, job.cancel)]
         with self._model_lock:
             self._purge_locked()
+            if job.cancel.is_set():  # the caller left while the job was queued
+                if streamer is not None:
+                    streamer.end()
+                return job.input_ids.new_empty((0,))
             with self._state_lock:
                 if job.adapter != BASE_ADAPTER and job.adapter not in self._loaded:
                     raise AdapterLoadError(f"adapter {job.adapter!r} is not loaded")
@@ -399,12 +406,13 @@ class GenerationEngine:
     async def agenerate(
         self, prompt: Prompt, params: SamplingParams, adapter: str | None = None
     ) -> Completion:
-        """:meth:`generate` in a worker thread; cancelling the caller stops the generation early."""
+        """:meth:`generate` on the engine's generation thread; cancelling the caller stops it early."""
         job = self._prepare(prompt, params, adapter)
+        fut = asyncio.get_running_loop().run_in_executor(self._worker, self._generate_job, job)
         try:
-            return await asyncio.to_thread(self._generate_job, job)
+            return await fut
         except asyncio.CancelledError:
-            job.cancel.set()
+            job.cancel.set()  # a running job stops at the next token; a queued one never starts
             raise
 
     async def astream(
@@ -412,9 +420,9 @@ class GenerationEngine:
     ) -> AsyncIterator[Delta]:
         """Stream the reply as text deltas; the last :class:`Delta` carries finish_reason and token counts.
 
-        The model runs in a background thread feeding a ``transformers.AsyncTextIteratorStreamer``, which
-        releases text a word (or line) at a time, so a multi-byte character is never split. Closing the
-        iterator early (a client that went away) stops the generation at the next token.
+        The model runs on the engine's generation thread feeding a ``transformers.AsyncTextIteratorStreamer``,
+        which releases text a word (or line) at a time, so a multi-byte character is never split. Closing
+        the iterator early (a client that went away) stops the generation at the next token.
         """
         from transformers import AsyncTextIteratorStreamer
 
@@ -431,17 +439,17 @@ class GenerationEngine:
                 with contextlib.suppress(RuntimeError):
                     streamer.end()
 
-        thread = threading.Thread(target=work, name="aigc-generate", daemon=True)
-        thread.start()
+        fut = asyncio.get_running_loop().run_in_executor(self._worker, work)
         stops = _StopFilter(job.params.stop)
         try:
             async for piece in streamer:
                 out = stops.push(piece)
                 if out:
                     yield Delta(text=out)
-            await asyncio.to_thread(thread.join)
+            await fut
         finally:
             job.cancel.set()  # no-op when finished; stops the model if the consumer left early
+            fut.cancel()  # and drops the job if it had not started yet
         if "error" in result:
             raise result["error"]
         tail = stops.flush()

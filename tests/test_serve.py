@@ -1,0 +1,384 @@
+"""Serving: the generation engine on its own, then the OpenAI app on a local Ray Serve, through the
+official ``openai`` client and raw HTTP.
+
+One tiny random Llama and three LoRA adapters (two versions of ``support``, one ``other``) plus a
+``broken`` registry entry whose weights are garbage. Random weights make meaningless text, but greedy
+decoding is deterministic, so outputs can be compared: adapter vs base, v1 vs v2, streamed vs not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+from helpers import make_tiny_adapter, make_tiny_model
+
+from aigc.config import PlatformConfig
+from aigc.registry import Registry
+from aigc.serve.engine import GenerationEngine, InvalidRequestError, SamplingParams
+
+TIMEOUT_S = 60  # every HTTP request is bounded by this
+MESSAGES = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Where is my parcel?"},
+]
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+CAP = 64
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    base = make_tiny_model(tmp / "tiny-base")
+    registry = Registry(str(tmp / "registry"))
+    # Seeds picked so that greedy replies contain spaces: the streamer releases text a word at a time.
+    v1 = make_tiny_adapter(base, tmp / "support-v1", seed=4)
+    v2 = make_tiny_adapter(base, tmp / "support-v2", seed=5)
+    other = make_tiny_adapter(base, tmp / "other", seed=3)
+    registry.register("support", v1, base_model=base)
+    registry.register("support", v2, base_model=base)
+    registry.register("other", other, base_model=base)
+    broken = tmp / "broken"
+    shutil.copytree(v1, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    registry.register("broken", str(broken), base_model=base)
+    return SimpleNamespace(base=base, registry=registry, v1=v1, v2=v2, other=other)
+
+
+@pytest.fixture(scope="module")
+def engine(assets):
+    return GenerationEngine(assets.base)
+
+
+# ============================================================================== engine (no Ray, no Serve)
+def _stream(engine: GenerationEngine, params: SamplingParams, adapter: str | None = None) -> list:
+    async def collect():
+        return [d async for d in engine.astream(MESSAGES, params, adapter=adapter)]
+
+    return asyncio.run(collect())
+
+
+def test_engine_base_vs_adapter(engine, assets):
+    base = engine.generate(MESSAGES, GREEDY)
+    engine.load_adapter(assets.v1, "support_v1")
+    try:
+        with_adapter = engine.generate(MESSAGES, GREEDY, adapter="support_v1")
+        assert with_adapter.text != base.text  # the adapter is applied ...
+        assert engine.generate(MESSAGES, GREEDY).text == base.text  # ... and only where asked for
+        prompt = engine.tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+        n_prompt = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert base.prompt_tokens == with_adapter.prompt_tokens == n_prompt
+        if with_adapter.finish_reason == "length":
+            assert with_adapter.completion_tokens == GREEDY.max_tokens
+    finally:
+        engine.delete_adapter("support_v1")
+    assert engine.adapters == []
+    assert "support_v1" not in engine.model.peft_config
+    assert engine.generate(MESSAGES, GREEDY).text == base.text
+
+
+def test_engine_stop_strings_and_streaming(engine, assets):
+    engine.load_adapter(assets.v2, "support_v2")
+    try:
+        full = engine.generate(MESSAGES, GREEDY, adapter="support_v2")
+        assert len(full.text) >= 8, f"the tiny model should say something: {full.text!r}"
+
+        # Streaming yields the same text as one call, in several pieces, and ends with usage.
+        deltas = _stream(engine, GREEDY, adapter="support_v2")
+        assert "".join(d.text for d in deltas) == full.text
+        assert deltas[-1].finish_reason == full.finish_reason
+        assert (deltas[-1].prompt_tokens, deltas[-1].completion_tokens) == (
+            full.prompt_tokens,
+            full.completion_tokens,
+        )
+
+        # A stop string cuts the text before it, finishes with "stop" and ends generation early.
+        stop = full.text[4:7]
+        expected = full.text[: full.text.find(stop)]
+        stopped = engine.generate(MESSAGES, replace(GREEDY, stop=(stop, "never-there")), adapter="support_v2")
+        assert stopped.text == expected
+        assert stopped.finish_reason == "stop"
+        assert stopped.completion_tokens < full.completion_tokens
+        streamed = _stream(engine, replace(GREEDY, stop=(stop,)), adapter="support_v2")
+        assert "".join(d.text for d in streamed) == expected
+        assert streamed[-1].finish_reason == "stop"
+    finally:
+        engine.delete_adapter("support_v2")
+
+
+def test_engine_stops_at_eos_and_checks_context(engine):
+    eos = engine.tokenizer.eos_token_id
+
+    def force_eos(module, inputs, logits):  # the model's only wish: end the turn
+        forced = torch.full_like(logits, -1e4)
+        forced[..., eos] = 0.0
+        return forced
+
+    hook = engine.model.get_output_embeddings().register_forward_hook(force_eos)
+    try:
+        out = engine.generate(MESSAGES, GREEDY)
+    finally:
+        hook.remove()
+    assert (out.text, out.finish_reason, out.completion_tokens) == ("", "stop", 1)
+
+    with pytest.raises(InvalidRequestError) as err:
+        engine.generate("word " * 600, GREEDY)
+    assert err.value.code == "context_length_exceeded"
+
+
+def test_engine_stream_closed_early_stops_generating(engine):
+    calls = []
+    hook = engine.model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    params = SamplingParams(max_tokens=200, temperature=0)
+
+    async def read_one_then_leave():
+        stream = engine.astream("The parcel", params)
+        first = await anext(stream)
+        await stream.aclose()  # what Serve does when the HTTP client disconnects
+        return first
+
+    try:
+        assert asyncio.run(read_one_then_leave()).text
+        engine.generate("x", SamplingParams(max_tokens=1, temperature=0))  # waits for the model to be free
+    finally:
+        hook.remove()
+    assert len(calls) < 100  # the abandoned generation stopped long before max_tokens
+
+
+def test_engine_defers_deleting_a_busy_adapter(engine, assets):
+    engine.load_adapter(assets.v1, "busy")
+    assert engine.acquire_adapter("busy")
+    engine.delete_adapter("busy")  # Serve evicts it while a request still holds it
+    assert engine.adapters == [] and not engine.acquire_adapter("busy")
+    assert engine.generate(MESSAGES, GREEDY, adapter="busy").text  # the holder still gets its adapter
+    engine.release_adapter("busy")
+    assert "busy" not in engine.model.peft_config
+    engine.delete_adapter("busy")  # idempotent
+
+
+def test_engine_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    assert engine.generate("The parcel", params).text == engine.generate("The parcel", params).text
+
+
+# ================================================================================ the Serve application
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, assets):
+    from openai import OpenAI
+    from ray import serve
+
+    from aigc.serve.run import run_server
+
+    serve.shutdown()  # Serve's port is fixed when it starts: begin from a clean slate
+    cfg = PlatformConfig.model_validate(
+        {
+            "registry_dir": assets.registry.root,
+            "model": {"name_or_path": assets.base},
+            "serve": {
+                "port": _free_port(),
+                "app_name": "aigc-test",
+                "max_tokens_cap": CAP,
+                "default_max_tokens": 16,
+                "max_adapters_per_replica": 2,
+                "cpus_per_replica": 1,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            },
+        }
+    )
+    url = run_server(cfg, blocking=False)
+    client = OpenAI(base_url=url, api_key="none", timeout=TIMEOUT_S, max_retries=0)
+    http = httpx.Client(base_url=url, timeout=TIMEOUT_S)
+    yield SimpleNamespace(
+        url=url,
+        root=url.removesuffix("/v1"),
+        client=client,
+        http=http,
+        app_name=cfg.serve.app_name,
+        base_id="tiny-base",
+    )
+    http.close()
+    serve.shutdown()
+
+
+def _chat(server, model: str, **kw):
+    kw = {"max_tokens": 16, "temperature": 0, **kw}
+    return server.client.chat.completions.create(model=model, messages=MESSAGES, **kw)
+
+
+def _error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_models_lists_base_and_every_adapter_version(server):
+    ids = [m.id for m in server.client.models.list().data]
+    assert ids[0] == server.base_id
+    for mid in ("support", "support:v1", "support:v2", "other", "other:v1"):
+        assert mid in ids
+    assert server.http.get(f"{server.root}/healthz").json()["status"] == "ok"
+
+
+def test_chat_base_and_adapters(server):
+    base = _chat(server, server.base_id)
+    latest = _chat(server, "support")
+    v1 = _chat(server, "support:v1")
+    for r in (base, latest, v1):
+        assert r.object == "chat.completion"
+        assert r.choices[0].message.role == "assistant"
+        assert r.choices[0].message.content
+        assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert latest.model == "support:v2"  # a bare name resolves to the latest version
+    assert latest.choices[0].message.content != base.choices[0].message.content  # the adapter is applied
+    assert v1.choices[0].message.content != latest.choices[0].message.content  # and the right version
+    assert _chat(server, "support:v2").choices[0].message.content == latest.choices[0].message.content
+
+
+def test_completions_endpoint(server):
+    r = server.client.completions.create(model="support", prompt="The parcel", max_tokens=8, temperature=0)
+    assert r.object == "text_completion"
+    assert r.choices[0].text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8
+    again = server.client.completions.create(
+        model="support", prompt=["The parcel"], max_tokens=8, temperature=0
+    )
+    assert again.choices[0].text == r.choices[0].text
+
+
+@pytest.mark.parametrize("model", ["tiny-base", "support:v1"])
+def test_streaming_chat_matches_non_streamed(server, model):
+    whole = _chat(server, model)
+    stream = _chat(server, model, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2, pieces
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.id == chunks[0].id and c.model == model for c in chunks)
+
+
+def test_streaming_raw_sse_ends_with_done(server):
+    body = {
+        "model": server.base_id,
+        "prompt": "The parcel",
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+    }
+    with server.http.stream("POST", "/completions", json=body) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    whole = server.client.completions.create(
+        model=server.base_id, prompt="The parcel", max_tokens=8, temperature=0
+    )
+    assert text == whole.choices[0].text
+
+
+def test_bad_requests_get_openai_errors(server):
+    post = server.http.post
+    ok = {"model": server.base_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    err = _error(
+        post("/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
+    assert err["type"] == "invalid_request_error" and "not valid JSON" in err["message"]
+
+    assert _error(post("/chat/completions", json={"model": server.base_id}), 400)["param"] == "messages"
+    assert _error(post("/chat/completions", json={**ok, "messages": "hi"}), 400)["param"] == "messages"
+    assert _error(post("/chat/completions", json={**ok, "messages": []}), 400)["param"] == "messages"
+    bad_role = {**ok, "messages": [{"role": "robot", "content": "hi"}]}
+    assert _error(post("/chat/completions", json=bad_role), 400)["param"] == "messages.0.role"
+    assert _error(post("/chat/completions", json={**ok, "temperature": "hot"}), 400)["param"] == "temperature"
+    assert _error(post("/chat/completions", json={**ok, "n": 2}), 400)["param"] == "n"
+    assert (
+        _error(post("/completions", json={"model": server.base_id, "prompt": ["a", "b"]}), 400)["param"]
+        == "prompt"
+    )
+
+    err = _error(post("/chat/completions", json={**ok, "model": "no-such-model"}), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    assert server.base_id in err["message"] and "support:v2" in err["message"]
+    assert (
+        _error(post("/chat/completions", json={**ok, "model": "support:v9"}), 404)["code"]
+        == "model_not_found"
+    )
+
+    for bad in (0, -1, CAP + 1):
+        err = _error(post("/chat/completions", json={**ok, "max_tokens": bad}), 400)
+        assert err["param"] == "max_tokens" and str(CAP) in err["message"]
+
+    err = _error(post("/completions", json={"model": server.base_id, "prompt": "word " * 600}), 400)
+    assert err["code"] == "context_length_exceeded"  # raised in the replica, mapped through Ray
+    assert _error(server.http.get("/no/such/route"), 404)["type"] == "invalid_request_error"
+
+    # A conversation that ends with the assistant is fine, and the server is still serving.
+    ends_with_assistant = {**ok, "messages": [*ok["messages"], {"role": "assistant", "content": "Hello"}]}
+    assert post("/chat/completions", json=ends_with_assistant).status_code == 200
+    assert _chat(server, server.base_id).choices[0].message.content
+
+
+def test_adapter_failure_is_500_and_server_keeps_serving(server):
+    body = {"model": "broken", "messages": MESSAGES, "max_tokens": 4}
+    err = _error(server.http.post("/chat/completions", json=body), 500)
+    assert err["type"] == "server_error" and err["code"] == "adapter_load_failed"
+    err = _error(server.http.post("/chat/completions", json={**body, "stream": True}), 500)
+    assert err["code"] == "adapter_load_failed"
+    assert _chat(server, "support").choices[0].message.content
+
+
+def test_lru_eviction_and_concurrent_adapters(server):
+    from ray import serve
+
+    models = [server.base_id, "support:v1", "support:v2", "other"]
+    reference = {m: _chat(server, m).choices[0].message.content for m in models}
+    generator = serve.get_deployment_handle("Generator", app_name=server.app_name)
+    loaded = generator.loaded_adapters.remote().result(timeout_s=TIMEOUT_S)
+    assert len(loaded) == 2  # max_adapters_per_replica: support:v1 was evicted and unloaded from peft
+
+    # Concurrent requests for different adapters (forcing reloads and evictions) each get their own.
+    order = models * 3
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda m: _chat(server, m).choices[0].message.content, order))
+    assert got == [reference[m] for m in order]
+    assert len(generator.loaded_adapters.remote().result(timeout_s=TIMEOUT_S)) <= 2
+
+
+def test_build_app_args():
+    from ray import serve
+
+    from aigc.config import ConfigError
+    from serve_apps.openai_app import build_app
+
+    args = {
+        "model": {"name_or_path": "some/hub-model"},
+        "serve": {"autoscaling": {"max_replicas": 3}},
+        "overrides": ["serve.max_tokens_cap=128"],
+    }
+    assert isinstance(build_app(args), serve.Application)
+    with pytest.raises(ConfigError, match="serve.max_token_cap"):
+        build_app({"serve": {"max_token_cap": 5}})
