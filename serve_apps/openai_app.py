@@ -206,12 +206,8 @@ class Generator:
 # ============================================================================================== Ingress
 # A JSON body without a Content-Type header is parsed too (recent FastAPI is strict by default; older
 # versions have no such option and always parse it).
-_LENIENT = (
-    {"strict_content_type": False} if "strict_content_type" in inspect.signature(FastAPI).parameters else {}
-)
-app = FastAPI(
-    title="AIGC Platform", description="OpenAI-compatible API for base models and LoRA adapters.", **_LENIENT
-)
+_LENIENT = {"strict_content_type": False} if "strict_content_type" in inspect.signature(FastAPI).parameters else {}
+app = FastAPI(title="AIGC Platform", description="OpenAI-compatible API for base models and LoRA adapters.", **_LENIENT)
 
 
 class ApiError(Exception):
@@ -244,9 +240,7 @@ def _api_error_from(exc: BaseException) -> ApiError:
     if isinstance(cause, ModelNotFoundError):
         return ApiError(404, cause.message, param="model", code="model_not_found")
     if isinstance(cause, BackPressureError):
-        return ApiError(
-            503, "the server is overloaded; retry shortly", type="server_error", code="overloaded"
-        )
+        return ApiError(503, "the server is overloaded; retry shortly", type="server_error", code="overloaded")
     if isinstance(cause, AdapterLoadError):
         return ApiError(500, cause.message, type="server_error", code="adapter_load_failed")
     logger.error("request failed", exc_info=exc)
@@ -334,9 +328,7 @@ class OpenAIIngress:
         for name, e in sorted(latest.items()):
             cards.append(ModelCard(id=name, created=int(e.created_at), root=e.model_id, parent=e.base_model))
         for e in entries:
-            cards.append(
-                ModelCard(id=e.model_id, created=int(e.created_at), root=e.model_id, parent=e.base_model)
-            )
+            cards.append(ModelCard(id=e.model_id, created=int(e.created_at), root=e.model_id, parent=e.base_model))
         return cards
 
     async def _resolve(self, model: str) -> str:
@@ -347,9 +339,7 @@ class OpenAIIngress:
             entry = await asyncio.to_thread(self._registry.resolve, model)
         except RegistryError:
             ids = [c.id for c in await self._model_cards()]
-            shown = ", ".join(ids[:_MAX_LISTED_IN_ERRORS]) + (
-                " ..." if len(ids) > _MAX_LISTED_IN_ERRORS else ""
-            )
+            shown = ", ".join(ids[:_MAX_LISTED_IN_ERRORS]) + (" ..." if len(ids) > _MAX_LISTED_IN_ERRORS else "")
             raise ApiError(
                 404,
                 f"The model '{model}' does not exist. Available models: {shown}",
@@ -382,20 +372,14 @@ class OpenAIIngress:
 
     async def _complete(self, model_id: str, prompt: Prompt, params: SamplingParams) -> Completion:
         try:
-            return await self._generator.options(multiplexed_model_id=model_id).complete.remote(
-                prompt, params
-            )
+            return await self._generator.options(multiplexed_model_id=model_id).complete.remote(prompt, params)
         except Exception as exc:
             raise _api_error_from(exc) from None
 
-    async def _open_stream(
-        self, model_id: str, prompt: Prompt, params: SamplingParams
-    ) -> AsyncIterator[Delta]:
+    async def _open_stream(self, model_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         """Start a streamed generation and wait for its first delta, so that errors (unknown adapter,
         prompt too long, overload) still become a proper status code instead of a broken stream."""
-        gen = self._generator.options(multiplexed_model_id=model_id, stream=True).stream.remote(
-            prompt, params
-        )
+        gen = self._generator.options(multiplexed_model_id=model_id, stream=True).stream.remote(prompt, params)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -449,9 +433,7 @@ class OpenAIIngress:
             out = await self._complete(model_id, messages, params)
             resp = ChatCompletionResponse(
                 model=model_name,
-                choices=[
-                    ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
-                ],
+                choices=[ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)],
                 usage=Usage.of(out.prompt_tokens, out.completion_tokens),
             )
             return JSONResponse(resp.model_dump())
@@ -467,9 +449,7 @@ class OpenAIIngress:
             )
             async for d in deltas:
                 if d.text:
-                    chunk = ChatCompletionChunk(
-                        **head, choices=[ChatChunkChoice(delta=ChatDelta(content=d.text))]
-                    )
+                    chunk = ChatCompletionChunk(**head, choices=[ChatChunkChoice(delta=ChatDelta(content=d.text))])
                     yield _sse(chunk.model_dump())
                 if d.finish_reason is not None:
                     last = ChatChunkChoice(delta=ChatDelta(), finish_reason=d.finish_reason)

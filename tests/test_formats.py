@@ -8,9 +8,7 @@ from aigc.data.formats import RowError, to_example
 
 
 def test_alpaca_joins_instruction_and_input_and_adds_system():
-    ex = to_example(
-        {"instruction": "Translate", "input": "hola", "output": "hello", "system": "Be brief"}, "alpaca"
-    )
+    ex = to_example({"instruction": "Translate", "input": "hola", "output": "hello", "system": "Be brief"}, "alpaca")
     assert ex.messages == [
         {"role": "system", "content": "Be brief"},
         {"role": "user", "content": "Translate\n\nhola"},
@@ -30,9 +28,7 @@ def test_messages_multi_turn_targets_last_assistant_turn():
 
 
 def test_sharegpt_maps_roles():
-    ex = to_example(
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt"
-    )
+    ex = to_example({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt")
     assert ex.messages == [{"role": "user", "content": "q"}] and ex.response == "a"
 
 

@@ -255,9 +255,7 @@ def test_completions_endpoint(server):
     assert r.object == "text_completion"
     assert r.choices[0].text and r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.completion_tokens <= 8
-    again = server.client.completions.create(
-        model="support", prompt=["The parcel"], max_tokens=8, temperature=0
-    )
+    again = server.client.completions.create(model="support", prompt=["The parcel"], max_tokens=8, temperature=0)
     assert again.choices[0].text == r.choices[0].text
 
 
@@ -293,9 +291,7 @@ def test_streaming_raw_sse_ends_with_done(server):
     chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     text = "".join(c["choices"][0]["text"] for c in chunks)
-    whole = server.client.completions.create(
-        model=server.base_id, prompt="The parcel", max_tokens=8, temperature=0
-    )
+    whole = server.client.completions.create(model=server.base_id, prompt="The parcel", max_tokens=8, temperature=0)
     assert text == whole.choices[0].text
 
 
@@ -303,9 +299,7 @@ def test_bad_requests_get_openai_errors(server):
     post = server.http.post
     ok = {"model": server.base_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
-    err = _error(
-        post("/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400
-    )
+    err = _error(post("/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert err["type"] == "invalid_request_error" and "not valid JSON" in err["message"]
 
     assert _error(post("/chat/completions", json={"model": server.base_id}), 400)["param"] == "messages"
@@ -315,18 +309,12 @@ def test_bad_requests_get_openai_errors(server):
     assert _error(post("/chat/completions", json=bad_role), 400)["param"] == "messages.0.role"
     assert _error(post("/chat/completions", json={**ok, "temperature": "hot"}), 400)["param"] == "temperature"
     assert _error(post("/chat/completions", json={**ok, "n": 2}), 400)["param"] == "n"
-    assert (
-        _error(post("/completions", json={"model": server.base_id, "prompt": ["a", "b"]}), 400)["param"]
-        == "prompt"
-    )
+    assert _error(post("/completions", json={"model": server.base_id, "prompt": ["a", "b"]}), 400)["param"] == "prompt"
 
     err = _error(post("/chat/completions", json={**ok, "model": "no-such-model"}), 404)
     assert err["code"] == "model_not_found" and err["param"] == "model"
     assert server.base_id in err["message"] and "support:v2" in err["message"]
-    assert (
-        _error(post("/chat/completions", json={**ok, "model": "support:v9"}), 404)["code"]
-        == "model_not_found"
-    )
+    assert _error(post("/chat/completions", json={**ok, "model": "support:v9"}), 404)["code"] == "model_not_found"
 
     for bad in (0, -1, CAP + 1):
         err = _error(post("/chat/completions", json={**ok, "max_tokens": bad}), 400)

@@ -66,7 +66,8 @@ class LoraConfig(_Section):
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head."
+        "all-linear",
+        description="Module names to adapt, or 'all-linear' for every linear layer but the head.",
     )
 
 
@@ -138,7 +139,9 @@ class ServeConfig(_Section):
 
 class ClusterConfig(_Section):
     num_cpus: int | None = Field(
-        None, ge=1, description="Logical CPUs of the embedded local cluster; ignored when joining RAY_ADDRESS."
+        None,
+        ge=1,
+        description="Logical CPUs of the embedded local cluster; ignored when joining RAY_ADDRESS.",
     )
 
 

@@ -54,7 +54,11 @@ def _show_chat(base_url: str, models: list[str], question: str) -> None:
     for model in models:
         print(f"  {model:>18}> ", end="", flush=True)
         stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0, stream=True
+            model=model,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=48,
+            temperature=0,
+            stream=True,
         )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -83,8 +87,10 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     _banner(f"2/4 LoRA fine-tune with Ray Train: {cfg.train.num_workers} workers, {cfg.train.epochs} epochs", t0)
     trained = run_training(cfg)
     for h in trained.history:
-        print(f"  epoch {h['epoch']}: train loss {h['train_loss']:.4f}  eval loss {h.get('eval_loss', float('nan')):.4f}"
-              f"  ({h['epoch_time_s']:.1f}s)")  # fmt: skip
+        eval_loss = h.get("eval_loss", float("nan"))
+        print(
+            f"  epoch {h['epoch']}: train loss {h['train_loss']:.4f}  eval loss {eval_loss:.4f}  ({h['epoch_time_s']:.1f}s)"
+        )
     print(f"  registered {trained.registry_id}; loss curve: {os.path.join(cfg.output_dir, 'train', 'loss.png')}")
 
     _banner(f"3/4 sweep with Ray Tune: {cfg.tune.num_samples} trials over {cfg.tune.space}, ASHA", t0)
@@ -104,8 +110,11 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
         serve.shutdown()
 
     # Eval loss on the held-out split, from the same evaluation pass: before training vs each adapter.
-    eval_loss = {base_id: trained.metrics.get("initial_eval_loss"), trained.registry_id: trained.metrics.get("eval_loss"),
-                 swept.registry_id: swept.best_metrics.get("eval_loss")}  # fmt: skip
+    eval_loss = {
+        base_id: trained.metrics.get("initial_eval_loss"),
+        trained.registry_id: trained.metrics.get("eval_loss"),
+        swept.registry_id: swept.best_metrics.get("eval_loss"),
+    }
     report = {
         "models": {m: {"eval_loss": eval_loss[m], "accuracy": scores[m]["accuracy"]} for m in models},
         "held_out_prompts": len(prompts),
@@ -119,7 +128,10 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     print(f"  {'model':<22}{'eval loss':>12}{'accuracy':>12}")
     for m in models:
         print(f"  {m:<22}{eval_loss[m]:>12.4f}{scores[m]['accuracy']:>12.0%}")
-    base_loss, best_loss = eval_loss[base_id], min(eval_loss[trained.registry_id], eval_loss[swept.registry_id])
+    base_loss, best_loss = (
+        eval_loss[base_id],
+        min(eval_loss[trained.registry_id], eval_loss[swept.registry_id]),
+    )
     print(f"\n  eval loss {(1 - best_loss / base_loss):.0%} lower after fine-tuning; "
           f"report: {os.path.join(cfg.output_dir, 'demo_report.json')}; total {report['elapsed_s']:.0f}s\n"
           f"  keep serving with: aigc serve --config <this config>   (OpenAI base_url {base_url})")  # fmt: skip

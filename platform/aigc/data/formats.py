@@ -44,7 +44,13 @@ _REQUIRED = {
 }
 _OPTIONAL = {"alpaca": ("input", "system"), "messages": (), "sharegpt": ("system",), "text": ()}
 FORMATS = tuple(_REQUIRED)
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 
 
 def required_fields(fmt: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

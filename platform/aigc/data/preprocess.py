@@ -26,7 +26,14 @@ import pyarrow.fs as pafs
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.formats import FORMATS, RowError, required_fields, to_example
 
-__all__ = ["DataError", "PreprocessResult", "list_input_files", "preprocess", "read_stats", "SUPPORTED_EXTENSIONS"]
+__all__ = [
+    "DataError",
+    "PreprocessResult",
+    "list_input_files",
+    "preprocess",
+    "read_stats",
+    "SUPPORTED_EXTENSIONS",
+]
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 _OUT_SCHEMA = pa.schema(
@@ -59,7 +66,7 @@ class PreprocessResult:
 
 def list_input_files(path: str) -> list[tuple[str, int]]:
     """(path, size) of every input file under ``path`` (file, directory or glob); raises DataError."""
-    fs, root = (pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path)))
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         files = [info]
@@ -178,9 +185,7 @@ class _Tokenize:
         p_ids = self.tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         t_ids = self.tok(target, add_special_tokens=False)["input_ids"]
         if len(p_ids) + len(t_ids) > self.cfg.max_length:
-            raise RowError(
-                "too_long", f"{len(p_ids) + len(t_ids)} tokens > data.max_length={self.cfg.max_length}"
-            )
+            raise RowError("too_long", f"{len(p_ids) + len(t_ids)} tokens > data.max_length={self.cfg.max_length}")
         split = _split_of(prompt or target, self.cfg.seed, self.cfg.val_fraction)
         return {
             "ok": True, "reason": "", "detail": "", "raw": raw, "split": split,

@@ -209,16 +209,12 @@ class GenerationEngine:
 
         self.model_name_or_path = model_name_or_path
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
-        base = load_base_model(
-            model_name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-        )
+        base = load_base_model(model_name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         self.max_context: int | None = getattr(base.config, "max_position_embeddings", None)
         self._eos_ids = self._eos_token_ids(base)
         # The PeftModel exists from the start, holding a rank-1 zero LoRA on one linear layer: peft cannot
         # generate with a PeftModel whose last adapter was deleted, and this keeps one code path for all.
-        first_linear = next(
-            n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
-        )
+        first_linear = next(n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
         placeholder = LoraConfig(r=1, target_modules=f"^{re.escape(first_linear)}$", lora_dropout=0.0)
         self._model = get_peft_model(base, placeholder, adapter_name=_PLACEHOLDER).eval()
 
@@ -382,9 +378,7 @@ class GenerationEngine:
     def _finish(self, job: _Job, new_ids: torch.Tensor, stop_hit: bool) -> tuple[FinishReason, int]:
         ids = new_ids.tolist()
         hit_eos = bool(ids) and ids[-1] in self._eos_ids
-        reason: FinishReason = (
-            "stop" if (stop_hit or hit_eos or len(ids) < job.params.max_tokens) else "length"
-        )
+        reason: FinishReason = "stop" if (stop_hit or hit_eos or len(ids) < job.params.max_tokens) else "length"
         return reason, len(ids)
 
     def generate(self, prompt: Prompt, params: SamplingParams, adapter: str | None = None) -> Completion:
@@ -399,13 +393,9 @@ class GenerationEngine:
         if cut is not None:
             text = text[:cut]
         reason, n = self._finish(job, new_ids, stop_hit=cut is not None)
-        return Completion(
-            text=text, finish_reason=reason, prompt_tokens=job.prompt_tokens, completion_tokens=n
-        )
+        return Completion(text=text, finish_reason=reason, prompt_tokens=job.prompt_tokens, completion_tokens=n)
 
-    async def agenerate(
-        self, prompt: Prompt, params: SamplingParams, adapter: str | None = None
-    ) -> Completion:
+    async def agenerate(self, prompt: Prompt, params: SamplingParams, adapter: str | None = None) -> Completion:
         """:meth:`generate` on the engine's generation thread; cancelling the caller stops it early."""
         job = self._prepare(prompt, params, adapter)
         fut = asyncio.get_running_loop().run_in_executor(self._worker, self._generate_job, job)
@@ -415,9 +405,7 @@ class GenerationEngine:
             job.cancel.set()  # a running job stops at the next token; a queued one never starts
             raise
 
-    async def astream(
-        self, prompt: Prompt, params: SamplingParams, adapter: str | None = None
-    ) -> AsyncIterator[Delta]:
+    async def astream(self, prompt: Prompt, params: SamplingParams, adapter: str | None = None) -> AsyncIterator[Delta]:
         """Stream the reply as text deltas; the last :class:`Delta` carries finish_reason and token counts.
 
         The model runs on the engine's generation thread feeding a ``transformers.AsyncTextIteratorStreamer``,
@@ -481,8 +469,6 @@ def _check_adapter_dir(path: str) -> None:
     except ValueError as exc:
         raise AdapterLoadError(f"{cfg_file} is not valid JSON: {exc}") from exc
     if cfg.get("peft_type") != "LORA":
-        raise AdapterLoadError(
-            f"{path}: only LoRA adapters can be served, got peft_type={cfg.get('peft_type')}"
-        )
+        raise AdapterLoadError(f"{path}: only LoRA adapters can be served, got peft_type={cfg.get('peft_type')}")
     if cfg.get("use_dora"):
         raise AdapterLoadError(f"{path}: DoRA adapters cannot be served per request (peft); merge it first")

@@ -47,7 +47,10 @@ def _token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
     )
     return loss, (shift_labels != -100).sum()
 
@@ -203,4 +206,3 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 _save_checkpoint(model, optimizer, scheduler, {"epoch": epoch, "step": step}, history, tmp)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-

@@ -18,7 +18,14 @@ from aigc.config import PlatformConfig
 from aigc.data.preprocess import DataError, read_stats
 from aigc.train.loop import ADAPTER_SUBDIR, HISTORY_FILE, train_loop_per_worker
 
-__all__ = ["TrainResult", "build_trainer", "load_datasets", "train_loop_config", "run_training", "export_adapter"]
+__all__ = [
+    "TrainResult",
+    "build_trainer",
+    "load_datasets",
+    "train_loop_config",
+    "run_training",
+    "export_adapter",
+]
 
 _DONE_MARKER = "aigc_done.json"
 _READ_CPUS = 0.25
@@ -102,7 +109,10 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.train.cpus_per_worker,
+                **({"GPU": 1} if cfg.train.use_gpu else {}),
+            },
         ),
         run_config=ray.train.RunConfig(
             name=name,

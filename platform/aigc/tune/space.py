@@ -41,7 +41,7 @@ def load_space(path: str | Path, base: PlatformConfig) -> dict[str, dict[str, li
     for key, spec in raw.items():
         if not isinstance(spec, dict) or len(spec) != 1:
             raise ConfigError(f"tune.space {p}: {key}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}")
-        (dist, args), = spec.items()
+        ((dist, args),) = spec.items()
         if dist not in DISTRIBUTIONS:
             raise ConfigError(f"tune.space {p}: {key}: unknown distribution {dist!r}; use one of {DISTRIBUTIONS}")
         if not isinstance(args, list) or not args:
@@ -61,7 +61,7 @@ def candidate_values(space: dict[str, dict[str, list[Any]]]) -> list[dict[str, A
     """Extreme values of every key (bounds, each choice) used to validate the space up front."""
     out = []
     for key, spec in space.items():
-        (dist, args), = spec.items()
+        ((dist, args),) = spec.items()
         vals = args if dist in ("choice", "grid") else [args[0], args[1] - (1 if dist == "randint" else 0)]
         out.extend({key: v} for v in vals)
     return out

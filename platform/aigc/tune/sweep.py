@@ -158,13 +158,19 @@ def run_sweep(cfg: PlatformConfig, register: bool = True) -> SweepResult:
     metrics = {k: v for k, v in history[-1].items() if isinstance(v, int | float)}
     registry_id = None
     if register:
-        best_cfg = PlatformConfig.model_validate(apply_overrides(cfg.model_dump(), [f"{k}={v}" for k, v in overrides.items()]))
-        registry_id = Registry(cfg.registry_dir).register(
-            cfg.train.adapter_name,
-            adapter_dir,
-            base_model=cfg.model.name_or_path,
-            metrics=metrics,
-            config={**best_cfg.model_dump(), "sweep_overrides": overrides},
-            data_hash=stats.get("fingerprint"),
-        ).model_id
+        best_cfg = PlatformConfig.model_validate(
+            apply_overrides(cfg.model_dump(), [f"{k}={v}" for k, v in overrides.items()])
+        )
+        registry_id = (
+            Registry(cfg.registry_dir)
+            .register(
+                cfg.train.adapter_name,
+                adapter_dir,
+                base_model=cfg.model.name_or_path,
+                metrics=metrics,
+                config={**best_cfg.model_dump(), "sweep_overrides": overrides},
+                data_hash=stats.get("fingerprint"),
+            )
+            .model_id
+        )
     return SweepResult(overrides, metrics, adapter_dir, registry_id, trials)
