@@ -87,10 +87,8 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     _banner(f"2/4 LoRA fine-tune with Ray Train: {cfg.train.num_workers} workers, {cfg.train.epochs} epochs", t0)
     trained = run_training(cfg)
     for h in trained.history:
-        eval_loss = h.get("eval_loss", float("nan"))
-        print(
-            f"  epoch {h['epoch']}: train loss {h['train_loss']:.4f}  eval loss {eval_loss:.4f}  ({h['epoch_time_s']:.1f}s)"
-        )
+        ev, secs = h.get("eval_loss", float("nan")), h["epoch_time_s"]
+        print(f"  epoch {h['epoch']}: train loss {h['train_loss']:.4f}  eval loss {ev:.4f}  ({secs:.1f}s)")
     print(f"  registered {trained.registry_id}; loss curve: {os.path.join(cfg.output_dir, 'train', 'loss.png')}")
 
     _banner(f"3/4 sweep with Ray Tune: {cfg.tune.num_samples} trials over {cfg.tune.space}, ASHA", t0)
