@@ -106,7 +106,9 @@ def test_space_errors_fail_before_any_trial(tmp_path):
         load_space(bad_dist, cfg)
     bad_val = tmp_path / "v.yaml"
     bad_val.write_text(yaml.safe_dump({"lora.r": {"choice": [8, 0]}}))
-    with pytest.raises(ConfigError, match=r"value \{'lora.r': 0\} is not valid"):
+    with pytest.raises(
+        ConfigError, match=r"values \{'lora.r': 0\}.*\n  lora.r: Input should be greater than or equal to 1"
+    ):
         load_space(bad_val, cfg)
 
 

@@ -7,6 +7,7 @@ any cluster work starts.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,8 @@ __all__ = [
     "TuneConfig",
     "apply_overrides",
     "load_config",
+    "validate_config",
+    "with_values",
 ]
 
 DataFormat = Literal["alpaca", "messages", "sharegpt", "text"]
@@ -222,6 +225,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         raw = apply_overrides(raw, overrides)
         source += " + overrides"
+    return validate_config(raw, source)
+
+
+def with_values(base: PlatformConfig | dict[str, Any], values: dict[str, Any]) -> PlatformConfig:
+    """``base`` with ``{"section.key": value}`` applied (what a sweep trial runs with), validated."""
+    raw = base.model_dump() if isinstance(base, PlatformConfig) else copy.deepcopy(base)
+    return validate_config(apply_overrides(raw, [f"{k}={v}" for k, v in values.items()]), f"values {values}")
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> PlatformConfig:
+    """Validate a raw config dict; ``source`` names where it came from in the error message.
+
+    Raises:
+        ConfigError: one line per invalid field, each naming the field and the reason.
+    """
     try:
         return PlatformConfig.model_validate(raw)
     except ValidationError as exc:

@@ -238,7 +238,12 @@ def _token_stream(tokenizer: Any, docs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _make_model(tokenizer: Any, hidden: int, layers: int, heads: int, max_positions: int) -> Any:
+def _make_model(
+    tokenizer: Any, hidden: int, layers: int, heads: int, max_positions: int, init_std: float
+) -> Any:
+    """A small Llama. ``init_std`` is larger than Llama's 0.02: at width 128 that default leaves attention
+    nearly uniform, and copying (induction) heads then take thousands of steps to form instead of hundreds.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -253,6 +258,7 @@ def _make_model(tokenizer: Any, hidden: int, layers: int, heads: int, max_positi
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
     )
     return LlamaForCausalLM(cfg)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from aigc.config import ConfigError, PlatformConfig, apply_overrides
+from aigc.config import ConfigError, PlatformConfig, with_values
 
 __all__ = ["DISTRIBUTIONS", "load_space", "to_param_space", "candidate_values"]
 
@@ -68,11 +68,10 @@ def candidate_values(space: dict[str, dict[str, list[Any]]]) -> list[dict[str, A
 
 
 def _check(base: PlatformConfig, values: dict[str, Any], path: Path) -> None:
-    raw = apply_overrides(base.model_dump(), [f"{k}={v}" for k, v in values.items()])
     try:
-        PlatformConfig.model_validate(raw)
-    except Exception as exc:  # pydantic ValidationError: name the key and the value
-        raise ConfigError(f"tune.space {path}: value {values} is not valid for the config: {exc}") from None
+        with_values(base, values)
+    except ConfigError as exc:
+        raise ConfigError(f"tune.space {path}: {exc}") from None
 
 
 def to_param_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from aigc.config import PlatformConfig, apply_overrides
+from aigc.config import PlatformConfig, with_values
 from aigc.tune.space import load_space, to_param_space
 
 __all__ = ["SweepResult", "build_tuner", "run_sweep"]
@@ -36,8 +36,7 @@ def _trial_driver(config: dict[str, Any], base: dict[str, Any]) -> None:
 
     from aigc.train.trainer import build_trainer, load_datasets
 
-    overrides = [f"{k}={v}" for k, v in config.items()]
-    cfg = PlatformConfig.model_validate(apply_overrides(base, overrides))
+    cfg = with_values(base, config)
     datasets, stats = load_datasets(cfg)
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = build_trainer(
@@ -158,9 +157,7 @@ def run_sweep(cfg: PlatformConfig, register: bool = True) -> SweepResult:
     metrics = {k: v for k, v in history[-1].items() if isinstance(v, int | float)}
     registry_id = None
     if register:
-        best_cfg = PlatformConfig.model_validate(
-            apply_overrides(cfg.model_dump(), [f"{k}={v}" for k, v in overrides.items()])
-        )
+        best_cfg = with_values(cfg, overrides)
         registry_id = (
             Registry(cfg.registry_dir)
             .register(
