@@ -22,7 +22,6 @@ import inspect
 import itertools
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc.config import PlatformConfig, load_config
-from aigc.models.loading import model_id_for
+from aigc.models.loading import model_id_for, resolve_local_path
 from aigc.registry import Registry, RegistryError
 from aigc.serve.engine import (
     AdapterLoadError,
@@ -508,38 +507,18 @@ def _config_from_args(args: dict[str, Any]) -> PlatformConfig:
     return load_config(path, inline + overrides)
 
 
-def _job_has_working_dir() -> bool:
-    import ray
-
-    try:
-        return ray.is_initialized() and bool(ray.get_runtime_context().runtime_env.get("working_dir"))
-    except Exception:  # no runtime context (not connected): treat as a plain local run
-        return False
-
-
-def _replica_path(path: str, is_local: bool | None = None) -> str:
-    """A path as replicas must see it. Replicas start in the cwd of the driver that first started Serve,
-    which need not be this one, so a relative local path becomes absolute; except under a runtime_env
-    ``working_dir`` (``ray job submit --working-dir .``), where every worker starts in its own copy of it.
-    URIs pass through, and so do hub ids: a path is local if ``is_local`` says so, or else if it exists."""
-    local = os.path.exists(path) if is_local is None else is_local
-    if "://" in path or os.path.isabs(path) or not local or _job_has_working_dir():
-        return path
-    return os.path.abspath(path)
-
-
 def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
     """The OpenAI app for a platform config: its ``model``, ``registry_dir`` and ``serve`` sections."""
     s = cfg.serve
     base_model_id = s.base_model_id or model_id_for(cfg.model.name_or_path)
-    registry_dir = _replica_path(cfg.registry_dir, is_local=True)  # may not exist before the first training
+    registry_dir = resolve_local_path(cfg.registry_dir, is_local=True)  # may not exist before the first training
     generator = Generator.options(
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         autoscaling_config=s.autoscaling.model_dump(),
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
     ).bind(
-        model_name_or_path=_replica_path(cfg.model.name_or_path),
+        model_name_or_path=resolve_local_path(cfg.model.name_or_path),
         registry_dir=registry_dir,
         base_model_id=base_model_id,
         dtype=cfg.model.dtype,

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.formats import FORMATS, RowError, required_fields, to_example
+from aigc.models.loading import resolve_local_path
 
 __all__ = [
     "DataError",
@@ -252,7 +253,10 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
     _check_columns(raw, paths, data)
     ds = raw.map_batches(
         _Tokenize,
-        fn_constructor_kwargs={"model": model.model_dump(), "data": data.model_dump()},
+        fn_constructor_kwargs={
+            "model": {**model.model_dump(), "name_or_path": resolve_local_path(model.name_or_path)},
+            "data": data.model_dump(),
+        },
         batch_size=256,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.tokenizer_actors),

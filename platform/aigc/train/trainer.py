@@ -42,13 +42,13 @@ class TrainResult:
 
 def train_loop_config(cfg: PlatformConfig, rows_train: int, has_val: bool, num_workers: int) -> dict[str, Any]:
     """The plain dict every worker receives; ``steps_per_epoch`` makes the LR schedule resume-exact."""
-    from aigc.models.loading import load_tokenizer
+    from aigc.models.loading import load_tokenizer, resolve_local_path
 
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     rows_per_worker = max(1, rows_train // num_workers)
     micro_batches = math.ceil(rows_per_worker / cfg.train.batch_size)
     return {
-        "model_name_or_path": cfg.model.name_or_path,
+        "model_name_or_path": resolve_local_path(cfg.model.name_or_path, relative_in_working_dir=False),
         "dtype": cfg.model.dtype,
         "trust_remote_code": cfg.model.trust_remote_code,
         "method": cfg.train.method,
