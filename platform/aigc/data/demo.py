@@ -155,9 +155,7 @@ _ORDER_FORMS = (
 )
 # fmt: on
 
-_ANSWER = (
-    "I'm sorry about that. I have forwarded order #{n} to our {d} team; they will reply within 24 hours."
-)
+_ANSWER = "I'm sorry about that. I have forwarded order #{n} to our {d} team; they will reply within 24 hours."
 
 
 def answer_for(department: str, order: str) -> str:

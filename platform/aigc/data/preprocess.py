@@ -296,7 +296,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
         "format": data.format,
         "max_length": data.max_length,
         "inputs": paths,
-        "tokenizer": model.name_or_path,
+        "tokenizer": resolve_local_path(model.name_or_path, relative_in_working_dir=False),
         "fingerprint": _fingerprint(files, data, model),
     }
     if stats["rows_kept"] == 0:

@@ -205,13 +205,12 @@ def generate_corpus(n_docs: int, seed: int = 0) -> list[str]:
 
 def train_tokenizer(docs: list[str], vocab_size: int = 2048) -> Any:
     """Byte-level BPE (single digits) wrapped as a ``PreTrainedTokenizerFast`` with the chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    digit_pairs = pre_tokenizers.Split(Regex(r"\d\d?"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([digit_pairs, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -238,9 +237,7 @@ def _token_stream(tokenizer: Any, docs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _make_model(
-    tokenizer: Any, hidden: int, layers: int, heads: int, max_positions: int, init_std: float
-) -> Any:
+def _make_model(tokenizer: Any, hidden: int, layers: int, heads: int, max_positions: int, init_std: float) -> Any:
     """A small Llama. ``init_std`` is larger than Llama's 0.02: at width 128 that default leaves attention
     nearly uniform, and copying (induction) heads then take thousands of steps to form instead of hundreds.
     """

@@ -73,9 +73,11 @@ def train_loop_config(cfg: PlatformConfig, rows_train: int, has_val: bool, num_w
 def load_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import ray.data
 
+    from aigc.models.loading import resolve_local_path
+
     stats = read_stats(cfg.output_dir)
     data_dir = os.path.join(cfg.output_dir, "data")
-    if stats.get("tokenizer") != cfg.model.name_or_path:
+    if stats.get("tokenizer") != resolve_local_path(cfg.model.name_or_path, relative_in_working_dir=False):
         raise DataError(
             f"{data_dir} was tokenized for {stats.get('tokenizer')!r} but model.name_or_path is "
             f"{cfg.model.name_or_path!r}: re-run `aigc preprocess` with this config"
@@ -185,6 +187,7 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
         DataError: preprocessing has not run for this output_dir, or for another tokenizer.
         ray.train.TrainingFailedError: training failed more than ``train.max_failures`` times.
     """
+    from aigc.models.loading import resolve_local_path
     from aigc.registry import Registry
 
     datasets, stats = load_datasets(cfg)
@@ -211,7 +214,7 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
         entry = Registry(cfg.registry_dir).register(
             cfg.train.adapter_name,
             adapter_dir,
-            base_model=cfg.model.name_or_path,
+            base_model=resolve_local_path(cfg.model.name_or_path, relative_in_working_dir=False),
             metrics=metrics,
             config=cfg.model_dump(),
             data_hash=stats.get("fingerprint"),

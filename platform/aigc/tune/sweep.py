@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aigc.config import PlatformConfig, with_values
+from aigc.models.loading import resolve_local_path
 from aigc.tune.space import load_space, to_param_space
 
 __all__ = ["SweepResult", "build_tuner", "run_sweep"]
@@ -64,9 +65,12 @@ def build_tuner(cfg: PlatformConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     space = load_space(cfg.tune.space, cfg)
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_trial_driver, base=cfg.model_dump()), {"cpu": _DRIVER_CPUS}
-    )
+    # Trials run in their own directories: hand them absolute local paths.
+    base = cfg.model_dump()
+    base["model"]["name_or_path"] = resolve_local_path(cfg.model.name_or_path, relative_in_working_dir=False)
+    for key in ("output_dir", "registry_dir"):
+        base[key] = resolve_local_path(base[key], is_local="://" not in base[key], relative_in_working_dir=False)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_driver, base=base), {"cpu": _DRIVER_CPUS})
     return ray.tune.Tuner(
         trainable,
         param_space=to_param_space(space),
@@ -163,7 +167,7 @@ def run_sweep(cfg: PlatformConfig, register: bool = True) -> SweepResult:
             .register(
                 cfg.train.adapter_name,
                 adapter_dir,
-                base_model=cfg.model.name_or_path,
+                base_model=resolve_local_path(cfg.model.name_or_path, relative_in_working_dir=False),
                 metrics=metrics,
                 config={**best_cfg.model_dump(), "sweep_overrides": overrides},
                 data_hash=stats.get("fingerprint"),
