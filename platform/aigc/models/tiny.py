@@ -237,10 +237,10 @@ def _token_stream(tokenizer: Any, docs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _make_model(tokenizer: Any, hidden: int, layers: int, heads: int, max_positions: int, init_std: float) -> Any:
-    """A small Llama. ``init_std`` is larger than Llama's 0.02: at width 128 that default leaves attention
-    nearly uniform, and copying (induction) heads then take thousands of steps to form instead of hundreds.
-    """
+def _make_model(
+    tokenizer: Any, hidden: int, layers: int, heads: int, max_positions: int, init_std: float = 0.02
+) -> Any:
+    """A small Llama-architecture causal LM with tied embeddings (``init_std`` as Llama's default)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(

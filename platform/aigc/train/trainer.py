@@ -77,6 +77,8 @@ def load_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     stats = read_stats(cfg.output_dir)
     data_dir = os.path.join(cfg.output_dir, "data")
+    # Per-epoch ingest bars of every worker's shard would drown the training metrics; Train reports progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if stats.get("tokenizer") != resolve_local_path(cfg.model.name_or_path, relative_in_working_dir=False):
         raise DataError(
             f"{data_dir} was tokenized for {stats.get('tokenizer')!r} but model.name_or_path is "

@@ -1,0 +1,60 @@
+"""`ray job submit` against a real `ray start` cluster (token auth on), as README's cluster section says.
+
+Slow tier: it starts a second Ray cluster of its own, on its own ports, and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    subprocess.run(
+        [RAY, "start", "--head", "--num-cpus=2", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1"],
+        check=True, capture_output=True, timeout=180, env=env,
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+@pytest.mark.slow
+def test_preprocess_and_finetune_jobs_on_a_started_cluster(ray_head, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "token"}
+    common = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", f"registry_dir={tmp_path / 'registry'}"]
+    for script, extra in (("jobs/preprocess.py", []), ("jobs/finetune.py", ["train.epochs=1", "train.num_workers=1"])):
+        t0 = time.time()
+        proc = subprocess.run(
+            [RAY, "job", "submit", "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
+             "python", script, *common, *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, (script, proc.stdout[-3000:], proc.stderr[-3000:])
+        assert "succeeded" in proc.stdout + proc.stderr, script
+        print(f"{script}: {time.time() - t0:.0f}s")
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert stats["rows_kept"] == 2000 and sum(stats["rows_rejected"].values()) == 8
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "registry" / "support-bot" / "v1" / "meta.json").is_file()
