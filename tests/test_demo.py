@@ -40,7 +40,7 @@ def _check_report(report: dict, stdout: str, min_loss_drop: float) -> None:
 
 
 def test_short_demo_end_to_end(tmp_path):
-    report, stdout = _run_demo(tmp_path, "train.epochs=2", "tune.num_samples=2", timeout=900)
+    report, stdout = _run_demo(tmp_path, "tune.num_samples=2", timeout=900)
     _check_report(report, stdout, min_loss_drop=0.2)
 
 

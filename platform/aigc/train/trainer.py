@@ -165,6 +165,7 @@ def plot_history(history: list[dict[str, Any]], path: str, title: str = "Fine-tu
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -174,6 +175,7 @@ def plot_history(history: list[dict[str, Any]], path: str, title: str = "Fine-tu
         if history[0].get("initial_eval_loss") is not None:
             ax.axhline(history[0]["initial_eval_loss"], color="grey", ls="--", label="eval loss before training")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss per answer token")
     ax.set_title(title)
     ax.legend()

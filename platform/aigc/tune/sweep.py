@@ -100,6 +100,7 @@ def _plot_trials(results: Any, metric: str, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in results:
@@ -109,6 +110,7 @@ def _plot_trials(results: Any, metric: str, path: str) -> None:
         label = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.config.items())
         ax.plot(df["epoch"], df[metric], "o-", label=label)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.set_title("Sweep: every trial (ASHA stops the weak ones early)")
     ax.legend(fontsize=7)
