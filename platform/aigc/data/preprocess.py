@@ -219,21 +219,11 @@ def _fingerprint(files: list[tuple[str, int]], data: DataConfig, model: ModelCon
 
 
 def _plot_lengths(lengths: np.ndarray, max_length: int, path: str) -> None:
-    import matplotlib
+    from aigc.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(lengths, bins=min(50, max(5, len(set(lengths.tolist())))), color="#4477aa")
-    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"data.max_length={max_length}")
-    ax.set_xlabel("tokens per example (prompt + answer)")
-    ax.set_ylabel("examples")
-    ax.set_title("Token lengths of kept examples")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, "Token lengths of kept examples", "tokens per example (prompt + answer)", "examples") as ax:
+        ax.hist(lengths, bins=min(50, max(5, len(set(lengths.tolist())))), color="#4477aa")
+        ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"data.max_length={max_length}")
 
 
 def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> PreprocessResult:

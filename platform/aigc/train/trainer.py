@@ -161,27 +161,18 @@ def export_adapter(checkpoint_path: str, dest: str, cfg: PlatformConfig) -> list
 
 def plot_history(history: list[dict[str, Any]], path: str, title: str = "Fine-tuning") -> None:
     """Train and eval loss per epoch, with the base model's eval loss as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from aigc.plots import figure
+
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
-    if history and "eval_loss" in history[0]:
-        ax.plot(epochs, [h["eval_loss"] for h in history], "s-", label="eval loss")
-        if history[0].get("initial_eval_loss") is not None:
-            ax.axhline(history[0]["initial_eval_loss"], color="grey", ls="--", label="eval loss before training")
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("loss per answer token")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title, "epoch", "loss per answer token") as ax:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+        if history and "eval_loss" in history[0]:
+            ax.plot(epochs, [h["eval_loss"] for h in history], "s-", label="eval loss")
+            if history[0].get("initial_eval_loss") is not None:
+                ax.axhline(history[0]["initial_eval_loss"], color="grey", ls="--", label="eval loss before training")
 
 
 def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:

@@ -96,27 +96,19 @@ def build_tuner(cfg: PlatformConfig) -> Any:
 
 
 def _plot_trials(results: Any, metric: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for r in results:
-        df = r.metrics_dataframe
-        if df is None or metric not in df:
-            continue
-        label = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.config.items())
-        ax.plot(df["epoch"], df[metric], "o-", label=label)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(metric)
-    ax.set_title("Sweep: every trial (ASHA stops the weak ones early)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from aigc.plots import figure
+
+    title = "Sweep: every trial (ASHA stops the weak ones early)"
+    with figure(path, title, "epoch", metric, size=(6.5, 4)) as ax:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for r in results:
+            df = r.metrics_dataframe
+            if df is None or metric not in df:
+                continue
+            label = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.config.items())
+            ax.plot(df["epoch"], df[metric], "o-", label=label)
 
 
 def run_sweep(cfg: PlatformConfig, register: bool = True) -> SweepResult:
