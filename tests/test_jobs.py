@@ -42,13 +42,15 @@ def ray_head():
 
 @pytest.mark.slow
 def test_preprocess_and_finetune_jobs_on_a_started_cluster(ray_head, tmp_path):
+    # The job's entrypoint runs in a shell on the head node: name this interpreter, as a cluster image's
+    # `python` would be the one with the project installed.
     env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "token"}
     common = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", f"registry_dir={tmp_path / 'registry'}"]
     for script, extra in (("jobs/preprocess.py", []), ("jobs/finetune.py", ["train.epochs=1", "train.num_workers=1"])):
         t0 = time.time()
         proc = subprocess.run(
             [RAY, "job", "submit", "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
-             "python", script, *common, *extra],
+             sys.executable, script, *common, *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
         )  # fmt: skip
         assert proc.returncode == 0, (script, proc.stdout[-3000:], proc.stderr[-3000:])

@@ -4,9 +4,11 @@
 ``AutoTokenizer.from_pretrained`` open, with no hub access:
 
 1. a deterministic plain-prose corpus about an online shop (product notes, order e-mails, FAQ paragraphs,
-   support stories, reviews). It contains no chat-template markers and never the demo's reply sentence,
-   so the model is a *base* model that knows the shop's vocabulary but not the support task;
-2. a byte-level BPE tokenizer trained on it, digits split one by one (so order numbers can be copied), with
+   support stories, customer e-mails and replies, team pages, reviews). It contains no chat-template markers
+   and never the demo's reply sentence ("... forwarded your message to our <x> team ..."), so the model is a
+   *base* model that knows the shop's vocabulary (every token the demo uses gets trained embeddings) but
+   not the support task;
+2. a byte-level BPE tokenizer trained on it, digits split into pairs (``48213`` -> ``48 21 3``), with
    the special tokens of :data:`aigc.data.templates.DEFAULT_CHAT_TEMPLATE`; ``<|end|>`` is the eos token
    and also separates documents during pretraining, as ``<|endoftext|>`` does for GPT-2;
 3. a small ``LlamaForCausalLM`` (tied embeddings) trained for a few hundred steps on 2 CPU cores.
@@ -38,6 +40,7 @@ _NAMES = (
     "Anna", "Ben", "Carla", "David", "Emma", "Felix", "Gina", "Hugo", "Iris", "Jonas", "Kira", "Leo", "Mia",
     "Nina", "Oscar", "Paula", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Zoe", "Maria", "Tom",
     "Aisha", "Chen", "Priya", "Sofia", "James", "Fatima", "Noah", "Elena", "Ravi", "Hannah", "Yuki", "Omar",
+    "Lukas", "Daniel", "Ingrid", "Oliver", "Mateo", "Grace",
 )
 _PRODUCTS = (
     "coffee grinder", "wool sweater", "desk lamp", "yoga mat", "phone case", "water bottle", "rain jacket",
@@ -111,6 +114,59 @@ _CARE_LINES = (
     "Store the {p} in a cool, dry place.", "Check the {p} for small cracks before use.",
     "The {p} should be cleaned once a week.", "If the {p} gets wet, dry it at room temperature.",
 )
+# Customer e-mails and the shop's replies, as found in any support inbox (plain prose, no chat format).
+_HELLOS = ("Hi,", "Hello,", "Hello there,", "Good morning,", "Good evening,", "Dear shop,", "Hey,", "Hi team,")
+_BYES = ("Thanks, {name}", "Best, {name}", "Regards, {name}", "Kind regards, {name}", "- {name}", "Cheers, {name}")
+_ASKS = (
+    "Can you help?", "Please help.", "Thanks in advance.", "What should I do?", "Could you look into it?",
+    "I would appreciate a quick answer.", "I'd be grateful for a reply.", "Is there anything you can do?",
+)
+_MOODS = (
+    "I ordered it last week.", "It was a gift for my brother.", "I have been a customer for years.",
+    "I bought it on sale.", "This has never happened before.", "I am quite upset.", "I'm a bit worried.",
+    "I don't want to wait much longer.", "My friend had the same problem last month.",
+)
+_FIRST_PERSON_PROBLEMS = (
+    "I think I was charged twice (once on {day} and again on {day2})", "I'm still waiting for a refund",
+    "the amount on my invoice is wrong", "I can't find the receipt in my e-mails", "my payment failed twice",
+    "the discount code wasn't applied", "my parcel hasn't arrived yet", "the tracking page says it was delivered",
+    "the courier never came", "the delivery is a week late", "I'd like to return the {p}",
+    "can I exchange the {p} for a bigger size?", "the {p} is too big for me", "the {p} came in the wrong colour",
+    "I want to send it back", "the app crashes every time I open it", "I can't log in since {day}",
+    "I forgot my password and the reset link doesn't work", "the checkout page won't load",
+    "the website shows an error", "I never received the login code", "I'd like to change my e-mail address",
+    "please delete my old account", "I need to update my phone number", "how can I change my username?",
+    "I want to unsubscribe from your newsletter", "can you close my account?",
+    "this is the first time I have a problem with you", "my profile still shows my old name",
+    "I got the {p} even though I cancelled it", "the item I got does not look like the photo",
+    "could I get a copy of my invoice?", "I was billed even though the order was cancelled",
+    "the payment went through but the status hasn't changed", "how do I see my old orders?",
+    "please update the name on my profile", "it does not work at all", "my {p} broke after two days",
+)
+_REPLIES = (
+    "Thank you for your message, {name}. I'm sorry to hear about the {p}; that shouldn't happen.",
+    "Hi {name}, thanks for writing to us, and I'm sorry for the trouble.",
+    "Dear {name}, we're sorry that your order caused so much trouble.",
+    "Hello {name}, I'm sorry about the delay; I have checked the order myself.",
+    "I'm sorry to hear about the {p}, {name}.", "I'm sorry for the wait, {name}, and thank you for your patience.",
+)
+_REPLY_STEPS = (
+    "Your question was forwarded to {agent}, who will reply within {hours} hours.",
+    "I have sent the details to {agent}; you will get a reply within {hours} hours.",
+    "A colleague will look into it and reply within {hours} hours.",
+    "We will send you a free return label, so you can send the {p} back at no cost.",
+    "We usually fix problems like this within a day, and we will reply as soon as it is done.",
+    "We can change or close your account details once you confirm your e-mail address.",
+    "We will track the parcel with the courier and write again tomorrow.",
+)
+# One line per team, in the words the shop uses on its "who we are" page.
+_TEAM_LINES = {
+    "billing": "They handle charges, refunds and invoices, and they check every payment twice.",
+    "shipping": "They track parcels and deliveries and talk to the couriers every day.",
+    "returns": "They send a free return label for every return and swap items for the right size.",
+    "technical": "They fix problems with the app and the website and keep your password safe.",
+    "account": "They can change or close account details, from e-mail addresses to usernames.",
+}
 # fmt: on
 
 
@@ -191,7 +247,47 @@ def _blog(rng: random.Random) -> str:
     return " ".join(_fill(rng, line) for line in lines)
 
 
-_DOC_KINDS = (_product_note, _order_email, _shipping_notice, _faq, _support_story, _review, _blog)
+def _customer_email(rng: random.Random) -> str:
+    """An e-mail to the shop; parts on new lines or not, so words at line starts get trained too."""
+    name, n = rng.choice(_NAMES), _order(rng)
+    problem = rng.choice(_FIRST_PERSON_PROBLEMS).format(
+        p=rng.choice(_PRODUCTS), day=rng.choice(_DAYS), day2=rng.choice(_DAYS)
+    )
+    problem = problem[:1].upper() + problem[1:]
+    form = rng.randrange(4)
+    if form == 0:
+        problem = problem.rstrip("?") + f" (order #{n})."
+    elif not problem.endswith("?"):
+        problem += "."
+    ref = ("", f"About order #{n}:", f"My order number is #{n}.", f"It's about order #{n}.")[form]
+    parts = [rng.choice(_HELLOS), ref, problem] if form == 1 else [rng.choice(_HELLOS), problem, ref]
+    parts += [rng.choice(_MOODS), rng.choice(_ASKS), rng.choice(_BYES).format(name=name)]
+    sep = rng.choice((" ", "\n"))
+    return sep.join(p for p in parts if p)
+
+
+def _shop_reply(rng: random.Random) -> str:
+    name, agent, p = rng.choice(_NAMES), rng.choice(_NAMES), rng.choice(_PRODUCTS)
+    hours = rng.choice(("two", "six", "twelve", "24", "48"))
+    return rng.choice((" ", "\n")).join(
+        (
+            rng.choice(_REPLIES).format(name=name, p=p),
+            rng.choice(_REPLY_STEPS).format(agent=agent, hours=hours, p=p),
+            rng.choice(("Best wishes, the shop.", f"Regards, {agent}", f"Thanks again; {agent} from the shop")),
+        )
+    )
+
+
+def _team_page(rng: random.Random) -> str:
+    depts = rng.sample(list(_TEAM_LINES), rng.randrange(2, 5))
+    lines = [f"Meet our {d} team in {rng.choice(_CITIES)}. {_TEAM_LINES[d]}" for d in depts]
+    return " ".join(lines) + " Each team will reply to your message within 24 hours on working days."
+
+
+_DOC_KINDS = (
+    _product_note, _order_email, _shipping_notice, _faq, _support_story, _review, _blog,
+    _customer_email, _customer_email, _shop_reply, _team_page,
+)  # fmt: skip
 
 
 def generate_corpus(n_docs: int, seed: int = 0) -> list[str]:
@@ -199,12 +295,12 @@ def generate_corpus(n_docs: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     docs = [rng.choice(_DOC_KINDS)(rng) for _ in range(n_docs)]
     for d in docs:  # the base model must not have seen the chat format
-        assert "<|" not in d and "forwarded order" not in d, d
+        assert "<|" not in d and "to our" not in d, d
     return docs
 
 
 def train_tokenizer(docs: list[str], vocab_size: int = 2048) -> Any:
-    """Byte-level BPE (single digits) wrapped as a ``PreTrainedTokenizerFast`` with the chat template."""
+    """Byte-level BPE (digits in pairs) wrapped as a ``PreTrainedTokenizerFast`` with the chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
