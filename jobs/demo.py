@@ -6,12 +6,7 @@
 Same as `aigc demo`: joins the cluster from RAY_ADDRESS (set by `ray job submit`), or starts a local one.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
-
-from aigc.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["demo", *sys.argv[1:]]))
+    run("demo")
