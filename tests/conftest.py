@@ -21,7 +21,7 @@ def ray_cluster():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4)
+        ray.init(address="local", num_cpus=4)  # never a `ray start` cluster that happens to run here
     yield ray
     from ray import serve
 

@@ -1,6 +1,6 @@
 """Connecting to Ray: an embedded local cluster on a laptop, the real one under ``ray job submit``.
 
-``ray.init()`` with no address starts a local cluster; with ``RAY_ADDRESS`` set (``ray job submit`` sets
+Without ``RAY_ADDRESS`` every command starts an embedded local cluster; with it set (``ray job submit`` sets
 it for the job's driver) the same code joins that cluster instead.
 """
 
@@ -25,6 +25,8 @@ def init_ray(num_cpus: int | None = None, quiet_data_progress: bool = True) -> N
         return
     joining = bool(os.environ.get("RAY_ADDRESS"))
     ray.init(
+        # "local": a new embedded cluster even if a `ray start` cluster runs on this machine; RAY_ADDRESS joins one.
+        address=None if joining else "local",
         num_cpus=None if joining else num_cpus,
         logging_level=logging.WARNING,
         # The dashboard stays on: Train V2 frees the placement groups of stopped runs (ASHA) through it.

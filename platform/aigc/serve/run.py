@@ -72,7 +72,9 @@ def run_server(cfg: PlatformConfig, blocking: bool = True) -> str:
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init()
+        from aigc.cluster import init_ray
+
+        init_ray(cfg.cluster.num_cpus)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(_build_app(cfg), name=s.app_name, route_prefix="/")
