@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import yaml
 
-from aigc.config import ConfigError, PlatformConfig, load_config
+from aigc.config import PlatformConfig, load_config
+from aigc.errors import AigcError, ConfigError
 
 __all__ = ["main", "run_stage"]
 
@@ -142,11 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"model": e.model_id, "base_model": e.base_model, "eval_loss": e.metrics.get("eval_loss"),
                               "adapter": e.adapter_uri}))  # fmt: skip
         return 0
-    from aigc.data.preprocess import DataError
-
     try:
         run_stage(args.command, cfg)
-    except (ConfigError, DataError) as exc:
+    except AigcError as exc:  # what the user can fix: one line; anything else is a bug and keeps its traceback
         print(f"aigc {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from aigc.errors import ConfigError
+
 __all__ = [
     "AutoscalingConfig",
     "ClusterConfig",
@@ -32,10 +34,6 @@ __all__ = [
 ]
 
 DataFormat = Literal["alpaca", "messages", "sharegpt", "text"]
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the field and the reason."""
 
 
 class _Section(BaseModel):

@@ -21,14 +21,12 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from aigc.errors import RegistryError
+
 __all__ = ["AdapterVersion", "Registry", "RegistryError"]
 
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class RegistryError(ValueError):
-    """A registry name, version or path is invalid or missing."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.formats import FORMATS, RowError, required_fields, to_example
+from aigc.errors import DataError
 from aigc.models.loading import resolve_local_path
 
 __all__ = [
@@ -50,10 +51,6 @@ _OUT_SCHEMA = pa.schema(
         ("n_target_tokens", pa.int32()),
     ]
 )
-
-
-class DataError(ValueError):
-    """The input data cannot be used at all (missing file, unknown format, wrong columns)."""
 
 
 @dataclass

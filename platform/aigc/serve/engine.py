@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 
 from aigc.data.templates import render_prompt
+from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError
 from aigc.models.loading import load_base_model, load_tokenizer, model_id_for
 
 __all__ = [
@@ -59,30 +60,6 @@ _PLACEHOLDER = "aigc_placeholder"  # a zero LoRA that keeps the PeftModel valid 
 FinishReason = Literal["stop", "length"]
 # A prompt is raw text (completions) or a conversation rendered by the chat template (chat completions).
 Prompt = str | Sequence[dict[str, str]]
-
-
-# ------------------------------------------------------------------------------------------------- errors
-class _EngineError(Exception):
-    """Errors that cross process boundaries (Ray pickles them): every field travels in ``args``."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message, param, code)
-        self.message, self.param, self.code = message, param, code
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class InvalidRequestError(_EngineError, ValueError):
-    """The request cannot be served as asked (prompt too long...): a 400 naming ``param``."""
-
-
-class ModelNotFoundError(_EngineError, LookupError):
-    """The model id names no registered adapter: a 404 ``model_not_found``."""
-
-
-class AdapterLoadError(_EngineError, RuntimeError):
-    """A registered adapter could not be loaded (corrupt files, wrong base model, DoRA...): a 500."""
 
 
 # ------------------------------------------------------------------------------------------- data classes
