@@ -200,8 +200,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PlatformConfig:
-    """Load a YAML config file (or the defaults) and apply overrides.
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    inline: dict[str, Any] | None = None,
+) -> PlatformConfig:
+    """Load a YAML config file (or the defaults), merge ``inline`` sections into it, then apply overrides.
+
+    ``inline`` is a nested mapping (e.g. Serve's YAML ``args``: ``{"serve": {"port": 9000}}``) merged as
+    objects, never through text; ``overrides`` (``section.key=value``) win over both.
 
     Raises:
         ConfigError: the file is missing or not a mapping, or a field is invalid; the message names it.
@@ -220,6 +236,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}
+    if inline:
+        raw = _deep_merge(raw, inline)
+        source += " + inline sections"
     if overrides:
         raw = apply_overrides(raw, overrides)
         source += " + overrides"
