@@ -1,7 +1,8 @@
 # AIGC Platform — every target creates or reuses the virtualenv in $(VENV) first.
 #   make demo       preprocess -> LoRA fine-tune -> sweep -> serve -> chat, on an embedded Ray cluster
-#   make test       the default test tier (unit + integration + one end-to-end path), ~15 min on 2 cores
-#   make test-slow  the slow end-to-end tests (the whole demo as a subprocess)
+#   make test       lint + every test tier (unit, integration on a local Ray cluster, slow end-to-end), what CI runs
+#   make test-fast  unit tests only (no Ray cluster), for iteration: under 2 minutes
+#   make test-slow  the slow end-to-end tests alone (the whole demo as a subprocess, `ray job submit`)
 #
 # torch: on a machine without a GPU we pin the CPU wheel (small, no CUDA libraries);
 # where `nvidia-smi` answers we install the default CUDA build. Override with TORCH=cpu|cuda.
@@ -15,11 +16,11 @@ TORCH ?= $(shell (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/n
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow lint format clean assets
+.PHONY: setup demo test test-fast test-slow lint format clean assets
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ "$(TORCH)" = "cuda" ]; then \
@@ -30,14 +31,17 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q --retries 1 --timeout 20 "torch==$(TORCH_CPU_VERSION)" \
 			--extra-index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $@
 
 demo: setup
 	$(VENV)/bin/aigc demo --config $(CONFIG)
 
-test: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

@@ -30,3 +30,14 @@ def ray_cluster():
     finally:
         if started:
             ray.shutdown()
+
+
+_SUBPROCESS_STAGE_MODULES = {"test_demo.py", "test_jobs.py"}  # run stages in subprocesses with their own cluster
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs a Ray cluster (or runs a stage in a subprocess) as ``integration``, so the
+    fast tier (``-m "not integration and not slow"``) never starts one."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()) or item.path.name in _SUBPROCESS_STAGE_MODULES:
+            item.add_marker(pytest.mark.integration)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aigc.config import ConfigError, PlatformConfig, load_config
+from aigc.config import PlatformConfig, load_config, with_values
+from aigc.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_defaults_hold_documented_keys():
+def test_defaults_hold_documented_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = load_config()
-    assert cfg.registry_dir == "runs/registry"
+    assert cfg.registry_dir == str(tmp_path / "runs" / "registry")  # relative paths resolved once, at load
     assert (cfg.serve.host, cfg.serve.port) == ("127.0.0.1", 8000)
     assert cfg.train.method == "lora" and cfg.data.format == "alpaca"
 
@@ -25,7 +28,7 @@ def test_file_then_overrides_with_yaml_typing(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text(yaml.safe_dump({"output_dir": "runs/x", "train": {"lr": 0.01, "epochs": 2}}))
     cfg = load_config(f, ["train.lr=3e-4", "lora.target_modules=[q_proj, v_proj]", "train.use_gpu=true"])
-    assert cfg.output_dir == "runs/x" and cfg.train.epochs == 2
+    assert cfg.output_dir.endswith("/runs/x") and cfg.train.epochs == 2
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.train.use_gpu is True
@@ -75,6 +78,74 @@ def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
     assert proc.returncode == 2
     assert "train.epochs: Input should be greater than or equal to 1" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_text_fields_keep_override_values_exactly_as_typed():
+    cfg = load_config(None, ["data.system_prompt=Order #123", "serve.base_model_id=2024-01-01",
+                             "data.columns.question=instruction", "lora.r=16"])  # fmt: skip
+    assert cfg.data.system_prompt == "Order #123"  # YAML would cut it at the comment
+    assert cfg.serve.base_model_id == "2024-01-01"  # YAML would make it a date
+    assert cfg.data.columns == {"question": "instruction"} and cfg.lora.r == 16
+    assert load_config(None, ["data.system_prompt=null"]).data.system_prompt is None
+
+
+def test_with_values_sets_objects_by_key_path():
+    base = load_config()
+    cfg = with_values(base, {"lora.r": 4, "train.lr": 1e-3, "serve.base_model_id": "a: b", "data.system_prompt": None})
+    assert (cfg.lora.r, cfg.train.lr, cfg.serve.base_model_id, cfg.data.system_prompt) == (4, 1e-3, "a: b", None)
+    assert base.lora.r == 8  # the base is not changed
+    with pytest.raises(ConfigError, match=r"lora.rank: unknown key"):
+        with_values(base, {"lora.rank": 4})
+
+
+def test_relative_paths_are_resolved_once_and_uris_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    cfg = load_config(None, ["output_dir=s3://bucket/run", "model.name_or_path=model", "data.path=d/*.jsonl"])
+    assert cfg.output_dir == "s3://bucket/run"
+    assert cfg.model.name_or_path == str(tmp_path / "model") and cfg.data.path == str(tmp_path / "d" / "*.jsonl")
+    assert load_config(None, ["model.name_or_path=org/hub-model"]).model.name_or_path == "org/hub-model"
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aigc.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)  # fmt: skip
+
+
+def test_lengths_are_checked_against_the_models_context():
+    proc = _cli("preprocess", "--config", "configs/demo.yaml", "data.max_length=100000")
+    assert proc.returncode == 2, proc.stderr
+    assert "data.max_length: 100000 is longer than the context of" in proc.stderr
+    proc = _cli("serve", "--config", "configs/demo.yaml", "serve.max_tokens_cap=100000")
+    assert proc.returncode == 2 and "serve.max_tokens_cap: 100000 leaves no room for a prompt" in proc.stderr
+
+
+def test_platform_errors_are_one_line_without_traceback(tmp_path):
+    """A stage whose input is missing, and a registry name that is invalid: one line each, exit 1."""
+    proc = _cli("train", "--config", "configs/demo.yaml", f"output_dir={tmp_path / 'never-preprocessed'}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"aigc train: no preprocessed data at {tmp_path / 'never-preprocessed' / 'data'}: run `aigc preprocess` first"
+    ]
+
+
+@pytest.mark.parametrize("where", [".", "..", "~", "/", "registry-parent"])
+def test_demo_refuses_an_output_dir_it_must_not_clear(tmp_path, where):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = {"registry-parent": str(work / "runs"), "~": os.path.expanduser("~")}.get(where, where)
+    proc = _cli("demo", "--config", str(ROOT / "configs/demo.yaml"), f"output_dir={out}",
+                f"registry_dir={work / 'runs' / 'registry'}", cwd=work)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("aigc demo: output_dir: ") and "the demo clears output_dir" in proc.stderr
+
+
+def test_demo_refuses_a_non_empty_dir_it_did_not_write(tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    proc = _cli("demo", "--config", "configs/demo.yaml", f"output_dir={tmp_path}",
+                f"registry_dir={tmp_path.parent / 'reg'}")  # fmt: skip
+    assert proc.returncode == 2 and "was not written by the demo" in proc.stderr
+    assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
 def test_cluster_yaml_passes_rays_schema():

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from aigc.config import load_config
-from aigc.data.preprocess import DataError, preprocess
+from aigc.data.preprocess import preprocess
+from aigc.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-base")
@@ -83,11 +84,22 @@ def test_prompt_tokens_are_masked_and_target_ends_with_eos(jsonl_run):
         assert f"Order #{order} ships today." in target
 
 
+def _val_rows(out_dir) -> list[tuple[int, ...]]:
+    val = pd.read_parquet(Path(out_dir) / "data" / "val")
+    return sorted(tuple(x) for x in val["input_ids"])
+
+
 def test_split_is_deterministic(ray_cluster, jsonl_run, tmp_path):
+    """The same rows land in val on every run (a random split would pick other rows), and data.seed moves them."""
     cfg, res = jsonl_run
     again = preprocess(cfg.data, cfg.model, str(tmp_path / "again"))
-    assert again.stats["rows_val"] == res.stats["rows_val"]
+    first = _val_rows(cfg.output_dir)
+    assert 0 < len(first) < res.stats["rows_kept"]
+    assert _val_rows(tmp_path / "again") == first
     assert again.stats["fingerprint"] == res.stats["fingerprint"]
+    reseeded = cfg.data.model_copy(update={"seed": cfg.data.seed + 1})
+    preprocess(reseeded, cfg.model, str(tmp_path / "reseeded"))
+    assert _val_rows(tmp_path / "reseeded") != first
 
 
 def test_parquet_csv_and_json_array_with_column_mapping(ray_cluster, tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from aigc.config import ConfigError, load_config
-from aigc.data.demo import generate_support_examples
 from aigc.data.preprocess import preprocess
+from aigc.demo.dataset import generate_support_examples
 from aigc.registry import Registry
 from aigc.tune.space import load_space
 

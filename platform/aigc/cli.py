@@ -9,7 +9,8 @@
     aigc registry   --config configs/demo.yaml          # list registered adapters
     aigc build-assets                                   # rebuild the tiny base model and demo data
 
-Config errors are reported before any Ray work starts, with exit status 2.
+Config errors are reported before any Ray work starts, with exit status 2; any other platform error
+(bad data, a registry problem, a failed run) is one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -29,34 +30,23 @@ __all__ = ["main", "run_stage"]
 
 def _preprocess(cfg: PlatformConfig) -> None:
     from aigc.data.preprocess import preprocess
+    from aigc.report import report_preprocess
 
-    res = preprocess(cfg.data, cfg.model, cfg.output_dir)
-    s = res.stats
-    print(
-        f"[preprocess] {s['rows_in']} rows in -> {s['rows_kept']} kept ({s['rows_train']} train / "
-        f"{s['rows_val']} val), rejected {s['rows_rejected'] or 'none'}; {s['tokens_total']} tokens, "
-        f"max {s['tokens_per_example']['max']} per example\n[preprocess] wrote {res.data_dir}"
-    )
+    report_preprocess(preprocess(cfg.data, cfg.model, cfg.output_dir))
 
 
 def _train(cfg: PlatformConfig) -> None:
+    from aigc.report import report_train
     from aigc.train.trainer import run_training
 
-    res = run_training(cfg)
-    m = res.metrics
-    print(
-        f"[train] eval loss {m.get('initial_eval_loss', float('nan')):.4f} -> {m.get('eval_loss', float('nan')):.4f} "
-        f"(perplexity {m.get('eval_perplexity', float('nan')):.2f}) after {m.get('epoch')} epochs\n"
-        f"[train] adapter: {res.adapter_dir}; registered as {res.registry_id}"
-    )
+    report_train(run_training(cfg))
 
 
 def _sweep(cfg: PlatformConfig) -> None:
+    from aigc.report import report_sweep
     from aigc.tune.sweep import run_sweep
 
-    res = run_sweep(cfg)
-    print(f"[sweep] best {res.best_overrides}: eval loss {res.best_metrics.get('eval_loss'):.4f}; "
-          f"registered as {res.registry_id}")  # fmt: skip
+    report_sweep(run_sweep(cfg))
 
 
 def _serve(cfg: PlatformConfig) -> None:
@@ -66,7 +56,7 @@ def _serve(cfg: PlatformConfig) -> None:
 
 
 def _demo(cfg: PlatformConfig) -> None:
-    from aigc.demo import run_demo
+    from aigc.demo.driver import run_demo
 
     run_demo(cfg)
 
@@ -80,11 +70,35 @@ STAGES: dict[str, Callable[[PlatformConfig], None]] = {
 }
 
 
+def _check_context(cfg: PlatformConfig) -> None:
+    """``data.max_length`` and ``serve.max_tokens_cap`` must fit the model's context, when it is known here."""
+    from aigc.models.loading import context_length
+
+    ctx = context_length(cfg.model.name_or_path)
+    if ctx is None:
+        return
+    if cfg.data.max_length > ctx:
+        raise ConfigError(
+            f"data.max_length: {cfg.data.max_length} is longer than the context of {cfg.model.name_or_path} "
+            f"({ctx} tokens); set data.max_length={ctx} or less"
+        )
+    if cfg.serve.max_tokens_cap >= ctx:
+        raise ConfigError(
+            f"serve.max_tokens_cap: {cfg.serve.max_tokens_cap} leaves no room for a prompt in the context of "
+            f"{cfg.model.name_or_path} ({ctx} tokens); set it below {ctx}"
+        )
+
+
 def _precheck(stage: str, cfg: PlatformConfig) -> None:
     """Checks that need no cluster, so bad input fails before any Ray work."""
     from aigc.data.preprocess import list_input_files, read_stats
     from aigc.tune.space import load_space
 
+    if stage == "demo":
+        from aigc.demo.driver import check_output_dir
+
+        check_output_dir(cfg)
+    _check_context(cfg)
     if stage in ("preprocess", "demo"):
         list_input_files(cfg.data.path)
     if stage in ("train", "sweep"):
@@ -97,13 +111,21 @@ def run_stage(stage: str, cfg: PlatformConfig) -> None:
     """Check the inputs, join or start the Ray cluster and run one stage (what ``jobs/<stage>.py`` calls).
 
     Raises:
-        ConfigError, DataError: bad config or input, detected before the cluster starts.
+        AigcError: bad config or input (detected before the cluster starts), or a stage that failed.
     """
     from aigc.cluster import init_ray
 
     _precheck(stage, cfg)
     init_ray(cfg.cluster.num_cpus)
     STAGES[stage](cfg)
+
+
+def _show_registry(cfg: PlatformConfig) -> None:
+    from aigc.registry import Registry
+
+    for e in Registry(cfg.registry_dir).list():
+        print(json.dumps({"model": e.model_id, "kind": getattr(e, "kind", "lora"), "base_model": e.base_model,
+                          "eval_loss": e.metrics.get("eval_loss"), "path": e.adapter_uri}))  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,33 +143,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "build-assets":
-        from aigc.data.demo import write_demo_dataset
-        from aigc.models.tiny import build_tiny_base
-
-        print(f"[assets] {write_demo_dataset(args.data_path)} -> {args.data_path}")
-        print(f"[assets] {build_tiny_base(args.model_dir)} -> {args.model_dir}")
-        return 0
     try:
+        if args.command == "build-assets":
+            from aigc.demo.dataset import write_demo_dataset
+            from aigc.demo.tiny_base import build_tiny_base
+
+            print(f"[assets] {write_demo_dataset(args.data_path)} -> {args.data_path}")
+            print(f"[assets] {build_tiny_base(args.model_dir)} -> {args.model_dir}")
+            return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        elif args.command == "registry":
+            _show_registry(cfg)
+        else:
+            run_stage(args.command, cfg)
     except ConfigError as exc:
         print(f"aigc {args.command}: {exc}", file=sys.stderr)
         return 2
-    if args.command == "config":
-        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        return 0
-    if args.command == "registry":
-        from aigc.registry import Registry
-
-        for e in Registry(cfg.registry_dir).list():
-            print(json.dumps({"model": e.model_id, "base_model": e.base_model, "eval_loss": e.metrics.get("eval_loss"),
-                              "adapter": e.adapter_uri}))  # fmt: skip
-        return 0
-    try:
-        run_stage(args.command, cfg)
     except AigcError as exc:  # what the user can fix: one line; anything else is a bug and keeps its traceback
         print(f"aigc {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

@@ -8,8 +8,9 @@ any cluster work starts.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,6 +30,7 @@ __all__ = [
     "TuneConfig",
     "apply_overrides",
     "load_config",
+    "resolve_paths",
     "validate_config",
     "with_values",
 ]
@@ -178,8 +180,52 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _is_text_field(keys: list[str]) -> bool:
+    """Whether ``keys`` (a dotted override path) lands on a ``str`` field (or a ``dict[str, str]`` entry).
+
+    Such values are taken exactly as typed: ``data.system_prompt=Order #123`` stays ``"Order #123"`` (YAML would
+    cut it at the comment), ``2024-01-01`` stays text (YAML would make it a date).
+    """
+    model: Any = PlatformConfig
+    for i, key in enumerate(keys):
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return False
+        ann = field.annotation
+        args = [a for a in get_args(ann) if a is not type(None)] or [ann]
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            model = args[0]
+            continue
+        if i == len(keys) - 1:
+            return args == [str]
+        # one level into a mapping field: data.columns.question=instruction
+        return i == len(keys) - 2 and get_origin(args[0]) is dict and get_args(args[0])[1:] == (str,)
+    return False
+
+
+def _parse_value(keys: list[str], value: str) -> Any:
+    if _is_text_field(keys):
+        # Optional text fields still accept an explicit null.
+        return None if value in ("null", "~") else value
+    return yaml.safe_load(value) if value != "" else ""
+
+
+def _set_path(raw: dict[str, Any], keys: list[str], value: Any, what: str) -> None:
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{what}: {k!r} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to a raw config dict; values are parsed as YAML scalars."""
+    """Apply ``section.key=value`` overrides to a raw config dict.
+
+    Values for text fields are kept exactly as typed; every other value is parsed as a YAML scalar or flow
+    collection (``3e-4``, ``true``, ``[q_proj, v_proj]``).
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
@@ -187,16 +233,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         keys = dotted.strip().split(".")
         if not all(keys):
             raise ConfigError(f"override {item!r} has an empty key")
-        node = raw
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {k!r} is not a section")
-            node = nxt
         try:
-            node[keys[-1]] = yaml.safe_load(value) if value != "" else ""
+            parsed = _parse_value(keys, value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        _set_path(raw, keys, parsed, f"override {item!r}")
     return raw
 
 
@@ -242,13 +283,40 @@ def load_config(
     if overrides:
         raw = apply_overrides(raw, overrides)
         source += " + overrides"
-    return validate_config(raw, source)
+    return resolve_paths(validate_config(raw, source))
 
 
-def with_values(base: PlatformConfig | dict[str, Any], values: dict[str, Any]) -> PlatformConfig:
-    """``base`` with ``{"section.key": value}`` applied (what a sweep trial runs with), validated."""
-    raw = base.model_dump() if isinstance(base, PlatformConfig) else copy.deepcopy(base)
-    return validate_config(apply_overrides(raw, [f"{k}={v}" for k, v in values.items()]), f"values {values}")
+def _absolute(path: str) -> str:
+    return path if "://" in path or os.path.isabs(path) else os.path.abspath(path)
+
+
+def resolve_paths(cfg: PlatformConfig) -> PlatformConfig:
+    """Relative local paths made absolute, once, where the run's config is loaded.
+
+    Train workers, Tune trials, Ray Data actors and Serve replicas do not run in the driver's working
+    directory (nor on its node), so they only ever see absolute paths or URIs. ``model.name_or_path`` is a
+    path only when it exists here; otherwise it is a hub id and stays as it is.
+    """
+    out = cfg.model_copy(deep=True)
+    out.output_dir, out.registry_dir = _absolute(cfg.output_dir), _absolute(cfg.registry_dir)
+    out.data.path, out.tune.space = _absolute(cfg.data.path), _absolute(cfg.tune.space)
+    if os.path.exists(cfg.model.name_or_path):
+        out.model.name_or_path = _absolute(cfg.model.name_or_path)
+    return out
+
+
+def with_values(base: PlatformConfig, values: dict[str, Any]) -> PlatformConfig:
+    """``base`` with ``{"section.key": value}`` set by key path (what a sweep trial runs with), validated.
+
+    Values are set as the objects they are (a float stays a float, a string is never re-parsed).
+
+    Raises:
+        ConfigError: a key names no field, or a value the field rejects; the message names the key.
+    """
+    raw = base.model_dump()
+    for dotted, value in values.items():
+        _set_path(raw, dotted.split("."), copy.deepcopy(value), f"key {dotted!r}")
+    return validate_config(raw, f"values {values}")
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> PlatformConfig:

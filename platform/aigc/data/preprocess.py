@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from aigc import storage
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.formats import FORMATS, RowError, required_fields, to_example
 from aigc.errors import DataError
-from aigc.models.loading import resolve_local_path
 
 __all__ = [
     "DataError",
@@ -64,7 +64,7 @@ class PreprocessResult:
 
 def list_input_files(path: str) -> list[tuple[str, int]]:
     """(path, size) of every input file under ``path`` (file, directory or glob); raises DataError."""
-    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
+    fs, root = storage.filesystem(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         files = [info]
@@ -106,18 +106,22 @@ def _table_to_raw(batch: Any) -> dict[str, list[str]]:
 def _read_raw(files: list[str]) -> Any:
     import ray.data
 
+    fs = storage.filesystem(files[0])[0]  # every input sits under one data.path: one filesystem
     by_ext: dict[str, list[str]] = {}
     for f in files:
-        by_ext.setdefault(os.path.splitext(f)[1], []).append(f)
+        by_ext.setdefault(os.path.splitext(f)[1], []).append(storage.filesystem(f)[1])
     parts = []
     if ".jsonl" in by_ext:
-        parts.append(ray.data.read_text(by_ext[".jsonl"]).map_batches(_lines_to_raw, batch_format="numpy"))
+        lines = ray.data.read_text(by_ext[".jsonl"], filesystem=fs)
+        parts.append(lines.map_batches(_lines_to_raw, batch_format="numpy"))
     if ".json" in by_ext:
-        parts.append(ray.data.read_binary_files(by_ext[".json"]).flat_map(_json_file_to_raw))
+        parts.append(ray.data.read_binary_files(by_ext[".json"], filesystem=fs).flat_map(_json_file_to_raw))
     if ".parquet" in by_ext:
-        parts.append(ray.data.read_parquet(by_ext[".parquet"]).map_batches(_table_to_raw, batch_format="pandas"))
+        table = ray.data.read_parquet(by_ext[".parquet"], filesystem=fs)
+        parts.append(table.map_batches(_table_to_raw, batch_format="pandas"))
     if ".csv" in by_ext:
-        parts.append(ray.data.read_csv(by_ext[".csv"]).map_batches(_table_to_raw, batch_format="pandas"))
+        table = ray.data.read_csv(by_ext[".csv"], filesystem=fs)
+        parts.append(table.map_batches(_table_to_raw, batch_format="pandas"))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
@@ -233,15 +237,16 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
 
     files = list_input_files(data.path)
     paths = [p for p, _ in files]
-    data_dir = os.path.join(output_dir, "data")
-    os.makedirs(data_dir, exist_ok=True)
+    data_dir = storage.join(output_dir, "data")
+    storage.makedirs(data_dir)
+    out_fs = storage.filesystem(data_dir)[0]
 
     raw = _read_raw(paths)
     _check_columns(raw, paths, data)
     ds = raw.map_batches(
         _Tokenize,
         fn_constructor_kwargs={
-            "model": {**model.model_dump(), "name_or_path": resolve_local_path(model.name_or_path)},
+            "model": model.model_dump(),
             "data": data.model_dump(),
         },
         batch_size=256,
@@ -253,15 +258,13 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
     kept_cols = ["input_ids", "labels", "n_tokens", "n_target_tokens"]
     for split in ("train", "val"):
         part = ds.filter(lambda r, s=split: r["split"] == s).select_columns(kept_cols)
-        part.write_parquet(os.path.join(data_dir, split), mode="overwrite")
+        part.write_parquet(storage.filesystem(storage.join(data_dir, split))[1], filesystem=out_fs, mode="overwrite")
     bad = ds.filter(lambda r: not r["ok"]).select_columns(["reason", "detail", "raw"])
     n_bad = bad.count()
-    qdir = os.path.join(data_dir, "quarantine")
+    qdir = storage.join(data_dir, "quarantine")
+    storage.remove_tree(qdir)  # a re-run's quarantine never mixes in an earlier run's rows
     if n_bad:
-        bad.write_json(qdir, mode="overwrite")
-    elif os.path.isdir(qdir):
-        for f in os.listdir(qdir):
-            os.remove(os.path.join(qdir, f))
+        bad.write_json(storage.filesystem(qdir)[1], filesystem=out_fs)
 
     summary = ds.select_columns(["ok", "reason", "split", "n_tokens", "n_target_tokens"]).to_pandas()
     kept = summary[summary["ok"]]
@@ -283,7 +286,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
         "format": data.format,
         "max_length": data.max_length,
         "inputs": paths,
-        "tokenizer": resolve_local_path(model.name_or_path, relative_in_working_dir=False),
+        "tokenizer": model.name_or_path,
         "fingerprint": _fingerprint(files, data, model),
     }
     if stats["rows_kept"] == 0:
@@ -291,17 +294,16 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
             f"data.path {data.path}: all {stats['rows_in']} rows were rejected {stats['rows_rejected']}; "
             f"see {qdir} for each row and its reason"
         )
-    with open(os.path.join(data_dir, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=2)
+    storage.write_json(storage.join(data_dir, "stats.json"), stats)
     if len(lengths):
-        _plot_lengths(lengths, data.max_length, os.path.join(data_dir, "token_lengths.png"))
+        with storage.local_staging(data_dir) as local:
+            _plot_lengths(lengths, data.max_length, os.path.join(local, "token_lengths.png"))
     return PreprocessResult(data_dir=data_dir, stats=stats)
 
 
 def read_stats(output_dir: str) -> dict[str, Any]:
     """stats.json of a preprocessed run; a clear error if preprocessing has not run."""
-    path = os.path.join(output_dir, "data", "stats.json")
-    if not os.path.isfile(path):
-        raise DataError(f"no preprocessed data at {os.path.dirname(path)}: run `aigc preprocess` first")
-    with open(path) as f:
-        return json.load(f)
+    path = storage.join(output_dir, "data", "stats.json")
+    if not storage.is_file(path):
+        raise DataError(f"no preprocessed data at {storage.join(output_dir, 'data')}: run `aigc preprocess` first")
+    return storage.read_json(path)

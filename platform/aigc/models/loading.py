@@ -12,7 +12,7 @@ import torch
 
 from aigc.data.templates import ensure_chat_template
 
-__all__ = ["load_tokenizer", "load_base_model", "resolve_dtype", "apply_lora", "model_id_for", "resolve_local_path"]
+__all__ = ["load_tokenizer", "load_base_model", "resolve_dtype", "apply_lora", "model_id_for", "context_length"]
 
 
 def model_id_for(name_or_path: str) -> str:
@@ -67,25 +67,15 @@ def apply_lora(model: Any, r: int, alpha: float, dropout: float, target_modules:
     return get_peft_model(model, cfg)
 
 
-def _job_has_working_dir() -> bool:
-    import ray
+def context_length(name_or_path: str) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``) when its config is at hand, else None.
+
+    Reads a local directory's ``config.json`` (or a hub id already in the local cache); never downloads.
+    """
+    from transformers import AutoConfig
 
     try:
-        return ray.is_initialized() and bool(ray.get_runtime_context().runtime_env.get("working_dir"))
-    except Exception:  # no runtime context (not connected): treat as a plain local run
-        return False
-
-
-def resolve_local_path(path: str, is_local: bool | None = None, relative_in_working_dir: bool = True) -> str:
-    """A path as Ray workers and replicas must see it. They do not start in this process's cwd (Serve replicas
-    start in the cwd of the driver that first started Serve; Train workers in their run's directory), so a
-    relative local path becomes absolute; except under a runtime_env
-    ``working_dir`` (``ray job submit --working-dir .``), where every worker starts in its own copy of it.
-    URIs pass through, and so do hub ids: a path is local if ``is_local`` says so, or else if it exists.
-    ``relative_in_working_dir=False`` makes it absolute even then (Train workers run in their run's directory;
-    the working dir is unpacked at the same place on every node)."""
-    local = os.path.exists(path) if is_local is None else is_local
-    keep = relative_in_working_dir and _job_has_working_dir()
-    if "://" in path or os.path.isabs(path) or not local or keep:
-        return path
-    return os.path.abspath(path)
+        cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return getattr(cfg, "max_position_embeddings", None)

@@ -14,17 +14,47 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["train_loop_per_worker", "collate", "evaluate", "ADAPTER_SUBDIR", "STATE_FILE", "HISTORY_FILE"]
+from aigc.config import LoraConfig, ModelConfig, TrainConfig
+
+__all__ = [
+    "ADAPTER_SUBDIR",
+    "HISTORY_FILE",
+    "STATE_FILE",
+    "WorkerConfig",
+    "collate",
+    "evaluate",
+    "train_loop_per_worker",
+]
 
 ADAPTER_SUBDIR = "adapter"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker receives: the typed config sections plus facts the driver measured.
+
+    Args:
+        model, lora, train: the run's config sections, as validated objects.
+        steps_per_epoch: optimizer steps per epoch (from the row count), so the LR schedule is resume-exact.
+        pad_id: the tokenizer's padding id.
+        has_val: whether a ``val`` dataset shard exists.
+    """
+
+    model: ModelConfig
+    lora: LoraConfig
+    train: TrainConfig
+    steps_per_epoch: int
+    pad_id: int
+    has_val: bool
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
@@ -112,45 +142,49 @@ def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: str, meth
     return state, history
 
 
-def _build_model(cfg: dict[str, Any], device: torch.device) -> Any:
+def _build_model(wc: WorkerConfig, device: torch.device) -> Any:
     from aigc.models.loading import apply_lora, load_base_model
 
-    model = load_base_model(cfg["model_name_or_path"], cfg["dtype"], str(device), cfg["trust_remote_code"])
-    if cfg["method"] == "lora":
-        model = apply_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_target_modules"])
+    m = wc.model
+    model = load_base_model(m.name_or_path, m.dtype, str(device), m.trust_remote_code)
+    if wc.train.method == "lora":
+        lo = wc.lora
+        model = apply_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules)
     model.train()
     return model
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Fine-tune on this worker's shard of the ``train`` dataset; evaluate on its shard of ``val``.
 
-    ``cfg`` is a plain dict built by :func:`aigc.train.trainer.train_loop_config`.
+    ``config["worker"]`` is the :class:`WorkerConfig` built by :func:`aigc.train.trainer.train_loop_config`.
     """
     import ray.train
     import ray.train.torch
     from transformers import get_cosine_schedule_with_warmup
 
     # 1. setup: same seed on every rank so LoRA weights start identical before DDP syncs them
-    torch.manual_seed(cfg["seed"])
+    wc: WorkerConfig = config["worker"]
+    tc = wc.train
+    torch.manual_seed(tc.seed)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(_build_model(cfg, device))
+    model = ray.train.torch.prepare_model(_build_model(wc, device))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    total_steps = max(1, cfg["epochs"] * cfg["steps_per_epoch"])
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg["warmup_ratio"] * total_steps), total_steps)
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    total_steps = max(1, tc.epochs * wc.steps_per_epoch)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if cfg["has_val"] else None
+    val_shard = ray.train.get_dataset_shard("val") if wc.has_val else None
 
     def batches(shard: Any, shuffle: bool, epoch: int = 0) -> Any:
         return shard.iter_torch_batches(
-            batch_size=cfg["batch_size"],
-            collate_fn=lambda b: collate(b, cfg["pad_id"]),
-            local_shuffle_buffer_size=4 * cfg["batch_size"] if shuffle else None,
-            local_shuffle_seed=cfg["seed"] + epoch if shuffle else None,
+            batch_size=tc.batch_size,
+            collate_fn=lambda b: collate(b, wc.pad_id),
+            local_shuffle_buffer_size=4 * tc.batch_size if shuffle else None,
+            local_shuffle_seed=tc.seed + epoch if shuffle else None,
         )
 
     # 2. resume, or measure the starting point
@@ -158,7 +192,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state, history = _load_checkpoint(model, optimizer, scheduler, d, cfg["method"])
+            state, history = _load_checkpoint(model, optimizer, scheduler, d, tc.method)
         start_epoch, step = state["epoch"] + 1, state["step"]
     if history:
         initial_eval = history[0].get("initial_eval_loss")
@@ -168,19 +202,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         initial_eval = None
 
     # 3. epochs: accumulate grad_accum micro-batches per optimizer step; DDP syncs only on the last one
-    for epoch in range(start_epoch, cfg["epochs"]):
+    for epoch in range(start_epoch, tc.epochs):
         t0, loss_sum, tok_count, micro = time.time(), 0.0, 0.0, 0
         optimizer.zero_grad(set_to_none=True)
         for batch in batches(train_shard, True, epoch):
             batch = {k: v.to(device) for k, v in batch.items()}
             micro += 1
-            sync = micro % cfg["grad_accum"] == 0
+            sync = micro % tc.grad_accum == 0
             with model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext():
                 s, n = _token_loss_sum(model, batch)
-                (s / max(int(n), 1) / cfg["grad_accum"]).backward()
+                (s / max(int(n), 1) / tc.grad_accum).backward()
             loss_sum, tok_count = loss_sum + float(s), tok_count + float(n)
             if sync:
-                torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
+                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

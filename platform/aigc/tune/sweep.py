@@ -11,8 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from aigc import storage
 from aigc.config import PlatformConfig, with_values
-from aigc.models.loading import resolve_local_path
+from aigc.errors import TrainingError
+from aigc.publish import publish
 from aigc.tune.space import load_space, to_param_space
 
 __all__ = ["SweepResult", "build_tuner", "run_sweep"]
@@ -30,8 +32,8 @@ class SweepResult:
     trials: Any  # pandas.DataFrame
 
 
-def _trial_driver(config: dict[str, Any], base: dict[str, Any]) -> None:
-    """One trial: the base config plus this trial's sampled values, trained with Ray Train."""
+def _trial_driver(config: dict[str, Any], base: PlatformConfig) -> None:
+    """One trial: the base config with this trial's sampled values set by key path, trained with Ray Train."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -45,7 +47,7 @@ def _trial_driver(config: dict[str, Any], base: dict[str, Any]) -> None:
         datasets,
         stats["rows_train"],
         name=f"trial_id={trial_id}",
-        storage_path=os.path.abspath(os.path.join(cfg.output_dir, "sweep", "trials")),
+        storage_path=storage.join(cfg.output_dir, "sweep", "trials"),
         num_workers=cfg.tune.num_workers_per_trial,
         callbacks=[TuneReportCallback()],
     )
@@ -65,12 +67,9 @@ def build_tuner(cfg: PlatformConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     space = load_space(cfg.tune.space, cfg)
-    # Trials run in their own directories: hand them absolute local paths.
-    base = cfg.model_dump()
-    base["model"]["name_or_path"] = resolve_local_path(cfg.model.name_or_path, relative_in_working_dir=False)
-    for key in ("output_dir", "registry_dir"):
-        base[key] = resolve_local_path(base[key], is_local="://" not in base[key], relative_in_working_dir=False)
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_driver, base=base), {"cpu": _DRIVER_CPUS})
+    # The trial receives the config as an object (its paths were made absolute when it was loaded).
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_driver, base=cfg), {"cpu": _DRIVER_CPUS})
+    sweep_storage, sweep_fs = storage.filesystem_for_ray(storage.join(cfg.output_dir, "sweep"))
     return ray.tune.Tuner(
         trainable,
         param_space=to_param_space(space),
@@ -89,7 +88,8 @@ def build_tuner(cfg: PlatformConfig) -> Any:
         ),
         run_config=ray.tune.RunConfig(
             name=cfg.tune.name,
-            storage_path=os.path.abspath(os.path.join(cfg.output_dir, "sweep")),
+            storage_path=sweep_storage,
+            storage_filesystem=sweep_fs,
             verbose=1,
         ),
     )
@@ -111,61 +111,69 @@ def _plot_trials(results: Any, metric: str, path: str) -> None:
             ax.plot(df["epoch"], df[metric], "o-", label=label)
 
 
-def run_sweep(cfg: PlatformConfig, register: bool = True) -> SweepResult:
-    """Run the sweep, print the trials table, export and register the best trial's adapter.
-
-    Raises:
-        ConfigError: the search space is missing or invalid (before any trial starts).
-        RuntimeError: no trial reported ``tune.metric``.
-    """
+def _trials_table(results: Any, best: Any, epochs: int) -> Any:
     import pandas as pd
-
-    from aigc.data.preprocess import read_stats
-    from aigc.registry import Registry
-    from aigc.train.trainer import export_adapter
-
-    stats = read_stats(cfg.output_dir)  # fail before Tune starts if preprocessing has not run
-    results = build_tuner(cfg).fit()
-    best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
-    if best is None or best.metrics is None or "checkpoint_path" not in best.metrics:
-        errors = [str(r.error) for r in results if r.error]
-        raise RuntimeError(f"no trial reported {cfg.tune.metric!r} with a checkpoint; errors: {errors[:3]}")
 
     rows = []
     for r in results:
         m = r.metrics or {}
         rows.append({
-            **{k: v for k, v in r.config.items()},
+            **dict(r.config),
             "epochs": m.get("epoch"),
             "train_loss": m.get("train_loss"),
             "eval_loss": m.get("eval_loss"),
             "eval_perplexity": m.get("eval_perplexity"),
-            "status": "error" if r.error else ("stopped early" if m.get("epoch", 0) < cfg.train.epochs else "done"),
+            "status": "error" if r.error else ("stopped early" if m.get("epoch", 0) < epochs else "done"),
             "best": r.path == best.path,
         })  # fmt: skip
-    trials = pd.DataFrame(rows).sort_values("eval_loss", na_position="last").reset_index(drop=True)
-    sweep_dir = os.path.join(cfg.output_dir, "sweep")
-    trials.to_csv(os.path.join(sweep_dir, "trials.csv"), index=False)
-    _plot_trials(results, cfg.tune.metric, os.path.join(sweep_dir, "trials.png"))
+    return pd.DataFrame(rows).sort_values("eval_loss", na_position="last").reset_index(drop=True)
+
+
+def _best_checkpoint(best: Any, cfg: PlatformConfig) -> Any:
+    """The best trial's checkpoint as a ``ray.train.Checkpoint`` on the sweep's storage filesystem."""
+    import ray.train
+
+    path = best.metrics["checkpoint_path"]
+    if storage.is_uri(path):
+        fs, inner = storage.filesystem(path)
+        return ray.train.Checkpoint(inner, filesystem=fs)
+    _, fs = storage.filesystem_for_ray(storage.join(cfg.output_dir, "sweep"))
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
+def run_sweep(cfg: PlatformConfig, register: bool = True) -> SweepResult:
+    """Run the sweep, write the trials table and plot, then publish the best trial (export + register).
+
+    Raises:
+        ConfigError: the search space is missing or invalid (before any trial starts).
+        TrainingError: no trial reported ``tune.metric`` with a checkpoint.
+    """
+    from aigc.data.preprocess import read_stats
+
+    stats = read_stats(cfg.output_dir)  # fail before Tune starts if preprocessing has not run
+    results = build_tuner(cfg).fit()
+    best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
+    if best is None or best.metrics is None or "checkpoint_path" not in best.metrics:
+        errors = [str(r.error).splitlines()[0] for r in results if r.error]
+        raise TrainingError(
+            f"no sweep trial reported {cfg.tune.metric!r} with a checkpoint; first errors: {errors[:3]}. "
+            f"Trial logs are under {storage.join(cfg.output_dir, 'sweep', cfg.tune.name)}"
+        )
+
+    trials = _trials_table(results, best, cfg.train.epochs)
+    sweep_dir = storage.join(cfg.output_dir, "sweep")
+    storage.write_text(storage.join(sweep_dir, "trials.csv"), trials.to_csv(index=False))
+    with storage.local_staging(sweep_dir) as local:
+        _plot_trials(results, cfg.tune.metric, os.path.join(local, "trials.png"))
     print("\n[sweep] trials (best first):\n" + trials.to_string(float_format=lambda x: f"{x:.4g}"))
 
-    adapter_dir = os.path.join(sweep_dir, "best_adapter")
-    history = export_adapter(best.metrics["checkpoint_path"], adapter_dir, cfg)
     overrides = dict(best.config)
-    metrics = {k: v for k, v in history[-1].items() if isinstance(v, int | float)}
-    registry_id = None
-    if register:
-        best_cfg = with_values(cfg, overrides)
-        registry_id = (
-            Registry(cfg.registry_dir)
-            .register(
-                cfg.train.adapter_name,
-                adapter_dir,
-                base_model=resolve_local_path(cfg.model.name_or_path, relative_in_working_dir=False),
-                metrics=metrics,
-                config={**best_cfg.model_dump(), "sweep_overrides": overrides},
-                data_hash=stats.get("fingerprint"),
-            )
-            .model_id
-        )
-    return SweepResult(overrides, metrics, adapter_dir, registry_id, trials)
+    published = publish(
+        with_values(cfg, overrides),
+        _best_checkpoint(best, cfg),
+        storage.join(sweep_dir, "best_adapter"),
+        register=register,
+        extra_config={"sweep_overrides": overrides},
+        data_hash=stats.get("fingerprint"),
+    )
+    return SweepResult(overrides, published.metrics, published.model_dir, published.registry_id, trials)

@@ -7,13 +7,13 @@ Writes ``<output_dir>/demo_report.json``.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from typing import Any
 
+from aigc import storage
 from aigc.config import PlatformConfig
+from aigc.errors import ConfigError
 
 __all__ = ["run_demo", "score_models"]
 
@@ -29,7 +29,7 @@ def score_models(base_url: str, models: list[str], prompts: list[str], max_token
     """Greedy answers of each model to each held-out prompt, scored by the demo task's checker."""
     from openai import OpenAI
 
-    from aigc.data.demo import score_answer
+    from aigc.demo.dataset import score_answer
 
     client = OpenAI(base_url=base_url, api_key="not-needed-locally", timeout=60, max_retries=1)
     out: dict[str, Any] = {}
@@ -66,34 +66,73 @@ def _show_chat(base_url: str, models: list[str], question: str) -> None:
         print()
 
 
+_MARKER = ".aigc-demo-output"  # written into output_dir by the demo; only such a directory is ever cleared
+
+
+def check_output_dir(cfg: PlatformConfig) -> None:
+    """Refuse an ``output_dir`` the demo must never clear: the working directory or a parent of it, the home
+    directory, the filesystem root, one that holds ``registry_dir``, or a non-empty one the demo did not write.
+
+    Raises:
+        ConfigError: naming the directory and what to use instead.
+    """
+    out = cfg.output_dir
+    if storage.is_uri(out):
+        return _check_demo_owned(out)
+    real = os.path.realpath(out)
+    cwd, home = os.path.realpath(os.getcwd()), os.path.realpath(os.path.expanduser("~"))
+    registry = os.path.realpath(cfg.registry_dir) if not storage.is_uri(cfg.registry_dir) else None
+    reasons = [
+        (real == os.path.dirname(real), "is the filesystem root"),
+        (real == home, "is the home directory"),
+        (cwd == real or cwd.startswith(real + os.sep), "is the working directory or a parent of it"),
+        (registry is not None and (registry == real or registry.startswith(real + os.sep)), "holds registry_dir"),
+    ]
+    for bad, why in reasons:
+        if bad:
+            raise ConfigError(f"output_dir: {out} {why}; the demo clears output_dir, so give it a directory "
+                              f"of its own (e.g. output_dir=runs/demo)")  # fmt: skip
+    _check_demo_owned(out)
+
+
+def _check_demo_owned(out: str) -> None:
+    if storage.is_dir(out) and storage.list_files(out) and not storage.is_file(storage.join(out, _MARKER)):
+        raise ConfigError(
+            f"output_dir: {out} is not empty and was not written by the demo (no {_MARKER} in it); the demo "
+            f"clears output_dir, so point it at a new directory or remove this one yourself"
+        )
+
+
 def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     """Run every stage on the current Ray cluster and print the before/after figures."""
     from ray import serve
 
-    from aigc.cli import STAGES
-    from aigc.data.demo import demo_eval_prompts
+    from aigc.data.preprocess import preprocess
+    from aigc.demo.dataset import demo_eval_prompts
     from aigc.models.loading import model_id_for
+    from aigc.report import report_preprocess, report_sweep, report_train
     from aigc.serve.run import run_server
     from aigc.train.trainer import run_training
     from aigc.tune.sweep import run_sweep
 
     t0 = time.time()
-    if os.path.isdir(cfg.output_dir):  # the demo starts clean; the registry keeps every earlier version
-        shutil.rmtree(cfg.output_dir)
+    check_output_dir(cfg)
+    # The demo starts clean (only a directory an earlier demo wrote); the registry keeps every version.
+    storage.remove_tree(cfg.output_dir)
+    storage.write_text(storage.join(cfg.output_dir, _MARKER), "written by `aigc demo`; cleared by its next run\n")
 
     _banner(f"1/4 preprocess {cfg.data.path} with Ray Data", t0)
-    STAGES["preprocess"](cfg)
+    report_preprocess(preprocess(cfg.data, cfg.model, cfg.output_dir))
 
     _banner(f"2/4 LoRA fine-tune with Ray Train: {cfg.train.num_workers} workers, {cfg.train.epochs} epochs", t0)
     trained = run_training(cfg)
-    for h in trained.history:
-        ev, secs = h.get("eval_loss", float("nan")), h["epoch_time_s"]
-        print(f"  epoch {h['epoch']}: train loss {h['train_loss']:.4f}  eval loss {ev:.4f}  ({secs:.1f}s)")
-    print(f"  registered {trained.registry_id}; loss curve: {os.path.join(cfg.output_dir, 'train', 'loss.png')}")
+    report_train(trained, per_epoch=True)
+    print(f"  loss curve: {storage.join(cfg.output_dir, 'train', 'loss.png')}")
 
     _banner(f"3/4 sweep with Ray Tune: {cfg.tune.num_samples} trials over {cfg.tune.space}, ASHA", t0)
     swept = run_sweep(cfg)
-    print(f"  registered {swept.registry_id}; every trial: {os.path.join(cfg.output_dir, 'sweep', 'trials.png')}")
+    report_sweep(swept)
+    print(f"  every trial: {storage.join(cfg.output_dir, 'sweep', 'trials.png')}")
 
     _banner("4/4 serve base model + adapters with Ray Serve; chat through the openai client", t0)
     base_url = run_server(cfg, blocking=False)
@@ -119,8 +158,8 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
         "sweep_best": swept.best_overrides,
         "elapsed_s": round(time.time() - t0, 1),
     }
-    with open(os.path.join(cfg.output_dir, "demo_report.json"), "w") as f:
-        json.dump({**report, "answers": {m: scores[m]["answers"] for m in models}}, f, indent=1)
+    report_path = storage.join(cfg.output_dir, "demo_report.json")
+    storage.write_json(report_path, {**report, "answers": {m: scores[m]["answers"] for m in models}}, indent=1)
 
     _banner("result: base model vs fine-tuned adapters (held-out data)", t0)
     print(f"  {'model':<22}{'eval loss':>12}{'accuracy':>12}")
@@ -131,6 +170,6 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
         min(eval_loss[trained.registry_id], eval_loss[swept.registry_id]),
     )
     print(f"\n  eval loss {(1 - best_loss / base_loss):.0%} lower after fine-tuning; "
-          f"report: {os.path.join(cfg.output_dir, 'demo_report.json')}; total {report['elapsed_s']:.0f}s\n"
+          f"report: {report_path}; total {report['elapsed_s']:.0f}s\n"
           f"  keep serving with: aigc serve --config <this config>   (OpenAI base_url {base_url})")  # fmt: skip
     return report

@@ -17,7 +17,7 @@ Everything here is pure Python seeded by ``random.Random``: the same seed gives 
 Held-out questions (:func:`demo_eval_prompts`) use order numbers that are multiples of
 :data:`HELDOUT_ORDER_MODULUS`, which training rows never use, so no evaluation question equals a training one.
 
-Rebuild the committed file with ``python -m aigc.data.demo assets/demo-data/support.jsonl``.
+Rebuild the committed file with ``python -m aigc.demo.dataset assets/demo-data/support.jsonl``.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def write_demo_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m aigc.data.demo OUT.jsonl [--n N] [--seed S] [--n-bad B]``."""
+    """CLI: ``python -m aigc.demo.dataset OUT.jsonl [--n N] [--seed S] [--n-bad B]``."""
     ap = argparse.ArgumentParser(description="Write the demo customer-support dataset (JSONL).")
     ap.add_argument("path", help="output .jsonl file")
     ap.add_argument("--n", type=int, default=DEFAULT_N, help="good rows")

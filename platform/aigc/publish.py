@@ -1,0 +1,83 @@
+"""One publish step for training and sweeps: checkpoint -> exported model directory -> registry entry.
+
+A checkpoint written by :mod:`aigc.train.loop` holds the trained weights under ``adapter/`` (a PEFT adapter for
+LoRA, a whole ``save_pretrained`` model for a full fine-tune) and the metric history up to that checkpoint.
+Publishing exports those weights with the tokenizer to ``dest`` (local or a URI) and registers them.
+
+One rule for the metrics recorded, whoever publishes: the exported checkpoint's own epoch, i.e. the last
+entry of its history, so a registry entry's metrics always describe the weights stored with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from aigc import storage
+from aigc.config import PlatformConfig
+from aigc.train.loop import ADAPTER_SUBDIR, HISTORY_FILE
+
+__all__ = ["Published", "checkpoint_metrics", "publish"]
+
+
+@dataclass
+class Published:
+    """Where the weights went and what was recorded about them."""
+
+    model_dir: str
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    registry_id: str | None
+
+
+def checkpoint_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The numeric metrics of a checkpoint's own epoch (the last entry of its history)."""
+    return {k: v for k, v in history[-1].items() if isinstance(v, int | float)} if history else {}
+
+
+def publish(
+    cfg: PlatformConfig,
+    checkpoint: Any,
+    dest: str,
+    *,
+    register: bool = True,
+    extra_config: dict[str, Any] | None = None,
+    data_hash: str | None = None,
+) -> Published:
+    """Export ``checkpoint`` (a ``ray.train.Checkpoint``) to ``dest`` and register it as ``train.adapter_name``.
+
+    Args:
+        cfg: the run's config (``cfg`` of the trial for a sweep); recorded with the entry.
+        checkpoint: the checkpoint to publish; local or on shared storage.
+        dest: the export directory, replaced if it exists (local path or URI).
+        register: also add it to ``cfg.registry_dir`` as the next version.
+        extra_config: more keys to record with the config (e.g. the sweep's chosen values).
+        data_hash: fingerprint of the training data (from ``stats.json``).
+    """
+    from aigc.models.loading import load_tokenizer
+    from aigc.registry import Registry
+
+    with tempfile.TemporaryDirectory(prefix="aigc-publish-") as tmp:
+        local = checkpoint.to_directory(os.path.join(tmp, "checkpoint"))
+        weights = os.path.join(local, ADAPTER_SUBDIR)
+        with open(os.path.join(local, HISTORY_FILE)) as f:
+            history = json.load(f)
+        load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).save_pretrained(weights)
+        storage.remove_tree(dest)
+        storage.copy_dir(weights, dest)
+        metrics = checkpoint_metrics(history)
+        registry_id = None
+        if register:
+            entry = Registry(cfg.registry_dir).register(
+                cfg.train.adapter_name,
+                weights,
+                base_model=cfg.model.name_or_path,
+                metrics=metrics,
+                config={**cfg.model_dump(), **(extra_config or {})},
+                data_hash=data_hash,
+            )
+            registry_id = entry.model_id
+    return Published(dest, metrics, history, registry_id)

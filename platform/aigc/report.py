@@ -1,0 +1,44 @@
+"""What each stage prints: one function per stage result, shared by the CLI and the demo.
+
+Stage functions (``preprocess``, ``run_training``, ``run_sweep``) return results and print nothing final;
+these functions turn a result into the lines a person reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["report_preprocess", "report_sweep", "report_train"]
+
+
+def report_preprocess(res: Any) -> None:
+    """Rows in, kept, rejected by reason, token counts and where the shards went."""
+    s = res.stats
+    print(
+        f"[preprocess] {s['rows_in']} rows in -> {s['rows_kept']} kept ({s['rows_train']} train / "
+        f"{s['rows_val']} val), rejected {s['rows_rejected'] or 'none'}; {s['tokens_total']} tokens, "
+        f"max {s['tokens_per_example']['max']} per example\n[preprocess] wrote {res.data_dir}"
+    )
+
+
+def report_train(res: Any, per_epoch: bool = False) -> None:
+    """Eval loss before -> after (and each epoch with ``per_epoch``), the adapter and its registry id."""
+    if per_epoch:
+        for h in res.history:
+            ev, secs = h.get("eval_loss", float("nan")), h["epoch_time_s"]
+            print(f"  epoch {h['epoch']}: train loss {h['train_loss']:.4f}  eval loss {ev:.4f}  ({secs:.1f}s)")
+    m = res.metrics
+    nan = float("nan")
+    print(
+        f"[train] eval loss {m.get('initial_eval_loss') or nan:.4f} -> {m.get('eval_loss', nan):.4f} "
+        f"(perplexity {m.get('eval_perplexity', nan):.2f}) after {m.get('epoch')} epochs\n"
+        f"[train] model: {res.adapter_dir}; registered as {res.registry_id}"
+    )
+
+
+def report_sweep(res: Any) -> None:
+    """The best trial's values, its eval loss and registry id."""
+    loss = res.best_metrics.get("eval_loss")
+    shown = f"{loss:.4f}" if isinstance(loss, float) else "n/a"
+    print(f"[sweep] best {res.best_overrides}: eval loss {shown}; model: {res.adapter_dir}; "
+          f"registered as {res.registry_id}")  # fmt: skip

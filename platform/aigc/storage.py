@@ -1,0 +1,217 @@
+"""Every path the platform reads or writes, local or ``s3://``/``gs://`` alike (pyarrow filesystems)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from aigc.errors import StorageError
+
+__all__ = [
+    "copy_dir",
+    "create_exclusive",
+    "exists",
+    "filesystem",
+    "filesystem_for_ray",
+    "is_dir",
+    "is_file",
+    "is_uri",
+    "join",
+    "list_dirs",
+    "list_files",
+    "local_dir",
+    "local_staging",
+    "makedirs",
+    "read_bytes",
+    "read_json",
+    "read_text",
+    "remove_tree",
+    "resolve",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve(path: str) -> str:
+    if is_uri(path):
+        return path.rstrip("/")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def join(base: str, *parts: str) -> str:
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    scheme = path.split("://", 1)[0]
+    try:
+        if scheme == "s3" and os.environ.get("AWS_ENDPOINT_URL"):
+            endpoint = os.environ["AWS_ENDPOINT_URL"]
+            fs = pafs.S3FileSystem(
+                endpoint_override=endpoint.split("://", 1)[-1],
+                scheme=endpoint.split("://", 1)[0] if "://" in endpoint else "https",
+                region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            )
+            return fs, path.split("://", 1)[1].rstrip("/")
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs, inner.rstrip("/")
+    except Exception as exc:
+        raise StorageError(f"cannot open {path}: {exc}") from exc
+
+
+def _info(path: str) -> pafs.FileInfo:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p)
+
+
+def exists(path: str) -> bool:
+    return _info(path).type != pafs.FileType.NotFound
+
+
+def is_file(path: str) -> bool:
+    return _info(path).type == pafs.FileType.File
+
+
+def is_dir(path: str) -> bool:
+    return _info(path).type == pafs.FileType.Directory
+
+
+def makedirs(path: str) -> None:
+    fs, p = filesystem(path)
+    fs.create_dir(p, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode()
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    if is_uri(path):
+        fs, p = filesystem(path)
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    write_text(path, json.dumps(obj, indent=indent, default=str))
+
+
+def create_exclusive(path: str, data: bytes) -> bool:
+    if is_uri(path):
+        raise StorageError("create_exclusive on object stores is not implemented in this stub")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def list_files(path: str, recursive: bool = True) -> list[str]:
+    fs, p = filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.File:
+        return [path]
+    if info.type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=recursive))
+    prefix = path.split("://", 1)[0] + "://" if is_uri(path) else ""
+    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def list_dirs(path: str) -> list[str]:
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    sfs, sp = filesystem(src)
+    dfs, dp = filesystem(dst)
+    dfs.create_dir(dp, recursive=True)
+    pafs.copy_files(sp, dp, source_filesystem=sfs, destination_filesystem=dfs)
+
+
+def remove_tree(path: str) -> None:
+    fs, p = filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def local_dir(path: str, cache_root: str | None = None) -> str:
+    if not is_uri(path):
+        return path
+    root = os.path.join(cache_root or tempfile.gettempdir(), "aigc-cache")
+    dest = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:24])
+    if os.path.isdir(dest):
+        return dest
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=".fill-")
+    copy_dir(path, tmp)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+@contextlib.contextmanager
+def local_staging(path: str) -> Iterator[str]:
+    if not is_uri(path):
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="aigc-stage-") as tmp:
+        yield tmp
+        copy_dir(tmp, path)
+
+
+def filesystem_for_ray(path: str) -> tuple[str, pafs.FileSystem | None]:
+    if not is_uri(path):
+        return os.path.abspath(path), None
+    fs, p = filesystem(path)
+    return p, fs
