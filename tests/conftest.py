@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,8 +19,67 @@ for p in (_TESTS, _TESTS.parent):
         sys.path.insert(0, str(p))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_server():
+    """A local S3-compatible server (moto) on 127.0.0.1 for the whole session; yields a bucket factory.
+
+    It starts before the Ray cluster (``ray_cluster`` depends on it) and sets the standard AWS variables in
+    this process's environment, so every Ray worker started afterwards reaches the same endpoint.
+    """
+    port = _free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+            time.sleep(0.2)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    counter = iter(range(10**6))
+
+    def new_bucket(prefix: str = "run") -> str:
+        name = f"aigc-test-{next(counter)}"
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}/{prefix}"
+
+    try:
+        yield new_bucket
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
     """A local 4-CPU Ray cluster shared by every Ray test; Serve and Ray are shut down at session end."""
     import ray
 

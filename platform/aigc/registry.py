@@ -1,40 +1,82 @@
-"""Adapter registry: name -> versions -> {adapter dir, base model, metrics, config, data hash}.
+"""Model registry: name -> versions -> {weights dir, kind, base model, metrics, config, data hash}.
 
-Layout under ``registry_dir`` (a local directory or an ``s3://`` / ``gs://`` URI, through pyarrow.fs)::
+Layout under ``registry_dir`` (a local directory or an ``s3://`` / ``gs://`` URI, through :mod:`aigc.storage`)::
 
-    <name>/v<N>/adapter/        a plain PEFT directory (adapter_config.json, adapter_model.safetensors)
-    <name>/v<N>/meta.json       base model, metrics, config, data hash, created_at
+    <name>/v<N>/.claim          created exclusively: whoever creates it owns version N
+    <name>/v<N>/adapter/        a plain PEFT directory (kind "lora") or a whole model directory (kind "full")
+    <name>/v<N>/meta.json       base model, metrics, config, data hash, created_at; written whole, and last
 
-A version is published by writing ``meta.json`` last, so a reader never sees a half-copied adapter.
+A version is published when its ``meta.json`` exists: readers never see a half-copied directory, and two
+concurrent registrations of one name get two different versions. Names and model ids are validated on every
+read as well as every write, so no id reaches outside the registry root.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import pyarrow.fs as pafs
+from aigc import storage
+from aigc.errors import RegistryError, StorageError
 
-from aigc.errors import RegistryError
+__all__ = ["AdapterVersion", "Registry", "RegistryError", "model_kind"]
 
-__all__ = ["AdapterVersion", "Registry", "RegistryError"]
+logger = logging.getLogger(__name__)
 
-_VERSION_DIR = re.compile(r"^v(\d+)$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
+_MAX_SHOWN = 80  # characters of a bad id echoed back in an error message
+_MAX_CLAIM_TRIES = 1000
+
+Kind = Literal["lora", "full"]
+
+
+def _shown(text: str) -> str:
+    text = text.replace("\x00", "\\0")
+    return repr(text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "...")
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise RegistryError(
+            f"invalid model name {_shown(str(name))}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return name
+
+
+def model_kind(path: str) -> Kind:
+    """``lora`` for a PEFT adapter directory, ``full`` for a whole model directory.
+
+    Raises:
+        RegistryError: the directory is neither.
+    """
+    if storage.is_file(storage.join(path, "adapter_config.json")):
+        return "lora"
+    has_weights = any(f.endswith((".safetensors", ".bin")) for f in storage.list_files(path, recursive=False))
+    if storage.is_file(storage.join(path, "config.json")) and has_weights:
+        return "full"
+    raise RegistryError(
+        f"{path} is neither a PEFT adapter directory (adapter_config.json) nor a model directory "
+        "(config.json + weights)"
+    )
 
 
 @dataclass
 class AdapterVersion:
+    """One published version. ``adapter_uri`` holds the weights (a LoRA adapter or, for ``full``, a model)."""
+
     name: str
     version: int
     base_model: str
     adapter_uri: str
+    kind: Kind = "lora"
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     data_hash: str | None = None
@@ -45,114 +87,140 @@ class AdapterVersion:
         """The id clients pass as ``model`` to reach exactly this version."""
         return f"{self.name}:v{self.version}"
 
-
-def _fs_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    @classmethod
+    def from_json(cls, text: str) -> AdapterVersion:
+        data = json.loads(text)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
 
 
 class Registry:
-    """Registered adapters under one root; safe to read while another process registers."""
+    """Registered models under one root; safe to read while other processes register."""
 
     def __init__(self, root: str):
-        self.root = root
-        self._fs, self._path = _fs_and_path(root)
+        self.root = storage.resolve(root)
+
+    def _path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
 
     # 1. writing
     def register(
         self,
         name: str,
-        adapter_dir: str,
+        src_dir: str,
         base_model: str,
         metrics: dict[str, float] | None = None,
         config: dict[str, Any] | None = None,
         data_hash: str | None = None,
     ) -> AdapterVersion:
-        """Copy a local PEFT directory in as the next version of ``name`` and return it."""
-        if not _NAME.match(name):
-            raise RegistryError(f"adapter name {name!r} must match {_NAME.pattern}")
-        if not (Path(adapter_dir) / "adapter_config.json").is_file():
-            raise RegistryError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-        self._fs.create_dir(f"{self._path}/{name}", recursive=True)
-        version = max(self.versions(name), default=0) + 1
-        # Claim the version directory; a concurrent writer that races us to it moves on to the next number.
-        while True:
-            vdir = f"{self._path}/{name}/v{version}"
-            if self._fs.get_file_info(vdir).type == pafs.FileType.NotFound:
-                break
-            version += 1
-        self._fs.create_dir(f"{vdir}/adapter", recursive=True)
-        pafs.copy_files(os.path.abspath(adapter_dir), f"{vdir}/adapter", destination_filesystem=self._fs)
+        """Copy ``src_dir`` (a PEFT adapter or a whole model directory) in as the next version of ``name``.
+
+        Raises:
+            RegistryError: invalid name, or ``src_dir`` holds neither an adapter nor a model.
+        """
+        _check_name(name)
+        kind = model_kind(src_dir)
+        version = self._claim(name)
+        vdir = self._path(name, f"v{version}")
+        storage.copy_dir(src_dir, storage.join(vdir, "adapter"))
         entry = AdapterVersion(
             name=name,
             version=version,
             base_model=base_model,
-            adapter_uri=self._uri(f"{vdir}/adapter"),
+            adapter_uri=storage.join(vdir, "adapter"),
+            kind=kind,
             metrics=dict(metrics or {}),
             config=dict(config or {}),
             data_hash=data_hash,
             created_at=time.time(),
         )
-        with self._fs.open_output_stream(f"{vdir}/meta.json") as f:
-            f.write(json.dumps(asdict(entry), indent=2, default=str).encode())
+        storage.write_text(storage.join(vdir, "meta.json"), json.dumps(asdict(entry), indent=2, default=str))
         return entry
+
+    def _claim(self, name: str) -> int:
+        """The next free version number of ``name``, claimed atomically (create-if-absent)."""
+        taken = [int(m.group(1)) for d in storage.list_dirs(self._path(name)) if (m := _VERSION_DIR.match(d))]
+        version = max(taken, default=0) + 1
+        token = f"{os.getpid()}-{uuid.uuid4().hex}".encode()
+        for _ in range(_MAX_CLAIM_TRIES):
+            if storage.create_exclusive(self._path(name, f"v{version}", ".claim"), token):
+                return version
+            version += 1
+        raise RegistryError(f"could not claim a version of {name!r} after {_MAX_CLAIM_TRIES} tries")
 
     # 2. reading
     def names(self) -> list[str]:
-        if self._fs.get_file_info(self._path).type != pafs.FileType.Directory:
-            return []
-        infos = self._fs.get_file_info(pafs.FileSelector(self._path))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and self.versions(i.base_name))
+        """Names with at least one published version."""
+        return [n for n in storage.list_dirs(self.root) if _NAME.match(n) and self.versions(n)]
 
     def versions(self, name: str) -> list[int]:
         """Published versions of ``name`` (those whose meta.json exists), ascending."""
-        base = f"{self._path}/{name}"
-        if self._fs.get_file_info(base).type != pafs.FileType.Directory:
-            return []
-        out = []
-        for info in self._fs.get_file_info(pafs.FileSelector(base)):
-            m = _VERSION_DIR.match(info.base_name)
-            if m and self._fs.get_file_info(f"{info.path}/meta.json").type == pafs.FileType.File:
-                out.append(int(m.group(1)))
-        return sorted(out)
+        _check_name(name)
+        base = self._path(name)
+        published = {
+            f[len(base) :].strip("/").split("/")[0] for f in storage.list_files(base) if f.endswith("/meta.json")
+        }
+        return sorted(int(m.group(1)) for d in published if (m := _VERSION_DIR.match(d)))
 
     def get(self, name: str, version: int | None = None) -> AdapterVersion:
+        """One version (the latest when ``version`` is None).
+
+        Raises:
+            RegistryError: no such name or version, or its meta.json is unreadable.
+        """
         versions = self.versions(name)
         if not versions:
-            raise RegistryError(f"no adapter named {name!r} in registry {self.root}")
+            raise RegistryError(f"no model named {name!r} in registry {self.root}")
         v = versions[-1] if version is None else version
         if v not in versions:
-            raise RegistryError(f"adapter {name!r} has no version {v} (have {versions})")
-        with self._fs.open_input_stream(f"{self._path}/{name}/v{v}/meta.json") as f:
-            return AdapterVersion(**json.loads(f.read().decode()))
+            raise RegistryError(f"model {name!r} has no version {v} (have {versions})")
+        entry = self._read(name, v)
+        if entry is None:
+            raise RegistryError(f"model {name}:v{v} has an unreadable meta.json in registry {self.root}")
+        return entry
+
+    def _read(self, name: str, version: int) -> AdapterVersion | None:
+        path = self._path(name, f"v{version}", "meta.json")
+        try:
+            return AdapterVersion.from_json(storage.read_text(path))
+        except (
+            ValueError,
+            TypeError,
+            StorageError,
+            OSError,
+        ) as exc:  # torn or foreign file: skip, never fail a listing
+            logger.warning("skipping %s:v%d: unreadable meta.json (%s)", name, version, exc)
+            return None
 
     def resolve(self, model_id: str) -> AdapterVersion:
-        """``name`` (latest version) or ``name:vN`` -> that version."""
+        """``name`` (latest version) or ``name:vN`` -> that version.
+
+        Raises:
+            RegistryError: a malformed id (never touches storage) or one naming nothing registered.
+        """
+        if not isinstance(model_id, str) or len(model_id) > 140 or model_id.count(":") > 1:
+            raise RegistryError(f"invalid model id {_shown(str(model_id))}: expected name or name:vN")
         name, _, ver = model_id.partition(":")
+        _check_name(name)
         if ver:
-            if not _VERSION_DIR.match(ver):
-                raise RegistryError(f"model id {model_id!r}: version must look like v3")
-            return self.get(name, int(ver[1:]))
+            m = _VERSION_DIR.match(ver)
+            if not m:
+                raise RegistryError(f"model id {_shown(model_id)}: version must look like v3")
+            return self.get(name, int(m.group(1)))
         return self.get(name)
 
     def list(self) -> list[AdapterVersion]:
-        """Every published version of every adapter."""
-        return [self.get(n, v) for n in self.names() for v in self.versions(n)]
+        """Every published version of every name (unreadable entries skipped), ascending."""
+        out = []
+        for name in storage.list_dirs(self.root):
+            if not _NAME.match(name):
+                continue
+            for v in self.versions(name):
+                entry = self._read(name, v)
+                if entry is not None:
+                    out.append(entry)
+        return out
 
     def local_adapter_dir(self, entry: AdapterVersion, cache_dir: str | None = None) -> str:
-        """A local directory holding the adapter; remote registries are copied into a cache first."""
-        if "://" not in entry.adapter_uri:
-            return entry.adapter_uri
-        cache = Path(cache_dir or tempfile.gettempdir()) / "aigc-adapters" / entry.name / f"v{entry.version}"
-        if not (cache / "adapter_config.json").is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            fs, path = pafs.FileSystem.from_uri(entry.adapter_uri)
-            pafs.copy_files(path, str(cache), source_filesystem=fs)
-        return str(cache)
-
-    def _uri(self, path: str) -> str:
-        if "://" in self.root:
-            scheme = self.root.split("://", 1)[0]
-            return f"{scheme}://{path.lstrip('/')}"
-        return path
+        """A local directory holding the version's weights; remote registries are copied into a cache first."""
+        return storage.local_dir(entry.adapter_uri, cache_dir)

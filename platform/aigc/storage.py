@@ -135,15 +135,59 @@ def write_json(path: str, obj: Any, indent: int = 2) -> None:
 
 
 def create_exclusive(path: str, data: bytes) -> bool:
-    if is_uri(path):
-        raise StorageError("create_exclusive on object stores is not implemented in this stub")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Create ``path`` with ``data`` only if it does not exist: True if this call created it, False if it existed.
+
+    Atomic across processes and machines: local files through ``O_CREAT | O_EXCL``; ``s3://`` through a
+    conditional PUT (``If-None-Match: *``, boto3); ``gs://`` through a generation-match precondition
+    (google-cloud-storage). The registry claims versions with it.
+
+    Raises:
+        StorageError: the scheme has no atomic create here, or the client library is missing.
+    """
+    if not is_uri(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    scheme, rest = path.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    if scheme == "s3":
+        return _s3_create_exclusive(bucket, key, data, path)
+    if scheme in ("gs", "gcs"):
+        return _gcs_create_exclusive(bucket, key, data, path)
+    raise StorageError(f"{path}: no atomic create-if-absent for {scheme}:// (use a local path, s3:// or gs://)")
+
+
+def _s3_create_exclusive(bucket: str, key: str, data: bytes, path: str) -> bool:
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+        import boto3
+        from botocore.exceptions import ClientError
+    except ImportError as exc:
+        raise StorageError(f"{path}: claiming a file on s3:// needs boto3 (pip install boto3)") from exc
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise StorageError(f"{path}: {exc}") from exc
+    return True
+
+
+def _gcs_create_exclusive(bucket: str, key: str, data: bytes, path: str) -> bool:
+    try:
+        from google.api_core.exceptions import PreconditionFailed
+        from google.cloud import storage as gcs
+    except ImportError as exc:
+        raise StorageError(f"{path}: claiming a file on gs:// needs google-cloud-storage") from exc
+    try:
+        gcs.Client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
+    except PreconditionFailed:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
     return True
 
 

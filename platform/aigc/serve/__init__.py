@@ -1,9 +1,4 @@
-"""Serving: the generation engine, OpenAI request/response schemas and starting the Serve app.
-
-The Serve application itself (deployments, ``build_app``) lives in ``serve_apps/openai_app.py``.
+"""Serving: the generation engine (no Ray import), OpenAI schemas, the generator and ingress deployments
+(:mod:`aigc.serve.generator`, :mod:`aigc.serve.ingress`), the app builder (:mod:`aigc.serve.builder`) and
+:func:`~aigc.serve.run.run_server`. Import those modules directly; this package imports nothing eagerly.
 """
-
-from aigc.serve.engine import Completion, Delta, GenerationEngine, SamplingParams
-from aigc.serve.run import run_server
-
-__all__ = ["Completion", "Delta", "GenerationEngine", "SamplingParams", "run_server"]

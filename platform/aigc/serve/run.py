@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from aigc.config import PlatformConfig
 
 __all__ = ["run_server", "wait_until_healthy"]
-
-
-def _build_app(cfg: PlatformConfig) -> Any:
-    """``serve_apps.openai_app.build_app_from_config``; ``serve_apps/`` sits at the repository root, next to
-    ``platform/``, so it is importable from the root (Ray adds the driver's cwd to every worker's path)."""
-    try:
-        from serve_apps.openai_app import build_app_from_config
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[3]  # platform/aigc/serve/run.py -> the repository root
-        if not (root / "serve_apps" / "openai_app.py").is_file():
-            raise
-        sys.path.insert(0, str(root))
-        from serve_apps.openai_app import build_app_from_config
-    return build_app_from_config(cfg)
 
 
 def _get_json(url: str, timeout: float) -> Any:
@@ -71,13 +55,15 @@ def run_server(cfg: PlatformConfig, blocking: bool = True) -> str:
     import ray
     from ray import serve
 
+    from aigc.serve.builder import build_app_from_config
+
     if not ray.is_initialized():
         from aigc.cluster import init_ray
 
         init_ray(cfg.cluster.num_cpus)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(_build_app(cfg), name=s.app_name, route_prefix="/")
+    serve.run(build_app_from_config(cfg), name=s.app_name, route_prefix="/")
 
     client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     root = f"http://{client_host}:{s.port}"

@@ -1,0 +1,69 @@
+"""Build the OpenAI-compatible Serve app from a platform config (what `serve_apps/` and `aigc serve` call)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from aigc.config import PlatformConfig, load_config
+from aigc.models.loading import model_id_for
+from aigc.serve.generator import Generator
+from aigc.serve.ingress import INGRESS_MAX_ONGOING, OpenAIIngress
+
+__all__ = ["build_app", "build_app_from_config"]
+
+
+def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
+    """The OpenAI app for a platform config: its ``model``, ``registry_dir`` and ``serve`` sections."""
+    s = cfg.serve
+    base_model_id = s.base_model_id or model_id_for(cfg.model.name_or_path)
+    generator = Generator.options(
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        autoscaling_config=s.autoscaling.model_dump(),
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+    ).bind(
+        model_name_or_path=cfg.model.name_or_path,
+        registry_dir=cfg.registry_dir,
+        base_model_id=base_model_id,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        max_adapters=s.max_adapters_per_replica,
+    )
+    return OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
+        generator,
+        base_model_id=base_model_id,
+        registry_dir=cfg.registry_dir,
+        max_tokens_cap=s.max_tokens_cap,
+        default_max_tokens=s.default_max_tokens,
+    )
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Build the OpenAI-compatible app from Serve config ``args``.
+
+    ``args`` names a platform config file (plus optional ``section.key=value`` overrides), or gives its
+    sections inline, or both (inline sections are merged into the file as objects, ``overrides`` win over
+    both)::
+
+        # serve run serve_apps/openai.yaml   (or: serve deploy serve_apps/openai.yaml)
+        applications:
+          - name: aigc
+            route_prefix: /
+            import_path: serve_apps.openai_app:build_app
+            args:
+              config: configs/demo.yaml
+              overrides: ["serve.max_tokens_cap=128"]
+              # or inline, without a file:
+              # model: {name_or_path: assets/tiny-base}
+              # registry_dir: runs/registry
+              # serve: {max_adapters_per_replica: 8, autoscaling: {max_replicas: 4}}
+
+    Raises:
+        aigc.errors.ConfigError: the config is invalid; the message names the field.
+    """
+    inline = dict(args or {})
+    path = inline.pop("config", None)
+    overrides = list(inline.pop("overrides", None) or [])
+    return build_app_from_config(load_config(path, overrides, inline=inline))

@@ -1,0 +1,150 @@
+"""The ``Generator`` deployment: a replica holding the engine, the base model and LoRA adapters from the registry.
+
+Adapters are loaded per replica on first use through ``@serve.multiplexed`` (LRU,
+``serve.max_adapters_per_replica``), so a newly registered version is served without a redeploy, and Serve
+routes a request for an adapter to a replica that already holds it. Errors raised here are platform errors
+(:mod:`aigc.errors`); the ingress alone turns them into HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from aigc.errors import AdapterLoadError, ModelNotFoundError, RegistryError
+from aigc.models.loading import model_id_for
+from aigc.registry import Registry
+from aigc.serve.engine import Completion, Delta, GenerationEngine, Prompt, SamplingParams
+
+__all__ = ["Generator", "LoadedAdapter"]
+
+logger = logging.getLogger("ray.serve")
+
+
+class LoadedAdapter:
+    """What the multiplexed loader returns: one registry version loaded into the engine as ``name``.
+
+    Serve calls ``__del__`` (in a thread) when it evicts the adapter from the replica's LRU cache; the
+    garbage collector may call it again later, so unloading is idempotent.
+    """
+
+    def __init__(self, engine: GenerationEngine, name: str, model_id: str):
+        self.engine, self.name, self.model_id = engine, name, model_id
+        self._unloaded = False
+
+    def unload(self) -> None:
+        if self._unloaded:
+            return
+        self._unloaded = True
+        try:
+            self.engine.delete_adapter(self.name)
+        except Exception:  # never fail Serve's eviction (it would fail the load that triggered it)
+            logger.exception("failed to unload adapter %s (%s)", self.name, self.model_id)
+
+    def __del__(self) -> None:
+        self.unload()
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """A replica holding the base model and up to ``max_adapters`` LoRA adapters (LRU).
+
+    Requests for the base model carry no multiplexed model id; any other id is a registry ``name:vN``.
+
+    Args:
+        model_name_or_path: hub id or local directory of the base model.
+        registry_dir: the adapter registry (local directory or ``s3://`` / ``gs://`` URI).
+        base_model_id: the id clients use for the base model.
+        dtype: weights dtype (``auto`` = float32 on CPU, bf16/fp16 on GPU).
+        trust_remote_code: allow custom modelling code from the hub.
+        max_adapters: adapters kept loaded per replica; the least recently used is evicted beyond this.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        registry_dir: str,
+        base_model_id: str,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        max_adapters: int = 4,
+    ):
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from a num_gpus=0 replica
+        self._engine = GenerationEngine(
+            model_name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
+        self._registry = Registry(registry_dir)
+        self._base_model_id = base_model_id
+        self._load_counter = itertools.count()
+
+        # max_adapters comes from config, so the multiplexed loader is wrapped here rather than with a
+        # decorator on the class (as ray.serve.llm's LLMServer does). Serve keeps the LRU cache on it.
+        async def get_adapter(model_id: str) -> LoadedAdapter:
+            return await self._load_adapter(model_id)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(get_adapter)
+
+    async def _load_adapter(self, model_id: str) -> LoadedAdapter:
+        try:
+            entry = await asyncio.to_thread(self._registry.resolve, model_id)
+        except RegistryError as exc:
+            raise ModelNotFoundError(str(exc), param="model", code="model_not_found") from None
+        if model_id_for(entry.base_model) != self._engine.model_id:
+            logger.warning(
+                "adapter %s was trained on %s, this replica serves %s",
+                entry.model_id,
+                entry.base_model,
+                self._engine.model_name_or_path,
+            )
+        path = await asyncio.to_thread(self._registry.local_adapter_dir, entry)
+        # peft adapter names must be unique and free of '.', ':'; a reload after eviction gets a new name.
+        name = f"{re.sub(r'[^A-Za-z0-9]', '_', entry.name)}_v{entry.version}_{next(self._load_counter)}"
+        await asyncio.to_thread(self._engine.load_adapter, path, name)
+        logger.info("loaded adapter %s as %s", entry.model_id, name)
+        return LoadedAdapter(self._engine, name, entry.model_id)
+
+    @contextlib.asynccontextmanager
+    async def _adapter_for_request(self) -> AsyncIterator[str | None]:
+        """The engine adapter name this request uses (None = base), held loaded until the request ends."""
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id or model_id == self._base_model_id:
+            yield None
+            return
+        # An adapter evicted between the cache lookup and acquire() is loaded again (new engine name).
+        for _ in range(3):
+            adapter = await self.get_adapter(model_id)
+            if self._engine.acquire_adapter(adapter.name):
+                break
+        else:
+            raise AdapterLoadError(f"adapter {model_id} kept being evicted while loading; retry the request")
+        try:
+            yield adapter.name
+        finally:
+            self._engine.release_adapter(adapter.name)
+
+    async def complete(self, prompt: Prompt, params: SamplingParams) -> Completion:
+        """A whole completion for the request's model (its multiplexed model id)."""
+        async with self._adapter_for_request() as adapter:
+            return await self._engine.agenerate(prompt, params, adapter=adapter)
+
+    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Text deltas for the request's model; call with ``handle.options(stream=True)``."""
+        # aclosing: a cancelled request (client gone) closes the engine stream at once, which stops the model.
+        async with (
+            self._adapter_for_request() as adapter,
+            contextlib.aclosing(self._engine.astream(prompt, params, adapter=adapter)) as deltas,
+        ):
+            async for delta in deltas:
+                yield delta
+
+    def loaded_adapters(self) -> list[str]:
+        """Engine names of the adapters loaded in this replica (for tests and debugging)."""
+        return self._engine.adapters

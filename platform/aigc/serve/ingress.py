@@ -1,0 +1,349 @@
+"""The ``OpenAIIngress`` deployment: the OpenAI-compatible HTTP front (FastAPI on Ray Serve).
+
+``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` -> server-sent
+events), ``GET /healthz``. It validates requests, resolves the model id against the registry and calls the
+``Generator`` with ``multiplexed_model_id`` = the resolved ``name:vN``. This module is the only place where
+errors become HTTP statuses: every error is an OpenAI-shaped JSON body, and a 500 never carries exception
+text or paths (the details go to the server log under a request id).
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
+# class-based routes do not resolve string annotations (a body model would become a query parameter).
+import asyncio
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError, RegistryError
+from aigc.registry import Registry
+from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
+from aigc.serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    error_body,
+    new_id,
+)
+
+__all__ = ["ApiError", "OpenAIIngress", "api_error_from", "app"]
+
+logger = logging.getLogger("ray.serve")
+
+# The ingress only parses JSON and relays tokens: a fraction of a CPU, and room for many open streams
+# (Serve's default of 5 ongoing requests per replica would queue streams behind each other).
+INGRESS_CPUS = 0.1
+INGRESS_MAX_ONGOING = 256
+_MAX_LISTED_IN_ERRORS = 20
+
+
+# A JSON body without a Content-Type header is parsed too (recent FastAPI is strict by default; older
+# versions have no such option and always parse it).
+_LENIENT = {"strict_content_type": False} if "strict_content_type" in inspect.signature(FastAPI).parameters else {}
+app = FastAPI(title="AIGC Platform", description="OpenAI-compatible API for base models and LoRA adapters.", **_LENIENT)
+
+
+class ApiError(Exception):
+    """Raised in a route; rendered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        body = error_body(self.message, self.type, self.param, self.code)
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(status_code=self.status, content=body, headers=headers)
+
+
+def api_error_from(exc: BaseException) -> ApiError:
+    """Map an exception from the Generator (Ray wraps it; ``.cause`` is the original) to an API error."""
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, ApiError):
+        return cause
+    if isinstance(cause, InvalidRequestError):
+        return ApiError(400, cause.message, param=cause.param, code=cause.code)
+    if isinstance(cause, ModelNotFoundError):
+        return ApiError(404, cause.message, param="model", code="model_not_found")
+    if isinstance(cause, BackPressureError):
+        return ApiError(503, "the server is overloaded; retry shortly", type="server_error", code="overloaded")
+    # 500s: the details (paths, exception text) go to the server log only, under an id the client can quote.
+    ref = uuid.uuid4().hex[:12]
+    logger.error("request %s failed", ref, exc_info=exc)
+    if isinstance(cause, AdapterLoadError):
+        msg = f"the model could not be loaded on this server; see the server log (request id {ref})"
+        return ApiError(500, msg, type="server_error", code="adapter_load_failed")
+    return ApiError(500, f"internal error; see the server log (request id {ref})", type="server_error")
+
+
+@app.exception_handler(ApiError)
+async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # OpenAI answers schema errors with 400 (FastAPI's default is 422) and names the field in `param`.
+    err = exc.errors()[0]
+    kind = err.get("type")
+    if kind == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"the request body is not valid JSON ({reason})").response()
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if not loc:  # the body as a whole
+        if kind == "missing":
+            msg = "the request body is missing: send a JSON object"
+        elif isinstance(err.get("input"), (bytes, str)):
+            msg = "the request body must be JSON, sent with Content-Type: application/json"
+        else:
+            msg = "the request body must be a JSON object"
+        return ApiError(400, msg).response()
+    param = ".".join(loc)
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return ApiError(400, f"{param}: {msg}", param=param).response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    msg = f"{exc.detail}: {request.method} {request.url.path}"
+    return ApiError(exc.status_code, msg, type=kind).response()
+
+
+@app.exception_handler(Exception)
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return api_error_from(exc).response()
+
+
+def _sse(payload: Any) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+@serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": INGRESS_CPUS})
+@serve.ingress(app)
+class OpenAIIngress:
+    """HTTP front: validation, model resolution, OpenAI shapes, SSE.
+
+    Args:
+        generator: handle to the ``Generator`` deployment.
+        base_model_id: the id clients use for the base model.
+        registry_dir: the adapter registry (local directory or URI).
+        max_tokens_cap: the largest ``max_tokens`` a request may ask for.
+        default_max_tokens: used when a request gives no ``max_tokens``.
+    """
+
+    def __init__(
+        self,
+        generator: DeploymentHandle,
+        base_model_id: str,
+        registry_dir: str,
+        max_tokens_cap: int = 512,
+        default_max_tokens: int = 64,
+    ):
+        self._generator = generator
+        self._base_model_id = base_model_id
+        self._registry = Registry(registry_dir)
+        self._cap = max_tokens_cap
+        self._default_max_tokens = min(default_max_tokens, max_tokens_cap)
+
+    # 1. models -----------------------------------------------------------------------------------------
+    async def _model_cards(self) -> list[ModelCard]:
+        entries = await asyncio.to_thread(self._registry.list)
+        cards = [ModelCard(id=self._base_model_id)]
+        latest: dict[str, Any] = {}
+        for e in entries:  # ascending versions: the last one seen per name is the latest
+            latest[e.name] = e
+        for name, e in sorted(latest.items()):
+            cards.append(ModelCard(id=name, created=int(e.created_at), root=e.model_id, parent=e.base_model))
+        for e in entries:
+            cards.append(ModelCard(id=e.model_id, created=int(e.created_at), root=e.model_id, parent=e.base_model))
+        return cards
+
+    async def _resolve(self, model: str) -> str:
+        """The multiplexed model id for ``model``: "" for the base model, else the registry's ``name:vN``."""
+        if model == self._base_model_id:
+            return ""
+        try:
+            entry = await asyncio.to_thread(self._registry.resolve, model)
+        except RegistryError:
+            ids = [c.id for c in await self._model_cards()]
+            shown = ", ".join(ids[:_MAX_LISTED_IN_ERRORS]) + (" ..." if len(ids) > _MAX_LISTED_IN_ERRORS else "")
+            raise ApiError(
+                404,
+                f"The model '{model}' does not exist. Available models: {shown}",
+                param="model",
+                code="model_not_found",
+            ) from None
+        return entry.model_id
+
+    # 2. request -> params ------------------------------------------------------------------------------
+    def _params(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+        requested = body.requested_max_tokens
+        if requested is None:
+            max_tokens = self._default_max_tokens
+        elif 1 <= requested <= self._cap:
+            max_tokens = requested
+        else:
+            param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise ApiError(
+                400,
+                f"{param} must be between 1 and {self._cap} (this server's cap), got {requested}",
+                param=param,
+            )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=tuple(body.stop_list),
+        )
+
+    async def _complete(self, model_id: str, prompt: Prompt, params: SamplingParams) -> Completion:
+        try:
+            return await self._generator.options(multiplexed_model_id=model_id).complete.remote(prompt, params)
+        except Exception as exc:
+            raise api_error_from(exc) from None
+
+    async def _open_stream(self, model_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Start a streamed generation and wait for its first delta, so that errors (unknown adapter,
+        prompt too long, overload) still become a proper status code instead of a broken stream."""
+        gen = self._generator.options(multiplexed_model_id=model_id, stream=True).stream.remote(prompt, params)
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except asyncio.CancelledError:  # the client left before the first token
+            gen.cancel()
+            raise
+        except Exception as exc:
+            raise api_error_from(exc) from None
+
+        async def deltas() -> AsyncIterator[Delta]:
+            try:
+                if first is not None:
+                    yield first
+                    async for d in gen:
+                        yield d
+            finally:
+                gen.cancel()  # no-op when finished; stops the replica's generation if the client left
+
+        return deltas()
+
+    @staticmethod
+    def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for e in events:
+                    yield e
+            except Exception as exc:  # the status line is already sent: report in-band, as OpenAI does
+                yield _sse(error_body(api_error_from(exc).message, type="server_error"))
+            yield _sse("[DONE]")
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+    # 3. routes ----------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> Response:
+        return JSONResponse({"status": "ok", "base_model": self._base_model_id})
+
+    @app.get("/v1/models")
+    async def list_models(self) -> Response:
+        return JSONResponse(ModelList(data=await self._model_cards()).model_dump())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        model_id = await self._resolve(body.model)
+        model_name = model_id or self._base_model_id
+        params = self._params(body)
+        messages = [m.as_template_dict() for m in body.messages]
+        if not body.stream:
+            out = await self._complete(model_id, messages, params)
+            resp = ChatCompletionResponse(
+                model=model_name,
+                choices=[ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)],
+                usage=Usage.of(out.prompt_tokens, out.completion_tokens),
+            )
+            return JSONResponse(resp.model_dump())
+
+        deltas = await self._open_stream(model_id, messages, params)
+        head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model_name}
+
+        async def events() -> AsyncIterator[str]:
+            yield _sse(
+                ChatCompletionChunk(
+                    **head, choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))]
+                ).model_dump()
+            )
+            async for d in deltas:
+                if d.text:
+                    chunk = ChatCompletionChunk(**head, choices=[ChatChunkChoice(delta=ChatDelta(content=d.text))])
+                    yield _sse(chunk.model_dump())
+                if d.finish_reason is not None:
+                    last = ChatChunkChoice(delta=ChatDelta(), finish_reason=d.finish_reason)
+                    yield _sse(ChatCompletionChunk(**head, choices=[last]).model_dump())
+                    if body.include_usage:
+                        usage = Usage.of(d.prompt_tokens, d.completion_tokens)
+                        yield _sse(ChatCompletionChunk(**head, choices=[], usage=usage).model_dump())
+
+        return self._event_stream(events())
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Response:
+        model_id = await self._resolve(body.model)
+        model_name = model_id or self._base_model_id
+        params = self._params(body)
+        if not body.stream:
+            out = await self._complete(model_id, body.prompt_text, params)
+            resp = CompletionResponse(
+                model=model_name,
+                choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)],
+                usage=Usage.of(out.prompt_tokens, out.completion_tokens),
+            )
+            return JSONResponse(resp.model_dump())
+
+        deltas = await self._open_stream(model_id, body.prompt_text, params)
+        head = {"id": new_id("cmpl"), "created": int(time.time()), "model": model_name}
+
+        async def events() -> AsyncIterator[str]:
+            async for d in deltas:
+                if d.text:
+                    yield _sse(CompletionChunk(**head, choices=[CompletionChoice(text=d.text)]).model_dump())
+                if d.finish_reason is not None:
+                    last = CompletionChoice(text="", finish_reason=d.finish_reason)
+                    yield _sse(CompletionChunk(**head, choices=[last]).model_dump())
+                    if body.include_usage:
+                        usage = Usage.of(d.prompt_tokens, d.completion_tokens)
+                        yield _sse(CompletionChunk(**head, choices=[], usage=usage).model_dump())
+
+        return self._event_stream(events())
