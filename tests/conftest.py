@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,6 @@ for p in (_TESTS, _TESTS.parent):
         sys.path.insert(0, str(p))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A local S3-compatible server (moto) on 127.0.0.1 for the whole session; yields a bucket factory.
@@ -32,7 +25,9 @@ def s3_server():
     It starts before the Ray cluster (``ray_cluster`` depends on it) and sets the standard AWS variables in
     this process's environment, so every Ray worker started afterwards reaches the same endpoint.
     """
-    port = _free_port()
+    from helpers import free_port
+
+    port = free_port()
     exe = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip

@@ -10,13 +10,14 @@ Everything is built from code in a few seconds on a CPU; nothing is downloaded.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import torch
 
 from aigc.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN
 
-__all__ = ["SPECIAL_TOKENS", "make_tiny_adapter", "make_tiny_model"]
+__all__ = ["SPECIAL_TOKENS", "free_port", "make_tiny_adapter", "make_tiny_model"]
 
 SPECIAL_TOKENS = ("<|pad|>", END_OF_TURN, "<|system|>", "<|user|>", "<|assistant|>")
 
@@ -30,6 +31,13 @@ _CORPUS = [
     "Hello! How can I help you today? Thank you for shopping with us.",
     "Your password reset link expires after one hour.",
 ]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers in tests bind to loopback only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _train_tokenizer(vocab_size: int = 384):

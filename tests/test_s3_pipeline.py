@@ -8,10 +8,10 @@ to the registry and served as a base model.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from aigc import storage
 from aigc.config import load_config, with_values
@@ -22,16 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Hi, the parcel for order #77 arrived damaged. What now?"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(data: str, output_dir: str, registry_dir: str, *extra: str):
     return load_config(ROOT / "configs" / "demo.yaml", [
         f"data.path={data}", f"output_dir={output_dir}", f"registry_dir={registry_dir}", "data.tokenizer_actors=1",
-        "train.num_workers=1", "train.epochs=1", "train.batch_size=16", f"serve.port={_free_port()}",
+        "train.num_workers=1", "train.epochs=1", "train.batch_size=16", f"serve.port={free_port()}",
         "serve.autoscaling.max_replicas=1", *extra,
     ])  # fmt: skip
 

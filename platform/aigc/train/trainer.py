@@ -16,7 +16,7 @@ from aigc import storage
 from aigc.config import PlatformConfig
 from aigc.data.preprocess import read_stats
 from aigc.errors import DataError, TrainingError
-from aigc.publish import publish
+from aigc.publish import Published, publish
 from aigc.train.loop import WorkerConfig, train_loop_per_worker
 
 __all__ = [
@@ -33,12 +33,15 @@ _READ_CPUS = 0.25
 
 
 @dataclass
-class TrainResult:
-    adapter_dir: str
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]]
-    registry_id: str | None
-    checkpoint_path: str
+class TrainResult(Published):
+    """What a training run published, and the checkpoint it came from."""
+
+    checkpoint_path: str = ""
+
+    @property
+    def adapter_dir(self) -> str:
+        """The exported weights (a PEFT adapter, or the whole model for ``train.method=full``)."""
+        return self.model_dir
 
 
 def train_loop_config(cfg: PlatformConfig, rows_train: int, has_val: bool, num_workers: int) -> dict[str, Any]:
@@ -191,4 +194,4 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
         plot_history(published.history, os.path.join(local, "loss.png"), f"Fine-tuning {cfg.train.adapter_name}")
     done = {"adapter_dir": published.model_dir, "registry_id": published.registry_id, "metrics": published.metrics}
     storage.write_json(storage.join(storage_path, name, _DONE_MARKER), done)
-    return TrainResult(published.model_dir, published.metrics, published.history, published.registry_id, best.path)
+    return TrainResult(**vars(published), checkpoint_path=best.path)
