@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from aigc.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN
+from aigc.demo.tiny_base import SPECIAL_TOKENS
 
 __all__ = ["SPECIAL_TOKENS", "free_port", "make_tiny_adapter", "make_tiny_model"]
 
-SPECIAL_TOKENS = ("<|pad|>", END_OF_TURN, "<|system|>", "<|user|>", "<|assistant|>")
 
 _CORPUS = [
     "The parcel left the warehouse on Monday and arrives in three days.",
@@ -40,59 +39,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_tokenizer(vocab_size: int = 384):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=END_OF_TURN,
-        pad_token="<|pad|>",
-        additional_special_tokens=list(SPECIAL_TOKENS[2:]),
-    )
-    fast.chat_template = DEFAULT_CHAT_TEMPLATE
-    return fast
-
-
 def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
-    """Write a random 2-layer ``LlamaForCausalLM`` (hidden 64, 4 heads) and its tokenizer to ``out_dir``.
+    """Write a random 2-layer Llama (hidden 64, 4 heads) and its tokenizer to ``out_dir``, built by the same
+    code as the demo's tiny base model (:mod:`aigc.demo.tiny_base`), on a few sentences instead of a corpus.
 
     Returns:
         ``out_dir`` as a string; ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` open it.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from aigc.demo.tiny_base import make_model, train_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        # Larger random weights than the default 0.02: greedy output varies with the prompt instead of
-        # repeating one token, which makes streaming and stop strings meaningful to test.
-        initializer_range=0.3,
-    )
+    tokenizer = train_tokenizer(_CORPUS * 4, vocab_size=384)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    # Larger random weights than the default 0.02: greedy output varies with the prompt instead of repeating
+    # one token, which makes streaming and stop strings meaningful to test.
+    model = make_model(tokenizer, hidden=64, layers=2, heads=4, max_positions=512, init_std=0.3)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)

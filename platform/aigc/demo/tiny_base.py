@@ -31,7 +31,7 @@ import torch
 from aigc.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN
 from aigc.demo.corpus import generate_corpus
 
-__all__ = ["SPECIAL_TOKENS", "build_tiny_base", "generate_corpus", "train_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "build_tiny_base", "generate_corpus", "make_model", "train_tokenizer"]
 
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, END_OF_TURN, "<|system|>", "<|user|>", "<|assistant|>")
@@ -71,9 +71,7 @@ def _token_stream(tokenizer: Any, docs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _make_model(
-    tokenizer: Any, hidden: int, layers: int, heads: int, max_positions: int, init_std: float = 0.02
-) -> Any:
+def make_model(tokenizer: Any, hidden: int, layers: int, heads: int, max_positions: int, init_std: float = 0.02) -> Any:
     """A small Llama-architecture causal LM with tied embeddings (``init_std`` as Llama's default)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -168,7 +166,7 @@ def build_tiny_base(
     docs = generate_corpus(n_docs, seed)
     tokenizer = train_tokenizer(docs, vocab_size)
     stream = _token_stream(tokenizer, docs)
-    model = _make_model(tokenizer, hidden, layers, heads, max_positions)
+    model = make_model(tokenizer, hidden, layers, heads, max_positions)
     loss = _pretrain(model, stream, steps, batch_size, block_size, lr, seed, log)
 
     out = Path(out_dir)
