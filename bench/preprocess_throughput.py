@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
 
 from aigc.config import load_config  # noqa: E402
-from aigc.demo.dataset import generate_support_examples  # noqa: E402
 from aigc.data.preprocess import _Tokenize, preprocess  # noqa: E402
+from aigc.demo.dataset import generate_support_examples  # noqa: E402
 
 
 def _baseline(cfg, path: str, out: str) -> float:
