@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from types import SimpleNamespace
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-from helpers import make_tiny_adapter, make_tiny_model
+from helpers import free_port, make_tiny_adapter, make_tiny_model
 
 from aigc.config import PlatformConfig
 from aigc.errors import InvalidRequestError
@@ -171,10 +171,6 @@ def test_engine_seeded_sampling_is_reproducible(engine):
 
 
 # ================================================================================ the Serve application
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +186,7 @@ def server(ray_cluster, assets):
             "registry_dir": assets.registry.root,
             "model": {"name_or_path": assets.base},
             "serve": {
-                "port": _free_port(),
+                "port": free_port(),
                 "app_name": "aigc-test",
                 "max_tokens_cap": CAP,
                 "default_max_tokens": 16,
@@ -392,3 +388,39 @@ def test_build_app_args():
     assert isinstance(build_app(args), serve.Application)
     with pytest.raises(ConfigError, match="serve.max_token_cap"):
         build_app({"serve": {"max_token_cap": 5}})
+
+
+def test_overload_gets_503_with_retry_after(server, assets):
+    """One generation at a time and one queued: of 8 simultaneous long streams, the surplus gets a prompt 503."""
+    from ray import serve
+
+    from aigc.serve.builder import build_app_from_config
+
+    cfg = PlatformConfig.model_validate({
+        "registry_dir": assets.registry.root,
+        "model": {"name_or_path": assets.base},
+        "serve": {"max_tokens_cap": CAP, "max_ongoing_requests": 1, "max_queued_requests": 1, "cpus_per_replica": 0.5,
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+    })  # fmt: skip
+    serve.run(build_app_from_config(cfg), name="tight", route_prefix="/tight")
+    try:
+        body = {"model": server.base_id, "prompt": "Where is my parcel?", "max_tokens": CAP, "stream": True}
+
+        def call(_: int) -> tuple[int, dict, float]:
+            t0 = time.monotonic()
+            with httpx.Client(timeout=TIMEOUT_S) as c:
+                r = c.post(f"{server.root}/tight/v1/completions", json=body)
+                return r.status_code, ({"retry": r.headers.get("retry-after"), **r.json()} if r.status_code != 200
+                                       else {}), time.monotonic() - t0  # fmt: skip
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(call, range(8)))
+    finally:
+        serve.delete("tight")
+    statuses = sorted(s for s, _, _ in results)
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+    for status, body_, secs in results:
+        if status == 503:
+            assert body_["retry"] == "1" and body_["error"]["code"] == "overloaded"
+            assert body_["error"]["type"] == "server_error"
+            assert secs < 10  # refused at once, not after waiting for a slot
