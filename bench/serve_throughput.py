@@ -1,0 +1,250 @@
+"""Serving throughput: the OpenAI app under concurrent load against plain sequential ``generate``.
+
+    .venv/bin/python bench/serve_throughput.py [--requests 96] [--max-tokens 64] [--concurrency 1 8 32]
+
+Baseline (same run, same model, prompts and max_tokens, greedy): one process calling
+``model.generate`` for one request after another. Candidates:
+
+1. the engine alone (``aigc.serve.engine.GenerationEngine``, no Ray, no Serve) at each concurrency;
+2. the Serve app (``aigc serve``: one generator replica) through the official ``openai`` async client on
+   loopback, at each concurrency, streaming and not: output tokens/s, p50/p99 latency, time to first token;
+3. a mixed run: 32 concurrent requests spread over the base model and 3 LoRA adapters, against the
+   single-model run at the same concurrency.
+
+Every load loop is bounded in count (``--requests``) and time (each request times out after 120 s).
+Prints one table and the ratios to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
+
+from aigc.config import load_config, with_values  # noqa: E402
+from aigc.demo.dataset import demo_eval_prompts  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+TIMEOUT_S = 120
+
+
+@dataclass
+class Run:
+    name: str
+    concurrency: int
+    stream: bool
+    requests: int
+    output_tokens: int
+    seconds: float
+    p50_s: float
+    p99_s: float
+    ttft_p50_s: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def _prompts(n: int) -> list[str]:
+    return [f"A customer wrote: {q}\nOur reply:" for q in demo_eval_prompts(n, seed=99)]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# 1. baseline ---------------------------------------------------------------------------------------------
+def bench_baseline(model_path: str, prompts: list[str], max_tokens: int) -> Run:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    eos = tok.eos_token_id
+    lat, total = [], 0
+    t0 = time.perf_counter()
+    for p in prompts:
+        t = time.perf_counter()
+        enc = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[0, enc["input_ids"].shape[1] :].tolist()
+        total += len(new) - (1 if new and new[-1] == eos else 0)
+        lat.append(time.perf_counter() - t)
+    return Run("baseline: sequential generate", 1, False, len(prompts), total, time.perf_counter() - t0,
+               _pct(lat, 0.5), _pct(lat, 0.99))  # fmt: skip
+
+
+# 2. the engine alone ------------------------------------------------------------------------------------
+def bench_engine(engine, prompts: list[str], max_tokens: int, concurrency: int, adapters: list[str | None]) -> Run:
+    from aigc.serve.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+
+    async def main() -> Run:
+        sem = asyncio.Semaphore(concurrency)
+        lat: list[float] = []
+
+        async def one(i: int, p: str) -> int:
+            async with sem:
+                t = time.perf_counter()
+                out = await asyncio.wait_for(
+                    engine.agenerate(p, params, adapter=adapters[i % len(adapters)]), TIMEOUT_S
+                )
+                lat.append(time.perf_counter() - t)
+                return out.completion_tokens
+
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        name = "engine alone" + (f", {len(adapters)} models mixed" if len(adapters) > 1 else "")
+        return Run(name, concurrency, False, len(prompts), sum(tokens), time.perf_counter() - t0,
+                   _pct(lat, 0.5), _pct(lat, 0.99))  # fmt: skip
+
+    return asyncio.run(main())
+
+
+# 3. through Serve -----------------------------------------------------------------------------------------
+def bench_serve(base_url: str, prompts: list[str], max_tokens: int, concurrency: int, stream: bool,
+                models: list[str]) -> Run:  # fmt: skip
+    from openai import AsyncOpenAI
+
+    async def main() -> Run:
+        client = AsyncOpenAI(base_url=base_url, api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        sem = asyncio.Semaphore(concurrency)
+        lat: list[float] = []
+        ttft: list[float] = []
+
+        async def one(i: int, p: str) -> int:
+            kw = {"model": models[i % len(models)], "prompt": p, "max_tokens": max_tokens, "temperature": 0}
+            async with sem:
+                t = time.perf_counter()
+                if not stream:
+                    r = await client.completions.create(**kw)
+                    lat.append(time.perf_counter() - t)
+                    return r.usage.completion_tokens
+                n, first = 0, None
+                s = await client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+                async for chunk in s:
+                    if first is None and chunk.choices and chunk.choices[0].text:
+                        first = time.perf_counter() - t
+                    if chunk.usage is not None:
+                        n = chunk.usage.completion_tokens
+                lat.append(time.perf_counter() - t)
+                ttft.append(first if first is not None else lat[-1])
+                return n
+
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        secs = time.perf_counter() - t0
+        await client.close()
+        name = "serve" + (" stream" if stream else "") + (f", {len(models)} models mixed" if len(models) > 1 else "")
+        return Run(name, concurrency, stream, len(prompts), sum(tokens), secs, _pct(lat, 0.5), _pct(lat, 0.99),
+                   statistics.median(ttft) if ttft else None)  # fmt: skip
+
+    return asyncio.run(main())
+
+
+def _random_adapters(base: str, registry_dir: str, n: int) -> list[str]:
+    """``n`` LoRA adapters with random weights (so they change outputs), registered as bench-<i>."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from aigc.registry import Registry
+
+    ids = []
+    for i in range(n):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, target_modules="all-linear"))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        d = tempfile.mkdtemp(prefix="bench-adapter-")
+        model.save_pretrained(d)
+        ids.append(Registry(registry_dir).register(f"bench-{i}", d, base_model=base).model_id)
+    return ids
+
+
+def _print(runs: list[Run], baseline: Run) -> None:
+    print(f"\n{'run':<34}{'conc':>5}{'tok/s':>9}{'x base':>8}{'p50 s':>8}{'p99 s':>8}{'ttft p50':>10}")
+    for r in runs:
+        ttft = f"{r.ttft_p50_s:.3f}" if r.ttft_p50_s is not None else "-"
+        print(f"{r.name:<34}{r.concurrency:>5}{r.tokens_per_s:>9.0f}{r.tokens_per_s / baseline.tokens_per_s:>8.2f}"
+              f"{r.p50_s:>8.2f}{r.p99_s:>8.2f}{ttft:>10}")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--skip-serve", action="store_true", help="baseline and engine only (no Ray)")
+    ap.add_argument("--json", help="also write every figure to this file")
+    args = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="aigc-bench-serve-")
+    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [f"registry_dir={work}/registry",
+                      f"serve.max_tokens_cap={max(args.max_tokens, 64)}"])  # fmt: skip
+    prompts = _prompts(args.requests)
+    print(f"[bench] {args.requests} requests, max_tokens {args.max_tokens}, greedy, model {cfg.model.name_or_path}, "
+          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+    baseline = bench_baseline(cfg.model.name_or_path, prompts, args.max_tokens)
+    runs = [baseline]
+    adapters = _random_adapters(cfg.model.name_or_path, cfg.registry_dir, 3)
+
+    from aigc.registry import Registry
+    from aigc.serve.engine import GenerationEngine
+
+    engine = GenerationEngine(cfg.model.name_or_path, dtype="float32")
+    reg = Registry(cfg.registry_dir)
+    names = []
+    for mid in adapters:
+        e = reg.resolve(mid)
+        name = mid.replace(":", "_").replace("-", "_")
+        engine.load_adapter(e.adapter_uri, name)
+        names.append(name)
+    for c in args.concurrency:
+        runs.append(bench_engine(engine, prompts, args.max_tokens, c, [None]))
+    runs.append(bench_engine(engine, prompts, args.max_tokens, max(args.concurrency), [None, *names]))
+    close = getattr(engine, "close", None)
+    if close:
+        close()
+    del engine
+
+    if not args.skip_serve:
+        from ray import serve
+
+        from aigc.cluster import init_ray
+        from aigc.serve.run import run_server
+
+        init_ray(cfg.cluster.num_cpus)
+        url = run_server(with_values(cfg, {"serve.autoscaling.max_replicas": 1}), blocking=False)
+        try:
+            base_id = "tiny-base"
+            bench_serve(url, prompts[:8], args.max_tokens, 8, False, [base_id, *adapters])  # warm-up: load adapters
+            for stream in (False, True):
+                for c in args.concurrency:
+                    runs.append(bench_serve(url, prompts, args.max_tokens, c, stream, [base_id]))
+            runs.append(bench_serve(url, prompts, args.max_tokens, max(args.concurrency), False,
+                                    [base_id, *adapters]))  # fmt: skip
+        finally:
+            serve.shutdown()
+
+    _print(runs, baseline)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in runs], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
