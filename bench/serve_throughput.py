@@ -71,6 +71,8 @@ def bench_baseline(model_path: str, prompts: list[str], max_tokens: int) -> Run:
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     eos = tok.eos_token_id
+    with torch.no_grad():  # warm-up: the first call pays one-off costs that a server pays at start
+        model.generate(**tok(prompts[0], return_tensors="pt"), max_new_tokens=4, pad_token_id=tok.pad_token_id)
     lat, total = [], 0
     t0 = time.perf_counter()
     for p in prompts:
@@ -213,6 +215,7 @@ def main() -> None:
         name = mid.replace(":", "_").replace("-", "_")
         engine.load_adapter(e.adapter_uri, name)
         names.append(name)
+    bench_engine(engine, prompts[:4], 4, 4, [None, *names])  # warm-up
     for c in args.concurrency:
         runs.append(bench_engine(engine, prompts, args.max_tokens, c, [None]))
     runs.append(bench_engine(engine, prompts, args.max_tokens, max(args.concurrency), [None, *names]))
