@@ -1,0 +1,27 @@
+"""The generation engine (no Ray import): continuous batching over one base model and many LoRA adapters.
+
+    engine = GenerationEngine("assets/tiny-base", max_batch_size=32)
+    engine.load_adapter("runs/demo/adapter", "support_v1")
+    engine.generate([{"role": "user", "content": "Where is my parcel?"}], SamplingParams(temperature=0),
+                    adapter="support_v1")
+
+Modules: :mod:`~aigc.serve.engine.core` (the engine and its thread), :mod:`~aigc.serve.engine.batch` (the
+running batch: prefill, KV-cache merge, decode, leave), :mod:`~aigc.serve.engine.text` (incremental
+detokenization, stop strings), :mod:`~aigc.serve.engine.adapters` (loading and deferred deletion).
+"""
+
+from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError
+from aigc.serve.engine.adapters import BASE_ADAPTER
+from aigc.serve.engine.core import Completion, Delta, GenerationEngine, Prompt, SamplingParams
+
+__all__ = [
+    "BASE_ADAPTER",
+    "AdapterLoadError",
+    "Completion",
+    "Delta",
+    "GenerationEngine",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "Prompt",
+    "SamplingParams",
+]

@@ -1,0 +1,170 @@
+"""The running batch: rows join between decoding steps and leave as soon as they finish (continuous batching).
+
+One forward pass decodes one token for every row, each row on its own LoRA adapter or the base model
+(peft's mixed-adapter forward, ``adapter_names``). New requests are prefilled together (left-padded) and
+their KV cache is merged into the running one, left-padded to a common length; positions come from each
+row's attention mask, so padding never changes a row's result. Finished rows are dropped from the cache and
+columns that are padding in every remaining row are trimmed away.
+
+Built on transformers' ``DynamicCache`` and the model's own forward, and peft's mixed-adapter hooks; all of
+it runs on the engine's single thread (peft's hooks sit on shared modules: two forwards at once would swap
+adapters).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Row", "RunningBatch", "sample", "sample_all"]
+
+
+@dataclass(eq=False)
+class Row:
+    """One request in the batch: its prompt, settings and what it produced so far."""
+
+    prompt_ids: list[int]
+    adapter: str
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    state: Any = None  # the engine's per-request bookkeeping (sink, detokenizer, stop filter...)
+
+
+def sample(logits: torch.Tensor, row: Row) -> int:
+    """The next token for one row: greedy at temperature 0, else top-k / top-p sampling with the row's RNG."""
+    if row.temperature <= 0 or row.top_k == 1:
+        return int(torch.argmax(logits))
+    scores = logits.float() / row.temperature
+    if row.top_k > 0:
+        kth = torch.topk(scores, min(row.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if row.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_scores, dim=-1) >= row.top_p  # keep the smallest set reaching top_p
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def sample_all(logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    """The next token of every row: one argmax over the batch for greedy rows, per-row sampling for the rest."""
+    greedy = logits.argmax(-1).tolist()
+    return [g if (r.temperature <= 0 or r.top_k == 1) else sample(logits[i], r) for i, (g, r) in
+            enumerate(zip(greedy, rows, strict=True))]  # fmt: skip
+
+
+class RunningBatch:
+    """The rows decoding together and their KV cache. Call every method from the engine thread only.
+
+    Args:
+        model: a peft ``PeftModel`` (for ``adapter_names``) around a causal LM.
+        pad_id: the token id used for left padding (masked out; its value never matters).
+    """
+
+    def __init__(self, model: Any, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        # transformers 5.x names the cache argument `cache` (older versions: `past_key_values`); the
+        # DynamicCache object is updated in place either way.
+        forward = model.get_base_model().forward
+        self._cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        self.rows: list[Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [rows, cached positions]: 1 = a real token
+        self.max_rows_seen = 0  # largest number of rows that shared one step (for tests and stats)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # 1. join: prefill new rows, merge their cache into the running one
+    @torch.inference_mode()
+    def add(self, rows: list[Row]) -> torch.Tensor:
+        """Prefill ``rows`` (left-padded, one forward) and append them; returns their last-position logits."""
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            adapter_names=[r.adapter for r in rows],
+            **{self._cache_kw: cache},
+        )
+        self._merge(cache, mask)
+        self.rows.extend(rows)
+        return out.logits[:, -1, :]
+
+    def _merge(self, cache: Any, mask: torch.Tensor) -> None:
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+            return
+        old, new = self._mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
+        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], dim=0)
+
+    # 2. step: one token for every row
+    @torch.inference_mode()
+    def decode(self) -> torch.Tensor:
+        """Feed each row's last token; returns next-token logits ``[rows, vocab]``."""
+        last = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.device)
+        positions = self._mask.sum(-1, keepdim=True)  # real tokens so far = this token's position
+        self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
+        self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
+        out = self.model(
+            input_ids=last,
+            attention_mask=self._mask,
+            position_ids=positions,
+            use_cache=True,
+            adapter_names=[r.adapter for r in self.rows],
+            **{self._cache_kw: self._cache},
+        )
+        return out.logits[:, -1, :]
+
+    # 3. leave: drop finished rows, trim all-padding columns
+    def keep(self, keep: list[bool]) -> None:
+        """Keep the rows whose flag is True (in order); the rest leave the batch and the cache."""
+        if all(keep):
+            return
+        idx = [i for i, k in enumerate(keep) if k]
+        self.rows = [self.rows[i] for i in idx]
+        if not idx:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(idx, device=self.device)
+        self._mask = self._mask.index_select(0, index)
+        start = int((self._mask.sum(0) > 0).nonzero()[0])  # first column some row still uses
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zeros on the left of ``dim`` up to ``width`` (padded cache entries are masked out)."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
