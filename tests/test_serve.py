@@ -403,7 +403,7 @@ def test_overload_gets_503_with_retry_after(server, assets):
         "registry_dir": assets.registry.root,
         "model": {"name_or_path": assets.base},
         "serve": {"max_tokens_cap": CAP, "max_ongoing_requests": 1, "max_queued_requests": 1, "cpus_per_replica": 0.5,
-                  "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1}},
     })  # fmt: skip
     serve.run(build_app_from_config(cfg), name="tight", route_prefix="/tight")
     try:

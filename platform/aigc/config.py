@@ -108,7 +108,12 @@ class TuneConfig(_Section):
 class AutoscalingConfig(_Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0, description="Per-replica load the autoscaler aims for.")
+    target_ongoing_requests: float = Field(
+        24.0,
+        gt=0,
+        description="Per-replica load the autoscaler aims for; near serve.max_batch_size, so a replica fills most "
+        "of its batch before Serve adds another.",
+    )
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
 
@@ -126,7 +131,15 @@ class ServeConfig(_Section):
     base_model_id: str | None = Field(None, description="Model id clients use for the base model.")
     max_tokens_cap: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(64, ge=1)
-    max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica works on at once.")
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Requests one replica decodes together (continuous batching): more = higher throughput, "
+        "slower steps for each request.",
+    )
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests Serve sends one replica at once; keep it >= max_batch_size to fill batches."
+    )
     max_queued_requests: int = Field(32, ge=-1, description="Queue per caller beyond which requests get 503.")
     max_adapters_per_replica: int = Field(4, ge=1, description="LoRA adapters kept loaded (LRU) per replica.")
     cpus_per_replica: float = Field(1.0, gt=0)
@@ -137,6 +150,11 @@ class ServeConfig(_Section):
     def _default_le_cap(self) -> ServeConfig:
         if self.default_max_tokens > self.max_tokens_cap:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) > max_tokens_cap")
+        if self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError(
+                f"autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests:g}) > "
+                f"max_ongoing_requests ({self.max_ongoing_requests}): replicas could never reach the target"
+            )
         return self
 
 

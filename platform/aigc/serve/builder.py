@@ -30,6 +30,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         max_adapters=s.max_adapters_per_replica,
+        max_batch_size=s.max_batch_size,
     )
     return OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
         generator,

@@ -64,6 +64,7 @@ class Generator:
         dtype: weights dtype (``auto`` = float32 on CPU, bf16/fp16 on GPU).
         trust_remote_code: allow custom modelling code from the hub.
         max_adapters: adapters kept loaded per replica; the least recently used is evicted beyond this.
+        max_batch_size: requests the engine decodes together (continuous batching).
     """
 
     def __init__(
@@ -74,12 +75,17 @@ class Generator:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         max_adapters: int = 4,
+        max_batch_size: int = 32,
     ):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from a num_gpus=0 replica
         self._engine = GenerationEngine(
-            model_name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            model_name_or_path,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            max_batch_size=max_batch_size,
         )
         self._registry = Registry(registry_dir)
         self._base_model_id = base_model_id
