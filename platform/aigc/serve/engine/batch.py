@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from aigc.serve.engine.adapters import BASE_ADAPTER
+
 __all__ = ["Row", "RunningBatch", "sample", "sample_all"]
 
 
@@ -100,12 +102,12 @@ class RunningBatch:
             mask[i, width - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
-        out = self.model(
+        out = self._forward(
+            [r.adapter for r in rows],
             input_ids=ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             use_cache=True,
-            adapter_names=[r.adapter for r in rows],
             **{self._cache_kw: cache},
         )
         self._merge(cache, mask)
@@ -131,15 +133,26 @@ class RunningBatch:
         positions = self._mask.sum(-1, keepdim=True)  # real tokens so far = this token's position
         self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
         self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
-        out = self.model(
+        out = self._forward(
+            [r.adapter for r in self.rows],
             input_ids=last,
             attention_mask=self._mask,
             position_ids=positions,
             use_cache=True,
-            adapter_names=[r.adapter for r in self.rows],
             **{self._cache_kw: self._cache},
         )
         return out.logits[:, -1, :]
+
+    def _forward(self, adapters: list[str], **kwargs: Any) -> Any:
+        """One forward pass with each row on its adapter (peft's mixed-adapter hooks).
+
+        A step whose rows all use the base model skips peft's per-row hooks (each call walks every module and
+        splits every LoRA layer's input: a large share of a small model's step). The engine never changes the
+        active adapter, which stays the zero placeholder, so the wrapped model alone computes the base output.
+        """
+        if all(a == BASE_ADAPTER for a in adapters):
+            return self.model.get_base_model()(**kwargs)
+        return self.model(adapter_names=adapters, **kwargs)
 
     # 3. leave: drop finished rows, trim all-padding columns
     def keep(self, keep: list[bool]) -> None:
