@@ -90,11 +90,26 @@ def test_stream_pieces_join_to_the_whole_text_and_closing_frees_the_slot(engine)
     assert deltas[-1].finish_reason == whole.finish_reason
     assert deltas[-1].completion_tokens == whole.completion_tokens
 
-    asyncio.run(collect(1))
+
+def test_closing_a_stream_frees_its_row_at_the_next_step(engine):
+    """The engine is paused (its model lock held) while the consumer leaves: the row must not decode again."""
+    params = SamplingParams(max_tokens=400, temperature=0)
+    seen: dict[str, int] = {}
+
+    async def leave_after_first_delta() -> None:
+        stream = engine.astream("Hello", params)
+        await stream.__anext__()
+        with engine._model_lock:  # between two steps: nothing decodes while we look and leave
+            (row,) = engine._batch.rows
+            seen["tokens"], seen["row"] = len(row.tokens), row
+            await stream.aclose()  # what Serve does when the HTTP client disconnects
+
+    asyncio.run(leave_after_first_delta())
     deadline = time.monotonic() + 10
     while engine.active_rows and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.active_rows == 0
+    assert len(seen["row"].tokens) == seen["tokens"] < params.max_tokens  # it never decoded again
 
 
 def test_seeded_sampling_does_not_depend_on_batch_neighbours(engine):

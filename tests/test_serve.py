@@ -427,3 +427,30 @@ def test_overload_gets_503_with_retry_after(server, assets):
             assert body_["retry"] == "1" and body_["error"]["code"] == "overloaded"
             assert body_["error"]["type"] == "server_error"
             assert secs < 10  # refused at once, not after waiting for a slot
+
+
+def test_many_concurrent_requests_on_one_replica(server):
+    """24 callers at once over chat, completions and streaming on 2 models (no eviction): all succeed, each gets
+    the answer it gets alone, streamed text equals non-streamed text."""
+    models = [server.base_id, "support:v2"]
+    alone = {m: _chat(server, m).choices[0].message.content for m in models}
+    prompt = "Where is my parcel?"
+    alone_completion = {m: server.client.completions.create(model=m, prompt=prompt, max_tokens=16, temperature=0)
+                        .choices[0].text for m in models}  # fmt: skip
+
+    def call(i: int) -> tuple[str, str, str]:
+        m, kind = models[i % 2], ("chat", "chat-stream", "completion")[i % 3]
+        if kind == "chat":
+            return m, kind, _chat(server, m).choices[0].message.content
+        if kind == "chat-stream":
+            chunks = _chat(server, m, stream=True)
+            return m, kind, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        r = server.client.completions.create(model=m, prompt=prompt, max_tokens=16, temperature=0)
+        return m, kind, r.choices[0].text
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, range(24)))
+    for m, kind, text in results:
+        assert text == (alone_completion[m] if kind == "completion" else alone[m]), (m, kind)
+    assert alone[models[0]] != alone[models[1]]
+

@@ -151,6 +151,10 @@ class Generator:
             async for delta in deltas:
                 yield delta
 
+    def active_rows(self) -> int:
+        """Requests decoding in this replica's running batch now (for tests and debugging)."""
+        return self._engine.active_rows
+
     def loaded_adapters(self) -> list[str]:
         """Engine names of the adapters loaded in this replica (for tests and debugging)."""
         return self._engine.adapters
