@@ -453,4 +453,3 @@ def test_many_concurrent_requests_on_one_replica(server):
     for m, kind, text in results:
         assert text == (alone_completion[m] if kind == "completion" else alone[m]), (m, kind)
     assert alone[models[0]] != alone[models[1]]
-
