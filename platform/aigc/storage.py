@@ -1,4 +1,10 @@
-"""Every path the platform reads or writes, local or ``s3://``/``gs://`` alike (pyarrow filesystems)."""
+"""Every path the platform reads or writes, local or ``s3://``/``gs://`` alike (pyarrow filesystems).
+
+Data inputs, ``output_dir`` (shards, stats, plots, exported models), Ray Train/Tune storage and the registry
+all go through these functions, so a URI behaves like a local directory. Writes are whole or nothing (a
+temporary file renamed into place locally; one PUT on object stores). An S3-compatible endpoint is taken
+from the standard ``AWS_ENDPOINT_URL`` (with the usual ``AWS_*`` credentials), as boto3 does.
+"""
 
 from __future__ import annotations
 
@@ -43,22 +49,30 @@ __all__ = [
 
 
 def is_uri(path: str) -> bool:
+    """Whether ``path`` names an object store or other filesystem by scheme (``s3://``, ``gs://``...)."""
     return "://" in path
 
 
 def resolve(path: str) -> str:
+    """A local path made absolute (``~`` expanded); a URI without its trailing slash."""
     if is_uri(path):
         return path.rstrip("/")
     return os.path.abspath(os.path.expanduser(path))
 
 
 def join(base: str, *parts: str) -> str:
+    """``os.path.join`` for local paths; ``/``-joined for URIs (``join("s3://b/x", "ray") == "s3://b/x/ray"``)."""
     if is_uri(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(base, *parts)
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or URI, as Ray Data and pyarrow take them.
+
+    Raises:
+        StorageError: the scheme is unknown or the filesystem cannot be opened.
+    """
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
     scheme = path.split("://", 1)[0]
@@ -114,6 +128,7 @@ def read_json(path: str) -> Any:
 
 
 def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a reader never sees a torn file)."""
     if is_uri(path):
         fs, p = filesystem(path)
         with fs.open_output_stream(p) as f:
@@ -192,6 +207,7 @@ def _gcs_create_exclusive(bucket: str, key: str, data: bytes, path: str) -> bool
 
 
 def list_files(path: str, recursive: bool = True) -> list[str]:
+    """Files under ``path`` (with the URI scheme kept), sorted; a single file lists itself; missing -> []."""
     fs, p = filesystem(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.File:
@@ -204,6 +220,7 @@ def list_files(path: str, recursive: bool = True) -> list[str]:
 
 
 def list_dirs(path: str) -> list[str]:
+    """Base names of the immediate child directories of ``path`` (one listing call)."""
     fs, p = filesystem(path)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
@@ -211,6 +228,7 @@ def list_dirs(path: str) -> list[str]:
 
 
 def copy_dir(src: str, dst: str) -> None:
+    """Copy a directory tree between any two filesystems (local or URI on either side)."""
     sfs, sp = filesystem(src)
     dfs, dp = filesystem(dst)
     dfs.create_dir(dp, recursive=True)
@@ -218,6 +236,7 @@ def copy_dir(src: str, dst: str) -> None:
 
 
 def remove_tree(path: str) -> None:
+    """Delete a directory tree or file; a missing path is fine."""
     fs, p = filesystem(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.Directory:
@@ -227,6 +246,9 @@ def remove_tree(path: str) -> None:
 
 
 def local_dir(path: str, cache_root: str | None = None) -> str:
+    """A local directory holding the tree at ``path``: local paths as they are; a URI is downloaded once into a
+    cache keyed by the hash of the whole URI, filled in a temporary directory and renamed into place (a
+    concurrent filler that loses the rename discards its copy)."""
     if not is_uri(path):
         return path
     root = os.path.join(cache_root or tempfile.gettempdir(), "aigc-cache")
@@ -245,6 +267,8 @@ def local_dir(path: str, cache_root: str | None = None) -> str:
 
 @contextlib.contextmanager
 def local_staging(path: str) -> Iterator[str]:
+    """A local directory to write into (for libraries that only take local paths, e.g. matplotlib); uploaded
+    to ``path`` on exit when it is a URI, or ``path`` itself when it is local."""
     if not is_uri(path):
         os.makedirs(path, exist_ok=True)
         yield path
@@ -255,6 +279,7 @@ def local_staging(path: str) -> Iterator[str]:
 
 
 def filesystem_for_ray(path: str) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` as Ray Train and Tune ``RunConfig`` take them."""
     if not is_uri(path):
         return os.path.abspath(path), None
     fs, p = filesystem(path)
