@@ -102,7 +102,12 @@ class Generator:
         try:
             entry = await asyncio.to_thread(self._registry.resolve, model_id)
         except RegistryError as exc:
-            raise ModelNotFoundError(str(exc), param="model", code="model_not_found") from None
+            # The ingress resolved this id a moment ago, so it was removed since; the registry's message
+            # names its location, which stays in the server log.
+            logger.warning("adapter %s is no longer in the registry: %s", model_id, exc)
+            raise ModelNotFoundError(
+                f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+            ) from None
         if model_id_for(entry.base_model) != self._engine.model_id:
             logger.warning(
                 "adapter %s was trained on %s, this replica serves %s",

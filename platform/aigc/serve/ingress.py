@@ -15,12 +15,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -58,6 +59,8 @@ INGRESS_CPUS = 0.1
 INGRESS_MAX_ONGOING = 256
 _MAX_LISTED_IN_ERRORS = 20
 
+FinishReason = Literal["stop", "length"]
+
 
 # A JSON body without a Content-Type header is parsed too (recent FastAPI is strict by default; older
 # versions have no such option and always parse it).
@@ -85,8 +88,13 @@ class ApiError(Exception):
         return JSONResponse(status_code=self.status, content=body, headers=headers)
 
 
-def api_error_from(exc: BaseException) -> ApiError:
-    """Map an exception from the Generator (Ray wraps it; ``.cause`` is the original) to an API error."""
+def api_error_from(exc: BaseException, model: str | None = None) -> ApiError:
+    """Map an exception from the Generator (Ray wraps it; ``.cause`` is the original) to an API error.
+
+    Args:
+        exc: the exception a route or the Generator raised.
+        model: the model the request asked for, named in a failed load's message.
+    """
     cause = getattr(exc, "cause", None) or exc
     if isinstance(cause, ApiError):
         return cause
@@ -98,9 +106,10 @@ def api_error_from(exc: BaseException) -> ApiError:
         return ApiError(503, "the server is overloaded; retry shortly", type="server_error", code="overloaded")
     # 500s: the details (paths, exception text) go to the server log only, under an id the client can quote.
     ref = uuid.uuid4().hex[:12]
-    logger.error("request %s failed", ref, exc_info=exc)
+    logger.error("request %s failed (model %s)", ref, model, exc_info=exc)
     if isinstance(cause, AdapterLoadError):
-        msg = f"the model could not be loaded on this server; see the server log (request id {ref})"
+        what = f"the model '{model}'" if model else "the model"
+        msg = f"{what} could not be loaded on this server; see the server log (request id {ref})"
         return ApiError(500, msg, type="server_error", code="adapter_load_failed")
     return ApiError(500, f"internal error; see the server log (request id {ref})", type="server_error")
 
@@ -147,6 +156,39 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 def _sse(payload: Any) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+# ------------------------------------------------------------------------------- the two endpoints' shapes
+class _Kind(NamedTuple):
+    """How one endpoint shapes a generation: the only difference between chat and text completions."""
+
+    id_prefix: str
+    response: type[BaseModel]  # the whole answer: (model, choices, usage)
+    chunk: type[BaseModel]  # one streamed event: (id, created, model, choices, usage)
+    answer: Callable[[str, FinishReason], BaseModel]  # the non-streamed choice
+    delta: Callable[[str | None, FinishReason | None], BaseModel]  # a streamed choice: text, or the finish
+    opening: Callable[[], BaseModel] | None  # a choice streamed before the first token, if any
+
+
+def _chat_answer(text: str, finish_reason: FinishReason) -> ChatChoice:
+    return ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+
+
+def _chat_delta(text: str | None, finish_reason: FinishReason | None) -> ChatChunkChoice:
+    # The finish chunk's delta is empty ({}), as OpenAI sends it.
+    return ChatChunkChoice(delta=ChatDelta(content=text), finish_reason=finish_reason)
+
+
+def _chat_opening() -> ChatChunkChoice:
+    return ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
+
+
+def _text_choice(text: str | None, finish_reason: FinishReason | None) -> CompletionChoice:
+    return CompletionChoice(text=text or "", finish_reason=finish_reason)
+
+
+_CHAT = _Kind("chatcmpl", ChatCompletionResponse, ChatCompletionChunk, _chat_answer, _chat_delta, _chat_opening)
+_TEXT = _Kind("cmpl", CompletionResponse, CompletionChunk, _text_choice, _text_choice, None)
 
 
 @serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": INGRESS_CPUS})
@@ -232,7 +274,7 @@ class OpenAIIngress:
         try:
             return await self._generator.options(multiplexed_model_id=model_id).complete.remote(prompt, params)
         except Exception as exc:
-            raise api_error_from(exc) from None
+            raise api_error_from(exc, model_id or self._base_model_id) from None
 
     async def _open_stream(self, model_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         """Start a streamed generation and wait for its first delta, so that errors (unknown adapter,
@@ -246,7 +288,7 @@ class OpenAIIngress:
             gen.cancel()
             raise
         except Exception as exc:
-            raise api_error_from(exc) from None
+            raise api_error_from(exc, model_id or self._base_model_id) from None
 
         async def deltas() -> AsyncIterator[Delta]:
             try:
@@ -283,67 +325,41 @@ class OpenAIIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        model_id = await self._resolve(body.model)
-        model_name = model_id or self._base_model_id
-        params = self._params(body)
-        messages = [m.as_template_dict() for m in body.messages]
-        if not body.stream:
-            out = await self._complete(model_id, messages, params)
-            resp = ChatCompletionResponse(
-                model=model_name,
-                choices=[ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)],
-                usage=Usage.of(out.prompt_tokens, out.completion_tokens),
-            )
-            return JSONResponse(resp.model_dump())
-
-        deltas = await self._open_stream(model_id, messages, params)
-        head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model_name}
-
-        async def events() -> AsyncIterator[str]:
-            yield _sse(
-                ChatCompletionChunk(
-                    **head, choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))]
-                ).model_dump()
-            )
-            async for d in deltas:
-                if d.text:
-                    chunk = ChatCompletionChunk(**head, choices=[ChatChunkChoice(delta=ChatDelta(content=d.text))])
-                    yield _sse(chunk.model_dump())
-                if d.finish_reason is not None:
-                    last = ChatChunkChoice(delta=ChatDelta(), finish_reason=d.finish_reason)
-                    yield _sse(ChatCompletionChunk(**head, choices=[last]).model_dump())
-                    if body.include_usage:
-                        usage = Usage.of(d.prompt_tokens, d.completion_tokens)
-                        yield _sse(ChatCompletionChunk(**head, choices=[], usage=usage).model_dump())
-
-        return self._event_stream(events())
+        return await self._run_request(_CHAT, body, [m.as_template_dict() for m in body.messages])
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Response:
+        return await self._run_request(_TEXT, body, body.prompt_text)
+
+    # 4. the one request path both endpoints share ------------------------------------------------------
+    async def _run_request(
+        self, kind: _Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt
+    ) -> Response:
+        """Resolve the model, generate, and answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming)."""
         model_id = await self._resolve(body.model)
         model_name = model_id or self._base_model_id
         params = self._params(body)
         if not body.stream:
-            out = await self._complete(model_id, body.prompt_text, params)
-            resp = CompletionResponse(
-                model=model_name,
-                choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)],
-                usage=Usage.of(out.prompt_tokens, out.completion_tokens),
-            )
-            return JSONResponse(resp.model_dump())
+            out = await self._complete(model_id, prompt, params)
+            choice = kind.answer(out.text, out.finish_reason)
+            usage = Usage.of(out.prompt_tokens, out.completion_tokens)
+            return JSONResponse(kind.response(model=model_name, choices=[choice], usage=usage).model_dump())
 
-        deltas = await self._open_stream(model_id, body.prompt_text, params)
-        head = {"id": new_id("cmpl"), "created": int(time.time()), "model": model_name}
+        deltas = await self._open_stream(model_id, prompt, params)
+        head = {"id": new_id(kind.id_prefix), "created": int(time.time()), "model": model_name}
+
+        def chunk(choices: list[Any], usage: Usage | None = None) -> str:
+            return _sse(kind.chunk(**head, choices=choices, usage=usage).model_dump())
 
         async def events() -> AsyncIterator[str]:
+            if kind.opening is not None:
+                yield chunk([kind.opening()])
             async for d in deltas:
                 if d.text:
-                    yield _sse(CompletionChunk(**head, choices=[CompletionChoice(text=d.text)]).model_dump())
+                    yield chunk([kind.delta(d.text, None)])
                 if d.finish_reason is not None:
-                    last = CompletionChoice(text="", finish_reason=d.finish_reason)
-                    yield _sse(CompletionChunk(**head, choices=[last]).model_dump())
-                    if body.include_usage:
-                        usage = Usage.of(d.prompt_tokens, d.completion_tokens)
-                        yield _sse(CompletionChunk(**head, choices=[], usage=usage).model_dump())
+                    yield chunk([kind.delta(None, d.finish_reason)])
+                    if body.include_usage:  # OpenAI's last chunk: no choices, the usage
+                        yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens))
 
         return self._event_stream(events())
