@@ -7,6 +7,7 @@ from typing import Any
 from ray import serve
 
 from aigc.config import PlatformConfig, load_config
+from aigc.errors import ConfigError
 from aigc.models.loading import model_id_for
 from aigc.serve.generator import Generator
 from aigc.serve.ingress import INGRESS_MAX_ONGOING, OpenAIIngress
@@ -41,7 +42,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
     )
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
+def build_app(args: dict[str, Any] | None) -> serve.Application:
     """Build the OpenAI-compatible app from Serve config ``args``.
 
     ``args`` names a platform config file (plus optional ``section.key=value`` overrides), or gives its
@@ -62,9 +63,18 @@ def build_app(args: dict[str, Any]) -> serve.Application:
               # serve: {max_adapters_per_replica: 8, autoscaling: {max_replicas: 4}}
 
     Raises:
-        aigc.errors.ConfigError: the config is invalid; the message names the field.
+        aigc.errors.ConfigError: ``args`` or the config is invalid; the message names the field.
     """
-    inline = dict(args or {})
+    if args is None:  # `args:` left empty in the YAML
+        args = {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"Serve args must be a mapping of config sections, got {type(args).__name__}")
+    inline = dict(args)
     path = inline.pop("config", None)
-    overrides = list(inline.pop("overrides", None) or [])
+    if path is not None and not isinstance(path, str):
+        raise ConfigError(f"args.config must be the path of a config file, got {type(path).__name__}")
+    overrides = inline.pop("overrides", None) or []
+    # A lone string would otherwise be taken apart character by character.
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"args.overrides must be a list of 'section.key=value' strings, got {overrides!r}")
     return build_app_from_config(load_config(path, overrides, inline=inline))
