@@ -295,6 +295,34 @@ def test_streaming_raw_sse_ends_with_done(server):
     assert text == whole.choices[0].text
 
 
+def test_streaming_raw_chat_sse_shapes(server):
+    """The chat stream's events as OpenAI sends them: role first, then text, an empty finish delta, usage."""
+    body = {**_raw_chat(server), "stream": True, "stream_options": {"include_usage": True}}
+    with server.http.stream("POST", "/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        events = [line for line in resp.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    head = {"id": chunks[0]["id"], "object": "chat.completion.chunk", "created": chunks[0]["created"]}
+    assert chunks[0]["id"].startswith("chatcmpl-")
+    assert all({k: c[k] for k in head} == head and c["model"] == server.base_id for c in chunks)
+    choice = {"index": 0, "finish_reason": None, "logprobs": None}
+    assert chunks[0]["choices"] == [{**choice, "delta": {"role": "assistant", "content": ""}}]
+    assert chunks[0]["usage"] is None
+    texts = chunks[1:-2]
+    assert texts and all(c["choices"] == [{**choice, "delta": {"content": c["choices"][0]["delta"]["content"]}}]
+                         for c in texts)  # fmt: skip
+    whole = server.http.post("/chat/completions", json=_raw_chat(server)).json()
+    finish = whole["choices"][0]["finish_reason"]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in texts) == whole["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"] == [{**choice, "delta": {}, "finish_reason": finish}]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def _raw_chat(server) -> dict:
+    return {"model": server.base_id, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+
+
 def test_bad_requests_get_openai_errors(server):
     post = server.http.post
     ok = {"model": server.base_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -336,7 +364,7 @@ def test_adapter_failure_is_500_and_server_keeps_serving(server):
         err = _error(server.http.post("/chat/completions", json={**body, "stream": stream}), 500)
         assert err["type"] == "server_error" and err["code"] == "adapter_load_failed"
         # The client learns where to look, never the exception text or a path of the server.
-        assert err["message"].startswith("the model could not be loaded on this server; see the server log")
+        assert err["message"].startswith("the model 'broken:v1' could not be loaded on this server; see the server log")
         assert "/" not in err["message"] and "safetensors" not in err["message"].lower()
     assert _chat(server, "support").choices[0].message.content
 
@@ -358,13 +386,59 @@ def test_lru_eviction_and_concurrent_adapters(server):
     assert len(generator.loaded_adapters.remote().result(timeout_s=TIMEOUT_S)) <= 2
 
 
-def test_unexpected_errors_become_a_generic_500():
+def test_errors_map_to_statuses_in_the_ingress():
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    from aigc.errors import ModelNotFoundError
     from aigc.serve.ingress import api_error_from
 
-    err = api_error_from(RuntimeError("boom at /srv/secret/model.safetensors"))
-    assert err.status == 500 and err.type == "server_error"
-    assert err.message.startswith("internal error; see the server log (request id ")
-    assert "boom" not in err.message and "/srv" not in err.message
+    def raised_in_replica(exc: Exception) -> Exception:  # what the handle raises: Ray's wrapper, cause inside
+        return RayTaskError("Generator.complete", "Traceback ...", exc).as_instanceof_cause()
+
+    bad = InvalidRequestError("prompt too long", param="messages", code="context_length_exceeded")
+    for exc in (bad, raised_in_replica(bad)):
+        err = api_error_from(exc)
+        assert (err.status, err.type, err.param, err.code) == (400, "invalid_request_error", "messages", bad.code)
+        assert err.message == "prompt too long"
+
+    err = api_error_from(raised_in_replica(ModelNotFoundError("The model 'gone:v1' does not exist")))
+    assert (err.status, err.param, err.code, err.message) == (
+        404,
+        "model",
+        "model_not_found",
+        "The model 'gone:v1' does not exist",
+    )
+
+    err = api_error_from(BackPressureError(num_queued_requests=3, max_queued_requests=2))
+    assert (err.status, err.type, err.code) == (503, "server_error", "overloaded")
+    resp = err.response()
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+    assert json.loads(resp.body) == {
+        "error": {"message": "the server is overloaded; retry shortly", "type": "server_error", "param": None,
+                  "code": "overloaded"}
+    }  # fmt: skip
+
+
+def test_unexpected_errors_become_a_generic_500():
+    from aigc.errors import AdapterLoadError
+    from aigc.serve.ingress import api_error_from
+
+    secret = "boom at /srv/secret/model.safetensors"
+    ids = set()
+    for exc in (RuntimeError(secret), KeyError(secret), AssertionError(secret)):
+        err = api_error_from(exc)
+        assert (err.status, err.type, err.param, err.code) == (500, "server_error", None, None)
+        prefix, ref = err.message[:-1].rsplit(" ", 1)
+        assert prefix == "internal error; see the server log (request id" and err.message.endswith(")")
+        assert len(ref) == 12 and int(ref, 16) >= 0
+        ids.add(ref)
+    assert len(ids) == 3  # one id per failure, to find its traceback in the log
+
+    err = api_error_from(AdapterLoadError(f"could not load adapter from {secret}"), model="broken:v1")
+    assert (err.status, err.type, err.code) == (500, "server_error", "adapter_load_failed")
+    assert err.message.startswith("the model 'broken:v1' could not be loaded on this server; see the server log")
+    assert "boom" not in err.message and "/srv" not in err.message and "safetensors" not in err.message
 
 
 def test_build_app_args_are_objects_not_text(monkeypatch):
@@ -375,6 +449,19 @@ def test_build_app_args_are_objects_not_text(monkeypatch):
     monkeypatch.setattr(builder, "build_app_from_config", lambda cfg: seen.setdefault("cfg", cfg))
     builder.build_app({"serve": {"base_model_id": "a: b"}, "data": {"system_prompt": None}})
     assert seen["cfg"].serve.base_model_id == "a: b" and seen["cfg"].data.system_prompt is None
+
+
+def test_build_app_rejects_malformed_args():
+    from aigc.errors import ConfigError
+    from aigc.serve.builder import build_app
+
+    with pytest.raises(ConfigError, match=r"^Serve args must be a mapping of config sections, got list$"):
+        build_app(["configs/demo.yaml"])
+    with pytest.raises(ConfigError, match=r"^args.config must be the path of a config file, got int$"):
+        build_app({"config": 3})
+    msg = "^args.overrides must be a list of 'section.key=value' strings, got 'serve.port=1'$"
+    with pytest.raises(ConfigError, match=msg):
+        build_app({"overrides": "serve.port=1"})
 
 
 def test_build_app_args():
