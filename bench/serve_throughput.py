@@ -1,11 +1,14 @@
 """Serving throughput: the OpenAI app under concurrent load against plain sequential ``generate``.
 
     .venv/bin/python bench/serve_throughput.py [--requests 96] [--max-tokens 64] [--concurrency 1 8 32]
+                                               [--set serve.cpus_per_replica=1 ...]
 
 Baseline (same run, same model, prompts and max_tokens, greedy): one process calling
-``model.generate`` for one request after another. Candidates:
+``model.generate`` for one request after another, in a fresh process with torch's default threads (its
+best case: torch used from two threads of one process slows both). Candidates:
 
-1. the engine alone (``aigc.serve.engine.GenerationEngine``, no Ray, no Serve) at each concurrency;
+1. the engine alone (``aigc.serve.engine.GenerationEngine``, no Ray, no Serve) at each concurrency, with as
+   many torch threads as a generator replica gets (``serve.cpus_per_replica``);
 2. the Serve app (``aigc serve``: one generator replica) through the official ``openai`` async client on
    loopback, at each concurrency, streaming and not: output tokens/s, p50/p99 latency, time to first token;
 3. a mixed run: 32 concurrent requests spread over the base model and 3 LoRA adapters, against the
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -192,16 +196,19 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--skip-serve", action="store_true", help="baseline and engine only (no Ray)")
     ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="aigc-bench-serve-")
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [f"registry_dir={work}/registry",
-                      f"serve.max_tokens_cap={max(args.max_tokens, 64)}"])  # fmt: skip
+                      f"serve.max_tokens_cap={max(args.max_tokens, 64)}", *args.set])  # fmt: skip
     prompts = _prompts(args.requests)
-    print(f"[bench] {args.requests} requests, max_tokens {args.max_tokens}, greedy, model {cfg.model.name_or_path}, "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
-    baseline = bench_baseline(cfg.model.name_or_path, prompts, args.max_tokens)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        baseline = pool.apply(bench_baseline, (cfg.model.name_or_path, prompts, args.max_tokens))
     runs = [baseline]
+    torch.set_num_threads(max(1, int(cfg.serve.cpus_per_replica)))  # what Ray gives a generator replica
+    print(f"[bench] {args.requests} requests, max_tokens {args.max_tokens}, greedy, model {cfg.model.name_or_path}, "
+          f"engine torch threads {torch.get_num_threads()}, overrides {args.set or 'none'}")  # fmt: skip
     adapters = _random_adapters(cfg.model.name_or_path, cfg.registry_dir, 3)
 
     from aigc.registry import Registry

@@ -33,7 +33,7 @@ PROMPTS = [
 def engine(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engine")
     base = make_tiny_model(tmp / "base")
-    eng = GenerationEngine(base, max_batch_size=8)
+    eng = GenerationEngine(base, max_batch_size=8, admit_min_rows=3)  # joiners wait up to 20 ms for company
     eng.load_adapter(make_tiny_adapter(base, tmp / "a1", seed=4), "a1")
     eng.load_adapter(make_tiny_adapter(base, tmp / "a2", seed=5), "a2")
     yield eng
@@ -89,6 +89,39 @@ def test_stream_pieces_join_to_the_whole_text_and_closing_frees_the_slot(engine)
     assert len(deltas) > 2 and "".join(d.text for d in deltas) == whole.text
     assert deltas[-1].finish_reason == whole.finish_reason
     assert deltas[-1].completion_tokens == whole.completion_tokens
+
+
+def test_a_slow_stream_consumer_gets_what_piled_up_as_one_delta(engine):
+    params = SamplingParams(max_tokens=40, temperature=0)
+    whole = engine.generate(PROMPTS[3], params)
+
+    async def slow() -> list:
+        out = []
+        async for d in engine.astream(PROMPTS[3], params):
+            out.append(d)
+            await asyncio.sleep(0.05)  # the engine decodes several tokens meanwhile
+        return out
+
+    deltas = asyncio.run(slow())
+    assert whole.completion_tokens > 10 and len(deltas) < whole.completion_tokens / 2
+    assert "".join(d.text for d in deltas) == whole.text and deltas[-1].completion_tokens == whole.completion_tokens
+
+
+def test_a_finished_rows_adapter_can_go_while_its_row_still_sits_in_the_cache(engine, tmp_path):
+    """Finished rows leave the KV cache lazily; deleting their adapter meanwhile must not break the batch."""
+    engine.load_adapter(make_tiny_adapter(engine.model_name_or_path, tmp_path / "a3", seed=6), "a3")
+    long_params = SamplingParams(max_tokens=80, temperature=0)
+    alone = [engine.generate(PROMPTS[i], long_params, a) for i, a in ((0, None), (1, "a1"))]
+    with ThreadPoolExecutor(3) as pool:
+        assert engine.acquire_adapter("a3")
+        running = [pool.submit(engine.generate, PROMPTS[i], long_params, a) for i, a in ((0, None), (1, "a1"))]
+        time.sleep(0.02)
+        short = engine.generate(PROMPTS[2], replace(GREEDY, max_tokens=3), "a3")
+        engine.release_adapter("a3")
+        engine.delete_adapter("a3")  # removed between steps while the long rows still decode
+        together = [f.result(60) for f in running]
+    assert short.completion_tokens == 3 and "a3" not in engine.adapters
+    assert together == alone
 
 
 def test_closing_a_stream_frees_its_row_at_the_next_step(engine):
