@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -124,6 +125,41 @@ class AutoscalingConfig(_Section):
         return self
 
 
+class ModerationConfig(_Section):
+    """Content safety (``aigc.serve.moderation``): rules per category and/or a pluggable classifier."""
+
+    categories: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Category -> regular expressions (case-insensitive) whose match flags a prompt or answer.",
+    )
+    classifier: str | None = Field(
+        None, description="'package.module:factory' returning an object with check(text) -> Flag | None."
+    )
+    check_prompts: bool = Field(True, description="Refuse flagged prompts with 400 (code content_filter).")
+    check_outputs: bool = Field(True, description="Stop flagged answers with finish_reason content_filter.")
+    holdback_chars: int = Field(
+        64, ge=0, description="Streamed characters held back until checked; >= the longest flagged phrase."
+    )
+
+    @field_validator("categories")
+    @classmethod
+    def _patterns_compile(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for category, patterns in v.items():
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except re.error as exc:
+                    raise ValueError(f"category {category!r}: pattern {p!r} does not compile: {exc}") from None
+        return v
+
+    @field_validator("classifier")
+    @classmethod
+    def _import_path(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[\w.]+:\w+", v):
+            raise ValueError(f"must look like 'package.module:factory', got {v!r}")
+        return v
+
+
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 to accept remote clients.")
     port: int = Field(8000, ge=1, le=65535)
@@ -145,6 +181,7 @@ class ServeConfig(_Section):
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    moderation: ModerationConfig = Field(default_factory=ModerationConfig)
 
     @model_validator(mode="after")
     def _default_le_cap(self) -> ServeConfig:

@@ -39,6 +39,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         registry_dir=cfg.registry_dir,
         max_tokens_cap=s.max_tokens_cap,
         default_max_tokens=s.default_max_tokens,
+        moderation=s.moderation.model_dump(),
     )
 
 

@@ -10,6 +10,7 @@ text or paths (the details go to the server log under a request id).
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
 # class-based routes do not resolve string annotations (a body model would become a query parameter).
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError, RegistryError
 from aigc.registry import Registry
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
+from aigc.serve.moderation import OutputGuard, load_policy
 from aigc.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -59,7 +61,7 @@ INGRESS_CPUS = 0.1
 INGRESS_MAX_ONGOING = 256
 _MAX_LISTED_IN_ERRORS = 20
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]
 
 
 # A JSON body without a Content-Type header is parsed too (recent FastAPI is strict by default; older
@@ -202,6 +204,7 @@ class OpenAIIngress:
         registry_dir: the adapter registry (local directory or URI).
         max_tokens_cap: the largest ``max_tokens`` a request may ask for.
         default_max_tokens: used when a request gives no ``max_tokens``.
+        moderation: ``serve.moderation`` as a dict (see :mod:`aigc.serve.moderation`); None = no checks.
     """
 
     def __init__(
@@ -211,12 +214,18 @@ class OpenAIIngress:
         registry_dir: str,
         max_tokens_cap: int = 512,
         default_max_tokens: int = 64,
+        moderation: dict[str, Any] | None = None,
     ):
         self._generator = generator
         self._base_model_id = base_model_id
         self._registry = Registry(registry_dir)
         self._cap = max_tokens_cap
         self._default_max_tokens = min(default_max_tokens, max_tokens_cap)
+        mod = moderation or {}
+        self._policy = load_policy(mod.get("categories") or {}, mod.get("classifier"))
+        self._check_prompts = self._policy is not None and mod.get("check_prompts", True)
+        self._check_outputs = self._policy is not None and mod.get("check_outputs", True)
+        self._holdback = int(mod.get("holdback_chars", 64))
 
     # 1. models -----------------------------------------------------------------------------------------
     async def _model_cards(self) -> list[ModelCard]:
@@ -301,6 +310,25 @@ class OpenAIIngress:
 
         return deltas()
 
+    def _moderate_prompt(self, prompt: Prompt) -> None:
+        """Refuse a prompt the content policy flags (400, ``code: content_filter``), before any generation."""
+        if not self._check_prompts:
+            return
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        flag = self._policy.check(text)
+        if flag is not None:
+            raise ApiError(
+                400,
+                f"the prompt was flagged by this server's content policy (category: {flag.category})",
+                param="prompt" if isinstance(prompt, str) else "messages",
+                code="content_filter",
+            )
+
+    def _moderate_answer(self, text: str, reason: FinishReason) -> tuple[str, FinishReason]:
+        """A whole answer cut before its first flagged span, with ``finish_reason`` content_filter."""
+        flag = self._policy.check(text) if self._check_outputs else None
+        return (text, reason) if flag is None else (text[: flag.start], "content_filter")
+
     @staticmethod
     def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
@@ -339,27 +367,42 @@ class OpenAIIngress:
         model_id = await self._resolve(body.model)
         model_name = model_id or self._base_model_id
         params = self._params(body)
+        self._moderate_prompt(prompt)
         if not body.stream:
             out = await self._complete(model_id, prompt, params)
-            choice = kind.answer(out.text, out.finish_reason)
+            choice = kind.answer(*self._moderate_answer(out.text, out.finish_reason))
             usage = Usage.of(out.prompt_tokens, out.completion_tokens)
             return JSONResponse(kind.response(model=model_name, choices=[choice], usage=usage).model_dump())
 
         deltas = await self._open_stream(model_id, prompt, params)
         head = {"id": new_id(kind.id_prefix), "created": int(time.time()), "model": model_name}
+        guard = OutputGuard(self._policy, self._holdback) if self._check_outputs else None
 
         def chunk(choices: list[Any], usage: Usage | None = None) -> str:
             return _sse(kind.chunk(**head, choices=choices, usage=usage).model_dump())
 
+        def finish(reason: FinishReason, d: Delta) -> list[str]:
+            out = [chunk([kind.delta(None, reason)])]
+            if body.include_usage:  # OpenAI's last chunk: no choices, the usage
+                out.append(chunk([], Usage.of(d.prompt_tokens, d.completion_tokens)))
+            return out
+
         async def events() -> AsyncIterator[str]:
             if kind.opening is not None:
                 yield chunk([kind.opening()])
-            async for d in deltas:
-                if d.text:
-                    yield chunk([kind.delta(d.text, None)])
-                if d.finish_reason is not None:
-                    yield chunk([kind.delta(None, d.finish_reason)])
-                    if body.include_usage:  # OpenAI's last chunk: no choices, the usage
-                        yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens))
+            async with contextlib.aclosing(deltas):  # leaving early (flagged answer) stops the generation
+                async for d in deltas:
+                    text = d.text if guard is None else guard.push(d.text)
+                    if guard is not None and d.finish_reason is not None:
+                        text += guard.flush()
+                    if text:
+                        yield chunk([kind.delta(text, None)])
+                    if guard is not None and guard.flag is not None:
+                        for e in finish("content_filter", d):
+                            yield e
+                        return
+                    if d.finish_reason is not None:
+                        for e in finish(d.finish_reason, d):
+                            yield e
 
         return self._event_stream(events())

@@ -68,7 +68,7 @@ class Completion:
 
 @dataclass
 class Delta:
-    """One streamed piece of text. The last delta has ``finish_reason`` and the token counts set."""
+    """One streamed piece of text, with the token counts so far; the last delta has ``finish_reason`` set."""
 
     text: str = ""
     finish_reason: FinishReason | None = None
@@ -365,8 +365,8 @@ class GenerationEngine:
             reason = "stop"
         else:
             out = r.stops.push(r.detok.push(token))
-            if out:
-                r.sink(Delta(text=out))
+            if out:  # counts so far travel with every delta (usage for a stream cut short downstream)
+                r.sink(Delta(text=out, prompt_tokens=len(r.prompt_ids), completion_tokens=n))
             if r.stops.hit:
                 reason = "stop"
             elif n >= p.max_tokens:

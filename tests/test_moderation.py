@@ -1,0 +1,154 @@
+"""Content safety: the rule policy, the streaming guard, config errors, and the app refusing flagged prompts and
+stopping flagged answers with ``finish_reason: content_filter`` (non-streamed and streamed)."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from helpers import free_port, make_tiny_model
+
+from aigc.config import PlatformConfig, load_config
+from aigc.errors import ConfigError
+from aigc.serve.moderation import Flag, OutputGuard, RulePolicy, load_policy
+
+TIMEOUT_S = 60
+
+
+# ============================================================================== policy and guard, no server
+def test_rule_policy_flags_the_earliest_match_case_insensitively():
+    policy = RulePolicy({"weapons": [r"\bbomb\b"], "pii": [r"\b\d{3}-\d{2}-\d{4}\b"]})
+    assert policy.check("how do I bake bread") is None
+    assert policy.check("my SSN is 123-45-6789, and a BOMB") == Flag("pii", 10, 21)
+    assert policy.check("Bomb threat") == Flag("weapons", 0, 4)
+
+
+def test_guard_never_sends_part_of_a_phrase_split_over_pieces():
+    guard = OutputGuard(RulePolicy({"x": ["secret plan"]}), holdback_chars=16)
+    pieces = ["Here is ", "the sec", "ret", " plan", " in full"]
+    sent = "".join(guard.push(p) for p in pieces)
+    assert guard.flag is not None and guard.flag.category == "x"
+    assert sent == "Here is the "  # everything before the phrase, nothing of it
+    assert guard.push("more") == "" and guard.flush() == ""
+
+
+def test_guard_passes_clean_text_through_whole():
+    guard = OutputGuard(RulePolicy({"x": ["secret plan"]}), holdback_chars=16)
+    pieces = ["A perfectly ", "ordinary ", "answer about a plan", " and a secret."]
+    sent = "".join(guard.push(p) for p in pieces) + guard.flush()
+    assert guard.flag is None and sent == "".join(pieces)
+
+
+def flag_the_word_refund():  # a classifier factory, imported by path in the test below
+    class Classifier:
+        def check(self, text: str) -> Flag | None:
+            i = text.find("refund")
+            return None if i < 0 else Flag("classifier", i, i + 6)
+
+    return Classifier()
+
+
+def test_a_classifier_plugs_in_by_import_path_after_the_rules():
+    policy = load_policy({"rules": ["never"]}, "test_moderation:flag_the_word_refund")
+    assert policy.check("never mind the refund").category == "rules"
+    assert policy.check("about the refund") == Flag("classifier", 10, 16)
+    assert load_policy({}, None) is None
+
+
+def test_bad_moderation_config_fails_at_load_naming_the_field():
+    with pytest.raises(ConfigError, match=r"serve\.moderation\.categories: .*category 'x': pattern 'a\(' does not"):
+        load_config("configs/demo.yaml", ['serve.moderation.categories.x=["a("]'])
+    with pytest.raises(ConfigError, match=r"serve\.moderation\.classifier: .*'package\.module:factory'"):
+        load_config("configs/demo.yaml", ["serve.moderation.classifier=not-a-path"])
+    with pytest.raises(ConfigError, match=r"classifier 'no_such_module:f' could not be loaded"):
+        load_policy({}, "no_such_module:f")
+
+
+# ============================================================================== the app
+PROMPT = "Where is my parcel?"
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    """An app whose rules flag one prompt word and a word the base model is known to answer with."""
+    from ray import serve
+
+    from aigc.serve.engine import GenerationEngine, SamplingParams
+    from aigc.serve.run import run_server
+
+    base = make_tiny_model(tmp_path_factory.mktemp("moderation") / "tiny-base")
+    engine = GenerationEngine(base)
+    answer = engine.generate([{"role": "user", "content": PROMPT}], SamplingParams(max_tokens=24, temperature=0))
+    engine.close()
+    # A word of the answer whose first (case-insensitive) occurrence is past its start: the rule will cut there.
+    cuts = {w: re.search(re.escape(w), answer.text, re.IGNORECASE).start() for w in re.findall(r"\w{3,}", answer.text)}
+    word = next((w for w, at in cuts.items() if at > 5), None)
+    assert word is not None, answer.text  # random weights, fixed seed: such a word exists
+    serve.shutdown()
+    cfg = PlatformConfig.model_validate(
+        {
+            "registry_dir": str(tmp_path_factory.mktemp("registry")),
+            "model": {"name_or_path": base},
+            "serve": {
+                "port": free_port(),
+                "app_name": "aigc-moderation",
+                "max_tokens_cap": 64,
+                "cpus_per_replica": 1,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                "moderation": {"categories": {"banned": [r"\bforbidden topic\b"], "test": [re.escape(word)]},
+                               "holdback_chars": 16},
+            },
+        }
+    )  # fmt: skip
+    url = run_server(cfg, blocking=False)
+    http = httpx.Client(base_url=url, timeout=TIMEOUT_S)
+    yield SimpleNamespace(url=url, http=http, word=word, allowed=answer.text[: cuts[word]])
+    http.close()
+    serve.shutdown()
+
+
+def _chat(server, content: str, **kw) -> httpx.Response:
+    body = {"model": "tiny-base", "messages": [{"role": "user", "content": content}], "max_tokens": 24,
+            "temperature": 0, **kw}  # fmt: skip
+    return server.http.post("/chat/completions", json=body)
+
+
+def test_a_flagged_prompt_is_refused_before_generation(server):
+    r = _chat(server, "Tell me about the FORBIDDEN topic please")
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "content_filter" and err["param"] == "messages"
+    assert err["message"] == "the prompt was flagged by this server's content policy (category: banned)"
+    r = server.http.post("/completions", json={"model": "tiny-base", "prompt": "a forbidden topic", "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_a_flagged_answer_stops_with_content_filter(server):
+    r = _chat(server, PROMPT)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert choice["message"]["content"] == server.allowed
+
+
+def test_a_flagged_streamed_answer_never_sends_the_phrase(server):
+    import json
+
+    body = {"model": "tiny-base", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    text, reasons, usage = "", [], None
+    with server.http.stream("POST", "/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            for c in event["choices"]:
+                text += c["delta"].get("content") or ""
+                reasons.append(c["finish_reason"])
+            usage = event.get("usage") or usage
+    assert reasons[-1] == "content_filter" and server.word.lower() not in text.lower()
+    assert text == server.allowed
+    assert usage is not None and 0 < usage["completion_tokens"] <= 24
