@@ -234,6 +234,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
         DataError: the input is missing, of an unsupported type, or not in the configured format.
     """
     import ray.data
+    from ray.data.expressions import col
 
     files = list_input_files(data.path)
     paths = [p for p, _ in files]
@@ -257,9 +258,9 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
     # Three writes from one materialized result; overwrite so a re-run never mixes old shards in.
     kept_cols = ["input_ids", "labels", "n_tokens", "n_target_tokens"]
     for split in ("train", "val"):
-        part = ds.filter(lambda r, s=split: r["split"] == s).select_columns(kept_cols)
+        part = ds.filter(expr=col("split") == split).select_columns(kept_cols)
         part.write_parquet(storage.filesystem(storage.join(data_dir, split))[1], filesystem=out_fs, mode="overwrite")
-    bad = ds.filter(lambda r: not r["ok"]).select_columns(["reason", "detail", "raw"])
+    bad = ds.filter(expr=~col("ok")).select_columns(["reason", "detail", "raw"])
     n_bad = bad.count()
     qdir = storage.join(data_dir, "quarantine")
     storage.remove_tree(qdir)  # a re-run's quarantine never mixes in an earlier run's rows

@@ -32,6 +32,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         trust_remote_code=cfg.model.trust_remote_code,
         max_adapters=s.max_adapters_per_replica,
         max_batch_size=s.max_batch_size,
+        max_replicas=s.autoscaling.max_replicas,
     )
     return OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
         generator,

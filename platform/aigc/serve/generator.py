@@ -21,6 +21,7 @@ from aigc.errors import AdapterLoadError, ModelNotFoundError, RegistryError
 from aigc.models.loading import model_id_for
 from aigc.registry import Registry
 from aigc.serve.engine import Completion, Delta, GenerationEngine, Prompt, SamplingParams
+from aigc.serve.metrics import start_generator_gauges
 
 __all__ = ["Generator", "LoadedAdapter"]
 
@@ -65,6 +66,7 @@ class Generator:
         trust_remote_code: allow custom modelling code from the hub.
         max_adapters: adapters kept loaded per replica; the least recently used is evicted beyond this.
         max_batch_size: requests the engine decodes together (continuous batching).
+        max_replicas: the deployment's autoscaling ceiling (published as a metric for alerting).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Generator:
         trust_remote_code: bool = False,
         max_adapters: int = 4,
         max_batch_size: int = 32,
+        max_replicas: int = 1,
     ):
         import torch
 
@@ -89,6 +92,7 @@ class Generator:
         )
         self._registry = Registry(registry_dir)
         self._base_model_id = base_model_id
+        self._stop_gauges = start_generator_gauges(self._engine, max_replicas)
         self._load_counter = itertools.count()
 
         # max_adapters comes from config, so the multiplexed loader is wrapped here rather than with a

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError, RegistryError
 from aigc.registry import Registry
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
+from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
 from aigc.serve.moderation import OutputGuard, load_policy
 from aigc.serve.schemas import (
     AssistantMessage,
@@ -68,6 +69,7 @@ FinishReason = Literal["stop", "length", "content_filter"]
 # versions have no such option and always parse it).
 _LENIENT = {"strict_content_type": False} if "strict_content_type" in inspect.signature(FastAPI).parameters else {}
 app = FastAPI(title="AIGC Platform", description="OpenAI-compatible API for base models and LoRA adapters.", **_LENIENT)
+app.add_middleware(MetricsMiddleware)
 
 
 class ApiError(Exception):
@@ -317,6 +319,7 @@ class OpenAIIngress:
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
         flag = self._policy.check(text)
         if flag is not None:
+            ingress_metrics().content_filter("prompt", flag.category)
             raise ApiError(
                 400,
                 f"the prompt was flagged by this server's content policy (category: {flag.category})",
@@ -327,7 +330,10 @@ class OpenAIIngress:
     def _moderate_answer(self, text: str, reason: FinishReason) -> tuple[str, FinishReason]:
         """A whole answer cut before its first flagged span, with ``finish_reason`` content_filter."""
         flag = self._policy.check(text) if self._check_outputs else None
-        return (text, reason) if flag is None else (text[: flag.start], "content_filter")
+        if flag is None:
+            return text, reason
+        ingress_metrics().content_filter("answer", flag.category)
+        return text[: flag.start], "content_filter"
 
     @staticmethod
     def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
@@ -366,10 +372,13 @@ class OpenAIIngress:
         """Resolve the model, generate, and answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming)."""
         model_id = await self._resolve(body.model)
         model_name = model_id or self._base_model_id
+        request_info()["model"] = model_name  # a metrics label: only ids that exist, never what clients typed
         params = self._params(body)
         self._moderate_prompt(prompt)
+        metrics = ingress_metrics()
         if not body.stream:
             out = await self._complete(model_id, prompt, params)
+            metrics.usage(model_name, out.prompt_tokens, out.completion_tokens)
             choice = kind.answer(*self._moderate_answer(out.text, out.finish_reason))
             usage = Usage.of(out.prompt_tokens, out.completion_tokens)
             return JSONResponse(kind.response(model=model_name, choices=[choice], usage=usage).model_dump())
@@ -381,13 +390,21 @@ class OpenAIIngress:
         def chunk(choices: list[Any], usage: Usage | None = None) -> str:
             return _sse(kind.chunk(**head, choices=choices, usage=usage).model_dump())
 
+        started, first = time.perf_counter(), None
+
         def finish(reason: FinishReason, d: Delta) -> list[str]:
+            metrics.usage(model_name, d.prompt_tokens, d.completion_tokens)
+            if first is not None:
+                metrics.timing(model_name, first - started, time.perf_counter() - started, d.completion_tokens)
+            if reason == "content_filter":
+                metrics.content_filter("answer", guard.flag.category)
             out = [chunk([kind.delta(None, reason)])]
             if body.include_usage:  # OpenAI's last chunk: no choices, the usage
                 out.append(chunk([], Usage.of(d.prompt_tokens, d.completion_tokens)))
             return out
 
         async def events() -> AsyncIterator[str]:
+            nonlocal first
             if kind.opening is not None:
                 yield chunk([kind.opening()])
             async with contextlib.aclosing(deltas):  # leaving early (flagged answer) stops the generation
@@ -396,6 +413,7 @@ class OpenAIIngress:
                     if guard is not None and d.finish_reason is not None:
                         text += guard.flush()
                     if text:
+                        first = first or time.perf_counter()
                         yield chunk([kind.delta(text, None)])
                     if guard is not None and guard.flag is not None:
                         for e in finish("content_filter", d):

@@ -66,6 +66,8 @@ def build_tuner(cfg: PlatformConfig) -> Any:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from aigc.tune.progress import SweepProgress
+
     space = load_space(cfg.tune.space, cfg)
     # The trial receives the config as an object (its paths were made absolute when it was loaded).
     trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_driver, base=cfg), {"cpu": _DRIVER_CPUS})
@@ -90,7 +92,8 @@ def build_tuner(cfg: PlatformConfig) -> Any:
             name=cfg.tune.name,
             storage_path=sweep_storage,
             storage_filesystem=sweep_fs,
-            verbose=1,
+            verbose=0,  # one line per trial event instead of Tune's tables
+            callbacks=[SweepProgress(cfg.tune.metric, cfg.tune.num_samples)],
         ),
     )
 

@@ -163,6 +163,11 @@ class GenerationEngine:
         return len(self._batch)
 
     @property
+    def waiting_requests(self) -> int:
+        """Requests waiting for a batch slot."""
+        return len(self._waiting)
+
+    @property
     def max_rows_seen(self) -> int:
         """The most rows that ever shared one decoding step."""
         return self._batch.max_rows_seen

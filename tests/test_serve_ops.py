@@ -1,9 +1,20 @@
-"""Content safety: the rule policy, the streaming guard, config errors, and the app refusing flagged prompts and
-stopping flagged answers with ``finish_reason: content_filter`` (non-streamed and streamed)."""
+"""Operating the endpoint: content safety and metrics.
+
+Content safety: the rule policy, the streaming guard, config errors, and the app refusing flagged prompts and
+stopping flagged answers with ``finish_reason: content_filter`` (non-streamed and streamed). Metrics: the
+platform's series on Ray's real Prometheus endpoint move with real requests; the alert rules and the Grafana
+dashboard parse (``promtool`` when installed) and only use series the platform exports.
+"""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -51,7 +62,7 @@ def flag_the_word_refund():  # a classifier factory, imported by path in the tes
 
 
 def test_a_classifier_plugs_in_by_import_path_after_the_rules():
-    policy = load_policy({"rules": ["never"]}, "test_moderation:flag_the_word_refund")
+    policy = load_policy({"rules": ["never"]}, "test_serve_ops:flag_the_word_refund")
     assert policy.check("never mind the refund").category == "rules"
     assert policy.check("about the refund") == Flag("classifier", 10, 16)
     assert load_policy({}, None) is None
@@ -109,8 +120,8 @@ def server(ray_cluster, tmp_path_factory):
     serve.shutdown()
 
 
-def _chat(server, content: str, **kw) -> httpx.Response:
-    body = {"model": "tiny-base", "messages": [{"role": "user", "content": content}], "max_tokens": 24,
+def _chat(server, content: str, model: str = "tiny-base", **kw) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 24,
             "temperature": 0, **kw}  # fmt: skip
     return server.http.post("/chat/completions", json=body)
 
@@ -134,8 +145,6 @@ def test_a_flagged_answer_stops_with_content_filter(server):
 
 
 def test_a_flagged_streamed_answer_never_sends_the_phrase(server):
-    import json
-
     body = {"model": "tiny-base", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     text, reasons, usage = "", [], None
@@ -152,3 +161,117 @@ def test_a_flagged_streamed_answer_never_sends_the_phrase(server):
     assert reasons[-1] == "content_filter" and server.word.lower() not in text.lower()
     assert text == server.allowed
     assert usage is not None and 0 < usage["completion_tokens"] <= 24
+
+
+# ============================================================================== metrics
+ROOT = Path(__file__).resolve().parents[1]
+MONITORING = ROOT / "deploy" / "monitoring"
+METRIC_SAMPLE = re.compile(r"^(\w+)\{(.*)\} (\S+)$")
+
+
+def _scrape() -> str:
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _value(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        m = METRIC_SAMPLE.match(line)
+        if m and m.group(1) == name and all(f'{k}="{v}"' in m.group(2) for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def _wait_for(check, timeout_s: float = 90) -> str:
+    """Scrape until ``check(text)`` holds (Ray pushes worker metrics to the node's exporter every few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = _scrape()
+        if check(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(2)
+
+
+def test_metrics_move_with_real_requests(server):
+    chat = "/v1/chat/completions"
+    base = _scrape()
+    ok_before = _value(base, "ray_aigc_requests_total", route=chat, status="200", model="tiny-base", key="-")
+    tokens_before = _value(base, "ray_aigc_completion_tokens_total", model="tiny-base")
+    for _ in range(3):
+        assert _chat(server, "Hello there", max_tokens=8).status_code == 200
+    body = {"model": "tiny-base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True}
+    with server.http.stream("POST", "/chat/completions", json=body) as r:
+        assert r.status_code == 200 and sum(1 for _ in r.iter_lines()) > 2
+    assert _chat(server, "Hello", model="no-such-model").status_code == 404
+
+    def moved(text: str) -> bool:
+        return (
+            _value(text, "ray_aigc_requests_total", route=chat, status="200", model="tiny-base") >= ok_before + 4
+            and _value(text, "ray_aigc_requests_total", route=chat, status="404", model="-") >= 1
+            and _value(text, "ray_aigc_time_to_first_token_seconds_count", model="tiny-base") >= 1
+            and _value(text, "ray_aigc_batch_capacity") > 0
+        )
+
+    text = _wait_for(moved)
+    assert moved(text), [line for line in text.splitlines() if "aigc" in line][:40]
+    assert _value(text, "ray_aigc_completion_tokens_total", model="tiny-base") > tokens_before
+    assert _value(text, "ray_aigc_request_latency_seconds_count", route=chat, model="tiny-base") >= 4
+    assert _value(text, "ray_aigc_batch_capacity") == 32 and _value(text, "ray_aigc_max_replicas") == 1
+    # The moderation tests above refused one prompt per endpoint and stopped answers.
+    assert _value(text, "ray_aigc_content_filter_total", where="prompt", category="banned") >= 2
+    assert _value(text, "ray_aigc_content_filter_total", where="answer", category="test") >= 2
+
+
+def _exported_series() -> set[str]:
+    """Series names the platform defines (``aigc_*`` in metrics.py), as Ray exports them."""
+    source = (ROOT / "platform" / "aigc" / "serve" / "metrics.py").read_text()
+    names = set(re.findall(r'"(aigc_[a-z_]+)"', source))
+    series = {f"ray_{n}" for n in names}
+    for n in names:  # histograms export _bucket/_count/_sum
+        series |= {f"ray_{n}_bucket", f"ray_{n}_count", f"ray_{n}_sum"}
+    return series
+
+
+def _exprs_in_rules() -> list[str]:
+    import yaml
+
+    rules = yaml.safe_load((MONITORING / "aigc-alerts.yml").read_text())
+    exprs = []
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            assert {"alert", "expr", "labels", "annotations"} <= rule.keys(), rule
+            assert rule["labels"]["severity"] in ("page", "warn") and rule["annotations"]["summary"]
+            exprs.append(rule["expr"])
+    return exprs
+
+
+def _exprs_in_dashboard() -> list[str]:
+    dash = json.loads((MONITORING / "aigc-grafana.json").read_text())
+    assert dash["uid"] and dash["panels"]
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def test_alert_rules_and_dashboard_use_only_series_that_exist():
+    exprs = _exprs_in_rules() + _exprs_in_dashboard()
+    used = {name for e in exprs for name in re.findall(r"\bray_aigc_[a-z_]+", e)}
+    assert used and used <= _exported_series(), used - _exported_series()
+    serve_used = {name for e in exprs for name in re.findall(r"\bray_serve_[a-z_]+", e)}
+    assert serve_used <= {"ray_serve_autoscaling_target_replicas"}  # Serve's own gauge, checked in Ray 2.60
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: apt install prometheus)")
+def test_promtool_accepts_the_rules_and_every_dashboard_query(tmp_path):
+    out = subprocess.run(["promtool", "check", "rules", str(MONITORING / "aigc-alerts.yml")], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:q{i}", "expr": e}
+                                                       for i, e in enumerate(_exprs_in_dashboard())]}]}  # fmt: skip
+    (tmp_path / "dashboard.yml").write_text(json.dumps(rules))  # JSON is YAML
+    out = subprocess.run(["promtool", "check", "rules", str(tmp_path / "dashboard.yml")], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
