@@ -65,6 +65,7 @@ class Generator:
         trust_remote_code: allow custom modelling code from the hub.
         max_adapters: adapters kept loaded per replica; the least recently used is evicted beyond this.
         max_batch_size: requests the engine decodes together (continuous batching).
+        max_prompt_tokens: the longest prompt accepted, in tokens (None = the model's context).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class Generator:
         trust_remote_code: bool = False,
         max_adapters: int = 4,
         max_batch_size: int = 32,
+        max_prompt_tokens: int | None = None,
     ):
         import torch
 
@@ -86,6 +88,7 @@ class Generator:
             device=device,
             trust_remote_code=trust_remote_code,
             max_batch_size=max_batch_size,
+            max_prompt_tokens=max_prompt_tokens,
         )
         self._registry = Registry(registry_dir)
         self._base_model_id = base_model_id
