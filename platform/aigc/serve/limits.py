@@ -93,6 +93,8 @@ class ConfiguredCORS:
         self._cors: dict[tuple[str, ...], ASGIApp] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan events run before the replica's guard exists
+            return await self.app(scope, receive, send)
         origins = tuple(self._origins())
         if not origins:
             return await self.app(scope, receive, send)
