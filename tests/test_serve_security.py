@@ -221,6 +221,34 @@ def test_cors_only_for_configured_origins(bare_app):
     assert "access-control-allow-origin" not in resp.headers
 
 
+def test_without_keys_only_local_clients_are_answered():
+    """``auth: auto`` with no key source: whatever address the proxy listens on, remote clients get a 403."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from aigc.serve.security import GuardConfig, HttpGuard, install_guard
+
+    for auth, local_only in (("auto", True), ("none", False)):
+        guard = HttpGuard(GuardConfig(auth=auth))
+        assert (guard.keys, guard.local_only) == (None, local_only)
+        app = FastAPI()
+        install_guard(app, lambda guard=guard: guard)
+        app.get("/v1/models")(lambda: {"data": []})
+        for client, allowed in ((("127.0.0.1", 5000), True), (("::1", 5000), True), (("10.1.2.3", 5000), False)):
+            with TestClient(app, client=client) as http:
+                resp = http.get("/v1/models")
+            if allowed or not local_only:
+                assert resp.status_code == 200, (auth, client)
+            else:
+                assert resp.status_code == 403 and resp.json()["error"] == {
+                    "message": "this server has no API keys configured, so it answers only clients on its own "
+                    "machine; configure serve.api_keys_file or serve.api_keys_env",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "local_clients_only",
+                }
+
+
 # ===================================================================================== request schema checks
 @pytest.mark.parametrize(
     ("kind", "field", "on", "off"),

@@ -46,6 +46,10 @@ MIN_KEY_CHARS = 16  # a short key can be guessed; 16 random characters is the le
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # names end up in logs and metric labels
 _OPEN_PATHS = frozenset({"/healthz"})
 _MISSING_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' (the openai client's api_key)."
+_LOCAL_ONLY = (
+    "this server has no API keys configured, so it answers only clients on its own machine; configure "
+    "serve.api_keys_file or serve.api_keys_env"
+)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -211,16 +215,21 @@ class BearerAuth:
     """ASGI middleware: every HTTP request but ``/healthz`` needs ``Authorization: Bearer <key>``.
 
     ``keys`` is called per request (the ingress replica's keys, loaded when it starts); None = no check.
+    ``local_only`` (``auto`` without keys) answers only clients on this machine, whatever address the HTTP
+    proxy listens on (``serve run`` takes it from the Serve YAML, which the config check cannot see): others
+    get a 403 saying to configure keys.
     A missing or wrong key gets OpenAI's 401 (``invalid_api_key``) with ``WWW-Authenticate: Bearer``; a
     valid one puts its name in ``scope["state"]["key_name"]`` (``request.state.key_name``).
     """
 
-    def __init__(self, app: ASGIApp, keys: Callable[[], ApiKeys | None]):
-        self.app, self._keys = app, keys
+    def __init__(self, app: ASGIApp, keys: Callable[[], ApiKeys | None], local_only: Callable[[], bool] = bool):
+        self.app, self._keys, self._local_only = app, keys, local_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in _OPEN_PATHS:
             return await self.app(scope, receive, send)
+        if self._local_only() and not is_loopback((scope.get("client") or ("",))[0]):
+            return await _refuse(403, _LOCAL_ONLY, "local_clients_only", scope, send)
         keys = self._keys()
         name = None
         if keys is not None:
@@ -228,18 +237,18 @@ class BearerAuth:
             name = keys.match(token) if token else None
             if name is None:
                 msg = "Incorrect API key provided." if token else _MISSING_KEY
-                return await _unauthorized(msg, scope, send)
+                return await _refuse(401, msg, "invalid_api_key", scope, send)
         scope["state"] = {**(scope.get("state") or {}), "key_name": name}
         await self.app(scope, receive, send)
 
 
-async def _unauthorized(message: str, scope: Scope, send: Send) -> None:
+async def _refuse(status: int, message: str, code: str, scope: Scope, send: Send) -> None:
     from fastapi.responses import JSONResponse
 
     from aigc.serve.schemas import error_body
 
-    body = error_body(message, "invalid_request_error", code="invalid_api_key")
-    resp = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    body = error_body(message, "invalid_request_error", code=code)
+    resp = JSONResponse(body, status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
     await resp(scope, _no_receive, send)
 
 

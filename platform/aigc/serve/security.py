@@ -45,10 +45,12 @@ class HttpGuard:
     def __init__(self, cfg: GuardConfig):
         self.config = cfg
         self.keys: ApiKeys | None = resolve_api_keys(cfg.auth, cfg.api_keys_file, cfg.api_keys_env)
+        # auto without keys: loopback clients only, even when the proxy listens on 0.0.0.0
+        self.local_only = cfg.auth == "auto" and self.keys is None
 
 
 def install_guard(app: Any, current: Callable[[], HttpGuard]) -> None:
     """Add the guard's middlewares to ``app`` (a FastAPI/Starlette app); the last added runs first."""
     app.add_middleware(BodyLimit, max_bytes=lambda: current().config.max_request_bytes)
-    app.add_middleware(BearerAuth, keys=lambda: current().keys)
+    app.add_middleware(BearerAuth, keys=lambda: current().keys, local_only=lambda: current().local_only)
     app.add_middleware(ConfiguredCORS, origins=lambda: current().config.cors_origins)
