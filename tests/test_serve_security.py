@@ -89,6 +89,12 @@ def test_auth_modes(tmp_path):
         resolve_api_keys("auto", str(empty))
     with pytest.raises(ConfigError, match="serve: Value error, auth is 'keys' but neither api_keys_file nor"):
         load_config(overrides=["serve.auth=keys"])
+    with pytest.raises(ConfigError, match=r"serve.cors_origins: Value error, 'app.example.com' is not an origin like"):
+        load_config(overrides=["serve.cors_origins=[app.example.com]"])
+    cfg = load_config(overrides=["serve.cors_origins=[https://app.example.com]", "serve.api_keys_env=AIGC_KEYS"])
+    from aigc.serve.security import GuardConfig
+
+    assert GuardConfig.of(cfg.serve) == GuardConfig("auto", None, "AIGC_KEYS", 1 << 20, ("https://app.example.com",))
 
 
 def test_key_match_is_by_name_and_never_shows_keys():

@@ -11,7 +11,8 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -240,7 +241,8 @@ def _is_text_field(keys: list[str]) -> bool:
         if field is None:
             return False
         ann = field.annotation
-        args = [a for a in get_args(ann) if a is not type(None)] or [ann]
+        # The members of a union (`str | None`); any other type is itself (`list[str]` is a list, not text).
+        args = [a for a in get_args(ann) if a is not type(None)] if get_origin(ann) in (Union, UnionType) else [ann]
         if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
             model = args[0]
             continue

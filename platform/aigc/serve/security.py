@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aigc.serve.auth import ApiKeys, AuthMode, BearerAuth, resolve_api_keys
 from aigc.serve.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit, ConfiguredCORS
+
+if TYPE_CHECKING:
+    from aigc.config import ServeConfig
 
 __all__ = ["GuardConfig", "HttpGuard", "install_guard"]
 
@@ -29,9 +32,8 @@ class GuardConfig:
     cors_origins: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, serve_cfg: Any) -> GuardConfig:
-        """From a :class:`aigc.config.ServeConfig`."""
-        s = serve_cfg
+    def of(cls, s: ServeConfig) -> GuardConfig:
+        """The guard's part of the ``serve`` config section."""
         return cls(s.auth, s.api_keys_file, s.api_keys_env, s.max_request_bytes, tuple(s.cors_origins))
 
 
