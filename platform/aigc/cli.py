@@ -94,6 +94,11 @@ def _precheck(stage: str, cfg: PlatformConfig) -> None:
     from aigc.data.preprocess import list_input_files, read_stats
     from aigc.tune.space import load_space
 
+    if stage == "serve":  # no keys on a public address: refuse before anything else
+        from aigc.serve.auth import check_exposure
+
+        s = cfg.serve
+        check_exposure(s.host, s.auth, s.api_keys_file, s.api_keys_env)
     if stage == "demo":
         from aigc.demo.driver import check_output_dir
 

@@ -11,7 +11,8 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -182,6 +183,33 @@ class ServeConfig(_Section):
     gpus_per_replica: float = Field(0.0, ge=0)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+    # Security (README "Security"): key sources only, never keys; limits on what a request may send.
+    auth: Literal["auto", "keys", "none"] = Field(
+        "auto",
+        description="auto = check API keys when a key source is set, else serve on a loopback host only; "
+        "keys = require them; none = no keys, on any host (e.g. behind an authenticating proxy).",
+    )
+    api_keys_file: str | None = Field(
+        None, description="Keys file (path or URI, read where the server runs): YAML/JSON name: key, or name:key lines."
+    )
+    api_keys_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding name:key,name2:key2."
+    )
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; larger gets 413.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens (400 beyond); None = the model's context."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins browsers may call the API from (CORS); empty = none."
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for o in v:
+            if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o):
+                raise ValueError(f"{o!r} is not an origin like https://app.example.com (scheme://host[:port])")
+        return v
 
     @model_validator(mode="after")
     def _default_le_cap(self) -> ServeConfig:
@@ -192,6 +220,8 @@ class ServeConfig(_Section):
                 f"autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests:g}) > "
                 f"max_ongoing_requests ({self.max_ongoing_requests}): replicas could never reach the target"
             )
+        if self.auth == "keys" and not (self.api_keys_file or self.api_keys_env):
+            raise ValueError("auth is 'keys' but neither api_keys_file nor api_keys_env is set")
         return self
 
 
@@ -247,7 +277,8 @@ def _is_text_field(keys: list[str]) -> bool:
         if field is None:
             return False
         ann = field.annotation
-        args = [a for a in get_args(ann) if a is not type(None)] or [ann]
+        # The members of a union (`str | None`); any other type is itself (`list[str]` is a list, not text).
+        args = [a for a in get_args(ann) if a is not type(None)] if get_origin(ann) in (Union, UnionType) else [ann]
         if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
             model = args[0]
             continue
@@ -355,6 +386,8 @@ def resolve_paths(cfg: PlatformConfig) -> PlatformConfig:
     out = cfg.model_copy(deep=True)
     out.output_dir, out.registry_dir = _absolute(cfg.output_dir), _absolute(cfg.registry_dir)
     out.data.path, out.tune.space = _absolute(cfg.data.path), _absolute(cfg.tune.space)
+    if cfg.serve.api_keys_file:
+        out.serve.api_keys_file = _absolute(cfg.serve.api_keys_file)
     if os.path.exists(cfg.model.name_or_path):
         out.model.name_or_path = _absolute(cfg.model.name_or_path)
     return out

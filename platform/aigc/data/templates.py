@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "END_OF_TURN", "ensure_chat_template", "render_prompt", "end_of_turn"]
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "END_OF_TURN",
+    "encode_chat",
+    "end_of_turn",
+    "ensure_chat_template",
+    "render_prompt",
+]
 
 END_OF_TURN = "<|end|>"
 
@@ -40,3 +47,21 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
 def end_of_turn(tokenizer: Any) -> str:
     """Text that closes an assistant turn in training targets: the eos token the model learns to stop on."""
     return tokenizer.eos_token or ""
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of :func:`render_prompt`, where text inside the messages never becomes a control token.
+
+    A message containing ``<|assistant|>`` or ``<|end|>`` (any special token, or an added token the template
+    writes) is encoded as those characters, so a user cannot forge turns; the markers the template itself
+    writes stay control tokens. For messages without such text the ids equal tokenizing the rendered prompt.
+    This is transformers' ``apply_chat_template(..., sanitize_control_tokens=True)``.
+
+    Raises:
+        ValueError: the tokenizer turns a control token's text back into that token even as plain text.
+    """
+    return list(
+        tokenizer.apply_chat_template(
+            list(messages), tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
+        )
+    )

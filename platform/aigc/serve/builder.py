@@ -9,15 +9,22 @@ from ray import serve
 from aigc.config import PlatformConfig, load_config
 from aigc.errors import ConfigError
 from aigc.models.loading import model_id_for
+from aigc.serve.auth import check_exposure
 from aigc.serve.generator import Generator
 from aigc.serve.ingress import INGRESS_MAX_ONGOING, OpenAIIngress
+from aigc.serve.security import GuardConfig
 
 __all__ = ["build_app", "build_app_from_config"]
 
 
 def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
-    """The OpenAI app for a platform config: its ``model``, ``registry_dir`` and ``serve`` sections."""
+    """The OpenAI app for a platform config: its ``model``, ``registry_dir`` and ``serve`` sections.
+
+    Raises:
+        aigc.errors.ConfigError: ``serve.host`` is reachable from other machines and no API keys are configured.
+    """
     s = cfg.serve
+    check_exposure(s.host, s.auth, s.api_keys_file, s.api_keys_env)
     base_model_id = s.base_model_id or model_id_for(cfg.model.name_or_path)
     generator = Generator.options(
         max_ongoing_requests=s.max_ongoing_requests,
@@ -33,6 +40,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         max_adapters=s.max_adapters_per_replica,
         max_batch_size=s.max_batch_size,
         max_replicas=s.autoscaling.max_replicas,
+        max_prompt_tokens=s.max_prompt_tokens,
     )
     return OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
         generator,
@@ -41,6 +49,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         max_tokens_cap=s.max_tokens_cap,
         default_max_tokens=s.default_max_tokens,
         moderation=s.moderation.model_dump(),
+        guard=GuardConfig.of(s),  # key sources only: the replica reads the keys
     )
 
 

@@ -67,6 +67,7 @@ class Generator:
         max_adapters: adapters kept loaded per replica; the least recently used is evicted beyond this.
         max_batch_size: requests the engine decodes together (continuous batching).
         max_replicas: the deployment's autoscaling ceiling (published as a metric for alerting).
+        max_prompt_tokens: the longest prompt accepted, in tokens (None = the model's context).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class Generator:
         max_adapters: int = 4,
         max_batch_size: int = 32,
         max_replicas: int = 1,
+        max_prompt_tokens: int | None = None,
     ):
         import torch
 
@@ -89,6 +91,7 @@ class Generator:
             device=device,
             trust_remote_code=trust_remote_code,
             max_batch_size=max_batch_size,
+            max_prompt_tokens=max_prompt_tokens,
         )
         self._registry = Registry(registry_dir)
         self._base_model_id = base_model_id

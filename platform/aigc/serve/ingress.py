@@ -11,7 +11,6 @@ text or paths (the details go to the server log under a request id).
 # class-based routes do not resolve string annotations (a body model would become a query parameter).
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import time
@@ -51,6 +50,7 @@ from aigc.serve.schemas import (
     error_body,
     new_id,
 )
+from aigc.serve.security import GuardConfig, HttpGuard, install_guard
 
 __all__ = ["ApiError", "OpenAIIngress", "api_error_from", "app"]
 
@@ -65,11 +65,18 @@ _MAX_LISTED_IN_ERRORS = 20
 FinishReason = Literal["stop", "length", "content_filter"]
 
 
-# A JSON body without a Content-Type header is parsed too (recent FastAPI is strict by default; older
-# versions have no such option and always parse it).
-_LENIENT = {"strict_content_type": False} if "strict_content_type" in inspect.signature(FastAPI).parameters else {}
-app = FastAPI(title="AIGC Platform", description="OpenAI-compatible API for base models and LoRA adapters.", **_LENIENT)
-app.add_middleware(MetricsMiddleware)
+# JSON bodies need `Content-Type: application/json` (FastAPI's default): a text/plain POST, which a browser page
+# may send to any origin without a CORS preflight, is refused with a 400.
+app = FastAPI(title="AIGC Platform", description="OpenAI-compatible API for base models and LoRA adapters.")
+
+
+def _replica_guard() -> HttpGuard:
+    """The guard of the ingress replica serving this request (its keys, body cap, CORS origins)."""
+    return serve.get_replica_context().servable_object.guard
+
+
+install_guard(app, _replica_guard)  # CORS -> API key -> body size cap, before any route or body parsing
+app.add_middleware(MetricsMiddleware)  # outermost: counts every request, refused ones too
 
 
 class ApiError(Exception):
@@ -207,6 +214,7 @@ class OpenAIIngress:
         max_tokens_cap: the largest ``max_tokens`` a request may ask for.
         default_max_tokens: used when a request gives no ``max_tokens``.
         moderation: ``serve.moderation`` as a dict (see :mod:`aigc.serve.moderation`); None = no checks.
+        guard: API key sources, body size cap and CORS origins; the keys are read here, in the replica.
     """
 
     def __init__(
@@ -217,7 +225,9 @@ class OpenAIIngress:
         max_tokens_cap: int = 512,
         default_max_tokens: int = 64,
         moderation: dict[str, Any] | None = None,
+        guard: GuardConfig | None = None,
     ):
+        self.guard = HttpGuard(guard or GuardConfig())
         self._generator = generator
         self._base_model_id = base_model_id
         self._registry = Registry(registry_dir)

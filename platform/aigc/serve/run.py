@@ -22,6 +22,9 @@ def _get_json(url: str, timeout: float) -> Any:
 def wait_until_healthy(base_url: str, timeout_s: float = 120.0) -> list[str]:
     """Poll ``GET /healthz`` then ``GET /v1/models`` until both answer; returns the model ids.
 
+    A server that requires an API key answers ``/v1/models`` with 401: it is up, and the ids are not known
+    here (the list is empty).
+
     Args:
         base_url: the server root, e.g. ``http://127.0.0.1:8000``.
         timeout_s: give up after this long.
@@ -34,7 +37,12 @@ def wait_until_healthy(base_url: str, timeout_s: float = 120.0) -> list[str]:
     while time.monotonic() < deadline:
         try:
             _get_json(f"{base_url}/healthz", timeout=5)
-            return [m["id"] for m in _get_json(f"{base_url}/v1/models", timeout=10)["data"]]
+            try:
+                return [m["id"] for m in _get_json(f"{base_url}/v1/models", timeout=10)["data"]]
+            except urllib.error.HTTPError as exc:
+                if exc.code != 401:
+                    raise
+                return []
         except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
             last = exc
             time.sleep(0.5)
@@ -51,7 +59,15 @@ def run_server(cfg: PlatformConfig, blocking: bool = True) -> str:
     Args:
         cfg: the platform config (its ``model``, ``registry_dir`` and ``serve`` sections are used).
         blocking: wait until Ctrl-C, then shut Serve down; False returns as soon as the app is healthy.
+
+    Raises:
+        aigc.errors.ConfigError: ``serve.host`` is reachable from other machines and no API keys are configured.
     """
+    from aigc.serve.auth import check_exposure
+
+    s = cfg.serve
+    check_exposure(s.host, s.auth, s.api_keys_file, s.api_keys_env)  # before any Ray work
+
     import ray
     from ray import serve
 
@@ -61,7 +77,6 @@ def run_server(cfg: PlatformConfig, blocking: bool = True) -> str:
         from aigc.cluster import init_ray
 
         init_ray(cfg.cluster.num_cpus)
-    s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(build_app_from_config(cfg), name=s.app_name, route_prefix="/")
 
@@ -69,7 +84,7 @@ def run_server(cfg: PlatformConfig, blocking: bool = True) -> str:
     root = f"http://{client_host}:{s.port}"
     models = wait_until_healthy(root)
     print(f"[serve] app {s.app_name!r} is up: OpenAI base_url {root}/v1 (pid {os.getpid()})")
-    print(f"[serve] models: {', '.join(models)}")
+    print(f"[serve] models: {', '.join(models)}" if models else "[serve] API keys required (serve.auth)")
     if blocking:
         print("[serve] Ctrl-C to stop")
         try:

@@ -1,8 +1,11 @@
 """OpenAI request and response shapes (the subset this platform serves).
 
-Requests accept and ignore fields they do not know (``presence_penalty``, ``logprobs``...), as other
+Requests accept and ignore fields they do not know (``presence_penalty``, ``frequency_penalty``...), as other
 OpenAI-compatible servers do, so stock clients work; the fields they do know are validated here, and a bad
-value becomes a 400 whose ``param`` names the field. Responses are built from these models and dumped to JSON.
+value becomes a 400 whose ``param`` names the field. A field that asks for a feature this server does not have
+(``logprobs``, ``tools``, ``n > 1``...) is refused the same way rather than silently ignored, unless it holds
+its "off" value (``false``, ``null``, ``1``, ``"none"``, ``{"type": "text"}``). Responses are built from these
+models and dumped to JSON.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 __all__ = [
     "ChatCompletionChunk",
@@ -31,6 +34,27 @@ __all__ = [
 ]
 
 MAX_STOP_SEQUENCES = 4
+MAX_SEED = 2**63  # torch generators take a 64-bit seed; OpenAI's is a signed 64-bit integer
+
+# Fields asking for features this server does not have: refused (400 naming the field) unless "off".
+# field -> (is the value "off"?, what "off" looks like, for the message)
+_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "logprobs": (lambda v: v is None or v is False, "false"),
+    "top_logprobs": (lambda v: v is None or v == 0, "0"),
+    "logit_bias": (lambda v: v is None or v == {}, "{}"),
+    "best_of": (lambda v: v is None or v == 1, "1"),
+    "echo": (lambda v: v is None or v is False, "false"),
+    "suffix": (lambda v: v is None or v == "", '""'),
+    "tools": (lambda v: v is None or v == [], "[]"),
+    "functions": (lambda v: v is None or v == [], "[]"),
+    "tool_choice": (lambda v: v is None or v == "none", '"none"'),
+    "function_call": (lambda v: v is None or v == "none", '"none"'),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"}'),
+}
+
+
+def _unsupported(off_hint: str) -> Any:
+    return Field(None, description=f"Not supported by this server: only null or {off_hint} is accepted.")
 
 
 def new_id(prefix: str) -> str:
@@ -55,8 +79,20 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, description="Choices to generate; only 1 is supported.")
-    seed: int | None = Field(None, description="Seed for sampling; same seed + same request = same text.")
+    seed: int | None = Field(
+        None, ge=0, lt=MAX_SEED, description="Seed for sampling; same seed + same request = same text."
+    )
     user: str | None = None
+    logprobs: Any = _unsupported("false")
+    logit_bias: Any = _unsupported("{}")
+
+    @field_validator(*_UNSUPPORTED, check_fields=False)
+    @classmethod
+    def _refuse_unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        is_off, off = _UNSUPPORTED[info.field_name]
+        if not is_off(v):
+            raise ValueError(f"not supported by this server; leave it out (or send null or {off})")
+        return v
 
     @field_validator("n")
     @classmethod
@@ -98,6 +134,12 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens.")
+    top_logprobs: Any = _unsupported("0")
+    tools: Any = _unsupported("[]")
+    tool_choice: Any = _unsupported('"none"')
+    functions: Any = _unsupported("[]")
+    function_call: Any = _unsupported('"none"')
+    response_format: Any = _unsupported('{"type": "text"}')
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -106,6 +148,9 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] = Field(description="The text to continue (one prompt per request).")
+    best_of: Any = _unsupported("1")
+    echo: Any = _unsupported("false")
+    suffix: Any = _unsupported('""')
 
     @field_validator("prompt")
     @classmethod

@@ -33,6 +33,7 @@ from aigc.errors import AdapterLoadError, InvalidRequestError
 from aigc.models.loading import load_base_model, load_tokenizer, model_id_for
 from aigc.serve.engine.adapters import BASE_ADAPTER, PLACEHOLDER, AdapterSet
 from aigc.serve.engine.batch import Row, RunningBatch, sample_all
+from aigc.serve.engine.prompts import PromptEncoder
 from aigc.serve.engine.text import IncrementalDetokenizer, StopFilter
 
 __all__ = ["Completion", "Delta", "GenerationEngine", "Prompt", "SamplingParams"]
@@ -101,6 +102,7 @@ class GenerationEngine:
         admit_min_rows: while a batch runs, prefill waiting requests once this many wait (default: an
             eighth of ``max_batch_size``, at least 1).
         admit_max_wait_s: ...or once the oldest has waited this long (bounds the added time to first token).
+        max_prompt_tokens: the longest prompt accepted, in tokens (None = the model's context only).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class GenerationEngine:
         max_batch_size: int = 32,
         admit_min_rows: int | None = None,
         admit_max_wait_s: float = 0.02,
+        max_prompt_tokens: int | None = None,
     ):
         from peft import LoraConfig, get_peft_model
 
@@ -119,7 +122,9 @@ class GenerationEngine:
         self.max_batch_size = max_batch_size
         self.admit_min_rows = admit_min_rows or max(1, max_batch_size // 8)
         self.admit_max_wait_s = admit_max_wait_s
+        self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
+        self._prompts = PromptEncoder(self.tokenizer)  # client text never becomes control tokens
         base = load_base_model(model_name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         self.max_context: int | None = getattr(base.config, "max_position_embeddings", None)
         self._eos_ids = set(self._eos_token_ids(base))
@@ -201,10 +206,18 @@ class GenerationEngine:
     def _prepare(self, prompt: Prompt, params: SamplingParams, adapter: str | None) -> _Request:
         """Render and tokenize (the caller runs this off its event loop); too-long prompts fail here."""
         # A chat template writes its own special tokens (bos...); raw prompts get the tokenizer's usual ones.
-        ids = self.tokenizer(self.render(prompt), add_special_tokens=isinstance(prompt, str))["input_ids"]
         param = "prompt" if isinstance(prompt, str) else "messages"
+        ids = self._prompts.encode(prompt if isinstance(prompt, str) else list(prompt))
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
+        if params.seed is not None and not 0 <= params.seed < 2**63:  # on the engine thread it would fail the batch
+            raise InvalidRequestError(f"seed must be >= 0 and < 2**63, got {params.seed}", param="seed")
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}",
+                param=param,
+                code="prompt_too_long",
+            )
         if self.max_context is not None and len(ids) + params.max_tokens > self.max_context:
             raise InvalidRequestError(
                 f"this model's context is {self.max_context} tokens; the prompt has {len(ids)} and max_tokens asks "

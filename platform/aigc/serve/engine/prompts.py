@@ -1,0 +1,46 @@
+"""Prompts to token ids, where what a client wrote never becomes a control token.
+
+A chat goes through the tokenizer's chat template with transformers' ``sanitize_control_tokens``
+(:func:`aigc.data.templates.encode_chat`): the turn markers the template writes are control tokens, the same
+characters inside a message are text. A raw completion prompt is all client text: it is encoded with
+``split_special_tokens``, on a copy of the tokenizer that always does so. (A tokenizer switches that mode on
+its shared backend per call, so one instance used both ways from several threads could encode one request's
+text in the other's mode.)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from aigc.data.templates import encode_chat
+from aigc.errors import InvalidRequestError
+
+__all__ = ["PromptEncoder"]
+
+
+class PromptEncoder:
+    """Encodes the engine's prompts: ``str`` (a completion: the tokenizer's usual bos...) or a conversation.
+
+    Safe to call from many threads at once.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._as_text = copy.deepcopy(tokenizer)
+        self._as_text.split_special_tokens = True  # every call on this copy splits special tokens into text
+
+    def encode(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """Token ids for ``prompt``.
+
+        Raises:
+            InvalidRequestError: the text contains something this tokenizer cannot encode as plain text.
+        """
+        if isinstance(prompt, str):
+            return list(self._as_text(prompt, add_special_tokens=True)["input_ids"])
+        try:
+            return encode_chat(self.tokenizer, prompt)
+        except ValueError as exc:  # transformers: "Can't sanitize ...: the tokenizer produces it from plain text"
+            raise InvalidRequestError(
+                "the messages contain a control token this model cannot read as plain text", param="messages"
+            ) from exc
