@@ -145,6 +145,14 @@ class ServeConfig(_Section):
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    capture: bool = Field(
+        False,
+        description="Store each request's messages, model, sampling settings and answer under its completion id, "
+        "and accept POST /v1/feedback (the data `aigc feedback export` turns into a dataset).",
+    )
+    feedback_dir: str | None = Field(
+        None, min_length=1, description="Captures and feedback (local dir or URI); None = <output_dir>/feedback."
+    )
 
     @model_validator(mode="after")
     def _default_le_cap(self) -> ServeConfig:
@@ -318,6 +326,8 @@ def resolve_paths(cfg: PlatformConfig) -> PlatformConfig:
     out = cfg.model_copy(deep=True)
     out.output_dir, out.registry_dir = _absolute(cfg.output_dir), _absolute(cfg.registry_dir)
     out.data.path, out.tune.space = _absolute(cfg.data.path), _absolute(cfg.tune.space)
+    if cfg.serve.feedback_dir:
+        out.serve.feedback_dir = _absolute(cfg.serve.feedback_dir)
     if os.path.exists(cfg.model.name_or_path):
         out.model.name_or_path = _absolute(cfg.model.name_or_path)
     return out

@@ -8,6 +8,7 @@ from ray import serve
 
 from aigc.config import PlatformConfig, load_config
 from aigc.errors import ConfigError
+from aigc.feedback.store import feedback_dir_for
 from aigc.models.loading import model_id_for
 from aigc.serve.generator import Generator
 from aigc.serve.ingress import INGRESS_MAX_ONGOING, OpenAIIngress
@@ -39,6 +40,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         registry_dir=cfg.registry_dir,
         max_tokens_cap=s.max_tokens_cap,
         default_max_tokens=s.default_max_tokens,
+        feedback_dir=feedback_dir_for(s.feedback_dir, cfg.output_dir) if s.capture else None,
     )
 
 

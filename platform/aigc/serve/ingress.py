@@ -1,10 +1,10 @@
 """The ``OpenAIIngress`` deployment: the OpenAI-compatible HTTP front (FastAPI on Ray Serve).
 
 ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` -> server-sent
-events), ``GET /healthz``. It validates requests, resolves the model id against the registry and calls the
-``Generator`` with ``multiplexed_model_id`` = the resolved ``name:vN``. This module is the only place where
-errors become HTTP statuses: every error is an OpenAI-shaped JSON body, and a 500 never carries exception
-text or paths (the details go to the server log under a request id).
+events), ``POST /v1/feedback`` (with ``serve.capture``), ``GET /healthz``. It validates requests, resolves the
+model id against the registry and calls the ``Generator`` with ``multiplexed_model_id`` = the resolved
+``name:vN``. This module is the only place where errors become HTTP statuses: every error is an OpenAI-shaped
+JSON body, and a 500 never carries exception text or paths (the details go to the server log under a request id).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
@@ -27,9 +27,11 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError, RegistryError
+from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError, RegistryError, StorageError
+from aigc.feedback.store import FeedbackRequest, UnknownCompletionError
 from aigc.registry import Registry
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
+from aigc.serve.feedback import FeedbackCapture
 from aigc.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -202,6 +204,7 @@ class OpenAIIngress:
         registry_dir: the adapter registry (local directory or URI).
         max_tokens_cap: the largest ``max_tokens`` a request may ask for.
         default_max_tokens: used when a request gives no ``max_tokens``.
+        feedback_dir: where completions are captured and feedback is kept; None = capture off.
     """
 
     def __init__(
@@ -211,12 +214,14 @@ class OpenAIIngress:
         registry_dir: str,
         max_tokens_cap: int = 512,
         default_max_tokens: int = 64,
+        feedback_dir: str | None = None,
     ):
         self._generator = generator
         self._base_model_id = base_model_id
         self._registry = Registry(registry_dir)
         self._cap = max_tokens_cap
         self._default_max_tokens = min(default_max_tokens, max_tokens_cap)
+        self._feedback = FeedbackCapture(feedback_dir) if feedback_dir else None
 
     # 1. models -----------------------------------------------------------------------------------------
     async def _model_cards(self) -> list[ModelCard]:
@@ -331,6 +336,19 @@ class OpenAIIngress:
     async def completions(self, body: CompletionRequest) -> Response:
         return await self._run_request(_TEXT, body, body.prompt_text)
 
+    @app.post("/v1/feedback")
+    async def feedback(self, body: FeedbackRequest) -> Response:
+        if self._feedback is None:
+            raise ApiError(404, "feedback is off on this server (serve.capture: false)", code="feedback_disabled")
+        try:
+            rating = await self._feedback.submit(body)
+        except UnknownCompletionError as exc:
+            raise ApiError(404, exc.message, param="id", code="completion_not_found") from None
+        except StorageError as exc:
+            logger.error("feedback store unavailable: %s", exc)
+            raise ApiError(503, "the feedback store is unavailable; retry later", "server_error") from None
+        return JSONResponse(rating.to_json())
+
     # 4. the one request path both endpoints share ------------------------------------------------------
     async def _run_request(
         self, kind: _Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt
@@ -339,14 +357,18 @@ class OpenAIIngress:
         model_id = await self._resolve(body.model)
         model_name = model_id or self._base_model_id
         params = self._params(body)
+        rid = new_id(kind.id_prefix)  # the id feedback refers to, streamed or not
         if not body.stream:
             out = await self._complete(model_id, prompt, params)
+            if self._feedback:  # stored before the answer leaves, so feedback can follow at once
+                await self._feedback.capture(rid, model_name, prompt, params, out.text, out.finish_reason)
             choice = kind.answer(out.text, out.finish_reason)
             usage = Usage.of(out.prompt_tokens, out.completion_tokens)
-            return JSONResponse(kind.response(model=model_name, choices=[choice], usage=usage).model_dump())
+            return JSONResponse(kind.response(id=rid, model=model_name, choices=[choice], usage=usage).model_dump())
 
         deltas = await self._open_stream(model_id, prompt, params)
-        head = {"id": new_id(kind.id_prefix), "created": int(time.time()), "model": model_name}
+        head = {"id": rid, "created": int(time.time()), "model": model_name}
+        answer: list[str] = []
 
         def chunk(choices: list[Any], usage: Usage | None = None) -> str:
             return _sse(kind.chunk(**head, choices=choices, usage=usage).model_dump())
@@ -356,8 +378,11 @@ class OpenAIIngress:
                 yield chunk([kind.opening()])
             async for d in deltas:
                 if d.text:
+                    answer.append(d.text)
                     yield chunk([kind.delta(d.text, None)])
                 if d.finish_reason is not None:
+                    if self._feedback:  # a finished stream only; before its last events, as for a whole answer
+                        await self._feedback.capture(rid, model_name, prompt, params, "".join(answer), d.finish_reason)
                     yield chunk([kind.delta(None, d.finish_reason)])
                     if body.include_usage:  # OpenAI's last chunk: no choices, the usage
                         yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens))
