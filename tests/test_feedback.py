@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -362,34 +363,40 @@ def test_prompts_and_answers_never_reach_the_logs(server, ray_cluster):
 
 
 def test_unwritable_store_fails_feedback_only(server):
-    ratings, completions = server.dir / "ratings", server.dir / "completions"
-    r = server.client.chat.completions.create(
-        model=server.base_id, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
-    )
-    os.rename(ratings, server.tmp / "ratings-aside")
-    ratings.write_text("not a directory")
-    os.rename(completions, server.tmp / "completions-aside")
-    completions.write_text("not a directory")
+    ratings, completions, aside = server.dir / "ratings", server.dir / "completions", server.tmp / "aside"
+    hi = [{"role": "user", "content": "hi"}]
+    r = server.client.chat.completions.create(model=server.base_id, messages=hi, max_tokens=4, temperature=0)
+    aside.mkdir()
+    for d in (ratings, completions):
+        if d.exists():
+            os.rename(d, aside / d.name)
     try:
+        ratings.write_text("a file where the ratings directory should be")
+        completions.mkdir()
+        os.link(aside / "completions" / f"{r.id}.json", completions / f"{r.id}.json")  # r is still known
         err = _error(server.http.post("/feedback", json={"id": r.id, "rating": 1}), 503)
         assert err == {"message": "the feedback store is unavailable; retry later", "type": "server_error",
                        "param": None, "code": None}  # fmt: skip
-        # Capture fails too, and generation goes on (streamed and not).
-        again = server.client.chat.completions.create(
-            model=server.base_id, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
-        )
+        # Capture fails too (no completions directory to write in), and generation goes on, streamed and not.
+        shutil.rmtree(completions)
+        completions.write_text("not a directory")
+        again = server.client.chat.completions.create(model=server.base_id, messages=hi, max_tokens=4, temperature=0)
         assert again.choices[0].message.content == r.choices[0].message.content
-        hi = [{"role": "user", "content": "hi"}]
         chunks = server.client.chat.completions.create(model=server.base_id, messages=hi, max_tokens=4, temperature=0,
                                                        stream=True)  # fmt: skip
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == again.choices[0].message.content
     finally:
-        ratings.unlink()
-        os.rename(server.tmp / "ratings-aside", ratings)
-        completions.unlink()
-        os.rename(server.tmp / "completions-aside", completions)
+        for d in (ratings, completions):
+            if d.is_dir():
+                shutil.rmtree(d)
+            elif d.exists():
+                d.unlink()
+            if (aside / d.name).exists():
+                os.rename(aside / d.name, d)
+        aside.rmdir()
     assert server.http.post("/feedback", json={"id": r.id, "rating": 1}).status_code == 200
+    assert not (completions / f"{again.id}.json").exists()  # what failed to be captured stays absent
 
 
 def test_capture_off_refuses_feedback():
