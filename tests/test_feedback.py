@@ -349,19 +349,6 @@ def test_bad_feedback_gets_openai_errors_and_appends_nothing(server):
     assert len(_ratings(server)) == len(before) + 1
 
 
-def test_prompts_and_answers_never_reach_the_logs(server, ray_cluster):
-    logs = Path(ray_cluster._private.worker._global_node.get_logs_dir_path())
-    deadline = time.monotonic() + 20  # log files are flushed asynchronously: wait for the feedback access lines
-
-    def serve_logs() -> str:
-        return "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and "serve" in str(p))
-
-    while "/v1/feedback" not in (text := serve_logs()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert "/v1/feedback" in text
-    assert MARKER not in text
-
-
 def test_unwritable_store_fails_feedback_only(server):
     ratings, completions, aside = server.dir / "ratings", server.dir / "completions", server.tmp / "aside"
     hi = [{"role": "user", "content": "hi"}]
@@ -397,6 +384,21 @@ def test_unwritable_store_fails_feedback_only(server):
         aside.rmdir()
     assert server.http.post("/feedback", json={"id": r.id, "rating": 1}).status_code == 200
     assert not (completions / f"{again.id}.json").exists()  # what failed to be captured stays absent
+
+
+def test_prompts_and_answers_never_reach_the_logs(server, ray_cluster):
+    """Runs after the tests above: the logs hold their feedback calls and the failed capture, never a prompt."""
+    logs = Path(ray_cluster._private.worker._global_node.get_logs_dir_path())
+    deadline = time.monotonic() + 20  # log files are flushed asynchronously: wait for the lines we expect
+
+    def serve_logs() -> str:
+        return "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and "serve" in str(p))
+
+    expected = ("POST /v1/feedback 200", "POST /v1/feedback 503", "capture of chatcmpl-")
+    while not all(e in (text := serve_logs()) for e in expected) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(e in text for e in expected), [e for e in expected if e not in text]
+    assert MARKER not in text
 
 
 def test_capture_off_refuses_feedback():
