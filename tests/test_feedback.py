@@ -150,6 +150,9 @@ def test_export_keeps_good_and_corrected_answers(tmp_path):
     no_user = {**_completion(_cid(8)), "messages": [{"role": "system", "content": "Be brief."}]}
     store.capture(no_user)
     _rate(store, _cid(8), 1)
+    store.capture(_completion(_cid(9)))
+    _rate(store, _cid(9), 1)
+    (tmp_path / "fb" / "completions" / f"{_cid(9)}.json").unlink()  # rated, then removed by retention
 
     out = str(tmp_path / "export" / "data.jsonl")
     res = export_dataset(store, out, min_rating=1)
@@ -161,11 +164,11 @@ def test_export_keeps_good_and_corrected_answers(tmp_path):
 
     assert rows == [row(2, "Use the tracking link."), row(1, "answer 1")]  # ordered by capture time
     assert (res.path, res.rows, res.corrected) == (out, 2, 1)
-    assert res.skipped == {"below_min_rating": 3, "no_user_turn": 1, "text_completion": 1}
+    assert res.skipped == {"below_min_rating": 3, "completion_missing": 1, "no_user_turn": 1, "text_completion": 1}
 
     res0 = export_dataset(store, out, min_rating=0)
     assert res0.rows == 3 and json.loads(Path(out).read_text().splitlines()[0]) == row(4, "answer 4")
-    assert res0.skipped == {"below_min_rating": 2, "no_user_turn": 1, "text_completion": 1}
+    assert res0.skipped == {"below_min_rating": 2, "completion_missing": 1, "no_user_turn": 1, "text_completion": 1}
 
 
 def test_feedback_export_cli(tmp_path, capsys):

@@ -4,9 +4,9 @@ runs: the collect -> curate -> fine-tune loop's curate step.
 A captured chat completion becomes one row ``{"messages": [<the request's messages>, <assistant answer>]}``
 when its latest rating is at least ``min_rating`` (the answer as served), or when the latest feedback carries
 a correction, whatever its rating (the correction replaces the answer: it is what the user wanted). Rows are
-checked with the same validation ``aigc preprocess`` applies, so the file is accepted as it is; rows it would
-reject, unrated completions and text completions (no conversation to train a chat model on) are counted, not
-written.
+checked with the same validation ``aigc preprocess`` applies, so the file is accepted as it is. Rows it would
+reject, text completions (no conversation to train a chat model on) and ratings whose completion is gone are
+counted by reason, not written; completions nobody rated are not looked at.
 """
 
 from __future__ import annotations
@@ -61,15 +61,16 @@ def export_dataset(store: FeedbackStore, output: str, min_rating: int = MAX_RATI
         StorageError: the store cannot be read or ``output`` cannot be written.
     """
     latest = store.latest_ratings()
-    completions = sorted((store.completion(cid) for cid in latest), key=lambda c: (c.get("created", 0), c["id"]))
-    rows, reasons = [], Counter()
+    found = {cid: store.completion(cid) for cid in latest}
+    completions = sorted((c for c in found.values() if c), key=lambda c: (c.get("created", 0), c["id"]))
+    rows, reasons = [], Counter({"completion_missing": sum(c is None for c in found.values())})
     for c in completions:
         row, why = row_for(c, latest[c["id"]], min_rating)
         reasons[why] += 1
         if row is not None:
             rows.append(row)
     storage.write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    skipped = {k: v for k, v in sorted(reasons.items()) if k not in ("rated", "corrected")}
+    skipped = {k: v for k, v in sorted(reasons.items()) if v and k not in ("rated", "corrected")}
     return ExportResult(path=output, rows=len(rows), corrected=reasons["corrected"], skipped=skipped)
 
 

@@ -148,8 +148,15 @@ class FeedbackStore:
         return rating
 
     # 3. read back (export) ----------------------------------------------------------------------------
-    def completion(self, completion_id: str) -> dict[str, Any]:
-        return _guard(storage.read_json, self._completion_path(completion_id))
+    def completion(self, completion_id: str) -> dict[str, Any] | None:
+        """The captured completion, or None when it is gone (rated, then deleted by a retention policy)."""
+        path = self._completion_path(completion_id)
+        try:
+            return storage.read_json(path)
+        except OSError:
+            if not _guard(storage.exists, path):
+                return None
+            raise StorageError(f"feedback store: cannot read {path}") from None
 
     def latest_ratings(self) -> dict[str, Rating]:
         """The latest rating of every rated completion, by completion id."""
