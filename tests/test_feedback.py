@@ -364,9 +364,11 @@ def test_unwritable_store_fails_feedback_only(server):
         ratings.write_text("a file where the ratings directory should be")
         completions.mkdir()
         os.link(aside / "completions" / f"{r.id}.json", completions / f"{r.id}.json")  # r is still known
-        err = _error(server.http.post("/feedback", json={"id": r.id, "rating": 1}), 503)
+        resp = server.http.post("/feedback", json={"id": r.id, "rating": 1})
+        err = _error(resp, 503)
+        assert resp.headers["retry-after"] == "1"
         assert err == {"message": "the feedback store is unavailable; retry later", "type": "server_error",
-                       "param": None, "code": None}  # fmt: skip
+                       "param": None, "code": "feedback_store_unavailable"}  # fmt: skip
         # Capture fails too (no completions directory to write in), and generation goes on, streamed and not.
         shutil.rmtree(completions)
         completions.write_text("not a directory")

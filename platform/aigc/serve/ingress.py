@@ -1,10 +1,11 @@
 """The ``OpenAIIngress`` deployment: the OpenAI-compatible HTTP front (FastAPI on Ray Serve).
 
 ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` -> server-sent
-events), ``POST /v1/feedback`` (with ``serve.capture``), ``GET /healthz``. It validates requests, resolves the
-model id against the registry and calls the ``Generator`` with ``multiplexed_model_id`` = the resolved
-``name:vN``. This module is the only place where errors become HTTP statuses: every error is an OpenAI-shaped
-JSON body, and a 500 never carries exception text or paths (the details go to the server log under a request id).
+events), ``GET /healthz``. It validates requests, resolves the model id against the registry and calls the
+``Generator`` with ``multiplexed_model_id`` = the resolved ``name:vN``. This module is the only place where
+errors become HTTP statuses: every error is an OpenAI-shaped JSON body, and a 500 never carries exception
+text or paths (the details go to the server log under a request id).
+With ``serve.capture``, answers are stored under their ids and ``POST /v1/feedback`` rates them (serve/feedback.py).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
@@ -346,7 +347,8 @@ class OpenAIIngress:
             raise ApiError(404, exc.message, param="id", code="completion_not_found") from None
         except StorageError as exc:
             logger.error("feedback store unavailable: %s", exc)
-            raise ApiError(503, "the feedback store is unavailable; retry later", "server_error") from None
+            msg, code = "the feedback store is unavailable; retry later", "feedback_store_unavailable"
+            raise ApiError(503, msg, type="server_error", code=code) from None
         return JSONResponse(rating.to_json())
 
     # 4. the one request path both endpoints share ------------------------------------------------------
