@@ -184,6 +184,11 @@ def test_feedback_export_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["feedback", "export", "--min-rating", "5"])
     assert exit_.value.code == 2
+    assert "argument --min-rating: invalid choice: 5" in capsys.readouterr().err
+    assert main(["feedback", "export", f"output_dir={tmp_path / 'elsewhere'}"]) == 1
+    msg = f"aigc feedback: no feedback store at {tmp_path / 'elsewhere' / 'feedback'}: serve with serve.capture=true"
+    assert capsys.readouterr().err.startswith(msg)
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_feedback_config_keys(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any
 from aigc import storage
 from aigc.config import PlatformConfig
 from aigc.data.formats import RowError, to_example
+from aigc.errors import DataError
 from aigc.feedback.store import MAX_RATING, FeedbackStore, Rating, feedback_dir_for
 
 __all__ = ["ExportResult", "export_dataset", "export_feedback", "row_for"]
@@ -76,8 +77,15 @@ def export_dataset(store: FeedbackStore, output: str, min_rating: int = MAX_RATI
 
 def export_feedback(cfg: PlatformConfig, min_rating: int = MAX_RATING, output: str | None = None) -> ExportResult:
     """``aigc feedback export``: the store named by ``cfg.serve`` to ``output`` (default
-    ``<output_dir>/feedback-export.jsonl``); prints a one-line report."""
+    ``<output_dir>/feedback-export.jsonl``); prints a one-line report.
+
+    Raises:
+        DataError: there is no feedback store where the config points (nothing was ever captured there).
+        StorageError: the store cannot be read or ``output`` cannot be written.
+    """
     store = FeedbackStore(feedback_dir_for(cfg.serve.feedback_dir, cfg.output_dir))
+    if not storage.exists(store.root):
+        raise DataError(f"no feedback store at {store.root}: serve with serve.capture=true, or set serve.feedback_dir")
     out = storage.resolve(output) if output else storage.join(cfg.output_dir, "feedback-export.jsonl")
     res = export_dataset(store, out, min_rating)
     left_out = ", ".join(f"{k}={v}" for k, v in res.skipped.items()) or "none"
