@@ -7,6 +7,7 @@
     aigc demo       --config configs/demo.yaml
     aigc config     --config configs/demo.yaml          # print the resolved config
     aigc registry   --config configs/demo.yaml          # list registered adapters
+    aigc feedback export --config configs/demo.yaml [--min-rating 1] [--output PATH]  # rated answers -> JSONL
     aigc build-assets                                   # rebuild the tiny base model and demo data
 
 Config errors are reported before any Ray work starts, with exit status 2; any other platform error
@@ -140,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=f"run the {name} stage" if name in STAGES else f"show the {name}")
         sp.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    f = sub.add_parser("feedback", help="work with captured answers and their feedback (serve.capture)")
+    e = f.add_subparsers(dest="action", required=True).add_parser(
+        "export", help="write rated answers (and corrections) as a messages-format JSONL dataset"
+    )
+    e.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    e.add_argument("--min-rating", type=int, default=1, choices=(-1, 0, 1), help="keep answers rated at least this")
+    e.add_argument("--output", "-o", help="the JSONL file to write (default: <output_dir>/feedback-export.jsonl)")
+    e.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     b = sub.add_parser("build-assets", help="rebuild the tiny base model and the demo dataset")
     b.add_argument("--model-dir", default="assets/tiny-base")
     b.add_argument("--data-path", default="assets/demo-data/support.jsonl")
@@ -161,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         elif args.command == "registry":
             _show_registry(cfg)
+        elif args.command == "feedback":
+            from aigc.feedback.export import export_feedback
+
+            export_feedback(cfg, args.min_rating, args.output)
         else:
             run_stage(args.command, cfg)
     except ConfigError as exc:

@@ -211,6 +211,15 @@ class ServeConfig(_Section):
                 raise ValueError(f"{o!r} is not an origin like https://app.example.com (scheme://host[:port])")
         return v
 
+    capture: bool = Field(
+        False,
+        description="Store each request's messages, model, sampling settings and answer under its completion id, "
+        "and accept POST /v1/feedback (the data `aigc feedback export` turns into a dataset).",
+    )
+    feedback_dir: str | None = Field(
+        None, min_length=1, description="Captures and feedback (local dir or URI); None = <output_dir>/feedback."
+    )
+
     @model_validator(mode="after")
     def _default_le_cap(self) -> ServeConfig:
         if self.default_max_tokens > self.max_tokens_cap:
@@ -388,6 +397,8 @@ def resolve_paths(cfg: PlatformConfig) -> PlatformConfig:
     out.data.path, out.tune.space = _absolute(cfg.data.path), _absolute(cfg.tune.space)
     if cfg.serve.api_keys_file:
         out.serve.api_keys_file = _absolute(cfg.serve.api_keys_file)
+    if cfg.serve.feedback_dir:
+        out.serve.feedback_dir = _absolute(cfg.serve.feedback_dir)
     if os.path.exists(cfg.model.name_or_path):
         out.model.name_or_path = _absolute(cfg.model.name_or_path)
     return out

@@ -8,6 +8,7 @@ from ray import serve
 
 from aigc.config import PlatformConfig, load_config
 from aigc.errors import ConfigError
+from aigc.feedback.store import feedback_dir_for
 from aigc.models.loading import model_id_for
 from aigc.serve.auth import check_exposure
 from aigc.serve.generator import Generator
@@ -50,6 +51,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         default_max_tokens=s.default_max_tokens,
         moderation=s.moderation.model_dump(),
         guard=GuardConfig.of(s),  # key sources only: the replica reads the keys
+        feedback_dir=feedback_dir_for(s.feedback_dir, cfg.output_dir) if s.capture else None,
     )
 
 

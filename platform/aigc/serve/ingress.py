@@ -5,6 +5,7 @@ events), ``GET /healthz``. It validates requests, resolves the model id against 
 ``Generator`` with ``multiplexed_model_id`` = the resolved ``name:vN``. This module is the only place where
 errors become HTTP statuses: every error is an OpenAI-shaped JSON body, and a 500 never carries exception
 text or paths (the details go to the server log under a request id).
+With ``serve.capture``, answers are stored under their ids and ``POST /v1/feedback`` rates them (serve/feedback.py).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
@@ -27,9 +28,11 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError, RegistryError
+from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError, RegistryError, StorageError
+from aigc.feedback.store import FeedbackRequest, UnknownCompletionError
 from aigc.registry import Registry
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
+from aigc.serve.feedback import FeedbackCapture
 from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
 from aigc.serve.moderation import OutputGuard, load_policy
 from aigc.serve.schemas import (
@@ -215,6 +218,7 @@ class OpenAIIngress:
         default_max_tokens: used when a request gives no ``max_tokens``.
         moderation: ``serve.moderation`` as a dict (see :mod:`aigc.serve.moderation`); None = no checks.
         guard: API key sources, body size cap and CORS origins; the keys are read here, in the replica.
+        feedback_dir: where completions are captured and feedback is kept; None = capture off.
     """
 
     def __init__(
@@ -226,6 +230,7 @@ class OpenAIIngress:
         default_max_tokens: int = 64,
         moderation: dict[str, Any] | None = None,
         guard: GuardConfig | None = None,
+        feedback_dir: str | None = None,
     ):
         self.guard = HttpGuard(guard or GuardConfig())
         self._generator = generator
@@ -238,6 +243,7 @@ class OpenAIIngress:
         self._check_prompts = self._policy is not None and mod.get("check_prompts", True)
         self._check_outputs = self._policy is not None and mod.get("check_outputs", True)
         self._holdback = int(mod.get("holdback_chars", 64))
+        self._feedback = FeedbackCapture(feedback_dir) if feedback_dir else None
 
     # 1. models -----------------------------------------------------------------------------------------
     async def _model_cards(self) -> list[ModelCard]:
@@ -375,6 +381,20 @@ class OpenAIIngress:
     async def completions(self, body: CompletionRequest) -> Response:
         return await self._run_request(_TEXT, body, body.prompt_text)
 
+    @app.post("/v1/feedback")
+    async def feedback(self, body: FeedbackRequest) -> Response:
+        if self._feedback is None:
+            raise ApiError(404, "feedback is off on this server (serve.capture: false)", code="feedback_disabled")
+        try:
+            rating = await self._feedback.submit(body)
+        except UnknownCompletionError as exc:
+            raise ApiError(404, exc.message, param="id", code="completion_not_found") from None
+        except StorageError as exc:
+            logger.error("feedback store unavailable: %s", exc)
+            msg, code = "the feedback store is unavailable; retry later", "feedback_store_unavailable"
+            raise ApiError(503, msg, type="server_error", code=code) from None
+        return JSONResponse(rating.to_json())
+
     # 4. the one request path both endpoints share ------------------------------------------------------
     async def _run_request(
         self, kind: _Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt
@@ -384,25 +404,33 @@ class OpenAIIngress:
         model_name = model_id or self._base_model_id
         request_info()["model"] = model_name  # a metrics label: only ids that exist, never what clients typed
         params = self._params(body)
+        rid = new_id(kind.id_prefix)  # the id feedback refers to, streamed or not
         self._moderate_prompt(prompt)
         metrics = ingress_metrics()
         if not body.stream:
             out = await self._complete(model_id, prompt, params)
             metrics.usage(model_name, out.prompt_tokens, out.completion_tokens)
-            choice = kind.answer(*self._moderate_answer(out.text, out.finish_reason))
+            text, reason = self._moderate_answer(out.text, out.finish_reason)
+            if self._feedback:  # stored before the answer leaves, so feedback can follow at once
+                await self._feedback.capture(rid, model_name, prompt, params, text, reason)
+            choice = kind.answer(text, reason)
             usage = Usage.of(out.prompt_tokens, out.completion_tokens)
-            return JSONResponse(kind.response(model=model_name, choices=[choice], usage=usage).model_dump())
+            return JSONResponse(kind.response(id=rid, model=model_name, choices=[choice], usage=usage).model_dump())
 
         deltas = await self._open_stream(model_id, prompt, params)
-        head = {"id": new_id(kind.id_prefix), "created": int(time.time()), "model": model_name}
+        head = {"id": rid, "created": int(time.time()), "model": model_name}
         guard = OutputGuard(self._policy, self._holdback) if self._check_outputs else None
+        answer: list[str] = []  # the text sent, for capture
 
         def chunk(choices: list[Any], usage: Usage | None = None) -> str:
             return _sse(kind.chunk(**head, choices=choices, usage=usage).model_dump())
 
         started, first = time.perf_counter(), None
 
-        def finish(reason: FinishReason, d: Delta) -> list[str]:
+        async def finish(reason: FinishReason, d: Delta) -> list[str]:
+            """The closing events; a finished stream is captured before they leave, as a whole answer is."""
+            if self._feedback:
+                await self._feedback.capture(rid, model_name, prompt, params, "".join(answer), reason)
             metrics.usage(model_name, d.prompt_tokens, d.completion_tokens)
             if first is not None:
                 metrics.timing(model_name, first - started, time.perf_counter() - started, d.completion_tokens)
@@ -424,13 +452,14 @@ class OpenAIIngress:
                         text += guard.flush()
                     if text:
                         first = first or time.perf_counter()
+                        answer.append(text)
                         yield chunk([kind.delta(text, None)])
                     if guard is not None and guard.flag is not None:
-                        for e in finish("content_filter", d):
+                        for e in await finish("content_filter", d):
                             yield e
                         return
                     if d.finish_reason is not None:
-                        for e in finish(d.finish_reason, d):
+                        for e in await finish(d.finish_reason, d):
                             yield e
 
         return self._event_stream(events())

@@ -1,0 +1,15 @@
+"""Feedback on served answers: captured completions, user ratings and corrections, export to a dataset."""
+
+from aigc.feedback.export import ExportResult, export_dataset, export_feedback
+from aigc.feedback.store import FeedbackRequest, FeedbackStore, Rating, UnknownCompletionError, feedback_dir_for
+
+__all__ = [
+    "ExportResult",
+    "FeedbackRequest",
+    "FeedbackStore",
+    "Rating",
+    "UnknownCompletionError",
+    "export_dataset",
+    "export_feedback",
+    "feedback_dir_for",
+]

@@ -1,0 +1,424 @@
+"""The feedback loop: capture answers, take ratings and corrections, export a dataset that preprocess accepts.
+
+First the store and the export on their own (local and ``s3://``), then a Serve app with ``serve.capture`` on,
+through the official ``openai`` client and raw HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pandas as pd
+import pytest
+from helpers import free_port
+
+from aigc import storage
+from aigc.config import PlatformConfig, load_config
+from aigc.errors import ConfigError, StorageError
+from aigc.feedback import FeedbackRequest, FeedbackStore, UnknownCompletionError, export_dataset
+from aigc.feedback.store import MAX_CORRECTION_CHARS
+from aigc.serve.engine import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "assets" / "tiny-base")
+TIMEOUT_S = 60
+HEX = "0123456789abcdef" * 2
+
+
+def _cid(n: int, prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{n:032x}"
+
+
+def _completion(cid: str, user: str = "Where is my parcel?", answer: str = "It ships today.", created: int = 0) -> dict:
+    if cid.startswith("cmpl-"):
+        return {"id": cid, "object": "text_completion", "created": created, "model": "m", "prompt": user,
+                "answer": answer}  # fmt: skip
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}]
+    return {"id": cid, "object": "chat.completion", "created": created, "model": "m", "messages": messages,
+            "answer": answer}  # fmt: skip
+
+
+def _rate(store: FeedbackStore, cid: str, rating: int, correction: str | None = None):
+    return store.add_feedback(FeedbackRequest(id=cid, rating=rating, correction=correction))
+
+
+# ====================================================================================== the store on its own
+def test_records_are_whole_objects_and_a_torn_write_leaves_nothing(tmp_path, monkeypatch):
+    store = FeedbackStore(str(tmp_path / "fb"))
+    cid = _cid(1)
+    path = store.capture(_completion(cid))
+    assert path == str(tmp_path / "fb" / "completions" / f"{cid}.json")
+    assert json.loads(Path(path).read_text()) == _completion(cid)
+
+    first = _rate(store, cid, 1)
+    [written] = (tmp_path / "fb" / "ratings" / cid).iterdir()
+    assert written.name == f"{first.created_ns:020d}-{first.feedback_id}.json"
+    assert json.loads(written.read_text()) == first.to_json()
+
+    # The writer dies between writing its temporary file and renaming it into place: no record appears.
+    def die(*_):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(storage.os, "replace", die)
+    with pytest.raises(StorageError, match="killed mid-write"):
+        _rate(store, cid, -1, correction="A better answer.")
+    monkeypatch.undo()
+    names = sorted(p.name for p in (tmp_path / "fb" / "ratings" / cid).iterdir())
+    assert len(names) == 2 and names[0] == written.name and ".json.tmp-" in names[1]
+    assert store.latest_ratings() == {cid: first}  # the torn leftover is never read
+
+
+def test_unknown_id_is_refused_and_nothing_is_written(tmp_path):
+    store = FeedbackStore(str(tmp_path / "fb"))
+    store.capture(_completion(_cid(1)))
+    for bad in (_cid(2), "chatcmpl-../completions/x", "cmpl-" + HEX.upper(), ""):
+        with pytest.raises(UnknownCompletionError) as err:
+            _rate(store, bad, 1)
+        assert err.value.message == f"no completion with id '{bad}' was captured on this server"
+        assert err.value.param == "id"
+    assert not (tmp_path / "fb" / "ratings").exists()
+    with pytest.raises(ValueError, match="not a completion id"):
+        store.capture(_completion("chatcmpl-x/../../escape"))
+
+
+def test_unwritable_store_raises_storage_error(tmp_path, caplog):
+    import asyncio
+
+    from aigc.serve.feedback import FeedbackCapture
+
+    root = tmp_path / "fb"
+    store = FeedbackStore(str(root))
+    store.capture(_completion(_cid(1)))
+    (root / "ratings").write_text("a file where the ratings directory should be")
+    with pytest.raises(StorageError, match="feedback store: cannot access"):
+        _rate(store, _cid(1), 1)
+    (root / "completions" / f"{_cid(1)}.json").unlink()
+    (root / "completions").rmdir()
+    (root / "completions").write_text("not a directory")
+    with pytest.raises(StorageError):
+        store.capture(_completion(_cid(2)))
+
+    # In the ingress a failed capture is logged without the conversation, and reported as False.
+    capture = FeedbackCapture(str(root))
+    secret = "my card number is 4111"
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        ok = asyncio.run(capture.capture(_cid(3), "m", [{"role": "user", "content": secret}],
+                                         SamplingParams(), "an answer " + secret, "stop"))  # fmt: skip
+    assert ok is False
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"capture of {_cid(3)} failed"]
+    assert secret not in caplog.text
+
+
+def test_latest_rating_wins_by_time(tmp_path, monkeypatch):
+    import aigc.feedback.store as store_mod
+
+    store = FeedbackStore(str(tmp_path / "fb"))
+    store.capture(_completion(_cid(1)))
+    clock = iter([2_000, 1_000, 3_000])  # the second write carries an earlier time (another replica's clock)
+    monkeypatch.setattr(store_mod.time, "time_ns", lambda: next(clock))
+    _rate(store, _cid(1), 1)
+    _rate(store, _cid(1), -1)
+    assert store.latest_ratings()[_cid(1)].rating == 1
+    _rate(store, _cid(1), 0, correction="Fixed.")
+    latest = store.latest_ratings()[_cid(1)]
+    assert (latest.rating, latest.correction, latest.created_ns) == (0, "Fixed.", 3_000)
+
+
+def test_export_keeps_good_and_corrected_answers(tmp_path):
+    store = FeedbackStore(str(tmp_path / "fb"))
+    cases = {  # n -> (ratings in order, optional correction of the last)
+        1: ([1], None),  # good answer: kept as served
+        2: ([-1], "Use the tracking link."),  # bad answer, corrected: kept with the correction
+        3: ([-1], None),  # bad answer: left out
+        4: ([0], None),  # neutral: left out at min_rating 1, kept at 0
+        5: ([1, -1], None),  # re-rated: the latest (-1) wins
+        6: ([], None),  # captured, never rated: not even counted
+    }
+    for n, (ratings, correction) in cases.items():
+        store.capture(_completion(_cid(n), user=f"question {n}", answer=f"answer {n}", created=100 - n))
+        for i, r in enumerate(ratings):
+            _rate(store, _cid(n), r, correction if i == len(ratings) - 1 else None)
+    store.capture(_completion(_cid(7, "cmpl"), answer="text"))
+    _rate(store, _cid(7, "cmpl"), 1)
+    no_user = {**_completion(_cid(8)), "messages": [{"role": "system", "content": "Be brief."}]}
+    store.capture(no_user)
+    _rate(store, _cid(8), 1)
+    store.capture(_completion(_cid(9)))
+    _rate(store, _cid(9), 1)
+    (tmp_path / "fb" / "completions" / f"{_cid(9)}.json").unlink()  # rated, then removed by retention
+
+    out = str(tmp_path / "export" / "data.jsonl")
+    res = export_dataset(store, out, min_rating=1)
+    rows = [json.loads(line) for line in Path(out).read_text().splitlines()]
+
+    def row(n: int, answer: str) -> dict:
+        return {"messages": [*_completion(_cid(n))["messages"][:1], {"role": "user", "content": f"question {n}"},
+                             {"role": "assistant", "content": answer}]}  # fmt: skip
+
+    assert rows == [row(2, "Use the tracking link."), row(1, "answer 1")]  # ordered by capture time
+    assert (res.path, res.rows, res.corrected) == (out, 2, 1)
+    assert res.skipped == {"below_min_rating": 3, "completion_missing": 1, "no_user_turn": 1, "text_completion": 1}
+
+    res0 = export_dataset(store, out, min_rating=0)
+    assert res0.rows == 3 and json.loads(Path(out).read_text().splitlines()[0]) == row(4, "answer 4")
+    assert res0.skipped == {"below_min_rating": 2, "completion_missing": 1, "no_user_turn": 1, "text_completion": 1}
+
+
+def test_feedback_export_cli(tmp_path, capsys):
+    from aigc.cli import main
+
+    store = FeedbackStore(str(tmp_path / "out" / "feedback"))  # the default: <output_dir>/feedback
+    store.capture(_completion(_cid(1)))
+    _rate(store, _cid(1), -1, correction="Right answer.")
+    assert main(["feedback", "export", f"output_dir={tmp_path / 'out'}"]) == 0
+    written = tmp_path / "out" / "feedback-export.jsonl"
+    assert json.loads(written.read_text())["messages"][-1] == {"role": "assistant", "content": "Right answer."}
+    assert f"1 rows (1 corrected) -> {written}; left out: none" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["feedback", "export", "--min-rating", "5"])
+    assert exit_.value.code == 2
+    assert "argument --min-rating: invalid choice: 5" in capsys.readouterr().err
+    assert main(["feedback", "export", f"output_dir={tmp_path / 'elsewhere'}"]) == 1
+    msg = f"aigc feedback: no feedback store at {tmp_path / 'elsewhere' / 'feedback'}: serve with serve.capture=true"
+    assert capsys.readouterr().err.startswith(msg)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_feedback_config_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["serve.capture=true", "serve.feedback_dir=fb"])
+    assert cfg.serve.capture is True and cfg.serve.feedback_dir == str(tmp_path / "fb")
+    assert load_config(None, []).serve.capture is False
+    with pytest.raises(ConfigError, match="serve.feedback_dir: String should have at least 1 character"):
+        load_config(None, ["serve.feedback_dir="])
+
+
+def test_store_and_export_on_s3(s3_server):
+    root = s3_server("feedback")
+    store = FeedbackStore(root)
+    store.capture(_completion(_cid(1), answer="first"))
+    store.capture(_completion(_cid(2), answer="second"))
+    _rate(store, _cid(1), 1)
+    _rate(store, _cid(2), 1)
+    _rate(store, _cid(2), -1, correction="corrected")  # the latest wins
+    with pytest.raises(UnknownCompletionError):
+        _rate(store, _cid(3), 1)
+    assert storage.list_dirs(storage.join(root, "ratings")) == [_cid(1), _cid(2)]
+    out = storage.join(root, "export.jsonl")
+    assert export_dataset(store, out).rows == 2
+    answers = [json.loads(line)["messages"][-1]["content"] for line in storage.read_text(out).splitlines()]
+    assert sorted(answers) == ["corrected", "first"]
+
+
+# ============================================================================ through a Serve app with capture
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    from openai import OpenAI
+    from ray import serve
+
+    from aigc.serve.run import run_server
+
+    tmp = tmp_path_factory.mktemp("feedback")
+    serve.shutdown()  # Serve's port is fixed when it starts: begin from a clean slate
+    cfg = PlatformConfig.model_validate({
+        "output_dir": str(tmp / "out"),
+        "registry_dir": str(tmp / "registry"),
+        "model": {"name_or_path": TINY},
+        "serve": {"port": free_port(), "app_name": "aigc-feedback", "max_tokens_cap": 32, "default_max_tokens": 8,
+                  "cpus_per_replica": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "capture": True},
+    })  # fmt: skip
+    url = run_server(cfg, blocking=False)
+    http = httpx.Client(base_url=url, timeout=TIMEOUT_S)
+    yield SimpleNamespace(
+        cfg=cfg,
+        tmp=tmp,
+        dir=tmp / "out" / "feedback",
+        client=OpenAI(base_url=url, api_key="none", timeout=TIMEOUT_S, max_retries=0),
+        http=http,
+        base_id="tiny-base",
+    )
+    http.close()
+    serve.shutdown()
+
+
+MARKER = "zebra-7731 parcel"  # in prompts only: must never reach a log
+
+
+def _ratings(server) -> list[str]:
+    return sorted(str(p.relative_to(server.dir)) for p in (server.dir / "ratings").rglob("*") if p.is_file())
+
+
+def _error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    return resp.json()["error"]
+
+
+def test_capture_feedback_export_preprocess_round_trip(server):
+    from transformers import AutoTokenizer
+
+    from aigc.data.preprocess import preprocess
+    from aigc.feedback import export_feedback
+
+    messages = [{"role": "user", "content": f"Where is my {MARKER}?"}]
+    r = server.client.chat.completions.create(model=server.base_id, messages=messages, max_tokens=8, temperature=0)
+    assert r.id.startswith("chatcmpl-")
+    captured = json.loads((server.dir / "completions" / f"{r.id}.json").read_text())
+    assert {k: captured[k] for k in ("id", "object", "model", "messages", "answer", "finish_reason")} == {
+        "id": r.id, "object": "chat.completion", "model": server.base_id, "messages": messages,
+        "answer": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason,
+    }  # fmt: skip
+    assert captured["params"] == {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
+                                  "stop": []}  # fmt: skip
+
+    chunks = list(server.client.chat.completions.create(model=server.base_id, messages=messages, max_tokens=8,
+                                                        temperature=0, stream=True))  # fmt: skip
+    sid = chunks[0].id
+    assert sid.startswith("chatcmpl-") and sid != r.id and all(c.id == sid for c in chunks)
+    streamed = json.loads((server.dir / "completions" / f"{sid}.json").read_text())
+    assert streamed["answer"] == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed["answer"] == r.choices[0].message.content  # greedy: the same text
+
+    t = server.client.completions.create(model=server.base_id, prompt=f"The {MARKER}", max_tokens=4, temperature=0)
+    assert t.id.startswith("cmpl-")
+    assert json.loads((server.dir / "completions" / f"{t.id}.json").read_text())["prompt"] == f"The {MARKER}"
+
+    # Feedback through the openai SDK's generic POST, as the README shows it.
+    correction = "Your parcel is at the depot and arrives tomorrow."
+    fb = server.client.post("/feedback", cast_to=object, body={"id": r.id, "rating": -1, "correction": correction,
+                                                               "comment": "wrong"})  # fmt: skip
+    assert {k: fb[k] for k in ("object", "completion_id", "rating", "correction", "comment")} == {
+        "object": "feedback", "completion_id": r.id, "rating": -1, "correction": correction, "comment": "wrong",
+    }  # fmt: skip
+    assert fb["id"].startswith("fb-")
+    assert server.http.post("/feedback", json={"id": sid, "rating": 1}).status_code == 200
+    assert server.http.post("/feedback", json={"id": t.id, "rating": 1}).status_code == 200
+    assert len(_ratings(server)) == 3
+
+    out = str(server.tmp / "export.jsonl")
+    res = export_feedback(server.cfg, min_rating=1, output=out)
+    assert (res.rows, res.corrected, res.skipped) == (2, 1, {"text_completion": 1})
+    rows = [json.loads(line) for line in Path(out).read_text().splitlines()]
+    assert sorted(row["messages"][-1]["content"] for row in rows) == sorted([correction, streamed["answer"]])
+    assert all(row["messages"][:-1] == messages for row in rows)
+
+    # `aigc preprocess` takes the file as it is.
+    overrides = [f"data.path={out}", "data.format=messages", f"model.name_or_path={TINY}",
+                 f"output_dir={server.tmp / 'pre'}", "data.val_fraction=0", "data.tokenizer_actors=1"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    stats = preprocess(cfg.data, cfg.model, cfg.output_dir).stats
+    assert (stats["rows_in"], stats["rows_kept"], stats["rows_train"]) == (2, 2, 2)
+    tok = AutoTokenizer.from_pretrained(TINY)
+    train = pd.read_parquet(server.tmp / "pre" / "data" / "train")
+    targets = [tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])
+               for ids, labels in zip(train["input_ids"], train["labels"], strict=True)]  # fmt: skip
+    assert any(correction in target for target in targets)
+
+
+def test_bad_feedback_gets_openai_errors_and_appends_nothing(server):
+    r = server.client.chat.completions.create(
+        model=server.base_id, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    before = _ratings(server)
+    post = server.http.post
+    never_issued = _cid(12345)
+    err = _error(post("/feedback", json={"id": never_issued, "rating": 1}), 404)
+    assert err == {"message": f"no completion with id '{never_issued}' was captured on this server",
+                   "type": "invalid_request_error", "param": "id", "code": "completion_not_found"}  # fmt: skip
+    assert _error(post("/feedback", json={"id": "chatcmpl-../../etc", "rating": 1}), 404)["param"] == "id"
+
+    ok = {"id": r.id, "rating": 1}
+    cases = [
+        ({**ok, "rating": 2}, "rating", "rating: Input should be less than or equal to 1"),
+        ({**ok, "rating": -2}, "rating", "rating: Input should be greater than or equal to -1"),
+        ({**ok, "rating": "1"}, "rating", "rating: Input should be a valid integer"),
+        ({**ok, "rating": True}, "rating", "rating: Input should be a valid integer"),
+        ({"id": r.id}, "rating", "rating: Field required"),
+        ({"rating": 1}, "id", "id: Field required"),
+        ({**ok, "stars": 5}, "stars", "stars: Extra inputs are not permitted"),
+        ({**ok, "correction": "x" * (MAX_CORRECTION_CHARS + 1)}, "correction",
+         f"correction: String should have at most {MAX_CORRECTION_CHARS} characters"),
+        ({**ok, "correction": "  "}, "correction",
+         "correction: must not be empty (leave it out to keep the answer)"),
+        ({**ok, "comment": "c" * 2001}, "comment", "comment: String should have at most 2000 characters"),
+    ]  # fmt: skip
+    for body, param, message in cases:
+        err = _error(post("/feedback", json=body), 400)
+        assert (err["param"], err["message"], err["type"]) == (param, message, "invalid_request_error"), body
+    assert _error(post("/feedback", content=b"{", headers={"content-type": "application/json"}), 400)["param"] is None
+    assert _ratings(server) == before  # nothing appended by any refused request
+    assert post("/feedback", json=ok).status_code == 200
+    assert len(_ratings(server)) == len(before) + 1
+
+
+def test_unwritable_store_fails_feedback_only(server):
+    ratings, completions, aside = server.dir / "ratings", server.dir / "completions", server.tmp / "aside"
+    hi = [{"role": "user", "content": "hi"}]
+    r = server.client.chat.completions.create(model=server.base_id, messages=hi, max_tokens=4, temperature=0)
+    aside.mkdir()
+    for d in (ratings, completions):
+        if d.exists():
+            os.rename(d, aside / d.name)
+    try:
+        ratings.write_text("a file where the ratings directory should be")
+        completions.mkdir()
+        os.link(aside / "completions" / f"{r.id}.json", completions / f"{r.id}.json")  # r is still known
+        resp = server.http.post("/feedback", json={"id": r.id, "rating": 1})
+        err = _error(resp, 503)
+        assert resp.headers["retry-after"] == "1"
+        assert err == {"message": "the feedback store is unavailable; retry later", "type": "server_error",
+                       "param": None, "code": "feedback_store_unavailable"}  # fmt: skip
+        # Capture fails too (no completions directory to write in), and generation goes on, streamed and not.
+        shutil.rmtree(completions)
+        completions.write_text("not a directory")
+        again = server.client.chat.completions.create(model=server.base_id, messages=hi, max_tokens=4, temperature=0)
+        assert again.choices[0].message.content == r.choices[0].message.content
+        chunks = server.client.chat.completions.create(model=server.base_id, messages=hi, max_tokens=4, temperature=0,
+                                                       stream=True)  # fmt: skip
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == again.choices[0].message.content
+    finally:
+        for d in (ratings, completions):
+            if d.is_dir():
+                shutil.rmtree(d)
+            elif d.exists():
+                d.unlink()
+            if (aside / d.name).exists():
+                os.rename(aside / d.name, d)
+        aside.rmdir()
+    assert server.http.post("/feedback", json={"id": r.id, "rating": 1}).status_code == 200
+    assert not (completions / f"{again.id}.json").exists()  # what failed to be captured stays absent
+
+
+def test_prompts_and_answers_never_reach_the_logs(server, ray_cluster):
+    """Runs after the tests above: the logs hold their feedback calls and the failed capture, never a prompt."""
+    logs = Path(ray_cluster._private.worker._global_node.get_logs_dir_path())
+    deadline = time.monotonic() + 20  # log files are flushed asynchronously: wait for the lines we expect
+
+    def serve_logs() -> str:
+        return "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and "serve" in str(p))
+
+    expected = ("POST /v1/feedback 200", "POST /v1/feedback 503", "capture of chatcmpl-")
+    while not all(e in (text := serve_logs()) for e in expected) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(e in text for e in expected), [e for e in expected if e not in text]
+    assert MARKER not in text
+
+
+def test_capture_off_refuses_feedback():
+    import asyncio
+
+    from aigc.serve.ingress import ApiError, OpenAIIngress
+
+    # The route itself, outside Serve, on an ingress built without a feedback_dir: it says so, naming the key.
+    ingress = SimpleNamespace(_feedback=None)
+    with pytest.raises(ApiError) as err:
+        asyncio.run(OpenAIIngress.func_or_class.feedback(ingress, FeedbackRequest(id=_cid(1), rating=1)))
+    assert (err.value.status, err.value.code, err.value.param) == (404, "feedback_disabled", None)
+    assert err.value.message == "feedback is off on this server (serve.capture: false)"
