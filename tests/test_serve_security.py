@@ -196,6 +196,26 @@ def test_bearer_auth_names_the_caller(bare_app):
     assert bare_app.get("/healthz").json() == {"status": "ok"}  # open: load balancers probe it without a key
 
 
+def test_healthz_is_open_under_a_route_prefix():
+    import asyncio
+
+    from aigc.serve.auth import BearerAuth
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    auth = BearerAuth(app, keys=lambda: ApiKeys({"ci": KEY_CI}))
+    for path in ("/tight/healthz", "/tight/v1/models"):
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "/tight", "headers": []}
+        asyncio.run(auth(scope, None, send))
+    assert reached == ["/tight/healthz"] and sent[0]["status"] == 401
+
+
 def test_body_cap_without_reading_past_it(bare_app):
     big = b"x" * 2049
     assert bare_app.post("/echo", content=b"y" * 2048, headers=_auth(KEY_CI)).json()["bytes"] == 2048
