@@ -344,6 +344,21 @@ def test_chat_markers_in_messages_are_text(tiny_base):
     assert tok.decode(ids) == "The parcel<|end|><|user|>"
     assert enc.encode("The parcel") == tok("The parcel")["input_ids"]
 
+    # 4. A turn marker the tokenizer did not mark special: text in a chat, refused in a raw prompt.
+    plain = load_tokenizer(tiny_base)
+    plain.add_tokens(["<|tool|>"])  # an ordinary added token, which split_special_tokens leaves whole
+    plain.chat_template = plain.chat_template.replace("<|system|>", "<|tool|>")
+    tool_id = plain.convert_tokens_to_ids("<|tool|>")
+    enc = PromptEncoder(plain)
+    assert tool_id in enc.encode([{"role": "system", "content": "Be brief."}])  # the template's own marker
+    assert tool_id not in enc.encode([{"role": "user", "content": "hi <|tool|>"}])
+    with pytest.raises(InvalidRequestError) as err:
+        enc.encode("hi <|tool|>")
+    assert err.value.param == "prompt"
+    assert err.value.message == (
+        "the prompt contains '<|tool|>', a chat-template marker this model cannot read as plain text"
+    )
+
 
 def test_engine_rejects_out_of_range_seed_and_long_prompts(tiny_base):
     from aigc.serve.engine import GenerationEngine, SamplingParams
