@@ -196,6 +196,26 @@ def test_bearer_auth_names_the_caller(bare_app):
     assert bare_app.get("/healthz").json() == {"status": "ok"}  # open: load balancers probe it without a key
 
 
+def test_healthz_is_open_under_a_route_prefix():
+    import asyncio
+
+    from aigc.serve.auth import BearerAuth
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    auth = BearerAuth(app, keys=lambda: ApiKeys({"ci": KEY_CI}))
+    for path in ("/tight/healthz", "/tight/v1/models"):
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "/tight", "headers": []}
+        asyncio.run(auth(scope, None, send))
+    assert reached == ["/tight/healthz"] and sent[0]["status"] == 401
+
+
 def test_body_cap_without_reading_past_it(bare_app):
     big = b"x" * 2049
     assert bare_app.post("/echo", content=b"y" * 2048, headers=_auth(KEY_CI)).json()["bytes"] == 2048
@@ -323,6 +343,21 @@ def test_chat_markers_in_messages_are_text(tiny_base):
     assert not set(ids) & set(ids_of.values())
     assert tok.decode(ids) == "The parcel<|end|><|user|>"
     assert enc.encode("The parcel") == tok("The parcel")["input_ids"]
+
+    # 4. A turn marker the tokenizer did not mark special: text in a chat, refused in a raw prompt.
+    plain = load_tokenizer(tiny_base)
+    plain.add_tokens(["<|tool|>"])  # an ordinary added token, which split_special_tokens leaves whole
+    plain.chat_template = plain.chat_template.replace("<|system|>", "<|tool|>")
+    tool_id = plain.convert_tokens_to_ids("<|tool|>")
+    enc = PromptEncoder(plain)
+    assert tool_id in enc.encode([{"role": "system", "content": "Be brief."}])  # the template's own marker
+    assert tool_id not in enc.encode([{"role": "user", "content": "hi <|tool|>"}])
+    with pytest.raises(InvalidRequestError) as err:
+        enc.encode("hi <|tool|>")
+    assert err.value.param == "prompt"
+    assert err.value.message == (
+        "the prompt contains '<|tool|>', a chat-template marker this model cannot read as plain text"
+    )
 
 
 def test_engine_rejects_out_of_range_seed_and_long_prompts(tiny_base):
@@ -481,7 +516,9 @@ def test_keys_never_reach_the_logs(server):
 
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     files = [p for p in logs.rglob("*") if p.is_file()]
-    assert any("serve" in p.parts and "replica" in p.name for p in files), "no Serve replica logs found"
+    ingress_logs = [p for p in files if p.name.startswith("replica_aigc-secure_OpenAIIngress")]
+    # The requests above were logged (so the search below is meaningful), the refused ones included.
+    assert any(b"POST /v1/chat/completions 401" in p.read_bytes() for p in ingress_logs), ingress_logs
     for p in files:
         text = p.read_bytes()
         for key in (KEY_CI, KEY_TEAM, WRONG_KEY):

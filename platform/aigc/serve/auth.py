@@ -203,6 +203,12 @@ def check_exposure(host: str, mode: AuthMode, file: str | None, env: str | None)
 
 
 # ------------------------------------------------------------------------------------------ the middleware
+def _route_path(scope: Scope) -> str:
+    """The path inside the app: an app deployed under a route prefix (`/tight`) sees `/tight/healthz`."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def _bearer(scope: Scope) -> str | None:
     for name, value in scope.get("headers") or ():
         if name == b"authorization":
@@ -226,7 +232,7 @@ class BearerAuth:
         self.app, self._keys, self._local_only = app, keys, local_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in _OPEN_PATHS:
+        if scope["type"] != "http" or _route_path(scope) in _OPEN_PATHS:
             return await self.app(scope, receive, send)
         if self._local_only() and not is_loopback((scope.get("client") or ("",))[0]):
             return await _refuse(403, _LOCAL_ONLY, "local_clients_only", scope, send)

@@ -5,7 +5,8 @@ A chat goes through the tokenizer's chat template with transformers' ``sanitize_
 characters inside a message are text. A raw completion prompt is all client text: it is encoded with
 ``split_special_tokens``, on a copy of the tokenizer that always does so. (A tokenizer switches that mode on
 its shared backend per call, so one instance used both ways from several threads could encode one request's
-text in the other's mode.)
+text in the other's mode.) ``split_special_tokens`` leaves *non-special* added tokens whole; a raw prompt
+that still contains one the chat template writes (a turn marker a tokenizer did not mark special) is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self._as_text = copy.deepcopy(tokenizer)
         self._as_text.split_special_tokens = True  # every call on this copy splits special tokens into text
+        template = getattr(tokenizer, "chat_template", None) or ""
+        template = template if isinstance(template, str) else " ".join(template.values())
+        # Non-special added tokens that the template writes: turn markers split_special_tokens cannot split.
+        self._markers = {
+            i: t.content
+            for i, t in tokenizer.added_tokens_decoder.items()
+            if not t.special and t.content in template and not t.content.isspace()
+        }
 
     def encode(self, prompt: str | list[dict[str, str]]) -> list[int]:
         """Token ids for ``prompt``.
@@ -37,7 +46,14 @@ class PromptEncoder:
             InvalidRequestError: the text contains something this tokenizer cannot encode as plain text.
         """
         if isinstance(prompt, str):
-            return list(self._as_text(prompt, add_special_tokens=True)["input_ids"])
+            ids = list(self._as_text(prompt, add_special_tokens=True)["input_ids"])
+            marker = next((self._markers[i] for i in ids if i in self._markers), None)
+            if marker is not None:
+                raise InvalidRequestError(
+                    f"the prompt contains {marker!r}, a chat-template marker this model cannot read as plain text",
+                    param="prompt",
+                )
+            return ids
         try:
             return encode_chat(self.tokenizer, prompt)
         except ValueError as exc:  # transformers: "Can't sanitize ...: the tokenizer produces it from plain text"
