@@ -414,7 +414,8 @@ def test_prompts_and_answers_never_reach_the_logs(server, ray_cluster):
 def test_capture_off_refuses_feedback():
     import asyncio
 
-    from aigc.serve.ingress import ApiError, OpenAIIngress
+    from aigc.serve.api_errors import ApiError
+    from aigc.serve.ingress import OpenAIIngress
 
     # The route itself, outside Serve, on an ingress built without a feedback_dir: it says so, naming the key.
     ingress = SimpleNamespace(_feedback=None)

@@ -391,7 +391,7 @@ def test_errors_map_to_statuses_in_the_ingress():
     from ray.serve.exceptions import BackPressureError
 
     from aigc.errors import ModelNotFoundError
-    from aigc.serve.ingress import api_error_from
+    from aigc.serve.api_errors import api_error_from
 
     def raised_in_replica(exc: Exception) -> Exception:  # what the handle raises: Ray's wrapper, cause inside
         return RayTaskError("Generator.complete", "Traceback ...", exc).as_instanceof_cause()
@@ -422,7 +422,7 @@ def test_errors_map_to_statuses_in_the_ingress():
 
 def test_unexpected_errors_become_a_generic_500():
     from aigc.errors import AdapterLoadError
-    from aigc.serve.ingress import api_error_from
+    from aigc.serve.api_errors import api_error_from
 
     secret = "boom at /srv/secret/model.safetensors"
     ids = set()

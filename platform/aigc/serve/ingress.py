@@ -2,51 +2,39 @@
 
 ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` -> server-sent
 events), ``GET /healthz``. It validates requests, resolves the model id against the registry and calls the
-``Generator`` with ``multiplexed_model_id`` = the resolved ``name:vN``. This module is the only place where
-errors become HTTP statuses: every error is an OpenAI-shaped JSON body, and a 500 never carries exception
-text or paths (the details go to the server log under a request id).
-With ``serve.capture``, answers are stored under their ids and ``POST /v1/feedback`` rates them (serve/feedback.py).
+``Generator`` with ``multiplexed_model_id`` = the resolved ``name:vN``. Errors become HTTP statuses only in
+:mod:`aigc.serve.api_errors` (OpenAI-shaped bodies; a 500 never carries exception text or paths); the
+response shapes of the two endpoints are in :mod:`aigc.serve.shapes`. Before any route, the guard
+(:mod:`aigc.serve.security`: CORS, API keys, body cap) and the metrics middleware run; content safety is
+:mod:`aigc.serve.moderation`. With ``serve.capture``, answers are stored under their ids and
+``POST /v1/feedback`` rates them (:mod:`aigc.serve.feedback`).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
 # class-based routes do not resolve string annotations (a body model would become a query parameter).
 import asyncio
 import contextlib
-import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal, NamedTuple
+from collections.abc import AsyncIterator
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError, RegistryError, StorageError
+from aigc.errors import RegistryError, StorageError
 from aigc.feedback.store import FeedbackRequest, UnknownCompletionError
 from aigc.registry import Registry
+from aigc.serve.api_errors import ApiError, api_error_from, install_error_handlers
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
 from aigc.serve.feedback import FeedbackCapture
 from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
 from aigc.serve.moderation import OutputGuard, load_policy
 from aigc.serve.schemas import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatDelta,
-    CompletionChoice,
-    CompletionChunk,
     CompletionRequest,
-    CompletionResponse,
     ModelCard,
     ModelList,
     Usage,
@@ -54,8 +42,9 @@ from aigc.serve.schemas import (
     new_id,
 )
 from aigc.serve.security import GuardConfig, HttpGuard, install_guard
+from aigc.serve.shapes import CHAT, TEXT, FinishReason, Kind, sse
 
-__all__ = ["ApiError", "OpenAIIngress", "api_error_from", "app"]
+__all__ = ["OpenAIIngress", "app"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,9 +53,6 @@ logger = logging.getLogger("ray.serve")
 INGRESS_CPUS = 0.1
 INGRESS_MAX_ONGOING = 256
 _MAX_LISTED_IN_ERRORS = 20
-
-FinishReason = Literal["stop", "length", "content_filter"]
-
 
 # JSON bodies need `Content-Type: application/json` (FastAPI's default): a text/plain POST, which a browser page
 # may send to any origin without a CORS preflight, is refused with a 400.
@@ -80,129 +66,7 @@ def _replica_guard() -> HttpGuard:
 
 install_guard(app, _replica_guard)  # CORS -> API key -> body size cap, before any route or body parsing
 app.add_middleware(MetricsMiddleware)  # outermost: counts every request, refused ones too
-
-
-class ApiError(Exception):
-    """Raised in a route; rendered as ``{"error": {...}}`` with ``status``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        body = error_body(self.message, self.type, self.param, self.code)
-        headers = {"Retry-After": "1"} if self.status == 503 else None
-        return JSONResponse(status_code=self.status, content=body, headers=headers)
-
-
-def api_error_from(exc: BaseException, model: str | None = None) -> ApiError:
-    """Map an exception from the Generator (Ray wraps it; ``.cause`` is the original) to an API error.
-
-    Args:
-        exc: the exception a route or the Generator raised.
-        model: the model the request asked for, named in a failed load's message.
-    """
-    cause = getattr(exc, "cause", None) or exc
-    if isinstance(cause, ApiError):
-        return cause
-    if isinstance(cause, InvalidRequestError):
-        return ApiError(400, cause.message, param=cause.param, code=cause.code)
-    if isinstance(cause, ModelNotFoundError):
-        return ApiError(404, cause.message, param="model", code="model_not_found")
-    if isinstance(cause, BackPressureError):
-        return ApiError(503, "the server is overloaded; retry shortly", type="server_error", code="overloaded")
-    # 500s: the details (paths, exception text) go to the server log only, under an id the client can quote.
-    ref = uuid.uuid4().hex[:12]
-    logger.error("request %s failed (model %s)", ref, model, exc_info=exc)
-    if isinstance(cause, AdapterLoadError):
-        what = f"the model '{model}'" if model else "the model"
-        msg = f"{what} could not be loaded on this server; see the server log (request id {ref})"
-        return ApiError(500, msg, type="server_error", code="adapter_load_failed")
-    return ApiError(500, f"internal error; see the server log (request id {ref})", type="server_error")
-
-
-@app.exception_handler(ApiError)
-async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return exc.response()
-
-
-@app.exception_handler(RequestValidationError)
-async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # OpenAI answers schema errors with 400 (FastAPI's default is 422) and names the field in `param`.
-    err = exc.errors()[0]
-    kind = err.get("type")
-    if kind == "json_invalid":
-        reason = (err.get("ctx") or {}).get("error", "")
-        return ApiError(400, f"the request body is not valid JSON ({reason})").response()
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    if not loc:  # the body as a whole
-        if kind == "missing":
-            msg = "the request body is missing: send a JSON object"
-        elif isinstance(err.get("input"), (bytes, str)):
-            msg = "the request body must be JSON, sent with Content-Type: application/json"
-        else:
-            msg = "the request body must be a JSON object"
-        return ApiError(400, msg).response()
-    param = ".".join(loc)
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    return ApiError(400, f"{param}: {msg}", param=param).response()
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    msg = f"{exc.detail}: {request.method} {request.url.path}"
-    return ApiError(exc.status_code, msg, type=kind).response()
-
-
-@app.exception_handler(Exception)
-async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    return api_error_from(exc).response()
-
-
-def _sse(payload: Any) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-# ------------------------------------------------------------------------------- the two endpoints' shapes
-class _Kind(NamedTuple):
-    """How one endpoint shapes a generation: the only difference between chat and text completions."""
-
-    id_prefix: str
-    response: type[BaseModel]  # the whole answer: (model, choices, usage)
-    chunk: type[BaseModel]  # one streamed event: (id, created, model, choices, usage)
-    answer: Callable[[str, FinishReason], BaseModel]  # the non-streamed choice
-    delta: Callable[[str | None, FinishReason | None], BaseModel]  # a streamed choice: text, or the finish
-    opening: Callable[[], BaseModel] | None  # a choice streamed before the first token, if any
-
-
-def _chat_answer(text: str, finish_reason: FinishReason) -> ChatChoice:
-    return ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
-
-
-def _chat_delta(text: str | None, finish_reason: FinishReason | None) -> ChatChunkChoice:
-    # The finish chunk's delta is empty ({}), as OpenAI sends it.
-    return ChatChunkChoice(delta=ChatDelta(content=text), finish_reason=finish_reason)
-
-
-def _chat_opening() -> ChatChunkChoice:
-    return ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
-
-
-def _text_choice(text: str | None, finish_reason: FinishReason | None) -> CompletionChoice:
-    return CompletionChoice(text=text or "", finish_reason=finish_reason)
-
-
-_CHAT = _Kind("chatcmpl", ChatCompletionResponse, ChatCompletionChunk, _chat_answer, _chat_delta, _chat_opening)
-_TEXT = _Kind("cmpl", CompletionResponse, CompletionChunk, _text_choice, _text_choice, None)
+install_error_handlers(app)
 
 
 @serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": INGRESS_CPUS})
@@ -358,8 +222,8 @@ class OpenAIIngress:
                 async for e in events:
                     yield e
             except Exception as exc:  # the status line is already sent: report in-band, as OpenAI does
-                yield _sse(error_body(api_error_from(exc).message, type="server_error"))
-            yield _sse("[DONE]")
+                yield sse(error_body(api_error_from(exc).message, type="server_error"))
+            yield sse("[DONE]")
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
@@ -375,11 +239,11 @@ class OpenAIIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        return await self._run_request(_CHAT, body, [m.as_template_dict() for m in body.messages])
+        return await self._run_request(CHAT, body, [m.as_template_dict() for m in body.messages])
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Response:
-        return await self._run_request(_TEXT, body, body.prompt_text)
+        return await self._run_request(TEXT, body, body.prompt_text)
 
     @app.post("/v1/feedback")
     async def feedback(self, body: FeedbackRequest) -> Response:
@@ -397,7 +261,7 @@ class OpenAIIngress:
 
     # 4. the one request path both endpoints share ------------------------------------------------------
     async def _run_request(
-        self, kind: _Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt
+        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt
     ) -> Response:
         """Resolve the model, generate, and answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming)."""
         model_id = await self._resolve(body.model)
@@ -423,7 +287,7 @@ class OpenAIIngress:
         answer: list[str] = []  # the text sent, for capture
 
         def chunk(choices: list[Any], usage: Usage | None = None) -> str:
-            return _sse(kind.chunk(**head, choices=choices, usage=usage).model_dump())
+            return sse(kind.chunk(**head, choices=choices, usage=usage).model_dump())
 
         started, first = time.perf_counter(), None
 

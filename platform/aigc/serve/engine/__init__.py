@@ -7,12 +7,15 @@
 
 Modules: :mod:`~aigc.serve.engine.core` (the engine and its thread), :mod:`~aigc.serve.engine.batch` (the
 running batch: prefill, KV-cache merge, decode, leave), :mod:`~aigc.serve.engine.text` (incremental
-detokenization, stop strings), :mod:`~aigc.serve.engine.adapters` (loading and deferred deletion).
+detokenization, stop strings), :mod:`~aigc.serve.engine.adapters` (loading and deferred deletion),
+:mod:`~aigc.serve.engine.prompts` (prompts to token ids, client text never as control tokens),
+:mod:`~aigc.serve.engine.types` (sampling settings, completions, deltas).
 """
 
 from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError
 from aigc.serve.engine.adapters import BASE_ADAPTER
-from aigc.serve.engine.core import Completion, Delta, GenerationEngine, Prompt, SamplingParams
+from aigc.serve.engine.core import GenerationEngine
+from aigc.serve.engine.types import Completion, Delta, Prompt, SamplingParams
 
 __all__ = [
     "BASE_ADAPTER",

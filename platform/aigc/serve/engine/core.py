@@ -22,9 +22,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -35,46 +35,11 @@ from aigc.serve.engine.adapters import BASE_ADAPTER, PLACEHOLDER, AdapterSet
 from aigc.serve.engine.batch import Row, RunningBatch, sample_all
 from aigc.serve.engine.prompts import PromptEncoder
 from aigc.serve.engine.text import IncrementalDetokenizer, StopFilter
+from aigc.serve.engine.types import Completion, Delta, FinishReason, Prompt, SamplingParams, join_deltas
 
 __all__ = ["Completion", "Delta", "GenerationEngine", "Prompt", "SamplingParams"]
 
 logger = logging.getLogger(__name__)
-
-FinishReason = Literal["stop", "length"]
-# A prompt is raw text (completions) or a conversation rendered by the chat template (chat completions).
-Prompt = str | Sequence[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to generate: ``temperature == 0`` is greedy; ``top_k == 0`` means no top-k cut."""
-
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Completion:
-    """A finished generation; ``text`` excludes the eos token and anything from a stop string on."""
-
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class Delta:
-    """One streamed piece of text, with the token counts so far; the last delta has ``finish_reason`` set."""
-
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -274,7 +239,7 @@ class GenerationEngine:
                 # A consumer slower than the engine gets what has piled up as one delta (fewer messages
                 # downstream under load; one token at a time when it keeps up).
                 while isinstance(item, Delta) and item.finish_reason is None and not items.empty():
-                    item = _join(item, items.get_nowait())
+                    item = join_deltas(item, items.get_nowait())
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -408,10 +373,3 @@ class GenerationEngine:
         if not ids:
             raise ValueError(f"{self.model_name_or_path}: tokenizer and generation config name no eos token")
         return sorted(ids)
-
-
-def _join(first: Delta, then: Delta | BaseException) -> Delta | BaseException:
-    """Two consecutive deltas as one (an error wins: the request fails either way)."""
-    if isinstance(then, BaseException):
-        return then
-    return Delta(first.text + then.text, then.finish_reason, then.prompt_tokens, then.completion_tokens)
