@@ -255,6 +255,21 @@ def _ratings(server) -> list[str]:
     return sorted(str(p.relative_to(server.dir)) for p in (server.dir / "ratings").rglob("*") if p.is_file())
 
 
+def _wait_for_logs(*expected: str) -> str:
+    """The text of every serve log file once each ``expected`` line is there (they are flushed asynchronously)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    deadline = time.monotonic() + 20
+    while True:
+        text = "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and "serve" in str(p))
+        if all(e in text for e in expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert all(e in text for e in expected), [e for e in expected if e not in text]
+    return text
+
+
 def _error(resp: httpx.Response, status: int) -> dict:
     assert resp.status_code == status, resp.text
     return resp.json()["error"]
@@ -383,6 +398,7 @@ def test_unwritable_store_fails_feedback_only(server):
                                                        stream=True)  # fmt: skip
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == again.choices[0].message.content
+        _wait_for_logs(f"capture of {again.id} failed (StorageError", "POST /v1/feedback 503")  # logged, by id
     finally:
         for d in (ratings, completions):
             if d.is_dir():
@@ -396,19 +412,13 @@ def test_unwritable_store_fails_feedback_only(server):
     assert not (completions / f"{again.id}.json").exists()  # what failed to be captured stays absent
 
 
-def test_prompts_and_answers_never_reach_the_logs(server, ray_cluster):
-    """Runs after the tests above: the logs hold their feedback calls and the failed capture, never a prompt."""
-    logs = Path(ray_cluster._private.worker._global_node.get_logs_dir_path())
-    deadline = time.monotonic() + 20  # log files are flushed asynchronously: wait for the lines we expect
-
-    def serve_logs() -> str:
-        return "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and "serve" in str(p))
-
-    expected = ("POST /v1/feedback 200", "POST /v1/feedback 503", "capture of chatcmpl-")
-    while not all(e in (text := serve_logs()) for e in expected) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert all(e in text for e in expected), [e for e in expected if e not in text]
-    assert MARKER not in text
+def test_prompts_and_answers_never_reach_the_logs(server):
+    """Every log line of the serve processes is searched for a prompt and a feedback comment: neither is there."""
+    r = server.client.chat.completions.create(model=server.base_id, messages=[{"role": "user", "content": MARKER}],
+                                              max_tokens=8, temperature=0)  # fmt: skip
+    assert server.http.post("/feedback", json={"id": r.id, "rating": 1, "comment": MARKER}).status_code == 200
+    text = _wait_for_logs("POST /v1/feedback 200")
+    assert MARKER not in text  # neither the prompt nor the comment
 
 
 def test_capture_off_refuses_feedback():
