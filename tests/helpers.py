@@ -10,7 +10,10 @@ Everything is built from code in a few seconds on a CPU; nothing is downloaded.
 from __future__ import annotations
 
 import os
+import re
 import socket
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -79,3 +82,40 @@ def make_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, s
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
     peft_model.save_pretrained(str(out_dir))
     return str(out_dir)
+
+
+# Ray's Prometheus endpoint ---------------------------------------------------------------------------------
+METRIC_SAMPLE = re.compile(r"^(\w+)\{(.*)\} (\S+)$")
+
+
+def scrape_metrics() -> str:
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def metric_samples(text: str, name: str, **labels: str) -> list[float]:
+    """``name``'s sample values whose labels include ``labels`` (one per worker that recorded it)."""
+    out = []
+    for line in text.splitlines():
+        m = METRIC_SAMPLE.match(line)
+        if m and m.group(1) == name and all(f'{k}="{v}"' in m.group(2) for k, v in labels.items()):
+            out.append(float(m.group(3)))
+    return out
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (counters: the total over workers)."""
+    return sum(metric_samples(text, name, **labels))
+
+
+def wait_for_metrics(check, timeout_s: float = 90) -> str:
+    """Scrape until ``check(text)`` holds (Ray pushes worker metrics to the node's exporter every few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = scrape_metrics()
+        if check(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(2)

@@ -12,14 +12,12 @@ import json
 import re
 import shutil
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
-from helpers import free_port, make_tiny_model
+from helpers import free_port, make_tiny_model, metric_samples, metric_value, scrape_metrics, wait_for_metrics
 
 from aigc.config import PlatformConfig, load_config
 from aigc.errors import ConfigError
@@ -166,47 +164,13 @@ def test_a_flagged_streamed_answer_never_sends_the_phrase(server):
 # ============================================================================== metrics
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "deploy" / "monitoring"
-METRIC_SAMPLE = re.compile(r"^(\w+)\{(.*)\} (\S+)$")
-
-
-def _scrape() -> str:
-    import ray
-
-    port = ray._private.worker._global_node.metrics_export_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        return resp.read().decode()
-
-
-def _samples(text: str, name: str, **labels: str) -> list[float]:
-    """``name``'s sample values whose labels include ``labels`` (one per worker that recorded it)."""
-    out = []
-    for line in text.splitlines():
-        m = METRIC_SAMPLE.match(line)
-        if m and m.group(1) == name and all(f'{k}="{v}"' in m.group(2) for k, v in labels.items()):
-            out.append(float(m.group(3)))
-    return out
-
-
-def _value(text: str, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (counters: the total over workers)."""
-    return sum(_samples(text, name, **labels))
-
-
-def _wait_for(check, timeout_s: float = 90) -> str:
-    """Scrape until ``check(text)`` holds (Ray pushes worker metrics to the node's exporter every few seconds)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = _scrape()
-        if check(text) or time.monotonic() > deadline:
-            return text
-        time.sleep(2)
 
 
 def test_metrics_move_with_real_requests(server):
     chat = "/v1/chat/completions"
-    base = _scrape()
-    ok_before = _value(base, "ray_aigc_requests_total", route=chat, status="200", model="tiny-base", key="-")
-    tokens_before = _value(base, "ray_aigc_completion_tokens_total", model="tiny-base")
+    base = scrape_metrics()
+    ok_before = metric_value(base, "ray_aigc_requests_total", route=chat, status="200", model="tiny-base", key="-")
+    tokens_before = metric_value(base, "ray_aigc_completion_tokens_total", model="tiny-base")
     for _ in range(3):
         assert _chat(server, "Hello there", max_tokens=8).status_code == 200
     body = {"model": "tiny-base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True}
@@ -216,21 +180,21 @@ def test_metrics_move_with_real_requests(server):
 
     def moved(text: str) -> bool:
         return (
-            _value(text, "ray_aigc_requests_total", route=chat, status="200", model="tiny-base") >= ok_before + 4
-            and _value(text, "ray_aigc_requests_total", route=chat, status="404", model="-") >= 1
-            and _value(text, "ray_aigc_time_to_first_token_seconds_count", model="tiny-base") >= 1
-            and 32 in _samples(text, "ray_aigc_batch_capacity")
+            metric_value(text, "ray_aigc_requests_total", route=chat, status="200", model="tiny-base") >= ok_before + 4
+            and metric_value(text, "ray_aigc_requests_total", route=chat, status="404", model="-") >= 1
+            and metric_value(text, "ray_aigc_time_to_first_token_seconds_count", model="tiny-base") >= 1
+            and 32 in metric_samples(text, "ray_aigc_batch_capacity")
         )
 
-    text = _wait_for(moved)
+    text = wait_for_metrics(moved)
     assert moved(text), [line for line in text.splitlines() if "aigc" in line][:40]
-    assert _value(text, "ray_aigc_completion_tokens_total", model="tiny-base") > tokens_before
-    assert _value(text, "ray_aigc_request_latency_seconds_count", route=chat, model="tiny-base") >= 4
+    assert metric_value(text, "ray_aigc_completion_tokens_total", model="tiny-base") > tokens_before
+    assert metric_value(text, "ray_aigc_request_latency_seconds_count", route=chat, model="tiny-base") >= 4
     # Gauges: one series per replica (an earlier app's replica may still be listed for a while).
-    assert 32 in _samples(text, "ray_aigc_batch_capacity") and 1 in _samples(text, "ray_aigc_max_replicas")
+    assert 32 in metric_samples(text, "ray_aigc_batch_capacity") and 1 in metric_samples(text, "ray_aigc_max_replicas")
     # The moderation tests above refused one prompt per endpoint and stopped answers.
-    assert _value(text, "ray_aigc_content_filter_total", where="prompt", category="banned") >= 2
-    assert _value(text, "ray_aigc_content_filter_total", where="answer", category="test") >= 2
+    assert metric_value(text, "ray_aigc_content_filter_total", where="prompt", category="banned") >= 2
+    assert metric_value(text, "ray_aigc_content_filter_total", where="answer", category="test") >= 2
 
 
 def _exported_series() -> set[str]:

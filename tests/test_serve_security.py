@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from fastapi import Request  # at module level: the route below is annotated as text (future annotations)
-from helpers import free_port, make_tiny_model
+from helpers import free_port, make_tiny_model, metric_value, wait_for_metrics
 
 from aigc.config import PlatformConfig, load_config
 from aigc.errors import ConfigError, InvalidRequestError
@@ -523,3 +523,19 @@ def test_keys_never_reach_the_logs(server):
         text = p.read_bytes()
         for key in (KEY_CI, KEY_TEAM, WRONG_KEY):
             assert key.encode() not in text, f"{key[:3]}... in {p.name}"
+
+
+def test_metrics_label_requests_with_the_callers_key_name(server):
+    """The metrics middleware sits outside the key check: refused calls count too, accepted ones by key name."""
+    chat = "/v1/chat/completions"
+
+    def labelled(text: str) -> bool:
+        return (
+            metric_value(text, "ray_aigc_requests_total", route=chat, status="200", key="team-a") >= 1
+            and metric_value(text, "ray_aigc_requests_total", route=chat, status="200", key="ci") >= 1
+            and metric_value(text, "ray_aigc_requests_total", route=chat, status="401", key="-") >= 2
+        )
+
+    text = wait_for_metrics(labelled)
+    assert labelled(text), [line for line in text.splitlines() if "ray_aigc_requests_total" in line][:20]
+    assert KEY_CI not in text and KEY_TEAM not in text
