@@ -5,10 +5,14 @@ Slow tier: it starts a second Ray cluster of its own, on its own ports, and stop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,16 +26,40 @@ RAY = str(Path(sys.executable).parent / "ray")
 @pytest.fixture(scope="module")
 def ray_head():
     gcs, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_ADDRESS": ""}
-    subprocess.run(
-        [RAY, "start", "--head", "--num-cpus=2", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1"],
-        check=True, capture_output=True, timeout=180, env=env,
-    )  # fmt: skip
     try:
+        subprocess.run(
+            [RAY, "start", "--head", "--num-cpus=2", f"--port={gcs}", f"--dashboard-port={dash}",
+             "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+             # Ports of its own: the session's local cluster may hold the defaults (its agent on 52365...).
+             *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+               "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port"))],
+            check=True, capture_output=True, timeout=180, env=env,
+        )  # fmt: skip
         yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        _stop_cluster(temp_dir, gcs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_cluster(temp_dir: str, gcs_port: int) -> None:
+    """Stop this test's cluster only: ``ray stop`` would also stop the test session's own local cluster.
+
+    Its processes name its temp dir or its GCS port on their command line; their children go with them.
+    """
+    import psutil
+
+    mine = re.compile(rf"{re.escape(temp_dir)}|:{gcs_port}\b")
+    roots = [p for p in psutil.process_iter(["cmdline"]) if mine.search(" ".join(p.info["cmdline"] or []))]
+    procs = {p.pid: p for r in roots for p in (r, *r.children(recursive=True))}
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=20)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 @pytest.mark.slow
