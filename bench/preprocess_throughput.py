@@ -1,11 +1,17 @@
-"""Preprocessing throughput: the Ray Data job against a single-process loop over the same rows.
+"""Preprocessing throughput: `aigc preprocess` against Hugging Face `datasets` and a single-process loop.
 
-    .venv/bin/python bench/preprocess_throughput.py [--rows 20000] [--actors 2]
+    PYTHONPATH=platform .venv/bin/python bench/preprocess_throughput.py [--rows 100000] [--actors N]
 
-Baseline: one Python process that validates, templates and tokenizes every row with the same code
-(`aigc.data.preprocess._Tokenize`) and writes one Parquet file. Candidate: `aigc.data.preprocess.preprocess`
-on an embedded Ray cluster (read -> actor pool of `--actors` tokenizers -> split -> Parquet shards + stats).
-Prints rows/s of both and the ratio. Both measured in the same run on the same input file.
+All on one generated input file (customer-support rows, alpaca format), in one run, each doing the same row
+work (`aigc.data.preprocess._Tokenize`: validate, chat template, tokenize, length policy, split):
+
+- single process: one Python process, batches of 1,024 rows, one Parquet file;
+- `datasets`: `Dataset.from_json(file).map(<row work>, batched=True, num_proc=<cores>)` + `to_parquet`
+  (the rows are serialized back to the JSON strings the row work takes, inside the mapped function);
+- platform, cold: `python -m aigc.cli preprocess` as a user runs it (Ray start-up included);
+- platform, warm: `preprocess()` again on the same embedded cluster (workers and imports warm).
+
+Prints seconds and rows/s of each, and the platform's throughput as a multiple of the others.
 """
 
 from __future__ import annotations
@@ -13,37 +19,69 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))  # PYTHONPATH wins
 
 from aigc.config import load_config  # noqa: E402
 from aigc.data.preprocess import _Tokenize, preprocess  # noqa: E402
 from aigc.demo.dataset import generate_support_examples  # noqa: E402
 
+_BATCH = 1024
+_WORKER: dict[int, _Tokenize] = {}  # one row-work object per `datasets` worker process
 
-def _baseline(cfg, path: str, out: str) -> float:
+
+def _single_process(cfg, path: str, out: str) -> float:
     t0 = time.perf_counter()
     tok = _Tokenize(cfg.model.model_dump(), cfg.data.model_dump())
     with open(path) as f:
         lines = np.array([line.rstrip("\n") for line in f if line.strip()], dtype=object)
-    tables = [tok({"raw": lines[i : i + 256]}) for i in range(0, len(lines), 256)]
-    import pyarrow as pa
+    tables = [tok({"raw": lines[i : i + _BATCH]}) for i in range(0, len(lines), _BATCH)]
+    pq.write_table(pa.concat_tables(tables), os.path.join(out, "single.parquet"))
+    return time.perf_counter() - t0
 
-    pq.write_table(pa.concat_tables(tables), os.path.join(out, "baseline.parquet"))
+
+def _row_work(batch: pa.Table, model: dict, data: dict) -> pa.Table:
+    tok = _WORKER.get(os.getpid())
+    if tok is None:
+        tok = _WORKER[os.getpid()] = _Tokenize(model, data)
+    raw = np.array([json.dumps(r, ensure_ascii=False) for r in batch.to_pylist()], dtype=object)
+    return tok({"raw": raw})
+
+
+def _datasets(cfg, path: str, out: str, procs: int) -> float:
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    t0 = time.perf_counter()
+    ds = Dataset.from_json(path, cache_dir=os.path.join(out, "hf-cache")).with_format("arrow")
+    ds = ds.map(_row_work, batched=True, batch_size=_BATCH, num_proc=procs, remove_columns=ds.column_names,
+                fn_kwargs={"model": cfg.model.model_dump(), "data": cfg.data.model_dump()})  # fmt: skip
+    ds.to_parquet(os.path.join(out, "datasets.parquet"))
+    return time.perf_counter() - t0
+
+
+def _cli(overrides: list[str], config: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "aigc.cli", "preprocess", "--config", config, *overrides],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=20000)
-    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--actors", type=int, default=None, help="data.tokenizer_actors (default: the cluster's CPUs)")
+    ap.add_argument("--config", default="configs/demo.yaml")
     args = ap.parse_args()
+    cores = os.cpu_count() or 1
 
     import ray
 
@@ -52,20 +90,26 @@ def main() -> None:
         with open(src, "w") as f:
             for r in generate_support_examples(args.rows, seed=3):
                 f.write(json.dumps(r) + "\n")
-        cfg = load_config("configs/demo.yaml", [f"data.path={src}", f"output_dir={tmp}/out",
-                                                f"data.tokenizer_actors={args.actors}"])  # fmt: skip
-        base_s = _baseline(cfg, src, tmp)
-        ray.init(num_cpus=os.cpu_count(), logging_level="ERROR")
+        overrides = [f"data.path={src}", f"output_dir={tmp}/out"]
+        overrides += [f"data.tokenizer_actors={args.actors}"] if args.actors else []
+        cfg = load_config(args.config, overrides)
+        single_s = _single_process(cfg, src, tmp)
+        hf_s = _datasets(cfg, src, tmp, cores)
+        cold_s = _cli(overrides, args.config)
+        ray.init(num_cpus=cores, logging_level="ERROR")
         preprocess(cfg.data, cfg.model, cfg.output_dir)  # warm-up: worker processes, actor imports
         t0 = time.perf_counter()
         res = preprocess(cfg.data, cfg.model, cfg.output_dir)
-        ray_s = time.perf_counter() - t0
+        warm_s = time.perf_counter() - t0
         ray.shutdown()
-    assert res.stats["rows_kept"] == args.rows
-    print(f"rows: {args.rows}, cores: {os.cpu_count()}, tokenizer actors: {args.actors}")
-    print(f"baseline single process : {base_s:7.2f}s  {args.rows / base_s:9.0f} rows/s")
-    print(f"Ray Data job (warm)     : {ray_s:7.2f}s  {args.rows / ray_s:9.0f} rows/s")
-    print(f"ratio (Ray Data / baseline throughput): {base_s / ray_s:.2f}x")
+    assert res.stats["rows_in"] == args.rows, res.stats
+    n = args.rows
+    print(f"rows: {n}, cores: {cores}, tokenizer actors: {args.actors or 'cluster CPUs'}")
+    for name, s in [("single process", single_s), (f"datasets map num_proc={cores}", hf_s),
+                    ("aigc preprocess (cold CLI)", cold_s), ("aigc preprocess (warm)", warm_s)]:  # fmt: skip
+        print(f"{name:28s}: {s:7.2f}s  {n / s:9.0f} rows/s")
+    for name, s in [("cold CLI", cold_s), ("warm", warm_s)]:
+        print(f"platform {name}: {single_s / s:.2f}x single process, {hf_s / s:.2f}x datasets")
 
 
 if __name__ == "__main__":

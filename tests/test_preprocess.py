@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from aigc.config import load_config
 from aigc.data.preprocess import preprocess
+from aigc.data.rows import fit_length
+from aigc.data.sink import percentile
 from aigc.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,3 +142,109 @@ def test_too_long_rows_are_quarantined_and_all_rejected_is_an_error(ray_cluster,
     cfg = _cfg(tmp_path, src, "data.max_length=8")
     with pytest.raises(DataError, match=r"all 5 rows were rejected \{'too_long': 5\}"):
         preprocess(cfg.data, cfg.model, cfg.output_dir)
+
+
+# length policy ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_prompt", "n_target", "want"),
+    [
+        (5, 3, (5, 3)),  # fits: unchanged
+        (10, 3, (5, 3)),  # prompt cut from the left, answer whole
+        (2, 20, (2, 6)),  # short prompt whole, answer cut from the right
+        (20, 20, (4, 4)),  # both long: the prompt keeps half, the answer the rest
+        (20, 1, (7, 1)),  # a prompt longer than the limit keeps its last tokens
+        (0, 20, (0, 8)),  # text format: no prompt
+    ],
+)
+def test_fit_length_cuts_prompt_left_then_answer_right(n_prompt, n_target, want):
+    prompt, target = list(range(n_prompt)), list(range(100, 100 + n_target))
+    p, t = fit_length(prompt, target, 8)
+    assert (len(p), len(t)) == want
+    assert p == prompt[len(prompt) - len(p) :] and t == target[: len(t)]
+
+
+def test_length_percentiles_from_a_histogram_match_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 100, 101):
+        values = rng.integers(0, 50, size=n)
+        hist = np.bincount(values, minlength=64)
+        for q in (0, 50, 95, 100):
+            assert percentile(hist, q) == pytest.approx(np.percentile(values, q))
+
+
+LONG = [
+    {"instruction": " ".join(f"word{i}" for i in range(60)), "output": "Short answer."},
+    {"instruction": "Short question?", "output": " ".join(f"answer{i}" for i in range(60))},
+]
+
+
+@pytest.fixture(scope="module")
+def long_src(tmp_path_factory):
+    src = tmp_path_factory.mktemp("long") / "long.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [*GOOD[:6], *LONG]) + "\n")
+    return src
+
+
+def test_truncate_keeps_too_long_rows_at_exactly_max_length(ray_cluster, long_src, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    cfg = _cfg(tmp_path, long_src, "data.max_length=24", "data.val_fraction=0")
+    res = preprocess(cfg.data, cfg.model, cfg.output_dir)
+    assert res.stats["rows_kept"] == 8 and res.stats["rows_truncated"] == 2 and res.stats["rows_rejected"] == {}
+    assert res.stats["tokens_per_example"]["max"] == 24 and res.stats["overflow"] == "truncate"
+    df = pd.read_parquet(Path(res.data_dir) / "train")
+    long_rows = [(list(i), list(lab)) for i, lab in zip(df["input_ids"], df["labels"], strict=True) if len(i) == 24]
+    assert len(long_rows) == 2
+    texts = {}
+    for ids, labels in long_rows:
+        n_prompt = sum(1 for x in labels if x == -100)
+        assert 0 < n_prompt < 24 and labels[n_prompt:] == ids[n_prompt:]
+        texts[tok.decode(ids[n_prompt:])] = tok.decode(ids[:n_prompt])
+    # long prompt: its oldest words are gone, its end and the whole answer are kept
+    prompt = texts["Short answer.<|end|>"]
+    assert prompt.endswith("word59\n<|assistant|>\n") and "word0 " not in prompt
+    # long answer: the whole prompt is kept, the answer is cut from the right
+    (answer,) = [t for t in texts if t.startswith("answer0 ")]
+    assert texts[answer].startswith("<|user|>\nShort question?") and "answer59" not in answer
+
+
+def test_drop_quarantines_too_long_rows(ray_cluster, long_src, tmp_path):
+    cfg = _cfg(tmp_path, long_src, "data.max_length=24", "data.overflow=drop")
+    res = preprocess(cfg.data, cfg.model, cfg.output_dir)
+    s = res.stats
+    assert s["rows_kept"] == 6 and s["rows_truncated"] == 0 and s["rows_rejected"] == {"too_long": 2}
+    assert s["tokens_per_example"]["max"] <= 24
+    rows = [json.loads(line) for f in (Path(res.data_dir) / "quarantine").glob("*.json")
+            for line in f.read_text().splitlines()]  # fmt: skip
+    assert {r["raw"] for r in rows} == {json.dumps(r) for r in LONG}
+    assert all(r["detail"].endswith("tokens > data.max_length=24") for r in rows)
+
+
+# per-row robustness -------------------------------------------------------------------------------------
+
+
+def test_a_row_whose_template_raises_is_quarantined(ray_cluster, tmp_path):
+    """A chat template that rejects a conversation fails that row only, with the template's message."""
+    tok_dir = tmp_path / "strict-tok"
+    shutil.copytree(TINY, tok_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    template = (Path(TINY) / "chat_template.jinja").read_text()
+    guard = (
+        "{% if messages[0]['content'].startswith('FORBIDDEN') %}"
+        "{{ raise_exception('no forbidden prompts') }}{% endif %}"
+    )
+    (tok_dir / "chat_template.jinja").write_text(guard + template)
+    src = tmp_path / "rows.jsonl"
+    rows = [*GOOD[:5], {"instruction": "FORBIDDEN question", "output": "an answer"}]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = _cfg(tmp_path, src, f"model.name_or_path={tok_dir}")
+    res = preprocess(cfg.data, cfg.model, cfg.output_dir)
+    s = res.stats
+    assert s["rows_in"] == 6 and s["rows_kept"] == 5 and s["rows_rejected"] == {"template_error": 1}
+    assert s["rows_in"] == s["rows_kept"] + sum(s["rows_rejected"].values())
+    (bad,) = [json.loads(line) for f in (Path(res.data_dir) / "quarantine").glob("*.json")
+              for line in f.read_text().splitlines()]  # fmt: skip
+    assert bad["reason"] == "template_error" and "no forbidden prompts" in bad["detail"]
+    assert bad["raw"] == json.dumps(rows[-1])

@@ -59,10 +59,17 @@ class DataConfig(_Section):
         default_factory=dict,
         description="Rename source columns to the format's names, e.g. {question: instruction, answer: output}.",
     )
-    max_length: int = Field(512, ge=8, description="Longest tokenized example; longer rows are quarantined.")
+    max_length: int = Field(512, ge=8, description="Longest tokenized example, in tokens (see data.overflow).")
+    overflow: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="A longer example: truncate (prompt cut from the left, then the answer from the right) "
+        "or drop (quarantined as too_long).",
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
     seed: int = Field(0, description="Seed of the deterministic train/val split.")
-    tokenizer_actors: int = Field(2, ge=1, description="Size of the Ray Data actor pool that tokenizes.")
+    tokenizer_actors: int | None = Field(
+        None, ge=1, description="Largest Ray Data actor pool that tokenizes; unset = the cluster's CPUs."
+    )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation.")
 
 

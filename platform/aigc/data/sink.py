@@ -1,0 +1,96 @@
+"""Where the job's rows go, in the same streaming pass that produced them, and the counts stats.json reports.
+
+:class:`SplitSink` is a Ray Data datasink: each write task splits its blocks by the ``split`` column and writes
+``train/<n>.parquet``, ``val/<n>.parquet`` and ``quarantine/<n>.json`` (one JSON object per line: reason,
+detail, raw), and returns small per-task counts: rows per split and per rejection reason, token sums and a
+histogram of example lengths (``max_length + 1`` integers). The driver only adds those up, so its memory does
+not grow with the data; the length percentiles come from the histogram exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from aigc import storage
+
+__all__ = ["KEPT_COLUMNS", "SplitSink", "percentile"]
+
+KEPT_COLUMNS = ["input_ids", "labels", "n_tokens", "n_target_tokens"]
+_SPLITS = ("train", "val", "quarantine")
+
+
+def percentile(hist: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear interpolation) of the values that ``hist`` counts."""
+    n = int(hist.sum())
+    if n == 0:
+        return 0.0
+    cum = np.cumsum(hist)
+    rank = q / 100 * (n - 1)
+    lo, frac = int(np.floor(rank)), rank - np.floor(rank)
+    v_lo = int(np.searchsorted(cum, lo + 1))
+    v_hi = int(np.searchsorted(cum, min(lo + 2, n)))
+    return v_lo + frac * (v_hi - v_lo)
+
+
+class SplitSink(Datasink):
+    """Writes the train/val/quarantine parts of a dataset of :data:`aigc.data.rows.OUT_SCHEMA` rows."""
+
+    def __init__(self, data_dir: str, max_length: int):
+        self.data_dir, self.max_length = data_dir, max_length
+        self.run_id = uuid.uuid4().hex[:8]
+        self.totals: dict[str, Any] = {}
+
+    def on_write_start(self, *args: Any, **kwargs: Any) -> None:
+        for split in _SPLITS:  # a re-run never mixes an earlier run's shards in
+            storage.remove_tree(storage.join(self.data_dir, split))
+            storage.makedirs(storage.join(self.data_dir, split))
+
+    def _path(self, split: str, ctx: Any, ext: str) -> tuple[Any, str]:
+        return storage.filesystem(storage.join(self.data_dir, split, f"{self.run_id}_{ctx.task_idx:06d}.{ext}"))
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
+        tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b, preserve_index=False) for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        counts: dict[str, Any] = {"rows_in": 0, "reasons": Counter(), "hist": np.zeros(self.max_length + 1, np.int64)}
+        if not tables:
+            return counts
+        table = pa.concat_tables(tables)
+        counts["rows_in"] = table.num_rows
+        for split in ("train", "val"):
+            part = table.filter(pc.equal(table["split"], split))
+            counts[f"rows_{split}"] = part.num_rows
+            if part.num_rows:
+                fs, path = self._path(split, ctx, "parquet")
+                pq.write_table(part.select(KEPT_COLUMNS), path, filesystem=fs)
+        kept = table.filter(table["ok"])
+        counts["rows_kept"] = kept.num_rows
+        counts["rows_truncated"] = int(pc.sum(kept["truncated"].cast(pa.int64())).as_py() or 0)
+        counts["tokens_total"] = int(pc.sum(kept["n_tokens"].cast(pa.int64())).as_py() or 0)
+        counts["target_tokens_total"] = int(pc.sum(kept["n_target_tokens"].cast(pa.int64())).as_py() or 0)
+        lengths = np.clip(kept["n_tokens"].to_numpy(), 0, self.max_length)
+        counts["hist"] = np.bincount(lengths, minlength=self.max_length + 1)
+        bad = table.filter(pc.invert(table["ok"])).select(["reason", "detail", "raw"])
+        counts["reasons"] = Counter(bad["reason"].to_pylist())
+        if bad.num_rows:
+            fs, path = self._path("quarantine", ctx, "json")
+            lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in bad.to_pylist())
+            with fs.open_output_stream(path) as f:
+                f.write("".join(lines).encode())
+        return counts
+
+    def on_write_complete(self, write_result: Any) -> None:
+        totals: dict[str, Any] = {"reasons": Counter(), "hist": np.zeros(self.max_length + 1, np.int64)}
+        for counts in write_result.write_returns:
+            for key, value in counts.items():
+                totals[key] = totals[key] + value if key in totals else value
+        self.totals = totals
