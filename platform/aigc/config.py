@@ -12,10 +12,10 @@ import os
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from aigc.errors import ConfigError
 
@@ -52,8 +52,39 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub (off = safer).")
 
 
+class SourceConfig(_Section):
+    """One dataset of a mixture (an entry of ``data.path`` given as a list)."""
+
+    path: str = Field(..., min_length=1, description="File, directory or glob; local or s3:// gs://.")
+    format: DataFormat | None = Field(None, description="Row format of this dataset; unset = data.format.")
+    columns: dict[str, str] | None = Field(None, description="Column renames of this dataset; unset = data.columns.")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Rows of this dataset per epoch, relative to its size: 2 = every row twice, "
+        "0.25 = a quarter of its rows (chosen by a stable hash).",
+    )
+
+
+def _kind(v: Any) -> str:
+    return "list" if isinstance(v, list) else "source" if isinstance(v, dict | SourceConfig) else "path"
+
+
+# Tagged unions: a wrong entry gets one error at its own place (data.path.list.1.source.weight), not one per
+# alternative.
+_Source = Annotated[Annotated[str, Tag("path")] | Annotated[SourceConfig, Tag("source")], Discriminator(_kind)]
+_Sources = Annotated[
+    Annotated[str, Tag("path")] | Annotated[SourceConfig, Tag("source")] | Annotated[list[_Source], Tag("list")],
+    Discriminator(_kind),
+]
+
+
 class DataConfig(_Section):
-    path: str = Field("assets/demo-data/support.jsonl", description="File, directory or glob; local or s3:// gs://.")
+    path: _Sources = Field(
+        "assets/demo-data/support.jsonl",
+        description="File, directory or glob (local, s3://, gs://); or a list of them, each a path or "
+        "{path, format, columns, weight} to mix datasets.",
+    )
     format: DataFormat = Field("alpaca", description="Row format: alpaca | messages | sharegpt | text.")
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -71,6 +102,36 @@ class DataConfig(_Section):
         None, ge=1, description="Largest Ray Data actor pool that tokenizes; unset = the cluster's CPUs."
     )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation.")
+    dedup: bool = Field(True, description="Drop exact duplicates (same normalized prompt and answer).")
+    packing: bool = Field(
+        False,
+        description="Pack short examples into rows of up to max_length tokens (no attention across examples).",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list: give at least one file, directory, glob or {path, weight}")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("empty: give a file, directory or glob")
+        return v
+
+    def sources(self) -> list[SourceConfig]:
+        """Every dataset of ``path`` with its format and columns filled in from this section."""
+        items = self.path if isinstance(self.path, list) else [self.path]
+        out = []
+        for item in items:
+            src = SourceConfig(path=item) if isinstance(item, str) else item
+            out.append(
+                src.model_copy(
+                    update={
+                        "format": src.format or self.format,
+                        "columns": self.columns if src.columns is None else src.columns,
+                    }
+                )
+            )
+        return out
 
 
 class LoraConfig(_Section):
@@ -401,7 +462,13 @@ def resolve_paths(cfg: PlatformConfig) -> PlatformConfig:
     """
     out = cfg.model_copy(deep=True)
     out.output_dir, out.registry_dir = _absolute(cfg.output_dir), _absolute(cfg.registry_dir)
-    out.data.path, out.tune.space = _absolute(cfg.data.path), _absolute(cfg.tune.space)
+    out.tune.space = _absolute(cfg.tune.space)
+
+    def absolute_source(p: str | SourceConfig) -> str | SourceConfig:
+        return _absolute(p) if isinstance(p, str) else p.model_copy(update={"path": _absolute(p.path)})
+
+    path = cfg.data.path
+    out.data.path = [absolute_source(p) for p in path] if isinstance(path, list) else absolute_source(path)
     if cfg.serve.api_keys_file:
         out.serve.api_keys_file = _absolute(cfg.serve.api_keys_file)
     if cfg.serve.feedback_dir:
