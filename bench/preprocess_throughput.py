@@ -1,17 +1,19 @@
 """Preprocessing throughput: `aigc preprocess` against Hugging Face `datasets` and a single-process loop.
 
-    PYTHONPATH=platform .venv/bin/python bench/preprocess_throughput.py [--rows 100000] [--actors N]
+    PYTHONPATH=platform .venv/bin/python bench/preprocess_throughput.py [--rows 50000,500000] [--actors N]
 
 All on one generated input file (customer-support rows, alpaca format), in one run, each doing the same row
-work (`aigc.data.preprocess._Tokenize`: validate, chat template, tokenize, length policy, split):
+work (`aigc.data.rows.Tokenize`: validate, chat template, tokenize, length policy, split):
 
 - single process: one Python process, batches of 1,024 rows, one Parquet file;
 - `datasets`: `Dataset.from_json(file).map(<row work>, batched=True, num_proc=<cores>)` + `to_parquet`
   (the rows are serialized back to the JSON strings the row work takes, inside the mapped function);
-- platform, cold: `python -m aigc.cli preprocess` as a user runs it (Ray start-up included);
-- platform, warm: `preprocess()` again on the same embedded cluster (workers and imports warm).
+- platform, cold: `python -m aigc.cli preprocess` as a user runs it (Ray start-up included); the peak RSS of
+  its driver process is sampled every 50 ms (the Ray workers are other processes);
+- platform, warm (`--warm`): `preprocess()` again on the same embedded cluster (workers and imports warm).
 
-Prints seconds and rows/s of each, and the platform's throughput as a multiple of the others.
+Prints seconds and rows/s of each, the platform's throughput as a multiple of the others, and for several
+row counts how the driver's peak RSS grows.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import pyarrow.parquet as pq
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))  # PYTHONPATH wins
 
 from aigc.config import load_config  # noqa: E402
-from aigc.data.preprocess import _Tokenize, preprocess  # noqa: E402
+from aigc.data.preprocess import preprocess, read_stats  # noqa: E402
+from aigc.data.rows import Tokenize as _Tokenize  # noqa: E402
 from aigc.demo.dataset import generate_support_examples  # noqa: E402
 
 _BATCH = 1024
@@ -68,48 +71,73 @@ def _datasets(cfg, path: str, out: str, procs: int) -> float:
     return time.perf_counter() - t0
 
 
-def _cli(overrides: list[str], config: str) -> float:
+def _cli(overrides: list[str], config: str) -> tuple[float, int]:
+    """Seconds and peak RSS (bytes) of the CLI's own process."""
+    import psutil
+
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "aigc.cli", "preprocess", "--config", config, *overrides],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    return time.perf_counter() - t0
+    p = subprocess.Popen([sys.executable, "-m", "aigc.cli", "preprocess", "--config", config, *overrides],
+                         stdout=subprocess.DEVNULL)  # fmt: skip
+    proc, peak = psutil.Process(p.pid), 0
+    while p.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    if p.wait() != 0:
+        raise SystemExit(f"aigc preprocess failed (exit {p.returncode})")
+    return time.perf_counter() - t0, peak
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=20000)
-    ap.add_argument("--actors", type=int, default=None, help="data.tokenizer_actors (default: the cluster's CPUs)")
-    ap.add_argument("--config", default="configs/demo.yaml")
-    args = ap.parse_args()
-    cores = os.cpu_count() or 1
-
+def _run(n: int, args: argparse.Namespace, cores: int) -> dict[str, float]:
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "rows.jsonl")
         with open(src, "w") as f:
-            for r in generate_support_examples(args.rows, seed=3):
+            for r in generate_support_examples(n, seed=3):
                 f.write(json.dumps(r) + "\n")
         overrides = [f"data.path={src}", f"output_dir={tmp}/out"]
         overrides += [f"data.tokenizer_actors={args.actors}"] if args.actors else []
         cfg = load_config(args.config, overrides)
-        single_s = _single_process(cfg, src, tmp)
-        hf_s = _datasets(cfg, src, tmp, cores)
-        cold_s = _cli(overrides, args.config)
-        ray.init(num_cpus=cores, logging_level="ERROR")
-        preprocess(cfg.data, cfg.model, cfg.output_dir)  # warm-up: worker processes, actor imports
-        t0 = time.perf_counter()
-        res = preprocess(cfg.data, cfg.model, cfg.output_dir)
-        warm_s = time.perf_counter() - t0
-        ray.shutdown()
-    assert res.stats["rows_in"] == args.rows, res.stats
-    n = args.rows
+        out = {"single": _single_process(cfg, src, tmp), "datasets": _datasets(cfg, src, tmp, cores)}
+        out["cold"], out["rss"] = _cli(overrides, args.config)
+        stats = read_stats(os.path.join(tmp, "out"))
+        assert stats["rows_in"] == n, stats
+        if args.warm:
+            ray.init(num_cpus=cores, logging_level="ERROR")
+            preprocess(cfg.data, cfg.model, cfg.output_dir)  # warm-up: worker processes, actor imports
+            t0 = time.perf_counter()
+            preprocess(cfg.data, cfg.model, cfg.output_dir)
+            out["warm"] = time.perf_counter() - t0
+            ray.shutdown()
     print(f"rows: {n}, cores: {cores}, tokenizer actors: {args.actors or 'cluster CPUs'}")
-    for name, s in [("single process", single_s), (f"datasets map num_proc={cores}", hf_s),
-                    ("aigc preprocess (cold CLI)", cold_s), ("aigc preprocess (warm)", warm_s)]:  # fmt: skip
-        print(f"{name:28s}: {s:7.2f}s  {n / s:9.0f} rows/s")
-    for name, s in [("cold CLI", cold_s), ("warm", warm_s)]:
-        print(f"platform {name}: {single_s / s:.2f}x single process, {hf_s / s:.2f}x datasets")
+    names = [("single process", "single"), (f"datasets map num_proc={cores}", "datasets"),
+             ("aigc preprocess (cold CLI)", "cold"), ("aigc preprocess (warm)", "warm")]  # fmt: skip
+    for name, key in names:
+        if key in out:
+            print(f"  {name:28s}: {out[key]:7.2f}s  {n / out[key]:9.0f} rows/s")
+    for name, key in [("cold CLI", "cold"), ("warm", "warm")]:
+        if key in out:
+            print(f"  platform {name}: {out['single'] / out[key]:.2f}x single process, "
+                  f"{out['datasets'] / out[key]:.2f}x datasets")  # fmt: skip
+    print(f"  driver peak RSS (cold CLI): {out['rss'] / 2**20:.0f} MiB", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="20000", help="comma-separated row counts, e.g. 50000,500000")
+    ap.add_argument("--actors", type=int, default=None, help="data.tokenizer_actors (default: the cluster's CPUs)")
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--warm", action="store_true", help="also time a second run on a warm embedded cluster")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    runs = {int(n): _run(int(n), args, cores) for n in args.rows.split(",")}
+    if len(runs) > 1:
+        (n0, first), (n1, last) = min(runs.items()), max(runs.items())
+        print(f"driver peak RSS at {n1} rows / at {n0} rows: {last['rss'] / first['rss']:.2f}x")
 
 
 if __name__ == "__main__":
