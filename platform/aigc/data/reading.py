@@ -47,7 +47,7 @@ def read_raw(files: list[InputFile]) -> Any:
     for source in sorted({f.source for f in files}):
         paths = [f.path for f in files if f.source == source]
         fs = storage.filesystem(paths[0])[0]  # one entry is one path or glob: one filesystem
-        inner = [storage.filesystem(p)[1] for p in paths]
+        inner = [p.split("://", 1)[1] if storage.is_uri(p) else p for p in paths]  # paths inside that filesystem
         parts.append(ray.data.read_datasource(RawRecords(inner, filesystem=fs, source=source)))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
