@@ -92,7 +92,8 @@ def _check_context(cfg: PlatformConfig) -> None:
 
 def _precheck(stage: str, cfg: PlatformConfig) -> None:
     """Checks that need no cluster, so bad input fails before any Ray work."""
-    from aigc.data.preprocess import list_input_files, read_stats
+    from aigc.data.preprocess import read_stats
+    from aigc.data.reading import check_columns, list_input_files
     from aigc.tune.space import load_space
 
     if stage == "serve":  # no keys on a public address: refuse before anything else
@@ -106,7 +107,7 @@ def _precheck(stage: str, cfg: PlatformConfig) -> None:
         check_output_dir(cfg)
     _check_context(cfg)
     if stage in ("preprocess", "demo"):
-        list_input_files(cfg.data.path)
+        check_columns(list_input_files(cfg.data), cfg.data)  # every source: its files exist and fit its format
     if stage in ("train", "sweep"):
         read_stats(cfg.output_dir)
     if stage in ("sweep", "demo"):

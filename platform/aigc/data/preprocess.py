@@ -2,7 +2,8 @@
 
 One streaming pass, each stage a Ray Data operator so the job scales from a laptop to a cluster unchanged:
 
-1. read (:mod:`aigc.data.reading`): every record of every file becomes one JSON string;
+1. read (:mod:`aigc.data.reading`): every record of every file of every ``data.path`` source becomes one JSON
+   string with its source index (rows that cannot be read carry a ``read_error`` and are quarantined);
 2. validate + template + tokenize (:mod:`aigc.data.rows`) in ``map_batches`` on an actor pool sized from the
    cluster's CPUs, one tokenizer call per batch; prompt tokens get label -100 so the loss covers only the
    answer; too-long examples are truncated or dropped (``data.overflow``); the train/val split is a hash of
@@ -23,7 +24,7 @@ import numpy as np
 
 from aigc import storage
 from aigc.config import DataConfig, ModelConfig
-from aigc.data.reading import SUPPORTED_EXTENSIONS, check_columns, list_input_files, read_raw
+from aigc.data.reading import SUPPORTED_EXTENSIONS, check_columns, hash_inputs, list_input_files, read_raw
 from aigc.data.rows import Tokenize as _Tokenize  # the row work, also run by bench/preprocess_throughput.py
 from aigc.errors import DataError
 
@@ -45,10 +46,11 @@ class PreprocessResult:
     stats: dict[str, Any]
 
 
-def _fingerprint(files: list[tuple[str, int]], data: DataConfig, model: ModelConfig) -> str:
+def _fingerprint(inputs: list[dict[str, Any]], data: DataConfig, model: ModelConfig) -> str:
+    """Same inputs (by content, in source order), same config, same tokenizer: same fingerprint."""
     h = hashlib.sha256()
-    for path, size in files:
-        h.update(f"{os.path.basename(path)}:{size}\n".encode())
+    for f in inputs:
+        h.update(f"{f['source']}:{f['sha256']}\n".encode())
     h.update(data.model_dump_json().encode() + model.name_or_path.encode())
     return h.hexdigest()[:16]
 
@@ -70,7 +72,7 @@ def _actors(data: DataConfig) -> int:
     return data.tokenizer_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, files: list[tuple[str, int]]) -> dict:
+def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs: list[dict[str, Any]]) -> dict:
     from aigc.data.sink import percentile  # imports ray.data: only when the job runs
 
     hist = totals["hist"]
@@ -93,9 +95,9 @@ def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, files: 
         "format": data.format,
         "max_length": data.max_length,
         "overflow": data.overflow,
-        "inputs": [p for p, _ in files],
+        "inputs": inputs,  # {path, source, bytes, sha256} of every file read
         "tokenizer": model.name_or_path,
-        "fingerprint": _fingerprint(files, data, model),
+        "fingerprint": _fingerprint(inputs, data, model),
     }
     accounted = stats["rows_kept"] + sum(stats["rows_rejected"].values())
     if stats["rows_in"] != accounted or stats["rows_kept"] != stats["rows_train"] + stats["rows_val"]:
@@ -117,13 +119,13 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
 
     from aigc.data.sink import SplitSink
 
-    files = list_input_files(data.path)
-    paths = [p for p, _ in files]
+    files = list_input_files(data)
+    check_columns(files, data)
     data_dir = storage.join(output_dir, "data")
     storage.makedirs(data_dir)
 
-    raw = read_raw(paths)
-    check_columns(raw, paths, data)
+    hashes = hash_inputs(files)  # content hashes for the fingerprint, computed while the job runs
+    raw = read_raw(files)
     rows = raw.map_batches(
         _Tokenize,
         fn_constructor_kwargs={"model": model.model_dump(), "data": data.model_dump()},
@@ -133,7 +135,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
     )
     sink = SplitSink(data_dir, data.max_length)
     rows.write_datasink(sink)
-    stats = _stats(sink.totals, data, model, files)
+    stats = _stats(sink.totals, data, model, ray.get(hashes))
     if stats["rows_kept"] == 0:
         raise DataError(
             f"data.path {data.path}: all {stats['rows_in']} rows were rejected {stats['rows_rejected']}; "

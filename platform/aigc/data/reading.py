@@ -1,113 +1,101 @@
-"""Reading the inputs: every record of every supported file becomes one JSON string in a ``raw`` column.
+"""Reading the inputs: every record of every source of ``data.path`` becomes one row for :mod:`aigc.data.rows`.
 
-JSON/JSONL are read as text lines (one bad line cannot poison a file's schema), Parquet/CSV natively; all
-formats then share one validator (:mod:`aigc.data.rows`).
+A row has ``raw`` (the record as a JSON string), ``source`` (index into ``data.sources()``: which format and
+columns apply) and ``read_error``/``read_detail`` (empty, or why the record could not be read; such rows are
+quarantined downstream, never dropped). Files are listed by :mod:`aigc.data.sources`, parsed by
+:mod:`aigc.data.records` and streamed by the Ray Data datasource of :mod:`aigc.data.readers`.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from contextlib import closing
+from itertools import islice
 from typing import Any
-
-import numpy as np
-import pyarrow.fs as pafs
 
 from aigc import storage
 from aigc.config import DataConfig
 from aigc.data.formats import FORMATS, required_fields
+from aigc.data.records import iter_records
+from aigc.data.sources import SUPPORTED_EXTENSIONS, InputFile, hash_inputs, list_input_files, source_label
 from aigc.errors import DataError
 
-__all__ = ["SUPPORTED_EXTENSIONS", "check_columns", "list_input_files", "read_raw", "rename"]
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "InputFile",
+    "check_columns",
+    "hash_inputs",
+    "list_input_files",
+    "read_raw",
+    "rename",
+]
 
-SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
-
-
-def list_input_files(path: str) -> list[tuple[str, int]]:
-    """(path, size) of every input file under ``path`` (file, directory or glob); raises DataError."""
-    fs, root = storage.filesystem(path)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        files = [info]
-    elif info.type == pafs.FileType.Directory:
-        files = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
-        files = [i for i in files if not i.base_name.startswith((".", "_"))]
-    else:
-        raise DataError(f"data.path: no such file or directory: {path}")
-    if not files:
-        raise DataError(f"data.path: {path} is an empty directory")
-    bad = [i.path for i in files if not i.path.endswith(SUPPORTED_EXTENSIONS)]
-    if bad:
-        raise DataError(
-            f"data.path: unsupported file type {bad[0]!r}; expected one of {', '.join(SUPPORTED_EXTENSIONS)}"
-        )
-    prefix = path.split("://", 1)[0] + "://" if "://" in path else ""
-    return sorted((prefix + i.path if prefix else i.path, i.size) for i in files)
+_SAMPLE = 20  # records per source that check_columns looks at
 
 
-def _lines_to_raw(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"raw": batch["text"]}
+def read_raw(files: list[InputFile]) -> Any:
+    """A Ray Dataset of the rows of ``files`` (from :func:`list_input_files`): one streaming read per source.
 
-
-def _json_file_to_raw(row: dict[str, Any]) -> list[dict[str, str]]:
-    """A .json file holds either one array of records or JSON lines."""
-    text = row["bytes"].decode("utf-8", errors="replace")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        return [{"raw": line} for line in text.splitlines() if line.strip()]
-    records = doc if isinstance(doc, list) else [doc]
-    return [{"raw": json.dumps(r, ensure_ascii=False)} for r in records]
-
-
-def _table_to_raw(batch: Any) -> dict[str, list[str]]:
-    return {"raw": [json.dumps(r, ensure_ascii=False, default=str) for r in batch.to_dict(orient="records")]}
-
-
-def read_raw(files: list[str]) -> Any:
+    Returns:
+        ``ray.data.Dataset`` with columns ``raw``, ``source``, ``read_error``, ``read_detail``.
+    """
     import ray.data
 
-    fs = storage.filesystem(files[0])[0]  # every input sits under one data.path: one filesystem
-    by_ext: dict[str, list[str]] = {}
-    for f in files:
-        by_ext.setdefault(os.path.splitext(f)[1], []).append(storage.filesystem(f)[1])
+    from aigc.data.readers import RawRecords
+
     parts = []
-    if ".jsonl" in by_ext:
-        lines = ray.data.read_text(by_ext[".jsonl"], filesystem=fs)
-        parts.append(lines.map_batches(_lines_to_raw, batch_format="numpy"))
-    if ".json" in by_ext:
-        parts.append(ray.data.read_binary_files(by_ext[".json"], filesystem=fs).flat_map(_json_file_to_raw))
-    if ".parquet" in by_ext:
-        table = ray.data.read_parquet(by_ext[".parquet"], filesystem=fs)
-        parts.append(table.map_batches(_table_to_raw, batch_format="pandas"))
-    if ".csv" in by_ext:
-        table = ray.data.read_csv(by_ext[".csv"], filesystem=fs)
-        parts.append(table.map_batches(_table_to_raw, batch_format="pandas"))
+    for source in sorted({f.source for f in files}):
+        paths = [f.path for f in files if f.source == source]
+        fs = storage.filesystem(paths[0])[0]  # one entry is one path or glob: one filesystem
+        inner = [p.split("://", 1)[1] if storage.is_uri(p) else p for p in paths]  # paths inside that filesystem
+        parts.append(ray.data.read_datasource(RawRecords(inner, filesystem=fs, source=source)))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
-def check_columns(ds: Any, files: list[str], cfg: DataConfig) -> None:
-    """Fail with one clear error when the data plainly is not in the configured format."""
-    required, optional = required_fields(cfg.format)
-    sample = ds.take(20)
-    seen: set[str] = set()
-    parsed = 0
-    for row in sample:
-        try:
-            rec = json.loads(row["raw"])
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            parsed += 1
-            seen |= set(rename(rec, cfg.columns))
-    if parsed and not all(k in seen for k in required):
-        raise DataError(
-            f"data.path {files[0]}{' (and others)' if len(files) > 1 else ''}: format {cfg.format!r} expects "
-            f"fields {', '.join(required)}"
-            + (f" (optional: {', '.join(optional)})" if optional else "")
-            + f"; the first rows have {', '.join(sorted(seen)) or 'no fields'}. "
-            f"Set data.format (one of {', '.join(FORMATS)}) or map columns with data.columns."
-        )
+def check_columns(files: list[InputFile], data: DataConfig) -> None:
+    """Fail with one clear error when a source plainly is not in its configured format.
+
+    Reads the first records of each source here on the driver (no cluster needed), renames them with the
+    source's ``columns`` and checks that the format's required fields appear.
+
+    Raises:
+        DataError: naming the source, its format, the fields it expects and the fields its first rows have.
+    """
+    for i, src in enumerate(data.sources()):
+        paths = [f.path for f in files if f.source == i]
+        seen: set[str] = set()
+        parsed = 0
+        with closing(_sample(paths)) as records:
+            for rec in islice(records, _SAMPLE):
+                if isinstance(rec, dict):
+                    parsed += 1
+                    seen |= set(rename(rec, src.columns or {}))
+        required, optional = required_fields(src.format)
+        if parsed and not all(k in seen for k in required):
+            where = f"{source_label(data, i)} {paths[0]}{' (and others)' if len(paths) > 1 else ''}"
+            fix = (
+                "format/columns on this entry of data.path"
+                if isinstance(data.path, list)
+                else f"data.format (one of {', '.join(FORMATS)}) or map columns with data.columns"
+            )
+            raise DataError(
+                f"{where}: format {src.format!r} expects fields {', '.join(required)}"
+                + (f" (optional: {', '.join(optional)})" if optional else "")
+                + f"; the first rows have {', '.join(sorted(seen)) or 'no fields'}. Set {fix}."
+            )
+
+
+def _sample(paths: list[str]) -> Any:
+    """The records (parsed) at the start of a source's files; None for one that could not be read or parsed."""
+    for path in paths:
+        fs, inner = storage.filesystem(path)
+        opened = fs.open_input_file(inner) if path.endswith(".parquet") else fs.open_input_stream(inner)
+        with opened as f:
+            for raw, error, _ in iter_records(f, path):
+                try:
+                    yield None if error else json.loads(raw)
+                except json.JSONDecodeError:
+                    yield None
 
 
 def rename(rec: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
