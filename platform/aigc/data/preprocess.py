@@ -82,6 +82,7 @@ def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs:
         "rows_kept": kept,
         "rows_rejected": {str(k): int(v) for k, v in totals["reasons"].most_common()},
         "rows_truncated": int(totals.get("rows_truncated", 0)),
+        "rows_last_turn_only": int(totals.get("rows_last_turn_only", 0)),  # see aigc.data.templates
         "rows_train": int(totals.get("rows_train", 0)),
         "rows_val": int(totals.get("rows_val", 0)),
         "tokens_total": int(totals.get("tokens_total", 0)),

@@ -1,22 +1,41 @@
 """The row work: validate, render the chat template, tokenize a whole batch at once, apply the length policy.
 
-:class:`Tokenize` is the Ray Data actor (the tokenizer is loaded once per actor). Each row of a batch comes out
-either kept (``input_ids``, ``labels`` with -100 on prompt tokens, its split) or quarantined with a reason:
-any exception while handling one row is that row's failure, never the batch's.
+:class:`Tokenize` is the Ray Data actor (the tokenizer is loaded once per actor). Input columns: ``raw`` (each
+record as a JSON string), and optionally ``source`` (index into ``data.sources()``: the row's format and
+column renames; absent = 0) and ``read_error``/``read_detail`` (a row the reader could not read: quarantined
+with that reason). Each row comes out as one :data:`OUT_SCHEMA` row, either kept (``input_ids``; ``labels``
+equal to the ids on every assistant turn and -100 elsewhere, see :mod:`aigc.data.templates`; its split; the
+``key`` of its normalized conversation for exact dedup) or quarantined with a reason. Any exception while
+handling one row is that row's failure, never the batch's.
+
+1. each row is validated (:mod:`aigc.data.formats`) and rendered with its trained character spans;
+2. the texts of all rows go through ONE fast-tokenizer call, with character offsets; a token is trained when
+   it overlaps a trained span;
+3. the length policy (``data.overflow``): ``drop`` quarantines a row longer than ``data.max_length`` as
+   ``too_long``; ``truncate`` first drops the oldest whole exchanges of the history (keeping the system turn,
+   the tools and the last exchange), then cuts with :func:`fit_length` (prompt from the left, then the last
+   answer from the right).
+
+A row whose text contains one of the chat template's control tokens (``<|end|>``...) is quarantined as
+``control_token``: serving reads such text as characters (:func:`aigc.data.templates.encode_chat`), so a
+model trained on it as a token would learn something serving never shows it.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import re
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from aigc.config import DataConfig, ModelConfig
-from aigc.data.formats import RowError, to_example
+from aigc.data.formats import Example, RowError, conversation_key, to_example
 from aigc.data.reading import rename
+from aigc.data.templates import Rendered
 
 __all__ = ["OUT_SCHEMA", "Tokenize", "fit_length", "split_of"]
 
@@ -32,6 +51,9 @@ OUT_SCHEMA = pa.schema(
         ("n_tokens", pa.int32()),
         ("n_target_tokens", pa.int32()),
         ("truncated", pa.bool_()),
+        ("last_turn_only", pa.bool_()),  # the template is not prefix-stable: only the last answer is trained
+        ("source", pa.int32()),  # index into data.sources()
+        ("key", pa.int64()),  # hash of the normalized conversation (0 when quarantined)
     ]
 )
 
@@ -55,76 +77,185 @@ def fit_length(prompt: list[int], target: list[int], max_length: int) -> tuple[l
     return prompt[len(prompt) - (max_length - n_target) :], target[:n_target]
 
 
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """The id of every token that overlaps a trained span, -100 elsewhere (spans and tokens are in order)."""
+    labels, k = [-100] * len(ids), 0
+    for i, (start, end) in enumerate(offsets):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if end > spans[k][0]:
+            labels[i] = ids[i]
+    return labels
+
+
+def _text(value: Any) -> str:
+    """A string column's value; None and NaN (pandas' missing value) are empty."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
+def _token_at(starts: list[int], offsets: list[tuple[int, int]], char: int) -> int | None:
+    """Index of the first token starting at or after ``char``; None when a token straddles ``char``."""
+    i = bisect.bisect_left(starts, char)
+    return i if i == 0 or offsets[i - 1][1] <= char else None
+
+
 class Tokenize:
     """Ray Data actor: validates, renders the chat template and tokenizes a batch of raw records."""
 
     def __init__(self, model: dict[str, Any], data: dict[str, Any]):
-        from aigc.data.templates import end_of_turn, render_prompt
+        from aigc.data.templates import control_tokens, end_of_turn
         from aigc.models.loading import load_tokenizer
 
         self.model_cfg, self.cfg = ModelConfig(**model), DataConfig(**data)
+        self.sources = self.cfg.sources()
         self.tok = load_tokenizer(self.model_cfg.name_or_path, self.model_cfg.trust_remote_code)
-        self._render, self._eot = render_prompt, end_of_turn(self.tok)
+        self._eot = end_of_turn(self.tok)
+        controls = sorted(control_tokens(self.tok), key=len, reverse=True)
+        self._controls = re.compile("|".join(map(re.escape, controls))) if controls else None
 
-    def _texts(self, raw: str) -> tuple[str, str]:
-        """(prompt, target) text of one record; raises RowError."""
+    # 1. one row ---------------------------------------------------------------------------------------------
+    def _example(self, raw: str, source: int) -> Example:
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise RowError("invalid_json", f"not valid JSON: {exc.msg}") from None
         if not isinstance(rec, dict):
             raise RowError("wrong_type", f"a record must be an object, got {type(rec).__name__}")
-        ex = to_example(rename(rec, self.cfg.columns), self.cfg.format, self.cfg.system_prompt)
+        if not 0 <= source < len(self.sources):
+            raise RowError("bad_source", f"source {source} is not one of the {len(self.sources)} datasets")
+        src = self.sources[source]
+        return to_example(rename(rec, src.columns or {}), src.format, self.cfg.system_prompt)
+
+    def _check_controls(self, ex: Example) -> None:
+        if self._controls is None:
+            return
+        strings = [ex.text] if ex.raw_text else [json.dumps([ex.turns, ex.tools], ensure_ascii=False)]
+        for s in strings:
+            found = self._controls.search(s)
+            if found:
+                raise RowError("control_token", f"the text contains {found.group()!r}, a control token of this "
+                               "tokenizer's chat template; serving would read it as plain text")  # fmt: skip
+
+    def _render(self, ex: Example) -> Rendered:
+        from aigc.data.templates import render_for_training
+
         if ex.raw_text:
-            return "", ex.response + self._eot
+            text = ex.text + self._eot
+            return Rendered(text=text, spans=[(0, len(text))], prompt="")
         try:
-            prompt = self._render(self.tok, ex.messages)
+            return render_for_training(self.tok, ex.turns, ex.tools)
         except Exception as exc:  # a template may reject a conversation (e.g. roles not alternating)
             raise RowError("template_error", f"the chat template failed: {type(exc).__name__}: {exc}") from None
-        return prompt, ex.response + self._eot
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        """One fast-tokenizer call for the whole batch."""
-        return self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    # 2. the batch's one tokenizer call ----------------------------------------------------------------------
+    def _encode(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        if not texts:
+            return [], []
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+
+    # 3. the length policy -----------------------------------------------------------------------------------
+    def _drop_history(self, ex: Example, r: Rendered, offsets: list, n: int) -> tuple[int, int] | None:
+        """Token ranges ``[0, a)`` + ``[b, n)`` that keep the system turn (and tools) and the newest exchanges
+        that fit, dropping the oldest whole exchanges; None when the template does not allow it."""
+        from aigc.data.templates import render_chat
+
+        if not r.cuts:
+            return None
+        head = next((i for i, t in enumerate(ex.turns) if t["role"] != "system"), 0)
+
+        def kept_head(j: int) -> int | None:
+            """Characters of ``full`` before exchange 0 that rendering without exchanges < j keeps."""
+            try:
+                text = render_chat(self.tok, ex.turns[:head] + ex.turns[r.cut_turns[j] :], ex.tools)
+            except Exception:
+                return None
+            c0 = len(text) - (len(r.full) - r.cuts[j])
+            ok = 0 <= c0 <= r.cuts[0] and text == r.full[:c0] + r.full[r.cuts[j] :]
+            return c0 if ok else None
+
+        starts = [s for s, _ in offsets]
+        c0 = kept_head(len(r.cuts) - 1)
+        a = None if c0 is None else _token_at(starts, offsets, c0)
+        if a is None:
+            return None
+        ends = [_token_at(starts, offsets, c) for c in r.cuts]
+        fits = [j for j, b in enumerate(ends) if b is not None and a + n - b <= self.cfg.max_length]
+        j = fits[0] if fits else len(ends) - 1  # the fewest exchanges dropped, or all but the last
+        if ends[j] is None or (j < len(ends) - 1 and kept_head(j) != c0):
+            return None
+        return a, ends[j]
+
+    def _fit(self, ex: Example, r: Rendered, ids: list[int], labels: list[int], offsets: list) -> tuple:
+        """(ids, labels) of at most ``data.max_length`` tokens (the truncate policy)."""
+        limit = self.cfg.max_length
+        last = bisect.bisect_right([e for _, e in offsets], r.spans[-1][0])  # first token of the last answer
+        kept = self._drop_history(ex, r, offsets, len(ids)) if r.cuts else None
+        if kept is not None:
+            a, b = kept
+            ids, labels, last = ids[:a] + ids[b:], labels[:a] + labels[b:], last - (b - a)
+        p, t = fit_length(ids[:last], ids[last:], limit)
+        return ids[last - len(p) : last + len(t)], labels[last - len(p) : last + len(t)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         raws = [str(r) for r in batch["raw"]]
-        cols: dict[str, list] = {name: [] for name in OUT_SCHEMA.names}
-        texts: dict[int, tuple[str, str]] = {}
+        n_rows = len(raws)
+        sources = [int(s) for s in batch["source"]] if "source" in batch else [0] * n_rows
+        errors = [_text(e) for e in batch.get("read_error", [""] * n_rows)]
+        details = [_text(d) for d in batch.get("read_detail", [""] * n_rows)]
+        rows: dict[int, tuple[Example, Rendered]] = {}
         failed: dict[int, tuple[str, str]] = {}
         for i, raw in enumerate(raws):
+            if errors[i]:
+                failed[i] = (errors[i], details[i])
+                continue
             try:
-                texts[i] = self._texts(raw)
+                ex = self._example(raw, sources[i])
+                self._check_controls(ex)
+                rows[i] = (ex, self._render(ex))
             except RowError as err:
                 failed[i] = (err.reason, err.detail)
             except Exception as exc:  # a bug or an odd value in one row quarantines that row only
                 failed[i] = ("row_error", f"{type(exc).__name__}: {exc}")
-        order = list(texts)
+
+        order = list(rows)
         try:
-            ids = self._encode([texts[i][0] for i in order] + [texts[i][1] for i in order])
-            encoded = {i: (ids[k], ids[len(order) + k]) for k, i in enumerate(order)}
+            ids, offs = self._encode([rows[i][1].text for i in order])
+            encoded = {i: (ids[k], offs[k]) for k, i in enumerate(order)}
         except Exception:  # find the row the tokenizer rejects; the others are encoded one by one
             encoded = {}
             for i in order:
                 try:
-                    encoded[i] = tuple(self._encode(list(texts[i])))
+                    one_ids, one_offs = self._encode([rows[i][1].text])
+                    encoded[i] = (one_ids[0], one_offs[0])
                 except Exception as exc:
                     failed[i] = ("tokenize_error", f"{type(exc).__name__}: {exc}")
-        limit = self.cfg.max_length
+
+        cols: dict[str, list] = {name: [] for name in OUT_SCHEMA.names}
         for i, raw in enumerate(raws):
             if i in encoded:
-                p_ids, t_ids = encoded[i]
-                n = len(p_ids) + len(t_ids)
-                if n > limit and self.cfg.overflow == "drop":
-                    failed[i] = ("too_long", f"{n} tokens > data.max_length={limit}")
-                else:
-                    p_ids, t_ids = fit_length(p_ids, t_ids, limit)
-                    prompt, target = texts[i]
-                    split = split_of(prompt or target, self.cfg.seed, self.cfg.val_fraction)
-                    ids, labels = p_ids + t_ids, [-100] * len(p_ids) + t_ids
-                    row = (True, "", "", "", split, ids, labels, len(ids), len(t_ids), n > limit)
+                try:
+                    row = self._kept(*rows[i], *encoded[i], sources[i])
+                except RowError as err:
+                    failed[i] = (err.reason, err.detail)
+                except Exception as exc:
+                    failed[i] = ("row_error", f"{type(exc).__name__}: {exc}")
             if i in failed:
-                row = (False, *failed[i], raw, "quarantine", [], [], 0, 0, False)
+                row = (False, *failed[i], raw, "quarantine", [], [], 0, 0, False, False, sources[i], 0)
             for name, value in zip(OUT_SCHEMA.names, row, strict=True):
                 cols[name].append(value)
         return pa.Table.from_pydict(cols, schema=OUT_SCHEMA)
+
+    def _kept(self, ex: Example, r: Rendered, ids: list[int], offsets: list, source: int) -> tuple:
+        """The OUT_SCHEMA row of a rendered, encoded example; RowError ``too_long`` under overflow=drop."""
+        labels, n, limit = _labels(ids, offsets, r.spans), len(ids), self.cfg.max_length
+        if n > limit:
+            if self.cfg.overflow == "drop":
+                raise RowError("too_long", f"{n} tokens > data.max_length={limit}")
+            ids, labels = self._fit(ex, r, ids, labels, offsets)
+        n_target = sum(1 for x in labels if x != -100)
+        split = split_of(r.prompt or r.text, self.cfg.seed, self.cfg.val_fraction)
+        key = conversation_key(ex)
+        return (True, "", "", "", split, ids, labels, len(ids), n_target, n > limit, r.last_turn_only, source, key)

@@ -75,6 +75,7 @@ class SplitSink(Datasink):
         kept = table.filter(table["ok"])
         counts["rows_kept"] = kept.num_rows
         counts["rows_truncated"] = int(pc.sum(kept["truncated"].cast(pa.int64())).as_py() or 0)
+        counts["rows_last_turn_only"] = int(pc.sum(kept["last_turn_only"].cast(pa.int64())).as_py() or 0)
         counts["tokens_total"] = int(pc.sum(kept["n_tokens"].cast(pa.int64())).as_py() or 0)
         counts["target_tokens_total"] = int(pc.sum(kept["n_target_tokens"].cast(pa.int64())).as_py() or 0)
         lengths = np.clip(kept["n_tokens"].to_numpy(), 0, self.max_length)
