@@ -327,10 +327,11 @@ def test_capture_feedback_export_preprocess_round_trip(server):
     overrides = [f"data.path={out}", "data.format=messages", f"model.name_or_path={TINY}",
                  f"output_dir={server.tmp / 'pre'}", "data.val_fraction=0", "data.tokenizer_actors=1"]  # fmt: skip
     cfg = load_config(None, overrides)
-    stats = preprocess(cfg.data, cfg.model, cfg.output_dir).stats
+    pre = preprocess(cfg.data, cfg.model, cfg.output_dir)
+    stats = pre.stats
     assert (stats["rows_in"], stats["rows_kept"], stats["rows_train"]) == (2, 2, 2)
     tok = AutoTokenizer.from_pretrained(TINY)
-    train = pd.read_parquet(server.tmp / "pre" / "data" / "train")
+    train = pd.read_parquet(Path(pre.shards_dir) / "train")
     targets = [tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])
                for ids, labels in zip(train["input_ids"], train["labels"], strict=True)]  # fmt: skip
     assert any(correction in target for target in targets)

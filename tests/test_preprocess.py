@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from aigc.config import load_config
-from aigc.data.preprocess import preprocess
+from aigc.data.preprocess import preprocess, shards_dir
 from aigc.data.rows import fit_length
 from aigc.data.sink import percentile
 from aigc.errors import DataError
@@ -59,7 +59,7 @@ def test_stats_count_every_row(jsonl_run):
 
 def test_quarantine_keeps_bad_rows_with_reasons(jsonl_run):
     _, res = jsonl_run
-    rows = [json.loads(line) for f in sorted((Path(res.data_dir) / "quarantine").glob("*.json"))
+    rows = [json.loads(line) for f in sorted((Path(res.shards_dir) / "quarantine").glob("*.json"))
             for line in f.read_text().splitlines()]  # fmt: skip
     assert sorted(r["reason"] for r in rows) == [
         "empty_response",
@@ -75,7 +75,7 @@ def test_prompt_tokens_are_masked_and_target_ends_with_eos(jsonl_run):
 
     cfg, res = jsonl_run
     tok = AutoTokenizer.from_pretrained(TINY)
-    df = pd.concat([pd.read_parquet(Path(res.data_dir) / s) for s in ("train", "val")])
+    df = pd.concat([pd.read_parquet(Path(res.shards_dir) / s) for s in ("train", "val")])
     assert len(df) == 40
     for ids, labels in zip(df["input_ids"], df["labels"], strict=True):
         ids, labels = list(ids), list(labels)
@@ -89,7 +89,7 @@ def test_prompt_tokens_are_masked_and_target_ends_with_eos(jsonl_run):
 
 
 def _val_rows(out_dir) -> list[tuple[int, ...]]:
-    val = pd.read_parquet(Path(out_dir) / "data" / "val")
+    val = pd.read_parquet(Path(shards_dir(str(out_dir))) / "val")
     return sorted(tuple(x) for x in val["input_ids"])
 
 
@@ -195,7 +195,7 @@ def test_truncate_keeps_too_long_rows_at_exactly_max_length(ray_cluster, long_sr
     res = preprocess(cfg.data, cfg.model, cfg.output_dir)
     assert res.stats["rows_kept"] == 8 and res.stats["rows_truncated"] == 2 and res.stats["rows_rejected"] == {}
     assert res.stats["tokens_per_example"]["max"] == 24 and res.stats["overflow"] == "truncate"
-    df = pd.read_parquet(Path(res.data_dir) / "train")
+    df = pd.read_parquet(Path(res.shards_dir) / "train")
     long_rows = [(list(i), list(lab)) for i, lab in zip(df["input_ids"], df["labels"], strict=True) if len(i) == 24]
     assert len(long_rows) == 2
     texts = {}
@@ -217,7 +217,7 @@ def test_drop_quarantines_too_long_rows(ray_cluster, long_src, tmp_path):
     s = res.stats
     assert s["rows_kept"] == 6 and s["rows_truncated"] == 0 and s["rows_rejected"] == {"too_long": 2}
     assert s["tokens_per_example"]["max"] <= 24
-    rows = [json.loads(line) for f in (Path(res.data_dir) / "quarantine").glob("*.json")
+    rows = [json.loads(line) for f in (Path(res.shards_dir) / "quarantine").glob("*.json")
             for line in f.read_text().splitlines()]  # fmt: skip
     assert {r["raw"] for r in rows} == {json.dumps(r) for r in LONG}
     assert all(r["detail"].endswith("tokens > data.max_length=24") for r in rows)
@@ -244,7 +244,87 @@ def test_a_row_whose_template_raises_is_quarantined(ray_cluster, tmp_path):
     s = res.stats
     assert s["rows_in"] == 6 and s["rows_kept"] == 5 and s["rows_rejected"] == {"template_error": 1}
     assert s["rows_in"] == s["rows_kept"] + sum(s["rows_rejected"].values())
-    (bad,) = [json.loads(line) for f in (Path(res.data_dir) / "quarantine").glob("*.json")
+    (bad,) = [json.loads(line) for f in (Path(res.shards_dir) / "quarantine").glob("*.json")
               for line in f.read_text().splitlines()]  # fmt: skip
     assert bad["reason"] == "template_error" and "no forbidden prompts" in bad["detail"]
     assert bad["raw"] == json.dumps(rows[-1])
+
+
+# packing and re-runs --------------------------------------------------------------------------------------
+
+
+def _rows_of(shards: str, split: str) -> pd.DataFrame:
+    return pd.read_parquet(Path(shards) / split)
+
+
+def test_packing_writes_fewer_fuller_rows_and_counts_examples(ray_cluster, tmp_path):
+    src = tmp_path / "good.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in GOOD) + "\n")
+    cfg = _cfg(tmp_path, src, "data.packing=true", "data.max_length=64")
+    res = preprocess(cfg.data, cfg.model, cfg.output_dir)
+    s, packed = res.stats, res.stats["packing"]
+    assert s["rows_train"] + s["rows_val"] == 40 and s["rows_val"] > 0  # examples, as without packing
+    parts = {split: _rows_of(res.shards_dir, split) for split in ("train", "val")}
+    assert (len(parts["train"]), len(parts["val"])) == (packed["rows_train"], packed["rows_val"])
+    assert packed["rows_train"] < s["rows_train"]
+    df = pd.concat(parts.values())
+    assert df["n_examples"].sum() == 40 and df["n_tokens"].max() <= 64
+    assert df["n_tokens"].sum() == s["tokens_total"] and df["n_target_tokens"].sum() == s["target_tokens_total"]
+    assert packed["efficiency"] == round(s["tokens_total"] / (len(df) * 64), 4) and packed["tokens_dropped"] == 0
+    for ids, pos in zip(df["input_ids"], df["position_ids"], strict=True):
+        assert len(pos) == len(ids) and pos[0] == 0
+
+
+def test_shards_dir_reads_the_layout_before_shard_directories_and_names_missing_shards(tmp_path):
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "stats.json").write_text(json.dumps({"rows_train": 1}))
+    assert shards_dir(str(tmp_path)) == str(data)
+    (data / "stats.json").write_text(json.dumps({"rows_train": 1, "shards": "shards-gone"}))
+    with pytest.raises(DataError, match=r"shards-gone, named by .*stats.json, is gone: re-run `aigc preprocess`"):
+        shards_dir(str(tmp_path))
+
+
+def test_a_failed_rerun_leaves_the_previous_data_in_use(ray_cluster, tmp_path, monkeypatch):
+    import aigc.data.preprocess as pre
+    from aigc.train.trainer import load_datasets
+
+    src = tmp_path / "good.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in GOOD[:12]) + "\n")
+    cfg = _cfg(tmp_path, src)
+    first = preprocess(cfg.data, cfg.model, cfg.output_dir)
+    stats_path = Path(first.data_dir) / "stats.json"
+    before = stats_path.read_text()
+    train_before = _rows_of(first.shards_dir, "train")
+    assert json.loads(before)["shards"] == Path(first.shards_dir).name
+
+    # every row rejected: DataError, and the rejected rows are where the message says
+    too_short = cfg.data.model_copy(update={"max_length": 8, "overflow": "drop"})
+    with pytest.raises(DataError, match="all 12 rows were rejected") as err:
+        preprocess(too_short, cfg.model, cfg.output_dir)
+    where = Path(str(err.value).split("see ", 1)[1].split(" for each row")[0])
+    quarantined = [json.loads(line) for f in where.glob("*.json") for line in f.read_text().splitlines()]
+    assert len(quarantined) == 12 and {r["reason"] for r in quarantined} == {"too_long"}
+    assert not (where.parent / "train").exists() and not (where.parent / "val").exists()
+
+    # a failure after the rows were written: the new shards are removed
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(pre, "_stats", broken)
+        with pytest.raises(RuntimeError, match="boom"):
+            preprocess(cfg.data, cfg.model, cfg.output_dir)
+    left = sorted(p.name for p in Path(first.data_dir).glob("shards-*"))
+    assert left == sorted([Path(first.shards_dir).name, where.parent.name])
+
+    # the first run is untouched and still what training reads
+    assert stats_path.read_text() == before
+    pd.testing.assert_frame_equal(_rows_of(first.shards_dir, "train"), train_before)
+    datasets, stats = load_datasets(cfg)
+    assert datasets["train"].count() == stats["rows_train"] == len(train_before)
+
+    # the next good run takes over and removes every older shard directory
+    second = preprocess(cfg.data, cfg.model, cfg.output_dir)
+    assert [p.name for p in Path(first.data_dir).glob("shards-*")] == [Path(second.shards_dir).name]
+    assert shards_dir(cfg.output_dir) == second.shards_dir

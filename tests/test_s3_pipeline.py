@@ -59,7 +59,7 @@ def test_preprocess_train_register_serve_on_s3(ray_cluster, s3_server, rows):
 
     pre = preprocess(cfg.data, cfg.model, cfg.output_dir)
     assert pre.stats["rows_kept"] == 160
-    assert storage.list_files(storage.join(out, "data", "train"))[0].startswith(out + "/data/train/")
+    assert storage.list_files(storage.join(pre.shards_dir, "train"))[0].startswith(out + "/data/shards-")
     assert storage.is_file(storage.join(out, "data", "stats.json"))
     assert storage.is_file(storage.join(out, "data", "token_lengths.png"))
 

@@ -8,15 +8,23 @@ One streaming pass, each stage a Ray Data operator so the job scales from a lapt
    cluster's CPUs, one tokenizer call per batch; prompt tokens get label -100 so the loss covers only the
    answer; too-long examples are truncated or dropped (``data.overflow``); the train/val split is a hash of
    the prompt (stable across runs, no leakage of duplicated prompts);
-3. write (:mod:`aigc.data.sink`) ``<output_dir>/data/{train,val}/*.parquet`` and quarantined rows to
-   ``data/quarantine/*.json`` (one JSON object per line, with the reason) as the rows stream by, then
-   ``data/stats.json`` and ``data/token_lengths.png`` from counts the write tasks return.
+3. write (:mod:`aigc.data.sink`) ``<output_dir>/data/shards-<run>/{train,val}/*.parquet`` (packed with
+   ``data.packing``, :mod:`aigc.data.packing`) and quarantined rows to ``shards-<run>/quarantine/*.json`` (one
+   JSON object per line, with the reason) as the rows stream by, then ``data/token_lengths.png`` and, last,
+   ``data/stats.json`` from counts the write tasks return.
+
+Every run writes into a new ``shards-<run>`` directory and ``stats.json``, written last (one atomic write, also
+on object stores), names it: readers go through :func:`read_stats` and :func:`shards_dir`, so a run that fails
+leaves the previous run's data in use. After the switch the older shard directories are removed; a failed run
+removes its own, except the quarantine of a run whose rows were all rejected, which its error points to.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +42,8 @@ __all__ = [
     "list_input_files",
     "preprocess",
     "read_stats",
+    "dataset_rows",
+    "shards_dir",
     "SUPPORTED_EXTENSIONS",
 ]
 
@@ -42,8 +52,11 @@ _BATCH_ROWS = 1024  # rows per tokenizer call: large enough to amortize per-call
 
 @dataclass
 class PreprocessResult:
+    """``data_dir`` holds stats.json and the plot; ``shards_dir`` this run's train/val/quarantine."""
+
     data_dir: str
     stats: dict[str, Any]
+    shards_dir: str
 
 
 def _fingerprint(inputs: list[dict[str, Any]], data: DataConfig, model: ModelConfig) -> str:
@@ -93,6 +106,7 @@ def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs:
             "p95": int(percentile(hist, 95)),
             "max": int(np.flatnonzero(hist).max()) if kept else 0,
         },
+        "packing": _packing_stats(totals, data.max_length) if data.packing else None,
         "format": data.format,
         "max_length": data.max_length,
         "overflow": data.overflow,
@@ -107,6 +121,27 @@ def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs:
             f"{accounted - stats['rows_kept']} rejected ({stats['rows_train']} train, {stats['rows_val']} val)"
         )
     return stats
+
+
+def _packing_stats(totals: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """Packed rows per split, and how full they are: tokens / (rows * max_length)."""
+    rows = int(totals.get("packed_rows_train", 0)) + int(totals.get("packed_rows_val", 0))
+    tokens = int(totals.get("packed_tokens", 0))
+    return {
+        "rows_train": int(totals.get("packed_rows_train", 0)),
+        "rows_val": int(totals.get("packed_rows_val", 0)),
+        "efficiency": round(tokens / (rows * max_length), 4) if rows else 0.0,
+        "tokens_dropped": int(totals.get("packed_tokens_dropped", 0)),
+    }
+
+
+def _switch_to(data_dir: str, shards: str, stats: dict[str, Any]) -> None:
+    """Make ``shards`` the data in use (stats.json names it), then remove every other run's shards."""
+    storage.write_json(storage.join(data_dir, "stats.json"), stats)
+    for name in storage.list_dirs(data_dir):
+        # other runs' shard directories, and train/val/quarantine of the layout before shard directories
+        if (name.startswith("shards-") and name != shards) or name in ("train", "val", "quarantine"):
+            storage.remove_tree(storage.join(data_dir, name))
 
 
 def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> PreprocessResult:
@@ -134,18 +169,28 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actors(data)),
     )
-    sink = SplitSink(data_dir, data.max_length)
-    rows.write_datasink(sink)
-    stats = _stats(sink.totals, data, model, ray.get(hashes))
-    if stats["rows_kept"] == 0:
-        raise DataError(
-            f"data.path {data.path}: all {stats['rows_in']} rows were rejected {stats['rows_rejected']}; "
-            f"see {storage.join(data_dir, 'quarantine')} for each row and its reason"
-        )
-    storage.write_json(storage.join(data_dir, "stats.json"), stats)
-    with storage.local_staging(data_dir) as local:
-        _plot_lengths(sink.totals["hist"], data.max_length, os.path.join(local, "token_lengths.png"))
-    return PreprocessResult(data_dir=data_dir, stats=stats)
+    shards = f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    shards_path = storage.join(data_dir, shards)
+    sink = SplitSink(shards_path, data.max_length, packing=data.packing)
+    keep_quarantine = False
+    try:
+        rows.write_datasink(sink)
+        stats = {**_stats(sink.totals, data, model, ray.get(hashes)), "shards": shards}
+        if stats["rows_kept"] == 0:
+            keep_quarantine = True
+            raise DataError(
+                f"data.path {data.path}: all {stats['rows_in']} rows were rejected {stats['rows_rejected']}; "
+                f"see {storage.join(shards_path, 'quarantine')} for each row and its reason (the data of the "
+                "previous run, if any, stays in use)"
+            )
+        with storage.local_staging(data_dir) as local:
+            _plot_lengths(sink.totals["hist"], data.max_length, os.path.join(local, "token_lengths.png"))
+    except BaseException:
+        for split in ("train", "val") if keep_quarantine else ("",):
+            storage.remove_tree(storage.join(shards_path, split) if split else shards_path)
+        raise
+    _switch_to(data_dir, shards, stats)
+    return PreprocessResult(data_dir=data_dir, stats=stats, shards_dir=shards_path)
 
 
 def read_stats(output_dir: str) -> dict[str, Any]:
@@ -154,3 +199,23 @@ def read_stats(output_dir: str) -> dict[str, Any]:
     if not storage.is_file(path):
         raise DataError(f"no preprocessed data at {storage.join(output_dir, 'data')}: run `aigc preprocess` first")
     return storage.read_json(path)
+
+
+def shards_dir(output_dir: str, stats: dict[str, Any] | None = None) -> str:
+    """The directory holding ``train``, ``val`` and ``quarantine`` of the run stats.json names.
+
+    Raises:
+        DataError: preprocessing has not run, or the shards stats.json names are gone.
+    """
+    stats = read_stats(output_dir) if stats is None else stats
+    data_dir = storage.join(output_dir, "data")
+    path = storage.join(data_dir, stats["shards"]) if "shards" in stats else data_dir  # the layout before runs
+    if not storage.is_dir(path):
+        raise DataError(f"{path}, named by {storage.join(data_dir, 'stats.json')}, is gone: re-run `aigc preprocess`")
+    return path
+
+
+def dataset_rows(stats: dict[str, Any], split: str) -> int:
+    """Rows of the ``train`` or ``val`` dataset as written: packed rows with ``data.packing``, else examples."""
+    packed = stats.get("packing")
+    return int(packed[f"rows_{split}"]) if packed else int(stats.get(f"rows_{split}", 0))

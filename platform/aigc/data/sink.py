@@ -2,15 +2,18 @@
 
 :class:`SplitSink` is a Ray Data datasink: each write task splits its blocks by the ``split`` column and writes
 ``train/<n>.parquet``, ``val/<n>.parquet`` and ``quarantine/<n>.json`` (one JSON object per line: reason,
-detail, raw), and returns small per-task counts: rows per split and per rejection reason, token sums and a
-histogram of example lengths (``max_length + 1`` integers). The driver only adds those up, so its memory does
-not grow with the data; the length percentiles come from the histogram exactly.
+detail, raw) under the run's own shard directory, and returns small per-task counts: rows per split and per
+rejection reason, token sums and a histogram of example lengths (``max_length + 1`` integers). The driver only
+adds those up, so its memory does not grow with the data; the length percentiles come from the histogram
+exactly. With ``packing`` each task packs its kept rows of a split (:mod:`aigc.data.packing`) before writing
+them, and also counts packed rows, their tokens and the document tokens dropped.
+
+The sink never deletes: the directory is new for every run, and the job switches to it only on success.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -22,11 +25,12 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from aigc import storage
+from aigc.data.packing import pack
 
-__all__ = ["KEPT_COLUMNS", "SplitSink", "percentile"]
+__all__ = ["KEPT_COLUMNS", "SPLITS", "SplitSink", "percentile"]
 
 KEPT_COLUMNS = ["input_ids", "labels", "n_tokens", "n_target_tokens"]
-_SPLITS = ("train", "val", "quarantine")
+SPLITS = ("train", "val", "quarantine")
 
 
 def percentile(hist: np.ndarray, q: float) -> float:
@@ -43,20 +47,35 @@ def percentile(hist: np.ndarray, q: float) -> float:
 
 
 class SplitSink(Datasink):
-    """Writes the train/val/quarantine parts of a dataset of :data:`aigc.data.rows.OUT_SCHEMA` rows."""
+    """Writes the train/val/quarantine parts of a dataset of :data:`aigc.data.rows.OUT_SCHEMA` rows.
 
-    def __init__(self, data_dir: str, max_length: int):
-        self.data_dir, self.max_length = data_dir, max_length
-        self.run_id = uuid.uuid4().hex[:8]
+    Args:
+        shards_dir: a directory of this run alone; ``train``, ``val`` and ``quarantine`` are made under it.
+        max_length: ``data.max_length`` (the histogram's range, and the packed row length).
+        packing: pack kept rows into rows of up to ``max_length`` tokens (``data.packing``).
+    """
+
+    def __init__(self, shards_dir: str, max_length: int, packing: bool = False):
+        self.shards_dir, self.max_length, self.packing = shards_dir, max_length, packing
         self.totals: dict[str, Any] = {}
 
     def on_write_start(self, *args: Any, **kwargs: Any) -> None:
-        for split in _SPLITS:  # a re-run never mixes an earlier run's shards in
-            storage.remove_tree(storage.join(self.data_dir, split))
-            storage.makedirs(storage.join(self.data_dir, split))
+        for split in SPLITS:
+            storage.makedirs(storage.join(self.shards_dir, split))
 
     def _path(self, split: str, ctx: Any, ext: str) -> tuple[Any, str]:
-        return storage.filesystem(storage.join(self.data_dir, split, f"{self.run_id}_{ctx.task_idx:06d}.{ext}"))
+        return storage.filesystem(storage.join(self.shards_dir, split, f"part-{ctx.task_idx:06d}.{ext}"))
+
+    def _write_split(self, part: pa.Table, split: str, ctx: Any, counts: dict[str, Any]) -> None:
+        counts[f"rows_{split}"] = part.num_rows
+        if self.packing:
+            part, dropped = pack(part, self.max_length)
+            counts[f"packed_rows_{split}"] = part.num_rows
+            counts["packed_tokens"] = counts.get("packed_tokens", 0) + int(pc.sum(part["n_tokens"]).as_py() or 0)
+            counts["packed_tokens_dropped"] = counts.get("packed_tokens_dropped", 0) + dropped
+        if part.num_rows:
+            fs, path = self._path(split, ctx, "parquet")
+            pq.write_table(part if self.packing else part.select(KEPT_COLUMNS), path, filesystem=fs)
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
         tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b, preserve_index=False) for b in blocks]
@@ -67,11 +86,7 @@ class SplitSink(Datasink):
         table = pa.concat_tables(tables)
         counts["rows_in"] = table.num_rows
         for split in ("train", "val"):
-            part = table.filter(pc.equal(table["split"], split))
-            counts[f"rows_{split}"] = part.num_rows
-            if part.num_rows:
-                fs, path = self._path(split, ctx, "parquet")
-                pq.write_table(part.select(KEPT_COLUMNS), path, filesystem=fs)
+            self._write_split(table.filter(pc.equal(table["split"], split)), split, ctx, counts)
         kept = table.filter(table["ok"])
         counts["rows_kept"] = kept.num_rows
         counts["rows_truncated"] = int(pc.sum(kept["truncated"].cast(pa.int64())).as_py() or 0)

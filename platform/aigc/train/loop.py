@@ -30,6 +30,7 @@ __all__ = [
     "WorkerConfig",
     "collate",
     "evaluate",
+    "token_losses",
     "train_loop_per_worker",
 ]
 
@@ -58,31 +59,46 @@ class WorkerConfig:
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of variable-length rows; padded label positions are -100."""
+    """Right-pad a batch of variable-length rows; padded label positions are -100.
+
+    Rows with ``position_ids`` (packed, :mod:`aigc.data.packing`) get them padded with 0 and no
+    ``attention_mask``: transformers then reads each example's bounds from where the positions restart and masks
+    attention across them (each padding token is a sequence of its own). Other rows get an ``attention_mask``.
+    """
     ids, labels = batch["input_ids"], batch["labels"]
+    packed = "position_ids" in batch
     width = max(len(x) for x in ids)
     out_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     out_labels = torch.full((len(ids), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    extra = torch.zeros((len(ids), width), dtype=torch.long)  # position ids, or the attention mask
     for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
         n = len(x)
         out_ids[i, :n] = torch.as_tensor(np.asarray(x, dtype=np.int64))
         out_labels[i, :n] = torch.as_tensor(np.asarray(y, dtype=np.int64))
-        mask[i, :n] = 1
-    return {"input_ids": out_ids, "labels": out_labels, "attention_mask": mask}
+        extra[i, :n] = torch.as_tensor(np.asarray(batch["position_ids"][i], dtype=np.int64)) if packed else 1
+    key = "position_ids" if packed else "attention_mask"
+    return {"input_ids": out_ids, "labels": out_labels, key: extra}
+
+
+def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss at every position (0 where the label is -100), and which positions count.
+
+    ``use_cache=False``: training needs no KV cache, and with one (the default of most model configs)
+    transformers ignores packed ``position_ids`` and lets packed examples attend to each other.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
+    shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
+    )
+    return loss, shift_labels != -100
 
 
 def _token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token losses over answer tokens, and how many there were (exact, not a mean of means)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return loss, (shift_labels != -100).sum()
+    loss, counted = token_losses(model, batch)
+    return loss.sum(), counted.sum()
 
 
 def _all_reduce(*values: float, device: torch.device) -> list[float]:

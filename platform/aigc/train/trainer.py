@@ -14,7 +14,7 @@ from typing import Any
 
 from aigc import storage
 from aigc.config import PlatformConfig
-from aigc.data.preprocess import read_stats
+from aigc.data.preprocess import dataset_rows, read_stats, shards_dir
 from aigc.errors import DataError, TrainingError
 from aigc.publish import Published, publish
 from aigc.train.loop import WorkerConfig, train_loop_per_worker
@@ -65,6 +65,8 @@ def train_loop_config(cfg: PlatformConfig, rows_train: int, has_val: bool, num_w
 def load_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The preprocessed train (and val) shards as Ray Datasets, and their ``stats.json``.
 
+    The shards are those of the run stats.json names (a failed re-run of preprocessing leaves them in use).
+
     Raises:
         DataError: preprocessing has not run for ``output_dir``, or ran for another tokenizer.
     """
@@ -82,12 +84,14 @@ def load_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     # Reading shards is I/O: a quarter CPU per read task leaves the CPUs to the Train workers, so a cluster
     # full of trials cannot starve (and deadlock) the reads that feed them.
+    shards = shards_dir(cfg.output_dir, stats)
+
     def read(split: str) -> Any:
-        fs, path = storage.filesystem(storage.join(data_dir, split))
+        fs, path = storage.filesystem(storage.join(shards, split))
         return ray.data.read_parquet(path, filesystem=fs, num_cpus=_READ_CPUS)
 
     datasets = {"train": read("train")}
-    if stats["rows_val"] > 0:
+    if dataset_rows(stats, "val") > 0:
         datasets["val"] = read("val")
     return datasets, stats
 
@@ -173,10 +177,12 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
     datasets, stats = load_datasets(cfg)
     storage_path = storage.join(cfg.output_dir, "ray")
     name = _run_name(cfg, storage_path)
-    print(f"[train] run {name!r}: {stats['rows_train']} train / {stats['rows_val']} val rows, "
+    rows = dataset_rows(stats, "train")
+    packed = f" (packed into {rows} rows)" if stats.get("packing") else ""
+    print(f"[train] run {name!r}: {stats['rows_train']} train{packed} / {stats['rows_val']} val examples, "
           f"{cfg.train.num_workers} workers, checkpoints in {storage.join(storage_path, name)}")  # fmt: skip
     try:
-        result = build_trainer(cfg, datasets, stats["rows_train"], name=name, storage_path=storage_path).fit()
+        result = build_trainer(cfg, datasets, rows, name=name, storage_path=storage_path).fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(
             f"training run {name!r} failed after {cfg.train.max_failures} restarts: {exc}. Its checkpoints are in "

@@ -37,6 +37,7 @@ def _trial_driver(config: dict[str, Any], base: PlatformConfig) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from aigc.data.preprocess import dataset_rows
     from aigc.train.trainer import build_trainer, load_datasets
 
     cfg = with_values(base, config)
@@ -45,7 +46,7 @@ def _trial_driver(config: dict[str, Any], base: PlatformConfig) -> None:
     trainer = build_trainer(
         cfg,
         datasets,
-        stats["rows_train"],
+        dataset_rows(stats, "train"),
         name=f"trial_id={trial_id}",
         storage_path=storage.join(cfg.output_dir, "sweep", "trials"),
         num_workers=cfg.tune.num_workers_per_trial,
