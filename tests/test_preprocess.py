@@ -136,10 +136,10 @@ def test_input_errors_name_the_file_and_what_was_expected(ray_cluster, tmp_path)
     assert "the first rows have answer, question" in msg and "data.columns" in msg
 
 
-def test_too_long_rows_are_quarantined_and_all_rejected_is_an_error(ray_cluster, tmp_path):
+def test_too_long_rows_are_quarantined_under_drop_and_all_rejected_is_an_error(ray_cluster, tmp_path):
     src = tmp_path / "long.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in GOOD[:5]) + "\n")
-    cfg = _cfg(tmp_path, src, "data.max_length=8")
+    cfg = _cfg(tmp_path, src, "data.max_length=8", "data.overflow=drop")
     with pytest.raises(DataError, match=r"all 5 rows were rejected \{'too_long': 5\}"):
         preprocess(cfg.data, cfg.model, cfg.output_dir)
 
@@ -174,6 +174,7 @@ def test_length_percentiles_from_a_histogram_match_numpy():
             assert percentile(hist, q) == pytest.approx(np.percentile(values, q))
 
 
+LIMIT = 40  # longer than every GOOD row, shorter than both LONG rows
 LONG = [
     {"instruction": " ".join(f"word{i}" for i in range(60)), "output": "Short answer."},
     {"instruction": "Short question?", "output": " ".join(f"answer{i}" for i in range(60))},
@@ -191,17 +192,17 @@ def test_truncate_keeps_too_long_rows_at_exactly_max_length(ray_cluster, long_sr
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TINY)
-    cfg = _cfg(tmp_path, long_src, "data.max_length=24", "data.val_fraction=0")
+    cfg = _cfg(tmp_path, long_src, f"data.max_length={LIMIT}", "data.val_fraction=0")
     res = preprocess(cfg.data, cfg.model, cfg.output_dir)
     assert res.stats["rows_kept"] == 8 and res.stats["rows_truncated"] == 2 and res.stats["rows_rejected"] == {}
-    assert res.stats["tokens_per_example"]["max"] == 24 and res.stats["overflow"] == "truncate"
+    assert res.stats["tokens_per_example"]["max"] == LIMIT and res.stats["overflow"] == "truncate"
     df = pd.read_parquet(Path(res.shards_dir) / "train")
-    long_rows = [(list(i), list(lab)) for i, lab in zip(df["input_ids"], df["labels"], strict=True) if len(i) == 24]
+    long_rows = [(list(i), list(lab)) for i, lab in zip(df["input_ids"], df["labels"], strict=True) if len(i) == LIMIT]
     assert len(long_rows) == 2
     texts = {}
     for ids, labels in long_rows:
         n_prompt = sum(1 for x in labels if x == -100)
-        assert 0 < n_prompt < 24 and labels[n_prompt:] == ids[n_prompt:]
+        assert 0 < n_prompt < LIMIT and labels[n_prompt:] == ids[n_prompt:]
         texts[tok.decode(ids[n_prompt:])] = tok.decode(ids[:n_prompt])
     # long prompt: its oldest words are gone, its end and the whole answer are kept
     prompt = texts["Short answer.<|end|>"]
@@ -212,15 +213,15 @@ def test_truncate_keeps_too_long_rows_at_exactly_max_length(ray_cluster, long_sr
 
 
 def test_drop_quarantines_too_long_rows(ray_cluster, long_src, tmp_path):
-    cfg = _cfg(tmp_path, long_src, "data.max_length=24", "data.overflow=drop")
+    cfg = _cfg(tmp_path, long_src, f"data.max_length={LIMIT}", "data.overflow=drop")
     res = preprocess(cfg.data, cfg.model, cfg.output_dir)
     s = res.stats
     assert s["rows_kept"] == 6 and s["rows_truncated"] == 0 and s["rows_rejected"] == {"too_long": 2}
-    assert s["tokens_per_example"]["max"] <= 24
+    assert s["tokens_per_example"]["max"] <= LIMIT
     rows = [json.loads(line) for f in (Path(res.shards_dir) / "quarantine").glob("*.json")
             for line in f.read_text().splitlines()]  # fmt: skip
     assert {r["raw"] for r in rows} == {json.dumps(r) for r in LONG}
-    assert all(r["detail"].endswith("tokens > data.max_length=24") for r in rows)
+    assert all(r["detail"].endswith(f"tokens > data.max_length={LIMIT}") for r in rows)
 
 
 # per-row robustness -------------------------------------------------------------------------------------

@@ -96,8 +96,10 @@ def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs:
         "rows_rejected": {str(k): int(v) for k, v in totals["reasons"].most_common()},
         "rows_truncated": int(totals.get("rows_truncated", 0)),
         "rows_last_turn_only": int(totals.get("rows_last_turn_only", 0)),  # see aigc.data.templates
+        "rows_duplicate": int(totals.get("rows_duplicate", 0)),  # exact copies of a kept row (data.dedup)
         "rows_train": int(totals.get("rows_train", 0)),
         "rows_val": int(totals.get("rows_val", 0)),
+        "rows_train_written": int(totals.get("rows_train_written", 0)),  # after mixture weights
         "tokens_total": int(totals.get("tokens_total", 0)),
         "target_tokens_total": int(totals.get("target_tokens_total", 0)),
         "tokens_per_example": {
@@ -107,6 +109,7 @@ def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs:
             "max": int(np.flatnonzero(hist).max()) if kept else 0,
         },
         "packing": _packing_stats(totals, data.max_length) if data.packing else None,
+        "sources": _source_stats(totals, data),
         "format": data.format,
         "max_length": data.max_length,
         "overflow": data.overflow,
@@ -114,13 +117,30 @@ def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs:
         "tokenizer": model.name_or_path,
         "fingerprint": _fingerprint(inputs, data, model),
     }
-    accounted = stats["rows_kept"] + sum(stats["rows_rejected"].values())
+    rejected = sum(stats["rows_rejected"].values())
+    accounted = stats["rows_kept"] + stats["rows_duplicate"] + rejected
     if stats["rows_in"] != accounted or stats["rows_kept"] != stats["rows_train"] + stats["rows_val"]:
         raise DataError(
             f"preprocessing lost rows: {stats['rows_in']} read but {stats['rows_kept']} kept + "
-            f"{accounted - stats['rows_kept']} rejected ({stats['rows_train']} train, {stats['rows_val']} val)"
+            f"{stats['rows_duplicate']} duplicates + {rejected} rejected "
+            f"({stats['rows_train']} train, {stats['rows_val']} val)"
         )
     return stats
+
+
+def _source_stats(totals: dict[str, Any], data: DataConfig) -> list[dict[str, Any]]:
+    """Per dataset of data.path: rows read, kept, and train rows written after its weight."""
+    n = len(data.sources())
+
+    def per(key: str) -> list[int]:
+        return [int(v) for v in np.asarray(totals.get(key, np.zeros(n)), dtype=np.int64)]
+
+    rows_in, kept, written = per("source_rows_in"), per("source_rows_kept"), per("source_rows_train_written")
+    return [
+        {"path": src.path, "format": src.format, "weight": src.weight, "rows_in": rows_in[i],
+         "rows_kept": kept[i], "rows_train_written": written[i]}
+        for i, src in enumerate(data.sources())
+    ]  # fmt: skip
 
 
 def _packing_stats(totals: dict[str, Any], max_length: int) -> dict[str, Any]:
@@ -142,6 +162,26 @@ def _switch_to(data_dir: str, shards: str, stats: dict[str, Any]) -> None:
         # other runs' shard directories, and train/val/quarantine of the layout before shard directories
         if (name.startswith("shards-") and name != shards) or name in ("train", "val", "quarantine"):
             storage.remove_tree(storage.join(data_dir, name))
+
+
+def _describe(data: DataConfig) -> str:
+    paths = [src.path for src in data.sources()]
+    return paths[0] if len(paths) == 1 else f"({len(paths)} datasets: {', '.join(paths)})"
+
+
+def _mix(rows: Any, data: DataConfig) -> Any:
+    """Dedup and mixture weights (:mod:`aigc.data.mixing`) as one more streaming stage, when either is on."""
+    import ray
+
+    from aigc.data.mixing import KeySet, mark_rows
+
+    weights = [src.weight for src in data.sources()]
+    if not data.dedup and all(w == 1.0 for w in weights):
+        return rows
+    keyset = ray.remote(num_cpus=0)(KeySet).remote() if data.dedup else None
+    return rows.map_batches(
+        mark_rows, batch_format="pyarrow", fn_kwargs={"keyset": keyset, "weights": weights, "seed": data.seed}
+    )
 
 
 def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> PreprocessResult:
@@ -169,9 +209,10 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actors(data)),
     )
+    rows = _mix(rows, data)
     shards = f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     shards_path = storage.join(data_dir, shards)
-    sink = SplitSink(shards_path, data.max_length, packing=data.packing)
+    sink = SplitSink(shards_path, data.max_length, packing=data.packing, n_sources=len(data.sources()))
     keep_quarantine = False
     try:
         rows.write_datasink(sink)
@@ -179,7 +220,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
         if stats["rows_kept"] == 0:
             keep_quarantine = True
             raise DataError(
-                f"data.path {data.path}: all {stats['rows_in']} rows were rejected {stats['rows_rejected']}; "
+                f"data.path {_describe(data)}: all {stats['rows_in']} rows were rejected {stats['rows_rejected']}; "
                 f"see {storage.join(shards_path, 'quarantine')} for each row and its reason (the data of the "
                 "previous run, if any, stays in use)"
             )
@@ -218,4 +259,6 @@ def shards_dir(output_dir: str, stats: dict[str, Any] | None = None) -> str:
 def dataset_rows(stats: dict[str, Any], split: str) -> int:
     """Rows of the ``train`` or ``val`` dataset as written: packed rows with ``data.packing``, else examples."""
     packed = stats.get("packing")
-    return int(packed[f"rows_{split}"]) if packed else int(stats.get(f"rows_{split}", 0))
+    if packed:
+        return int(packed[f"rows_{split}"])
+    return int(stats.get(f"rows_{split}_written", stats.get(f"rows_{split}", 0)))

@@ -251,11 +251,12 @@ class Tokenize:
     def _kept(self, ex: Example, r: Rendered, ids: list[int], offsets: list, source: int) -> tuple:
         """The OUT_SCHEMA row of a rendered, encoded example; RowError ``too_long`` under overflow=drop."""
         labels, n, limit = _labels(ids, offsets, r.spans), len(ids), self.cfg.max_length
-        if n > limit:
+        over = n > limit and not (ex.raw_text and self.cfg.packing)  # packed documents are cut into blocks
+        if over:
             if self.cfg.overflow == "drop":
                 raise RowError("too_long", f"{n} tokens > data.max_length={limit}")
             ids, labels = self._fit(ex, r, ids, labels, offsets)
         n_target = sum(1 for x in labels if x != -100)
         split = split_of(r.prompt or r.text, self.cfg.seed, self.cfg.val_fraction)
         key = conversation_key(ex)
-        return (True, "", "", "", split, ids, labels, len(ids), n_target, n > limit, r.last_turn_only, source, key)
+        return (True, "", "", "", split, ids, labels, len(ids), n_target, over, r.last_turn_only, source, key)

@@ -6,7 +6,9 @@ detail, raw) under the run's own shard directory, and returns small per-task cou
 rejection reason, token sums and a histogram of example lengths (``max_length + 1`` integers). The driver only
 adds those up, so its memory does not grow with the data; the length percentiles come from the histogram
 exactly. With ``packing`` each task packs its kept rows of a split (:mod:`aigc.data.packing`) before writing
-them, and also counts packed rows, their tokens and the document tokens dropped.
+them, and also counts packed rows, their tokens and the document tokens dropped. Rows marked by
+:mod:`aigc.data.mixing` are honoured: ``split="duplicate"`` rows are counted, not written; a train row is
+written ``copies`` times (mixture weights).
 
 The sink never deletes: the directory is new for every run, and the job switches to it only on success.
 """
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from aigc import storage
+from aigc.data.mixing import expand_copies
 from aigc.data.packing import pack
 
 __all__ = ["KEPT_COLUMNS", "SPLITS", "SplitSink", "percentile"]
@@ -53,10 +56,11 @@ class SplitSink(Datasink):
         shards_dir: a directory of this run alone; ``train``, ``val`` and ``quarantine`` are made under it.
         max_length: ``data.max_length`` (the histogram's range, and the packed row length).
         packing: pack kept rows into rows of up to ``max_length`` tokens (``data.packing``).
+        n_sources: datasets of ``data.path``: rows in, kept and written are also counted per dataset.
     """
 
-    def __init__(self, shards_dir: str, max_length: int, packing: bool = False):
-        self.shards_dir, self.max_length, self.packing = shards_dir, max_length, packing
+    def __init__(self, shards_dir: str, max_length: int, packing: bool = False, n_sources: int = 1):
+        self.shards_dir, self.max_length, self.packing, self.n_sources = shards_dir, max_length, packing, n_sources
         self.totals: dict[str, Any] = {}
 
     def on_write_start(self, *args: Any, **kwargs: Any) -> None:
@@ -66,8 +70,14 @@ class SplitSink(Datasink):
     def _path(self, split: str, ctx: Any, ext: str) -> tuple[Any, str]:
         return storage.filesystem(storage.join(self.shards_dir, split, f"part-{ctx.task_idx:06d}.{ext}"))
 
+    def _per_source(self, table: pa.Table) -> np.ndarray:
+        return np.bincount(table["source"].to_numpy(zero_copy_only=False), minlength=self.n_sources)
+
     def _write_split(self, part: pa.Table, split: str, ctx: Any, counts: dict[str, Any]) -> None:
         counts[f"rows_{split}"] = part.num_rows
+        part = expand_copies(part)  # mixture weights: a train row written `copies` times
+        counts[f"rows_{split}_written"] = part.num_rows
+        counts[f"source_rows_{split}_written"] = self._per_source(part)
         if self.packing:
             part, dropped = pack(part, self.max_length)
             counts[f"packed_rows_{split}"] = part.num_rows
@@ -84,11 +94,16 @@ class SplitSink(Datasink):
         if not tables:
             return counts
         table = pa.concat_tables(tables)
+        if "copies" not in table.column_names:  # no dedup, no weights: every kept row written once
+            table = table.append_column("copies", pa.array(np.ones(table.num_rows, np.int32)))
         counts["rows_in"] = table.num_rows
+        counts["source_rows_in"] = self._per_source(table)
         for split in ("train", "val"):
             self._write_split(table.filter(pc.equal(table["split"], split)), split, ctx, counts)
-        kept = table.filter(table["ok"])
+        counts["rows_duplicate"] = int(pc.sum(pc.equal(table["split"], "duplicate").cast(pa.int64())).as_py() or 0)
+        kept = table.filter(pc.is_in(table["split"], pa.array(["train", "val"])))
         counts["rows_kept"] = kept.num_rows
+        counts["source_rows_kept"] = self._per_source(kept)
         counts["rows_truncated"] = int(pc.sum(kept["truncated"].cast(pa.int64())).as_py() or 0)
         counts["rows_last_turn_only"] = int(pc.sum(kept["last_turn_only"].cast(pa.int64())).as_py() or 0)
         counts["tokens_total"] = int(pc.sum(kept["n_tokens"].cast(pa.int64())).as_py() or 0)
