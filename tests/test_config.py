@@ -46,6 +46,12 @@ def test_file_then_overrides_with_yaml_typing(tmp_path):
             "min_replicas (3) > max_replicas (2)",
         ),
         (["train.adapter_name=bad name!"], "train.adapter_name: String should match pattern"),
+        (
+            ["data.path=[a.jsonl, {path: b.jsonl, weight: 0}]"],
+            "data.path.list.1.source.weight: Input should be greater than 0",
+        ),
+        (["data.path=[{path: b.jsonl, wieght: 2}]"], "data.path.list.0.source.wieght: unknown key"),
+        (["data.path=[]"], "data.path: Value error, an empty list"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, expected):

@@ -329,3 +329,68 @@ def test_a_failed_rerun_leaves_the_previous_data_in_use(ray_cluster, tmp_path, m
     second = preprocess(cfg.data, cfg.model, cfg.output_dir)
     assert [p.name for p in Path(first.data_dir).glob("shards-*")] == [Path(second.shards_dir).name]
     assert shards_dir(cfg.output_dir) == second.shards_dir
+
+
+# mixtures and dedup ---------------------------------------------------------------------------------------
+
+
+def test_a_weighted_mixture_of_formats_dedups_and_counts_every_row(ray_cluster, tmp_path):
+    """Two datasets in two formats and file types, one with exact (whitespace-only) duplicates, mixed 2 : 0.5."""
+    alpaca = tmp_path / "support.jsonl"
+    dup = {**GOOD[0], "output": "  Order #1000   ships today. "}  # the same answer up to whitespace
+    alpaca.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [*GOOD[:20], GOOD[1], dup]) + "\n")
+    chats = tmp_path / "chats.parquet"
+
+    def chat(i: int) -> list[dict[str, str]]:
+        return [
+            {"role": "user", "content": f"第{i}个问题：订单在哪里？"},
+            {"role": "assistant", "content": f"订单{i}今天发货。"},
+            {"role": "user", "content": "谢谢"},
+            {"role": "assistant", "content": "不客气！"},
+        ]
+
+    convs = [chat(i) for i in range(40)]
+    pd.DataFrame({"messages": convs}).to_parquet(chats)
+    mixture = json.dumps(
+        [{"path": str(alpaca), "weight": 2}, {"path": str(chats), "format": "messages", "weight": 0.5}]
+    )
+    cfg = _cfg(tmp_path, "x", f"data.path={mixture}", "data.val_fraction=0")
+    res = preprocess(cfg.data, cfg.model, cfg.output_dir)
+    s = res.stats
+    assert s["rows_in"] == 62 and s["rows_duplicate"] == 2 and s["rows_kept"] == 60 and s["rows_rejected"] == {}
+    assert s["rows_in"] == s["rows_kept"] + s["rows_duplicate"] + sum(s["rows_rejected"].values())
+    (a, c) = s["sources"]
+    assert (a["rows_in"], a["rows_kept"], a["rows_train_written"]) == (22, 20, 40)  # weight 2: every row twice
+    assert (c["rows_in"], c["rows_kept"], c["format"]) == (40, 40, "messages")
+    assert 10 <= c["rows_train_written"] <= 30  # weight 0.5: about half, chosen by a stable hash
+    assert s["rows_train_written"] == 40 + c["rows_train_written"]
+    df = pd.read_parquet(Path(res.shards_dir) / "train")
+    assert len(df) == s["rows_train_written"]
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    texts = [tok.decode(ids) for ids in df["input_ids"]]
+    chinese = [t for t in texts if "订单" in t]
+    assert len(chinese) == c["rows_train_written"]
+    # Chinese text survives unchanged, and every assistant turn of a multi-turn chat is trained
+    i = next(int(t.split("第")[1].split("个")[0]) for t in chinese)
+    row = next(k for k, t in enumerate(texts) if f"第{i}个问题" in t)
+    trained = tok.decode([x for x in df["labels"][row] if x != -100])
+    assert f"订单{i}今天发货。" in trained and "不客气！" in trained and "谢谢" not in trained
+    # a re-run draws the same rows
+    again = preprocess(cfg.data, cfg.model, cfg.output_dir).stats
+    assert again["sources"] == s["sources"] and again["fingerprint"] == s["fingerprint"]
+
+
+def test_dedup_off_keeps_duplicates(ray_cluster, tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [*GOOD[:5], *GOOD[:5]]) + "\n")
+    res = preprocess(*_parts(_cfg(tmp_path, src, "data.dedup=false")))
+    assert res.stats["rows_kept"] == 10 and res.stats["rows_duplicate"] == 0
+    res = preprocess(*_parts(_cfg(tmp_path, src)))
+    assert res.stats["rows_kept"] == 5 and res.stats["rows_duplicate"] == 5
+
+
+def _parts(cfg):
+    return cfg.data, cfg.model, cfg.output_dir
