@@ -99,7 +99,8 @@ def test_a_slow_stream_consumer_gets_what_piled_up_as_one_delta(engine):
         out = []
         async for d in engine.astream(PROMPTS[3], params):
             out.append(d)
-            await asyncio.sleep(0.05)  # the engine decodes several tokens meanwhile
+            if len(out) == 1:
+                await asyncio.sleep(1.0)  # the engine decodes the rest meanwhile (~0.2 s on a quiet machine)
         return out
 
     deltas = asyncio.run(slow())

@@ -83,12 +83,21 @@ def load_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
 
     # Reading shards is I/O: a quarter CPU per read task leaves the CPUs to the Train workers, so a cluster
-    # full of trials cannot starve (and deadlock) the reads that feed them.
+    # full of trials cannot starve (and deadlock) the reads that feed them. Ray 2.60's default Parquet reader
+    # (datasource V2) adds a file-listing task that always asks for a whole CPU and runs only once training
+    # starts; with every CPU but a fraction held by trials (or by a finished run's worker group not yet
+    # released) it never gets one and the trial hangs. The V1 reader has no such task: its reads take the
+    # quarter CPU given here.
     shards = shards_dir(cfg.output_dir, stats)
+    ctx = ray.data.DataContext.get_current()
 
     def read(split: str) -> Any:
         fs, path = storage.filesystem(storage.join(shards, split))
-        return ray.data.read_parquet(path, filesystem=fs, num_cpus=_READ_CPUS)
+        v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+        try:
+            return ray.data.read_parquet(path, filesystem=fs, num_cpus=_READ_CPUS)
+        finally:
+            ctx.use_datasource_v2 = v2
 
     datasets = {"train": read("train")}
     if dataset_rows(stats, "val") > 0:
