@@ -32,7 +32,7 @@ import numpy as np
 
 from aigc import storage
 from aigc.config import DataConfig, ModelConfig
-from aigc.data.reading import IO_CPUS, SUPPORTED_EXTENSIONS, check_columns, hash_inputs, list_input_files, read_raw
+from aigc.data.reading import SUPPORTED_EXTENSIONS, check_columns, hash_inputs, list_input_files, read_raw
 from aigc.data.rows import Tokenize as _Tokenize  # the row work, also run by bench/preprocess_throughput.py
 from aigc.errors import DataError
 
@@ -180,10 +180,7 @@ def _mix(rows: Any, data: DataConfig) -> Any:
         return rows
     keyset = ray.remote(num_cpus=0)(KeySet).remote() if data.dedup else None
     return rows.map_batches(
-        mark_rows,
-        batch_format="pyarrow",
-        fn_kwargs={"keyset": keyset, "weights": weights, "seed": data.seed},
-        num_cpus=IO_CPUS,  # fused with the write
+        mark_rows, batch_format="pyarrow", fn_kwargs={"keyset": keyset, "weights": weights, "seed": data.seed}
     )
 
 
@@ -210,7 +207,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
         fn_constructor_kwargs={"model": model.model_dump(), "data": data.model_dump()},
         batch_size=_BATCH_ROWS,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=_actors(data)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actors(data)),
     )
     rows = _mix(rows, data)
     shards = f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -218,7 +215,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
     sink = SplitSink(shards_path, data.max_length, packing=data.packing, n_sources=len(data.sources()))
     keep_quarantine = False
     try:
-        rows.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
+        rows.write_datasink(sink)
         stats = {**_stats(sink.totals, data, model, ray.get(hashes)), "shards": shards}
         if stats["rows_kept"] == 0:
             keep_quarantine = True

@@ -33,12 +33,6 @@ __all__ = [
 _SAMPLE = 20  # records per source that check_columns looks at
 
 
-# Reading and writing are I/O and light parsing; the CPU work is tokenizing. Read and write tasks reserve no
-# CPU, so every CPU of the cluster can hold a tokenizer actor (on 2 cores, reserving one for I/O halved the
-# job's throughput); they still run on those cores, a small share of the time.
-IO_CPUS = 0
-
-
 def read_raw(files: list[InputFile]) -> Any:
     """A Ray Dataset of the rows of ``files`` (from :func:`list_input_files`): one streaming read per source.
 
@@ -54,7 +48,7 @@ def read_raw(files: list[InputFile]) -> Any:
         paths = [f.path for f in files if f.source == source]
         fs = storage.filesystem(paths[0])[0]  # one entry is one path or glob: one filesystem
         inner = [p.split("://", 1)[1] if storage.is_uri(p) else p for p in paths]  # paths inside that filesystem
-        parts.append(ray.data.read_datasource(RawRecords(inner, filesystem=fs, source=source), num_cpus=IO_CPUS))
+        parts.append(ray.data.read_datasource(RawRecords(inner, filesystem=fs, source=source)))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
