@@ -228,7 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext():
                 s, n = _token_loss_sum(model, batch)
                 (s / max(int(n), 1) / tc.grad_accum).backward()
-            loss_sum, tok_count = loss_sum + float(s), tok_count + float(n)
+            loss_sum, tok_count = loss_sum + float(s.detach()), tok_count + float(n)
             if sync:
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
                 optimizer.step()

@@ -7,6 +7,7 @@ Checkpoints go to ``<output_dir>/ray/<run name>/``; re-running the same command 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -94,10 +95,14 @@ def load_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     def read(split: str) -> Any:
         fs, path = storage.filesystem(storage.join(shards, split))
         v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+        chatty = logging.getLogger("ray.data._internal.datasource.parquet_datasource")  # its batch-size estimate
+        level = chatty.level
+        chatty.setLevel(logging.WARNING)
         try:
             return ray.data.read_parquet(path, filesystem=fs, num_cpus=_READ_CPUS)
         finally:
             ctx.use_datasource_v2 = v2
+            chatty.setLevel(level)
 
     datasets = {"train": read("train")}
     if dataset_rows(stats, "val") > 0:
