@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from aigc.data.mixing import KeySet, copies_for, count_copies, expand_copies, mark_rows
+from aigc.data.mixing import KeySet, copies_for, expand_copies, mark_rows
 
 
 def test_weights_give_whole_copies_plus_a_stable_fraction():
@@ -52,4 +52,3 @@ def test_expand_copies_repeats_rows():
     t = _rows([5, 6, 7], ["train"] * 3, [0] * 3).append_column("copies", pa.array([2, 0, 1], pa.int32()))
     out = expand_copies(t)
     assert out["key"].to_pylist() == [5, 5, 7] and "copies" not in out.column_names
-    assert count_copies(t) == 3

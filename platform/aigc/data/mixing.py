@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-__all__ = ["KeySet", "copies_for", "count_copies", "expand_copies", "mark_rows"]
+__all__ = ["KeySet", "copies_for", "expand_copies", "mark_rows"]
 
 
 class KeySet:
@@ -97,8 +96,3 @@ def expand_copies(table: pa.Table) -> pa.Table:
     if (copies == 1).all():
         return out
     return out.take(pa.array(np.repeat(np.arange(table.num_rows), copies)))
-
-
-def count_copies(table: pa.Table) -> int:
-    """Rows :func:`expand_copies` writes for ``table``."""
-    return int(pc.sum(table["copies"].cast(pa.int64())).as_py() or 0)

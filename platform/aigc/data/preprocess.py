@@ -227,8 +227,11 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
         with storage.local_staging(data_dir) as local:
             _plot_lengths(sink.totals["hist"], data.max_length, os.path.join(local, "token_lengths.png"))
     except BaseException:
-        for split in ("train", "val") if keep_quarantine else ("",):
-            storage.remove_tree(storage.join(shards_path, split) if split else shards_path)
+        if keep_quarantine:  # every row rejected: the error points at this run's quarantine, keep only that
+            storage.remove_tree(storage.join(shards_path, "train"))
+            storage.remove_tree(storage.join(shards_path, "val"))
+        else:
+            storage.remove_tree(shards_path)
         raise
     _switch_to(data_dir, shards, stats)
     return PreprocessResult(data_dir=data_dir, stats=stats, shards_dir=shards_path)
