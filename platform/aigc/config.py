@@ -27,6 +27,7 @@ from aigc.config_schema import (
     PlatformConfig,
     ServeConfig,
     SourceConfig,
+    TrackingConfig,
     TrainConfig,
     TuneConfig,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "PlatformConfig",
     "ServeConfig",
     "SourceConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TuneConfig",
     "apply_overrides",

@@ -20,6 +20,7 @@ __all__ = [
     "ServeConfig",
     "SourceConfig",
     "TrainConfig",
+    "TrackingConfig",
     "TuneConfig",
 ]
 
@@ -128,25 +129,80 @@ class LoraConfig(_Section):
         "all-linear",
         description="Module names to adapt, or 'all-linear' for every linear layer but the head.",
     )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale = alpha / sqrt(r) (better at high r).")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (magnitude + direction).")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens]."
+    )
 
 
 class TrainConfig(_Section):
-    method: Literal["lora", "full"] = Field("lora", description="LoRA adapter or full fine-tune.")
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="LoRA adapter, QLoRA (4-bit base, GPU only, `gpu` extra) or full fine-tune."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp = a replica per worker; fsdp = parameters sharded by decoder layer across workers."
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast the forward pass (bf16 or fp16 on GPU; bf16 also runs on CPU)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks); one GPU each with use_gpu.")
     use_gpu: bool = Field(False, description="Place each worker on a GPU (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     epochs: int = Field(3, ge=1, description="Passes over the training split.")
     batch_size: int = Field(8, ge=1, description="Examples per worker per step.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated before each optimizer step.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW), cosine-decayed after warmup.")
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="Learning-rate schedule after warmup: constant, linear or cosine decay to 0."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases and norm weights).")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
-    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup in optimizer steps; overrides warmup_ratio.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global L2 norm).")
     adapter_name: str = Field("adapter", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registry name.")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seeds weights init, shuffling and dropout: same seed, same run on CPU.")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = inf).")
-    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept, best by eval_loss.")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Also checkpoint every N optimizer steps (mid-epoch); unset = at epoch ends only."
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Also evaluate every N optimizer steps; unset = at epoch ends only."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the best K by eval_loss (else newest).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without an eval_loss improvement; unset = never."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval_loss drop that counts.")
+    log_every_steps: int = Field(10, ge=1, description="A progress line (loss, tokens/s, ETA) every N steps.")
+    eval_generation_samples: int = Field(
+        0, ge=0, description="Val prompts answered greedily at each eval for exact match and ROUGE-L; 0 = off."
+    )
+    eval_max_new_tokens: int = Field(48, ge=1, description="Longest generated answer for the generation metrics.")
     run_name: str | None = Field(None, description="Ray Train run name; re-running the same name resumes.")
+
+    @model_validator(mode="after")
+    def _methods(self) -> TrainConfig:
+        if self.method == "qlora" and not self.use_gpu:
+            raise ValueError(
+                "method 'qlora' quantizes the base model with bitsandbytes, which needs a CUDA GPU: set "
+                "train.use_gpu=true on a GPU machine (install with the `gpu` extra), or use method 'lora' on CPU"
+            )
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ValueError("mixed_precision 'fp16' needs a GPU (train.use_gpu=true); on CPU use 'bf16' or 'no'")
+        return self
+
+
+class TrackingConfig(_Section):
+    """Experiment tracking from rank 0: params, per-step metrics and artifacts (loss plot, adapter)."""
+
+    mlflow: bool = Field(True, description="Log to MLflow (needs the `tracking` extra: mlflow-skinny).")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under <output_dir>/tensorboard.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, databricks, ...); unset = <output_dir>/mlruns."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name; unset = train.adapter_name.")
 
 
 class TuneConfig(_Section):
@@ -306,6 +362,7 @@ class PlatformConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from aigc.config import LoraConfig, ModelConfig, TrainConfig
+from aigc.train import model_setup
 
 __all__ = [
     "ADAPTER_SUBDIR",
@@ -125,49 +126,25 @@ def evaluate(model: Any, batches: Any, device: torch.device) -> dict[str, float]
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
-def _unwrap(model: Any) -> Any:
-    return model.module if hasattr(model, "module") else model
+def _save_checkpoint(
+    model: Any, wc: Any, optimizer: Any, scheduler: Any, state: dict, history: list, path: str, rank: int
+) -> None:
+    model_setup.save_weights(model, wc, os.path.join(path, ADAPTER_SUBDIR), rank)
+    optim = model_setup.optimizer_state(model, optimizer)
+    if rank == 0:
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), **state}, os.path.join(path, STATE_FILE))
+        with open(os.path.join(path, HISTORY_FILE), "w") as f:
+            json.dump(history, f, indent=1)
 
 
-def _save_checkpoint(model: Any, optimizer: Any, scheduler: Any, state: dict, history: list, path: str) -> None:
-    _unwrap(model).save_pretrained(os.path.join(path, ADAPTER_SUBDIR))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
-        os.path.join(path, STATE_FILE),
-    )
-    with open(os.path.join(path, HISTORY_FILE), "w") as f:
-        json.dump(history, f, indent=1)
-
-
-def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: str, method: str) -> tuple[dict, list]:
-    from safetensors.torch import load_file
-
-    adapter = os.path.join(path, ADAPTER_SUBDIR)
-    inner = _unwrap(model)
-    if method == "lora":
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(inner, load_file(os.path.join(adapter, "adapter_model.safetensors")))
-    else:
-        inner.load_state_dict(load_file(os.path.join(adapter, "model.safetensors")), strict=False)
+def _load_checkpoint(model: Any, wc: Any, optimizer: Any, scheduler: Any, path: str) -> tuple[dict, list]:
+    model_setup.load_weights(model, wc, os.path.join(path, ADAPTER_SUBDIR))
     state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state.pop("optimizer"))
+    model_setup.load_optimizer_state(model, optimizer, state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
     with open(os.path.join(path, HISTORY_FILE)) as f:
         history = json.load(f)
     return state, history
-
-
-def _build_model(wc: WorkerConfig, device: torch.device) -> Any:
-    from aigc.models.loading import apply_lora, load_base_model
-
-    m = wc.model
-    model = load_base_model(m.name_or_path, m.dtype, str(device), m.trust_remote_code)
-    if wc.train.method == "lora":
-        lo = wc.lora
-        model = apply_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules)
-    model.train()
-    return model
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -186,7 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(_build_model(wc, device))
+    model = model_setup.prepare(model_setup.build_model(wc, device), wc)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     total_steps = max(1, tc.epochs * wc.steps_per_epoch)
@@ -208,7 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state, history = _load_checkpoint(model, optimizer, scheduler, d, tc.method)
+            state, history = _load_checkpoint(model, wc, optimizer, scheduler, d)
         start_epoch, step = state["epoch"] + 1, state["step"]
     if history:
         initial_eval = history[0].get("initial_eval_loss")
@@ -251,8 +228,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         # 4. report; rank 0 alone writes the checkpoint, every rank reports (it is a collective)
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                _save_checkpoint(model, optimizer, scheduler, {"epoch": epoch, "step": step}, history, tmp)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            _save_checkpoint(model, wc, optimizer, scheduler, {"epoch": epoch, "step": step}, history, tmp, rank)
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)

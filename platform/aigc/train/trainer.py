@@ -143,7 +143,7 @@ def build_trainer(
             storage_filesystem=ray_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.train.checkpoints_to_keep,
+                num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="eval_loss" if "val" in datasets else "epoch",
                 checkpoint_score_order="min" if "val" in datasets else "max",
             ),
