@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aigc.data.packing import is_document, pack, pack_documents, pack_examples, plan_rows
-from aigc.train.loop import collate, token_losses
+from aigc.train.losses import collate, token_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-base")

@@ -1,6 +1,6 @@
 """One publish step for training and sweeps: checkpoint -> exported model directory -> registry entry.
 
-A checkpoint written by :mod:`aigc.train.loop` holds the trained weights under ``adapter/`` (a PEFT adapter for
+A checkpoint written by :mod:`aigc.train.checkpointing` holds the trained weights under ``adapter/`` (a PEFT adapter for
 LoRA, a whole ``save_pretrained`` model for a full fine-tune) and the metric history up to that checkpoint.
 Publishing exports those weights with the tokenizer to ``dest`` (local or a URI) and registers them.
 
@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aigc import storage
 from aigc.config import PlatformConfig
-from aigc.train.loop import ADAPTER_SUBDIR, HISTORY_FILE
+from aigc.train.checkpointing import ADAPTER_SUBDIR, HISTORY_FILE, STEPS_FILE
 
 __all__ = ["Published", "checkpoint_metrics", "publish"]
 
@@ -31,6 +31,7 @@ class Published:
     metrics: dict[str, float]
     history: list[dict[str, Any]]
     registry_id: str | None
+    step_losses: list[float] = field(default_factory=list)
 
 
 def checkpoint_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -65,6 +66,11 @@ def publish(
         weights = os.path.join(local, ADAPTER_SUBDIR)
         with open(os.path.join(local, HISTORY_FILE)) as f:
             history = json.load(f)
+        steps_file = os.path.join(local, STEPS_FILE)
+        step_losses = []
+        if os.path.isfile(steps_file):  # checkpoints from before per-step losses were kept have none
+            with open(steps_file) as f:
+                step_losses = json.load(f)
         load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).save_pretrained(weights)
         storage.remove_tree(dest)
         storage.copy_dir(weights, dest)
@@ -80,4 +86,4 @@ def publish(
                 data_hash=data_hash,
             )
             registry_id = entry.model_id
-    return Published(dest, metrics, history, registry_id)
+    return Published(dest, metrics, history, registry_id, step_losses)

@@ -25,8 +25,9 @@ def report_train(res: Any, per_epoch: bool = False) -> None:
     """Eval loss before -> after (and each epoch with ``per_epoch``), the adapter and its registry id."""
     if per_epoch:
         for h in res.history:
-            ev, secs = h.get("eval_loss", float("nan")), h["epoch_time_s"]
-            print(f"  epoch {h['epoch']}: train loss {h['train_loss']:.4f}  eval loss {ev:.4f}  ({secs:.1f}s)")
+            ev, secs = h.get("eval_loss", float("nan")), h["train_time_s"]
+            print(f"  epoch {h['epoch']} (step {h['step']}): train loss {h['train_loss']:.4f}  eval loss {ev:.4f}  "
+                  f"({secs:.1f}s)")  # fmt: skip
     m = res.metrics
     nan = float("nan")
     print(

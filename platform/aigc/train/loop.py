@@ -1,17 +1,17 @@
-"""The per-worker training loop that Ray Train runs on every worker (one DDP rank each).
+"""The per-worker training loop that Ray Train runs on every worker (one DDP/FSDP rank each).
 
-It only trains: the driver (:mod:`aigc.train.trainer`) builds the scaling, run and failure configs. Every
-epoch it reports train loss, eval loss and perplexity, and a checkpoint (adapter + optimizer state +
-history) from rank 0. On a restart, ``ray.train.get_checkpoint()`` hands back the last one and the loop
-continues from the next epoch with the same schedule, so a resumed run ends at the same step count.
+It only trains: the driver (:mod:`aigc.train.trainer`) builds the scaling, run and failure configs. The loop
+counts optimizer steps: it evaluates and reports every ``train.eval_every_steps`` and checkpoints every
+``train.checkpoint_every_steps`` (and at every epoch end), stops early on an eval-loss plateau, and stops the
+run with an error naming the step on a non-finite loss. On a restart, ``ray.train.get_checkpoint()`` hands back
+the last checkpoint and the loop continues from the next unseen micro-batch (:mod:`aigc.train.checkpointing`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
+import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,25 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from aigc.config import LoraConfig, ModelConfig, TrainConfig
-from aigc.train import model_setup
+from aigc.train import model_setup, optim
+from aigc.train.checkpointing import ADAPTER_SUBDIR, HISTORY_FILE, TrainState, load_checkpoint, save_checkpoint
+from aigc.train.losses import all_reduce, collate, evaluate, token_loss_sum
+from aigc.train.progress import StepProgress
 
-__all__ = [
-    "ADAPTER_SUBDIR",
-    "HISTORY_FILE",
-    "STATE_FILE",
-    "WorkerConfig",
-    "collate",
-    "evaluate",
-    "token_losses",
-    "train_loop_per_worker",
-]
+__all__ = ["ADAPTER_SUBDIR", "HISTORY_FILE", "NONFINITE_KEY", "WorkerConfig", "train_loop_per_worker"]
 
-ADAPTER_SUBDIR = "adapter"
-STATE_FILE = "train_state.pt"
-HISTORY_FILE = "history.json"
+NONFINITE_KEY = "nonfinite_loss_step"  # returned instead of raising, so Ray Train does not retry a diverged run
 
 
 @dataclass(frozen=True)
@@ -46,188 +37,204 @@ class WorkerConfig:
 
     Args:
         model, lora, train: the run's config sections, as validated objects.
-        steps_per_epoch: optimizer steps per epoch (from the row count), so the LR schedule is resume-exact.
+        micro_per_epoch: micro-batches each worker trains on per epoch (from the row count).
         pad_id: the tokenizer's padding id.
         has_val: whether a ``val`` dataset shard exists.
+        fault_at_step: fault injection for resume tests: the first attempt (no checkpoint yet) raises after
+            this optimizer step; a restarted attempt does not.
     """
 
     model: ModelConfig
     lora: LoraConfig
     train: TrainConfig
-    steps_per_epoch: int
+    micro_per_epoch: int
     pad_id: int
     has_val: bool
+    fault_at_step: int | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the last, shorter accumulation group of an epoch is a step too."""
+        return max(1, math.ceil(self.micro_per_epoch / self.train.grad_accum))
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.epochs * self.steps_per_epoch
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of variable-length rows; padded label positions are -100.
-
-    Rows with ``position_ids`` (packed, :mod:`aigc.data.packing`) get them padded with 0 and no
-    ``attention_mask``: transformers then reads each example's bounds from where the positions restart and masks
-    attention across them (each padding token is a sequence of its own). Other rows get an ``attention_mask``.
-    """
-    ids, labels = batch["input_ids"], batch["labels"]
-    packed = "position_ids" in batch
-    width = max(len(x) for x in ids)
-    out_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    out_labels = torch.full((len(ids), width), -100, dtype=torch.long)
-    extra = torch.zeros((len(ids), width), dtype=torch.long)  # position ids, or the attention mask
-    for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
-        n = len(x)
-        out_ids[i, :n] = torch.as_tensor(np.asarray(x, dtype=np.int64))
-        out_labels[i, :n] = torch.as_tensor(np.asarray(y, dtype=np.int64))
-        extra[i, :n] = torch.as_tensor(np.asarray(batch["position_ids"][i], dtype=np.int64)) if packed else 1
-    key = "position_ids" if packed else "attention_mask"
-    return {"input_ids": out_ids, "labels": out_labels, key: extra}
+def _seed(seed: int) -> None:
+    """Same seed on every rank, so weights start identical before DDP syncs them."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss at every position (0 where the label is -100), and which positions count.
+class _Run:
+    """One worker's training run: model, optimizer, data and the position in it."""
 
-    ``use_cache=False``: training needs no KV cache, and with one (the default of most model configs)
-    transformers ignores packed ``position_ids`` and lets packed examples attend to each other.
-    """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits
-    shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
-    )
-    return loss, shift_labels != -100
+    def __init__(self, wc: WorkerConfig) -> None:
+        import ray.train
+        import ray.train.torch
 
+        self.wc, self.tc = wc, wc.train
+        _seed(self.tc.seed)
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = ray.train.torch.get_device()
+        self.model = model_setup.prepare(model_setup.build_model(wc, self.device), wc)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = optim.build_optimizer(self.model, self.tc)
+        self.scheduler = optim.build_scheduler(self.optimizer, self.tc, wc.total_steps)
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val") if wc.has_val else None
+        self.state, self.resumed = TrainState(), False
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                self.state = load_checkpoint(d, self.model, wc, self.optimizer, self.scheduler, self.rank)
+            self.resumed = True
 
-def _token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token losses over answer tokens, and how many there were (exact, not a mean of means)."""
-    loss, counted = token_losses(model, batch)
-    return loss.sum(), counted.sum()
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return model_setup.autocast(self.wc, self.device)
 
+    def batches(self, shard: Any, epoch: int | None) -> Any:
+        """A shard's batches; ``epoch`` seeds the local shuffle of the train split (None = eval, in order)."""
+        bs = self.tc.batch_size
+        return shard.iter_torch_batches(
+            batch_size=bs,
+            collate_fn=lambda b: collate(b, self.wc.pad_id),
+            local_shuffle_buffer_size=4 * bs if epoch is not None else None,
+            local_shuffle_seed=self.tc.seed + epoch if epoch is not None else None,
+        )
 
-def _all_reduce(*values: float, device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-@torch.no_grad()
-def evaluate(model: Any, batches: Any, device: torch.device) -> dict[str, float]:
-    """Eval loss per answer token and perplexity, summed exactly across all workers."""
-    was_training = model.training
-    model.eval()
-    loss_sum, count = 0.0, 0.0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        s, n = _token_loss_sum(model, batch)
-        loss_sum += float(s)
-        count += float(n)
-    loss_sum, count = _all_reduce(loss_sum, count, device=device)
-    model.train(was_training)
-    loss = loss_sum / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.batches(self.val_shard, None), self.device, self.autocast)
 
 
-def _save_checkpoint(
-    model: Any, wc: Any, optimizer: Any, scheduler: Any, state: dict, history: list, path: str, rank: int
-) -> None:
-    model_setup.save_weights(model, wc, os.path.join(path, ADAPTER_SUBDIR), rank)
-    optim = model_setup.optimizer_state(model, optimizer)
-    if rank == 0:
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), **state}, os.path.join(path, STATE_FILE))
-        with open(os.path.join(path, HISTORY_FILE), "w") as f:
-            json.dump(history, f, indent=1)
+def _report(run: _Run, metrics: dict[str, Any], checkpoint: bool) -> None:
+    """Report ``metrics`` (every rank: it is a collective), with a checkpoint written by all ranks when asked."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if checkpoint:
+            save_checkpoint(tmp, run.model, run.wc, run.optimizer, run.scheduler, run.state, run.rank)
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if run.rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
 
 
-def _load_checkpoint(model: Any, wc: Any, optimizer: Any, scheduler: Any, path: str) -> tuple[dict, list]:
-    model_setup.load_weights(model, wc, os.path.join(path, ADAPTER_SUBDIR))
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
-    model_setup.load_optimizer_state(model, optimizer, state.pop("optimizer"))
-    scheduler.load_state_dict(state.pop("scheduler"))
-    with open(os.path.join(path, HISTORY_FILE)) as f:
-        history = json.load(f)
-    return state, history
+def _plateaued(state: TrainState, eval_loss: float, tc: TrainConfig) -> bool:
+    """Track the best eval loss; True when ``early_stopping_patience`` evals in a row did not improve it."""
+    if state.best_eval is None or eval_loss < state.best_eval - tc.early_stopping_min_delta:
+        state.best_eval, state.evals_since_best = eval_loss, 0
+        return False
+    state.evals_since_best += 1
+    return tc.early_stopping_patience is not None and state.evals_since_best >= tc.early_stopping_patience
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+class _Window:
+    """Train loss and tokens since the last report, and its wall time."""
+
+    def __init__(self) -> None:
+        self.loss, self.tokens, self.t0 = 0.0, 0.0, time.monotonic()
+
+    def metrics(self) -> dict[str, float]:
+        secs = max(time.monotonic() - self.t0, 1e-6)
+        return {
+            "train_loss": self.loss / max(self.tokens, 1.0),
+            "train_time_s": round(secs, 3),
+            "train_tokens_per_s": round(self.tokens / secs, 1),
+        }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Fine-tune on this worker's shard of the ``train`` dataset; evaluate on its shard of ``val``.
+
+    Returns ``{NONFINITE_KEY: step}`` when the loss became NaN or infinite (the driver raises; the checkpoints
+    written before stay as they are), else None.
 
     ``config["worker"]`` is the :class:`WorkerConfig` built by :func:`aigc.train.trainer.train_loop_config`.
     """
-    import ray.train
-    import ray.train.torch
-    from transformers import get_cosine_schedule_with_warmup
-
-    # 1. setup: same seed on every rank so LoRA weights start identical before DDP syncs them
     wc: WorkerConfig = config["worker"]
-    tc = wc.train
-    torch.manual_seed(tc.seed)
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    model = model_setup.prepare(model_setup.build_model(wc, device), wc)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    total_steps = max(1, tc.epochs * wc.steps_per_epoch)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
+    tc, run = wc.train, _Run(wc)
+    st = run.state
+    if st.initial_eval is None and run.val_shard is not None:
+        st.initial_eval = run.evaluate()["eval_loss"]
+    progress = StepProgress(wc.total_steps, tc.epochs, tc.log_every_steps, st.step, run.rank == 0)
+    window = _Window()
+    n, accum = wc.micro_per_epoch, tc.grad_accum
+    last_group = n - (n % accum or accum)  # micro-batches before the epoch's last accumulation group
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if wc.has_val else None
+    for epoch in range(st.epoch, tc.epochs):
+        epoch_t0, skip = time.monotonic(), st.micro if epoch == st.epoch else 0
+        st.epoch, st.micro = epoch, skip
+        step_loss, step_tokens = 0.0, 0.0
+        run.optimizer.zero_grad(set_to_none=True)
+        seen = skip
+        for i, batch in enumerate(run.batches(run.train_shard, epoch)):
+            seen = i + 1
+            if i < skip:  # already trained on before the checkpoint this attempt resumed from
+                continue
+            if i >= n:  # a longer shard than the driver counted: every rank stops at the same micro-batch
+                break
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            group = accum if i < last_group else n - last_group
+            sync = (i + 1) % accum == 0 or i + 1 == n
+            no_sync = run.model.no_sync() if (not sync and hasattr(run.model, "no_sync")) else contextlib.nullcontext()
+            with no_sync, run.autocast():
+                s, cnt = token_loss_sum(run.model, batch)
+                (s / max(int(cnt), 1) / group).backward()
+            step_loss, step_tokens = step_loss + float(s.detach()), step_tokens + float(cnt)
+            st.micro = i + 1
+            if not sync:
+                continue
 
-    def batches(shard: Any, shuffle: bool, epoch: int = 0) -> Any:
-        return shard.iter_torch_batches(
-            batch_size=tc.batch_size,
-            collate_fn=lambda b: collate(b, wc.pad_id),
-            local_shuffle_buffer_size=4 * tc.batch_size if shuffle else None,
-            local_shuffle_seed=tc.seed + epoch if shuffle else None,
-        )
+            # one optimizer step
+            torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            st.step += 1
+            loss_sum, tokens = all_reduce(step_loss, step_tokens, device=run.device)
+            step_loss = step_tokens = 0.0
+            loss = loss_sum / max(tokens, 1.0)
+            if not math.isfinite(loss):  # every rank sees the same reduced loss, so all of them stop here
+                return {NONFINITE_KEY: st.step}
+            st.step_losses.append(loss)
+            window.loss, window.tokens = window.loss + loss_sum, window.tokens + tokens
+            lr = run.scheduler.get_last_lr()[0]
+            progress.step(st.step, epoch, loss, lr, tokens)
+            if wc.fault_at_step is not None and st.step == wc.fault_at_step and not run.resumed:
+                raise RuntimeError(f"injected fault after step {st.step} (fault_at_step)")
 
-    # 2. resume, or measure the starting point
-    start_epoch, step, history = 0, 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state, history = _load_checkpoint(model, wc, optimizer, scheduler, d)
-        start_epoch, step = state["epoch"] + 1, state["step"]
-    if history:
-        initial_eval = history[0].get("initial_eval_loss")
-    elif val_shard is not None:
-        initial_eval = evaluate(model, batches(val_shard, False), device)["eval_loss"]
-    else:
-        initial_eval = None
-
-    # 3. epochs: accumulate grad_accum micro-batches per optimizer step; DDP syncs only on the last one
-    for epoch in range(start_epoch, tc.epochs):
-        t0, loss_sum, tok_count, micro = time.time(), 0.0, 0.0, 0
-        optimizer.zero_grad(set_to_none=True)
-        for batch in batches(train_shard, True, epoch):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            micro += 1
-            sync = micro % tc.grad_accum == 0
-            with model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext():
-                s, n = _token_loss_sum(model, batch)
-                (s / max(int(n), 1) / tc.grad_accum).backward()
-            loss_sum, tok_count = loss_sum + float(s.detach()), tok_count + float(n)
-            if sync:
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-        loss_sum, tok_count = _all_reduce(loss_sum, tok_count, device=device)
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": loss_sum / max(tok_count, 1.0),
-            "lr": scheduler.get_last_lr()[0],
-            "epoch_time_s": round(time.time() - t0, 2),
-            "train_tokens_per_s": round(tok_count / max(time.time() - t0, 1e-6), 1),
-        }
-        if val_shard is not None:
-            metrics.update(evaluate(model, batches(val_shard, False), device))
-            metrics["initial_eval_loss"] = initial_eval
-        history.append(metrics)
-
-        # 4. report; rank 0 alone writes the checkpoint, every rank reports (it is a collective)
-        with tempfile.TemporaryDirectory() as tmp:
-            _save_checkpoint(model, wc, optimizer, scheduler, {"epoch": epoch, "step": step}, history, tmp, rank)
-            ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-            ray.train.report(metrics, checkpoint=ckpt)
+            epoch_end = st.micro >= n
+            ckpt = epoch_end or (tc.checkpoint_every_steps is not None and st.step % tc.checkpoint_every_steps == 0)
+            ev = ckpt or (tc.eval_every_steps is not None and st.step % tc.eval_every_steps == 0)
+            if not ev:
+                continue
+            if epoch_end:
+                st.epoch, st.micro = epoch + 1, 0
+            metrics: dict[str, Any] = {
+                "epoch": epoch + 1 if epoch_end else round(epoch + st.micro / n, 3),
+                "step": st.step,
+                "lr": lr,
+                **window.metrics(),
+            }
+            if epoch_end:
+                metrics["epoch_time_s"] = round(time.monotonic() - epoch_t0, 2)
+            stop = False
+            if run.val_shard is not None:
+                metrics.update(run.evaluate())
+                metrics["initial_eval_loss"] = st.initial_eval
+                stop = _plateaued(st, metrics["eval_loss"], tc)
+                metrics["stopped_early"] = stop
+            st.history.append(metrics)
+            _report(run, metrics, checkpoint=ckpt or stop)
+            window = _Window()
+            if stop:
+                if run.rank == 0:
+                    print(f"[train] early stop at step {st.step}: eval loss has not improved for "
+                          f"{st.evals_since_best} evaluations (best {st.best_eval:.4f})", flush=True)  # fmt: skip
+                return None
+        if seen < n:  # ranks would disagree on the step count: fail loudly rather than hang in a collective
+            raise RuntimeError(f"rank {run.rank}: the train shard ended after {seen} micro-batches, {n} expected")
+    return None

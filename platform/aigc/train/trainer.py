@@ -18,7 +18,7 @@ from aigc.config import PlatformConfig
 from aigc.data.preprocess import dataset_rows, read_stats, shards_dir
 from aigc.errors import DataError, TrainingError
 from aigc.publish import Published, publish
-from aigc.train.loop import WorkerConfig, train_loop_per_worker
+from aigc.train.loop import NONFINITE_KEY, WorkerConfig, train_loop_per_worker
 
 __all__ = [
     "TrainResult",
@@ -45,20 +45,27 @@ class TrainResult(Published):
         return self.model_dir
 
 
-def train_loop_config(cfg: PlatformConfig, rows_train: int, has_val: bool, num_workers: int) -> dict[str, Any]:
-    """What every worker receives: ``{"worker": WorkerConfig}``, the typed sections as objects."""
+def train_loop_config(
+    cfg: PlatformConfig, rows_train: int, has_val: bool, num_workers: int, fault_at_step: int | None = None
+) -> dict[str, Any]:
+    """What every worker receives: ``{"worker": WorkerConfig}``, the typed sections as objects.
+
+    Each worker's shard holds ``rows_train // num_workers`` rows (Ray Train splits datasets into equal shards).
+    """
     from aigc.models.loading import load_tokenizer
 
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    rows_per_worker = max(1, rows_train // num_workers)
-    micro_batches = math.ceil(rows_per_worker / cfg.train.batch_size)
+    rows_per_worker = rows_train // num_workers
+    if rows_per_worker < 1:
+        raise DataError(f"{rows_train} training rows cannot feed {num_workers} workers: use fewer train.num_workers")
     worker = WorkerConfig(
         model=cfg.model,
         lora=cfg.lora,
         train=cfg.train,
-        steps_per_epoch=max(1, micro_batches // cfg.train.grad_accum),
+        micro_per_epoch=math.ceil(rows_per_worker / cfg.train.batch_size),
         pad_id=tok.pad_token_id,
         has_val=has_val,
+        fault_at_step=fault_at_step,
     )
     return {"worker": worker}
 
@@ -119,16 +126,23 @@ def build_trainer(
     storage_path: str,
     num_workers: int | None = None,
     callbacks: list[Any] | None = None,
+    fault_at_step: int | None = None,
 ) -> Any:
-    """A TorchTrainer for ``cfg``: DDP over ``num_workers`` (default ``train.num_workers``) workers."""
+    """A TorchTrainer for ``cfg``: DDP over ``num_workers`` (default ``train.num_workers``) workers.
+
+    Shards are split in a deterministic order (``preserve_order``), so a resumed run sees the same batches.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     workers = num_workers or cfg.train.num_workers
     ray_storage, ray_fs = storage.filesystem_for_ray(storage_path)
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=train_loop_config(cfg, rows_train, "val" in datasets, workers),
+        train_loop_config=train_loop_config(cfg, rows_train, "val" in datasets, workers, fault_at_step),
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=cfg.train.use_gpu,
@@ -144,7 +158,7 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute="eval_loss" if "val" in datasets else "epoch",
+                checkpoint_score_attribute="eval_loss" if "val" in datasets else "step",
                 checkpoint_score_order="min" if "val" in datasets else "max",
             ),
             callbacks=callbacks or [],
@@ -163,28 +177,35 @@ def _run_name(cfg: PlatformConfig, storage_path: str) -> str:
     return name
 
 
-def plot_history(history: list[dict[str, Any]], path: str, title: str = "Fine-tuning") -> None:
-    """Train and eval loss per epoch, with the base model's eval loss as a dashed line."""
+def plot_history(
+    history: list[dict[str, Any]], path: str, title: str = "Fine-tuning", step_losses: list[float] | None = None
+) -> None:
+    """Train loss per optimizer step and eval loss at each evaluation, with the base model's eval loss dashed."""
     from matplotlib.ticker import MaxNLocator
 
     from aigc.plots import figure
 
-    epochs = [h["epoch"] for h in history]
-    with figure(path, title, "epoch", "loss per answer token") as ax:
+    with figure(path, title, "optimizer step", "loss per answer token") as ax:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
-        if history and "eval_loss" in history[0]:
-            ax.plot(epochs, [h["eval_loss"] for h in history], "s-", label="eval loss")
-            if history[0].get("initial_eval_loss") is not None:
-                ax.axhline(history[0]["initial_eval_loss"], color="grey", ls="--", label="eval loss before training")
+        if step_losses:
+            ax.plot(range(1, len(step_losses) + 1), step_losses, "-", lw=1, alpha=0.7, label="train loss (step)")
+        else:
+            ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], "o-", label="train loss")
+        evals = [h for h in history if "eval_loss" in h]
+        if evals:
+            ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "s-", label="eval loss")
+            if evals[0].get("initial_eval_loss") is not None:
+                ax.axhline(evals[0]["initial_eval_loss"], color="grey", ls="--", label="eval loss before training")
 
 
-def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
+def run_training(cfg: PlatformConfig, register: bool = True, *, fault_at_step: int | None = None) -> TrainResult:
     """Fit on the preprocessed shards, then publish the best checkpoint (export + register).
+
+    ``fault_at_step`` injects one worker failure after that optimizer step (resume tests; see WorkerConfig).
 
     Raises:
         DataError: preprocessing has not run for this output_dir, or for another tokenizer.
-        TrainingError: training failed more than ``train.max_failures`` times.
+        TrainingError: training failed more than ``train.max_failures`` times, or its loss became NaN/inf.
     """
     import ray.train
 
@@ -196,13 +217,23 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
     print(f"[train] run {name!r}: {stats['rows_train']} train{packed} / {stats['rows_val']} val examples, "
           f"{cfg.train.num_workers} workers, checkpoints in {storage.join(storage_path, name)}")  # fmt: skip
     try:
-        result = build_trainer(cfg, datasets, rows, name=name, storage_path=storage_path).fit()
+        trainer = build_trainer(cfg, datasets, rows, name=name, storage_path=storage_path, fault_at_step=fault_at_step)
+        result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(
             f"training run {name!r} failed after {cfg.train.max_failures} restarts: {exc}. Its checkpoints are in "
             f"{storage.join(storage_path, name)}; re-run the same command to resume from the last one"
         ) from exc
 
+    if isinstance(result.return_value, dict) and NONFINITE_KEY in result.return_value:
+        step = result.return_value[NONFINITE_KEY]
+        ckpt = result.checkpoint
+        last = f"the last good checkpoint stays in {ckpt.path}" if ckpt else "no checkpoint had been written"
+        raise TrainingError(
+            f"training run {name!r} stopped: the loss became NaN or infinite at step {step}. Nothing was registered; "
+            f"{last}. Lower train.lr, raise train.warmup_steps or lower train.max_grad_norm, and re-run with a new "
+            "train.run_name to start afresh"
+        )
     best = result.get_best_checkpoint(metric="eval_loss", mode="min") if "val" in datasets else None
     best = best or result.checkpoint
     published = publish(
@@ -211,7 +242,12 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
     train_dir = storage.join(cfg.output_dir, "train")
     storage.write_json(storage.join(train_dir, "history.json"), published.history, indent=1)
     with storage.local_staging(train_dir) as local:
-        plot_history(published.history, os.path.join(local, "loss.png"), f"Fine-tuning {cfg.train.adapter_name}")
+        plot_history(
+            published.history,
+            os.path.join(local, "loss.png"),
+            f"Fine-tuning {cfg.train.adapter_name}",
+            published.step_losses,
+        )
     done = {"adapter_dir": published.model_dir, "registry_id": published.registry_id, "metrics": published.metrics}
     storage.write_json(storage.join(storage_path, name, _DONE_MARKER), done)
     return TrainResult(**vars(published), checkpoint_path=best.path)
