@@ -93,3 +93,32 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_registers_nothing(data):
     assert state[-1]["step"] == step - 1 and math.isfinite(state[-1]["train_loss"])
     assert Registry(cfg.registry_dir).versions("diverge") == []
     assert not (Path(cfg.output_dir) / "ray" / "diverge" / "aigc_done.json").exists()
+
+
+def test_a_tracked_run_writes_mlflow_and_tensorboard_with_generation_metrics(data):
+    """Rank 0 logs params, per-step train loss, eval metrics with exact match and ROUGE-L, the plot and adapter."""
+    from mlflow.tracking import MlflowClient
+
+    from aigc.train.trainer import run_training
+
+    cfg = _cfg(data, "tracked", "train.epochs=1", "train.num_workers=2", "train.batch_size=8",
+               "tracking.mlflow=true", "tracking.tensorboard=true", "train.eval_generation_samples=6",
+               "train.eval_max_new_tokens=16", "train.log_every_steps=2")  # fmt: skip
+    res = run_training(cfg)
+    assert 0.0 <= res.metrics["eval_exact_match"] <= 1.0 and 0.0 <= res.metrics["eval_rouge_l"] <= 1.0
+    assert res.metrics["eval_rouge_l"] > 0.0  # the tiny model answers in the support domain after one epoch
+
+    out = Path(cfg.output_dir)
+    client = MlflowClient(tracking_uri=f"file:{out / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.batch_size"] == "8"
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == list(range(1, res.metrics["step"] + 1))
+    assert [m.value for m in losses] == pytest.approx(res.step_losses)
+    assert client.get_metric_history(run.info.run_id, "eval_rouge_l")[-1].value == pytest.approx(
+        res.metrics["eval_rouge_l"]
+    )
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss.png", "adapter"} <= artifacts
+    events = list((out / "tensorboard" / "tracked").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

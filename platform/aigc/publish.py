@@ -20,7 +20,7 @@ from aigc import storage
 from aigc.config import PlatformConfig
 from aigc.train.checkpointing import ADAPTER_SUBDIR, HISTORY_FILE, STEPS_FILE
 
-__all__ = ["Published", "checkpoint_metrics", "publish"]
+__all__ = ["Published", "checkpoint_metrics", "publish", "read_progress"]
 
 
 @dataclass
@@ -39,6 +39,23 @@ def checkpoint_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
     return {k: v for k, v in history[-1].items() if isinstance(v, int | float)} if history else {}
 
 
+def _read_progress_dir(local: str) -> tuple[list[dict[str, Any]], list[float]]:
+    with open(os.path.join(local, HISTORY_FILE)) as f:
+        history = json.load(f)
+    step_losses: list[float] = []
+    steps_file = os.path.join(local, STEPS_FILE)
+    if os.path.isfile(steps_file):  # checkpoints from before per-step losses were kept have none
+        with open(steps_file) as f:
+            step_losses = json.load(f)
+    return history, step_losses
+
+
+def read_progress(checkpoint: Any) -> tuple[list[dict[str, Any]], list[float]]:
+    """A checkpoint's report history and per-step train losses."""
+    with checkpoint.as_directory() as local:
+        return _read_progress_dir(local)
+
+
 def publish(
     cfg: PlatformConfig,
     checkpoint: Any,
@@ -47,6 +64,7 @@ def publish(
     register: bool = True,
     extra_config: dict[str, Any] | None = None,
     data_hash: str | None = None,
+    tokenizer: Any = None,
 ) -> Published:
     """Export ``checkpoint`` (a ``ray.train.Checkpoint``) to ``dest`` and register it as ``train.adapter_name``.
 
@@ -57,6 +75,7 @@ def publish(
         register: also add it to ``cfg.registry_dir`` as the next version.
         extra_config: more keys to record with the config (e.g. the sweep's chosen values).
         data_hash: fingerprint of the training data (from ``stats.json``).
+        tokenizer: saved with the weights; loaded from ``model.name_or_path`` when not given.
     """
     from aigc.models.loading import load_tokenizer
     from aigc.registry import Registry
@@ -64,14 +83,9 @@ def publish(
     with tempfile.TemporaryDirectory(prefix="aigc-publish-") as tmp:
         local = checkpoint.to_directory(os.path.join(tmp, "checkpoint"))
         weights = os.path.join(local, ADAPTER_SUBDIR)
-        with open(os.path.join(local, HISTORY_FILE)) as f:
-            history = json.load(f)
-        steps_file = os.path.join(local, STEPS_FILE)
-        step_losses = []
-        if os.path.isfile(steps_file):  # checkpoints from before per-step losses were kept have none
-            with open(steps_file) as f:
-                step_losses = json.load(f)
-        load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).save_pretrained(weights)
+        history, step_losses = _read_progress_dir(local)
+        tok = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        tok.save_pretrained(weights)
         storage.remove_tree(dest)
         storage.copy_dir(weights, dest)
         metrics = checkpoint_metrics(history)

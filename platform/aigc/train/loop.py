@@ -14,17 +14,18 @@ import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from aigc.config import LoraConfig, ModelConfig, TrainConfig
+from aigc.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
 from aigc.train import model_setup, optim
 from aigc.train.checkpointing import ADAPTER_SUBDIR, HISTORY_FILE, TrainState, load_checkpoint, save_checkpoint
 from aigc.train.losses import all_reduce, collate, evaluate, token_loss_sum
 from aigc.train.progress import StepProgress
+from aigc.train.tracking import Tracker
 
 __all__ = ["ADAPTER_SUBDIR", "HISTORY_FILE", "NONFINITE_KEY", "WorkerConfig", "train_loop_per_worker"]
 
@@ -40,6 +41,10 @@ class WorkerConfig:
         micro_per_epoch: micro-batches each worker trains on per epoch (from the row count).
         pad_id: the tokenizer's padding id.
         has_val: whether a ``val`` dataset shard exists.
+        tokenizer: the run's tokenizer, loaded once on the driver (decodes generated answers).
+        gen_samples: val prompts and reference answers for the generation metrics (the same list on every rank).
+        tracking, output_dir, run_name, params: where rank 0 tracks the run (MLflow/TensorBoard) and what it logs
+            as params; ``tracking`` None = no tracking.
         fault_at_step: fault injection for resume tests: the first attempt (no checkpoint yet) raises after
             this optimizer step; a restarted attempt does not.
     """
@@ -50,6 +55,12 @@ class WorkerConfig:
     micro_per_epoch: int
     pad_id: int
     has_val: bool
+    tokenizer: Any = None
+    gen_samples: tuple[Any, ...] = ()
+    tracking: TrackingConfig | None = None
+    output_dir: str = ""
+    run_name: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
     fault_at_step: int | None = None
 
     @property
@@ -78,7 +89,8 @@ class _Run:
 
         self.wc, self.tc = wc, wc.train
         _seed(self.tc.seed)
-        self.rank = ray.train.get_context().get_world_rank()
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.model = model_setup.prepare(model_setup.build_model(wc, self.device), wc)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -92,6 +104,9 @@ class _Run:
             with checkpoint.as_directory() as d:
                 self.state = load_checkpoint(d, self.model, wc, self.optimizer, self.scheduler, self.rank)
             self.resumed = True
+        self.tracker = Tracker.disabled()
+        if self.rank == 0 and wc.tracking is not None:  # a restarted attempt continues the same tracked run
+            self.tracker = Tracker.open(wc.tracking, wc.output_dir, wc.run_name, wc.params, resume=True)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return model_setup.autocast(self.wc, self.device)
@@ -106,8 +121,20 @@ class _Run:
             local_shuffle_seed=self.tc.seed + epoch if epoch is not None else None,
         )
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.batches(self.val_shard, None), self.device, self.autocast)
+    def evaluate(self, generate: bool = False) -> dict[str, float]:
+        """Eval loss and perplexity on the val split; with ``generate``, also the generation metrics."""
+        metrics = evaluate(self.model, self.batches(self.val_shard, None), self.device, self.autocast)
+        if generate and self.wc.gen_samples:
+            from aigc.train.gen_metrics import generation_metrics
+
+            metrics.update(
+                generation_metrics(
+                    self.model, list(self.wc.gen_samples), self.wc.tokenizer,
+                    max_new_tokens=self.tc.eval_max_new_tokens, device=self.device, rank=self.rank,
+                    world_size=self.world_size, autocast=self.autocast,
+                )
+            )  # fmt: skip
+        return metrics
 
 
 def _report(run: _Run, metrics: dict[str, Any], checkpoint: bool) -> None:
@@ -155,8 +182,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     ``config["worker"]`` is the :class:`WorkerConfig` built by :func:`aigc.train.trainer.train_loop_config`.
     """
     wc: WorkerConfig = config["worker"]
-    tc, run = wc.train, _Run(wc)
-    st = run.state
+    run = _Run(wc)
+    status = "FAILED"
+    try:
+        out = _train(run)
+        status = "FINISHED"
+        return out
+    finally:
+        run.tracker.close(status)
+
+
+def _train(run: _Run) -> dict[str, Any] | None:
+    wc, tc, st = run.wc, run.wc.train, run.state
     if st.initial_eval is None and run.val_shard is not None:
         st.initial_eval = run.evaluate()["eval_loss"]
     progress = StepProgress(wc.total_steps, tc.epochs, tc.log_every_steps, st.step, run.rank == 0)
@@ -202,7 +239,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             st.step_losses.append(loss)
             window.loss, window.tokens = window.loss + loss_sum, window.tokens + tokens
             lr = run.scheduler.get_last_lr()[0]
-            progress.step(st.step, epoch, loss, lr, tokens)
+            rate = progress.step(st.step, epoch, loss, lr, tokens)
+            run.tracker.log_metrics({"train_loss": loss, "lr": lr, "train_tokens_per_s": rate}, st.step)
             if wc.fault_at_step is not None and st.step == wc.fault_at_step and not run.resumed:
                 raise RuntimeError(f"injected fault after step {st.step} (fault_at_step)")
 
@@ -223,11 +261,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 metrics["epoch_time_s"] = round(time.monotonic() - epoch_t0, 2)
             stop = False
             if run.val_shard is not None:
-                metrics.update(run.evaluate())
+                metrics.update(run.evaluate(generate=True))
                 metrics["initial_eval_loss"] = st.initial_eval
                 stop = _plateaued(st, metrics["eval_loss"], tc)
                 metrics["stopped_early"] = stop
             st.history.append(metrics)
+            run.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval_")}, st.step)
             _report(run, metrics, checkpoint=ckpt or stop)
             window = _Window()
             if stop:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aigc import storage
 from aigc.config import PlatformConfig
 from aigc.data.preprocess import dataset_rows, read_stats, shards_dir
 from aigc.errors import DataError, TrainingError
-from aigc.publish import Published, publish
+from aigc.publish import Published, publish, read_progress
 from aigc.train.loop import NONFINITE_KEY, WorkerConfig, train_loop_per_worker
 
 __all__ = [
@@ -38,6 +38,7 @@ class TrainResult(Published):
     """What a training run published, and the checkpoint it came from."""
 
     checkpoint_path: str = ""
+    run_history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def adapter_dir(self) -> str:
@@ -46,25 +47,48 @@ class TrainResult(Published):
 
 
 def train_loop_config(
-    cfg: PlatformConfig, rows_train: int, has_val: bool, num_workers: int, fault_at_step: int | None = None
+    cfg: PlatformConfig,
+    datasets: dict[str, Any],
+    rows_train: int,
+    num_workers: int,
+    *,
+    run_name: str,
+    tokenizer: Any = None,
+    fault_at_step: int | None = None,
 ) -> dict[str, Any]:
     """What every worker receives: ``{"worker": WorkerConfig}``, the typed sections as objects.
 
     Each worker's shard holds ``rows_train // num_workers`` rows (Ray Train splits datasets into equal shards).
+    The tokenizer is loaded here once (unless given) and shipped to the workers; with
+    ``train.eval_generation_samples``, the first val rows become the prompts of the generation metrics.
     """
     from aigc.models.loading import load_tokenizer
+    from aigc.train.gen_metrics import generation_samples
 
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tok = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     rows_per_worker = rows_train // num_workers
     if rows_per_worker < 1:
         raise DataError(f"{rows_train} training rows cannot feed {num_workers} workers: use fewer train.num_workers")
+    samples: list[Any] = []
+    n = cfg.train.eval_generation_samples
+    if n and "val" in datasets:
+        rows = datasets["val"].take(n)
+        columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {"input_ids": [], "labels": []}
+        samples = generation_samples(columns, n)
+    tracked = cfg.tracking.mlflow or cfg.tracking.tensorboard
     worker = WorkerConfig(
         model=cfg.model,
         lora=cfg.lora,
         train=cfg.train,
         micro_per_epoch=math.ceil(rows_per_worker / cfg.train.batch_size),
         pad_id=tok.pad_token_id,
-        has_val=has_val,
+        has_val="val" in datasets,
+        tokenizer=tok,
+        gen_samples=tuple(samples),
+        tracking=cfg.tracking if tracked else None,
+        output_dir=cfg.output_dir,
+        run_name=run_name,
+        params=cfg.model_dump(exclude={"serve", "tune", "cluster", "tracking"}),
         fault_at_step=fault_at_step,
     )
     return {"worker": worker}
@@ -126,6 +150,7 @@ def build_trainer(
     storage_path: str,
     num_workers: int | None = None,
     callbacks: list[Any] | None = None,
+    tokenizer: Any = None,
     fault_at_step: int | None = None,
 ) -> Any:
     """A TorchTrainer for ``cfg``: DDP over ``num_workers`` (default ``train.num_workers``) workers.
@@ -141,7 +166,9 @@ def build_trainer(
     ingest.preserve_order = True
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=train_loop_config(cfg, rows_train, "val" in datasets, workers, fault_at_step),
+        train_loop_config=train_loop_config(
+            cfg, datasets, rows_train, workers, run_name=name, tokenizer=tokenizer, fault_at_step=fault_at_step
+        ),
         dataset_config=ray.train.DataConfig(execution_options=ingest),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
@@ -209,7 +236,10 @@ def run_training(cfg: PlatformConfig, register: bool = True, *, fault_at_step: i
     """
     import ray.train
 
+    from aigc.models.loading import load_tokenizer
+
     datasets, stats = load_datasets(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     storage_path = storage.join(cfg.output_dir, "ray")
     name = _run_name(cfg, storage_path)
     rows = dataset_rows(stats, "train")
@@ -217,7 +247,9 @@ def run_training(cfg: PlatformConfig, register: bool = True, *, fault_at_step: i
     print(f"[train] run {name!r}: {stats['rows_train']} train{packed} / {stats['rows_val']} val examples, "
           f"{cfg.train.num_workers} workers, checkpoints in {storage.join(storage_path, name)}")  # fmt: skip
     try:
-        trainer = build_trainer(cfg, datasets, rows, name=name, storage_path=storage_path, fault_at_step=fault_at_step)
+        trainer = build_trainer(
+            cfg, datasets, rows, name=name, storage_path=storage_path, tokenizer=tokenizer, fault_at_step=fault_at_step
+        )
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(
@@ -237,17 +269,40 @@ def run_training(cfg: PlatformConfig, register: bool = True, *, fault_at_step: i
     best = result.get_best_checkpoint(metric="eval_loss", mode="min") if "val" in datasets else None
     best = best or result.checkpoint
     published = publish(
-        cfg, best, storage.join(cfg.output_dir, "adapter"), register=register, data_hash=stats.get("fingerprint")
+        cfg,
+        best,
+        storage.join(cfg.output_dir, "adapter"),
+        register=register,
+        data_hash=stats.get("fingerprint"),
+        tokenizer=tokenizer,
     )
+    # The plot and history.json show the whole run: the latest checkpoint's record (the best may be earlier).
+    history, step_losses = published.history, published.step_losses
+    if result.checkpoint is not None and result.checkpoint.path != best.path:
+        history, step_losses = read_progress(result.checkpoint)
     train_dir = storage.join(cfg.output_dir, "train")
-    storage.write_json(storage.join(train_dir, "history.json"), published.history, indent=1)
+    storage.write_json(storage.join(train_dir, "history.json"), history, indent=1)
     with storage.local_staging(train_dir) as local:
-        plot_history(
-            published.history,
-            os.path.join(local, "loss.png"),
-            f"Fine-tuning {cfg.train.adapter_name}",
-            published.step_losses,
-        )
+        plot = os.path.join(local, "loss.png")
+        plot_history(history, plot, f"Fine-tuning {cfg.train.adapter_name}", step_losses)
+        _track_artifacts(cfg, name, {plot: None, published.model_dir: "adapter"})
     done = {"adapter_dir": published.model_dir, "registry_id": published.registry_id, "metrics": published.metrics}
     storage.write_json(storage.join(storage_path, name, _DONE_MARKER), done)
-    return TrainResult(**vars(published), checkpoint_path=best.path)
+    return TrainResult(
+        **{**vars(published), "step_losses": step_losses}, checkpoint_path=best.path, run_history=history
+    )
+
+
+def _track_artifacts(cfg: PlatformConfig, run_name: str, paths: dict[str, str | None]) -> None:
+    """Attach files/directories (local path -> artifact dir) to the run's MLflow record; URIs are skipped."""
+    if not (cfg.tracking.mlflow or cfg.tracking.tensorboard):
+        return
+    from aigc.train.tracking import Tracker
+
+    tracker = Tracker.open(cfg.tracking, cfg.output_dir, run_name, {}, resume=True)
+    try:
+        for path, artifact_path in paths.items():
+            if os.path.exists(path):
+                tracker.log_artifact(path, artifact_path)
+    finally:
+        tracker.close()
