@@ -185,7 +185,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `aigc export NAME --out DIR key=value`: argparse takes NAME and the (empty) overrides together, so
+    # overrides after the options come back here
+    if args.command == "export" and not any(x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "build-assets":
             from aigc.demo.dataset import write_demo_dataset
