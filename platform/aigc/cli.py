@@ -6,7 +6,8 @@
     aigc serve      --config configs/demo.yaml serve.port=8001
     aigc demo       --config configs/demo.yaml
     aigc config     --config configs/demo.yaml          # print the resolved config
-    aigc registry   --config configs/demo.yaml          # list registered adapters
+    aigc registry   --config configs/demo.yaml [--json] # list registered models (a table, or JSON lines)
+    aigc export NAME[:vN] --out DIR [--merge] --config configs/demo.yaml  # a registered model as a plain dir
     aigc feedback export --config configs/demo.yaml [--min-rating 1] [--output PATH]  # rated answers -> JSONL
     aigc build-assets                                   # rebuild the tiny base model and demo data
 
@@ -109,6 +110,12 @@ def _precheck(stage: str, cfg: PlatformConfig) -> None:
     if stage in ("preprocess", "demo"):
         check_columns(list_input_files(cfg.data), cfg.data)  # every source: its files exist and fit its format
     if stage in ("train", "sweep"):
+        from aigc.models.targets import check_target_modules
+        from aigc.train.model_setup import check_strategy
+
+        check_strategy(cfg.train)
+        if cfg.train.method != "full":
+            check_target_modules(cfg.model, cfg.lora)
         read_stats(cfg.output_dir)
     if stage in ("sweep", "demo"):
         load_space(cfg.tune.space, cfg)
@@ -127,12 +134,25 @@ def run_stage(stage: str, cfg: PlatformConfig) -> None:
     STAGES[stage](cfg)
 
 
-def _show_registry(cfg: PlatformConfig) -> None:
+def _show_registry(cfg: PlatformConfig, as_json: bool) -> None:
     from aigc.registry import Registry
+    from aigc.report import registry_table
 
-    for e in Registry(cfg.registry_dir).list():
-        print(json.dumps({"model": e.model_id, "kind": getattr(e, "kind", "lora"), "base_model": e.base_model,
-                          "eval_loss": e.metrics.get("eval_loss"), "path": e.adapter_uri}))  # fmt: skip
+    entries = Registry(cfg.registry_dir).list()
+    if not as_json:
+        print(registry_table(entries))
+        return
+    for e in entries:
+        print(json.dumps({"model": e.model_id, "kind": e.kind, "base_model": e.base_model, "data_hash": e.data_hash,
+                          "eval_loss": e.metrics.get("eval_loss"), "created_at": e.created_at,
+                          "path": e.adapter_uri}))  # fmt: skip
+
+
+def _export(cfg: PlatformConfig, model_id: str, out: str, merge: bool) -> None:
+    from aigc.export import export_model
+    from aigc.report import report_export
+
+    report_export(export_model(cfg.registry_dir, model_id, out, merge=merge))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,6 +162,14 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=f"run the {name} stage" if name in STAGES else f"show the {name}")
         sp.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+        if name == "registry":
+            sp.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    x = sub.add_parser("export", help="write a registered model as a plain directory (merged with --merge)")
+    x.add_argument("model_id", metavar="NAME[:vN]", help="registered name (latest version) or name:vN")
+    x.add_argument("--out", "-o", required=True, help="directory to write (replaced if it exists; local or URI)")
+    x.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base model (safetensors)")
+    x.add_argument("--config", "-c", help="YAML config file naming registry_dir (default: built-in defaults)")
+    x.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     f = sub.add_parser("feedback", help="work with captured answers and their feedback (serve.capture)")
     e = f.add_subparsers(dest="action", required=True).add_parser(
         "export", help="write rated answers (and corrections) as a messages-format JSONL dataset"
@@ -157,7 +185,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `aigc export NAME --out DIR key=value`: argparse takes NAME and the (empty) overrides together, so
+    # overrides after the options come back here
+    if args.command == "export" and not any(x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "build-assets":
             from aigc.demo.dataset import write_demo_dataset
@@ -170,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         elif args.command == "registry":
-            _show_registry(cfg)
+            _show_registry(cfg, args.json)
+        elif args.command == "export":
+            _export(cfg, args.model_id, args.out, args.merge)
         elif args.command == "feedback":
             from aigc.feedback.export import export_feedback
 

@@ -6,9 +6,10 @@ these functions turn a result into the lines a person reads.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-__all__ = ["report_preprocess", "report_sweep", "report_train"]
+__all__ = ["registry_table", "report_export", "report_preprocess", "report_sweep", "report_train"]
 
 
 def report_preprocess(res: Any) -> None:
@@ -43,3 +44,27 @@ def report_sweep(res: Any) -> None:
     shown = f"{loss:.4f}" if isinstance(loss, float) else "n/a"
     print(f"[sweep] best {res.best_overrides}: eval loss {shown}; model: {res.adapter_dir}; "
           f"registered as {res.registry_id}")  # fmt: skip
+
+
+_COLUMNS = ("model", "kind", "base model", "data", "eval_loss", "created")
+
+
+def registry_table(entries: list[Any]) -> str:
+    """Registered versions as an aligned text table: id, kind, base model, data fingerprint (short), eval loss
+    and creation time (local), oldest first per name."""
+    if not entries:
+        return "(no registered models)"
+    rows = [_COLUMNS]
+    for e in entries:
+        loss = e.metrics.get("eval_loss")
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created_at)) if e.created_at else "-"
+        rows.append((e.model_id, e.kind, e.base_model, (e.data_hash or "-")[:10],
+                     f"{loss:.4f}" if isinstance(loss, int | float) else "-", created))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def report_export(res: Any) -> None:
+    """Which registered model went where, merged or not."""
+    what = "merged model" if res.merged else ("adapter" if res.entry.kind == "lora" else "model")
+    print(f"[export] {res.entry.model_id} ({res.entry.kind}, base {res.entry.base_model}) -> {what} in {res.out_dir}")

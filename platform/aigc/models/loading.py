@@ -53,8 +53,24 @@ def load_base_model(
     return model.to(device).eval()
 
 
-def apply_lora(model: Any, r: int, alpha: float, dropout: float, target_modules: list[str] | str) -> Any:
-    """Wrap ``model`` in a peft LoRA model; only adapter weights stay trainable."""
+def apply_lora(
+    model: Any,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | str,
+    *,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    modules_to_save: list[str] | None = None,
+) -> Any:
+    """Wrap ``model`` in a peft LoRA model; only adapter weights (and ``modules_to_save``) stay trainable.
+
+    Args:
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r`` (rank-stabilised LoRA).
+        use_dora: weight-decomposed LoRA (a trained magnitude per output feature; slower steps).
+        modules_to_save: modules trained in full and stored in the adapter, e.g. ``["lm_head"]``.
+    """
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
@@ -62,6 +78,9 @@ def apply_lora(model: Any, r: int, alpha: float, dropout: float, target_modules:
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)
