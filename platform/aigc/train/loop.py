@@ -95,6 +95,7 @@ class _Run:
         self.model = model_setup.prepare(model_setup.build_model(wc, self.device), wc)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = optim.build_optimizer(self.model, self.tc)
+        self.scaler = model_setup.grad_scaler(self.model, wc)  # fp16 loss scaling; a pass-through otherwise
         self.scheduler = optim.build_scheduler(self.optimizer, self.tc, wc.total_steps)
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val") if wc.has_val else None
@@ -188,6 +189,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         out = _train(run)
         status = "FINISHED"
         return out
+    except torch.OutOfMemoryError as exc:
+        raise model_setup.oom_error(exc, wc) from exc
     finally:
         run.tracker.close(status)
 
@@ -219,15 +222,17 @@ def _train(run: _Run) -> dict[str, Any] | None:
             no_sync = run.model.no_sync() if (not sync and hasattr(run.model, "no_sync")) else contextlib.nullcontext()
             with no_sync, run.autocast():
                 s, cnt = token_loss_sum(run.model, batch)
-                (s / max(int(cnt), 1) / group).backward()
+                run.scaler.scale(s / max(int(cnt), 1) / group).backward()
             step_loss, step_tokens = step_loss + float(s.detach()), step_tokens + float(cnt)
             st.micro = i + 1
             if not sync:
                 continue
 
             # one optimizer step
-            torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm)
-            run.optimizer.step()
+            run.scaler.unscale_(run.optimizer)
+            model_setup.clip_grad_norm(run.model, run.params, tc.max_grad_norm)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             st.step += 1
