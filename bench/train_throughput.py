@@ -198,7 +198,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--rows", type=int, default=400, help="first N rows of the demo data (0: all 2,008)")
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench"), help="where the JSON of figures goes")
+    ap.add_argument(
+        "--out", default=os.path.normpath(os.path.join(ROOT, "runs", "bench")), help="where the JSON of figures goes"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -235,10 +237,10 @@ def main() -> None:
     base = runs["baseline"]["tokens_per_s"]
     print(f"rows: {len(lines[: args.rows] if args.rows else lines)}, epochs: {args.epochs}, cores: {cores}, "
           f"global batch: {batch * workers}, train tokens (non-padding, all epochs): {tokens}")  # fmt: skip
-    print(f"  {'run':14s} {'tokens/s':>9s} {'x base':>7s} {'train s':>8s} {'wall s':>7s} "
+    print(f"  {'run':16s} {'tokens/s':>9s} {'x base':>7s} {'train s':>8s} {'wall s':>7s} "
           f"{'peak RSS MiB':>12s} {'peak PSS MiB':>12s} {'final loss':>10s}")  # fmt: skip
     for name, r in runs.items():
-        print(f"  {name:14s} {r['tokens_per_s']:9.0f} {r['tokens_per_s'] / base:6.2f}x {r['train_s']:8.1f} "
+        print(f"  {name:16s} {r['tokens_per_s']:9.0f} {r['tokens_per_s'] / base:6.2f}x {r['train_s']:8.1f} "
               f"{r['wall_s']:7.1f} {r['peak_rss_bytes'] / 2**20:12.0f} {r['peak_pss_bytes'] / 2**20:12.0f} "
               f"{r['history'][-1]['train_loss']:10.3f}")  # fmt: skip
     for name, r in runs.items():
