@@ -124,6 +124,24 @@ def test_resume_continues_the_same_run_and_a_fresh_start_does_not(tmp_path):
     fresh.close()
 
 
+def test_uri_output_dir_is_uploaded_at_close_and_found_on_resume(s3_server, tmp_path, monkeypatch):
+    from aigc import storage
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "local"))  # the local mirror goes here
+    out = s3_server("tracked")
+    first = Tracker.open(TrackingConfig(), out, "bot", PARAMS)
+    first.log_metrics({"train_loss": 2.0}, 1)
+    first.close("FAILED")
+    uploaded = storage.list_files(out)
+    assert any(f"{first.run_id}/metrics/train_loss" in f for f in uploaded)
+    assert any("/tensorboard/bot/events.out.tfevents." in f for f in uploaded)
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "other-node"))  # a restart elsewhere: empty mirror
+    resumed = Tracker.open(TrackingConfig(tensorboard=False), out, "bot", PARAMS, resume=True)
+    assert resumed.run_id == first.run_id
+    resumed.close()
+
+
 def test_close_is_idempotent_and_names_bad_statuses(tmp_path):
     tracker = Tracker.open(TrackingConfig(tensorboard=False), str(tmp_path), "bot", PARAMS)
     with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
