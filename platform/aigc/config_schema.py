@@ -197,7 +197,9 @@ class TrainConfig(_Section):
 class TrackingConfig(_Section):
     """Experiment tracking from rank 0: params, per-step metrics and artifacts (loss plot, adapter)."""
 
-    mlflow: bool = Field(True, description="Log to MLflow (needs the `tracking` extra: mlflow-skinny).")
+    mlflow: bool = Field(
+        True, description="Log to MLflow (a local file store under <output_dir>/mlruns unless tracking_uri is set)."
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard event files under <output_dir>/tensorboard.")
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI (http://host:5000, databricks, ...); unset = <output_dir>/mlruns."
