@@ -7,13 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-from aigc.config import ConfigError, load_config
+from aigc.config import load_config
 from aigc.data.preprocess import preprocess
 from aigc.demo.dataset import generate_support_examples
 from aigc.registry import Registry
-from aigc.tune.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-base")
@@ -92,24 +90,6 @@ def test_rerun_of_an_interrupted_run_resumes_from_its_checkpoint(trained):
     assert [h["epoch"] for h in again.history] == [1, 2, 3]
     assert again.history[:2] == res.history  # epochs 1-2 came from the checkpoint, not from retraining
     assert again.history[2]["step"] == 3 * res.history[0]["step"]
-
-
-def test_space_errors_fail_before_any_trial(tmp_path):
-    cfg = load_config()
-    bad_key = tmp_path / "k.yaml"
-    bad_key.write_text(yaml.safe_dump({"train.learning_rate": {"choice": [1e-3]}}))
-    with pytest.raises(ConfigError, match="train.learning_rate: unknown key"):
-        load_space(bad_key, cfg)
-    bad_dist = tmp_path / "d.yaml"
-    bad_dist.write_text(yaml.safe_dump({"train.lr": {"normal": [0, 1]}}))
-    with pytest.raises(ConfigError, match="unknown distribution 'normal'"):
-        load_space(bad_dist, cfg)
-    bad_val = tmp_path / "v.yaml"
-    bad_val.write_text(yaml.safe_dump({"lora.r": {"choice": [8, 0]}}))
-    with pytest.raises(
-        ConfigError, match=r"values \{'lora.r': 0\}.*\n  lora.r: Input should be greater than or equal to 1"
-    ):
-        load_space(bad_val, cfg)
 
 
 def test_sweep_runs_trials_and_registers_the_best(prepared):

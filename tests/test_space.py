@@ -1,0 +1,116 @@
+"""Search spaces and sweep checks: every distribution and every bad entry, without a cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aigc.config import ConfigError, load_config
+from aigc.tune.space import load_space, resolve, to_param_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _space_file(tmp_path: Path, entries: dict) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(entries))
+    return p
+
+
+def _sample(space, seed: int = 0, n: int = 200) -> list[dict]:
+    """``n`` trials' config values drawn the way Tune draws them (grid keys: every value in turn)."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants  # Tune's own sampler
+
+    np.random.seed(seed)
+    out = []
+    for _ in range(n):
+        for _, cfg in generate_variants(to_param_space(space)):
+            out.append(resolve(space, cfg))
+    return out
+
+
+def test_every_distribution_samples_within_its_bounds(tmp_path):
+    space = load_space(
+        _space_file(tmp_path, {
+            "train.lr": {"loguniform": [1e-4, 1e-2]},
+            "lora.r": {"choice": [4, 8]},
+            "lora.dropout": {"uniform": [0.0, 0.2]},
+            "train.warmup_steps": {"quniform": [0, 20, 5]},
+            "train.seed": {"randint": [0, 3]},
+            "train.batch_size": {"grid": [8, 16]},
+            "lora.alpha": {"multiple_of": ["lora.r", {"choice": [1, 2, 4]}]},
+        }),
+        load_config(),
+    )  # fmt: skip
+    values = _sample(space)
+    assert len(values) == 400  # 200 samples x 2 grid values
+    lrs = [v["train.lr"] for v in values]
+    assert 1e-4 <= min(lrs) < 1e-3 and 1e-3 < max(lrs) <= 1e-2  # a log scale reaches both decades
+    assert {v["lora.r"] for v in values} == {4, 8}
+    assert all(0.0 <= v["lora.dropout"] <= 0.2 for v in values)
+    assert {v["train.warmup_steps"] for v in values} <= {0, 5, 10, 15, 20}
+    assert {v["train.seed"] for v in values} == {0, 1, 2}  # high is exclusive
+    assert {v["train.batch_size"] for v in values} == {8, 16}
+    assert all(v["lora.alpha"] / v["lora.r"] in (1, 2, 4) for v in values)
+    assert {v["lora.alpha"] for v in values} == {4, 8, 16, 32}
+    cfg = load_config()
+    from aigc.config import with_values
+
+    assert with_values(cfg, values[0]).lora.alpha == values[0]["lora.alpha"]  # a trial's values make a valid config
+
+
+def test_shipped_space_files_load():
+    cfg = load_config()
+    for path in sorted((ROOT / "tune_spaces").glob("*.yaml")):
+        assert load_space(path, cfg).params, path
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (
+            {"train.learning_rate": {"choice": [1e-3]}},
+            r"train.learning_rate: .*unknown key|train.learning_rate.*no field",
+        ),
+        ({"train.lr": {"normal": [0, 1]}}, r"train.lr: unknown distribution 'normal'"),
+        ({"train.lr": [1e-3, 1e-2]}, r"train.lr: expected one distribution"),
+        ({"train.lr": {"choice": []}}, r"train.lr.choice: expected a non-empty list"),
+        ({"train.lr": {"uniform": [1e-2, 1e-3]}}, r"train.lr.uniform: impossible bounds"),
+        ({"train.lr": {"uniform": [1e-3]}}, r"train.lr.uniform: expected \[low, high\]"),
+        ({"train.lr": {"loguniform": [0, 1e-2]}}, r"train.lr.loguniform: bounds must be > 0"),
+        ({"train.seed": {"randint": [0, 2.5]}}, r"train.seed.randint: bounds must be integers"),
+        ({"train.seed": {"randint": [3, 3]}}, r"train.seed.randint: impossible bounds"),
+        ({"train.warmup_steps": {"quniform": [0, 20]}}, r"train.warmup_steps.quniform: expected \[low, high, q\]"),
+        ({"train.warmup_steps": {"quniform": [1, 4, 5]}}, r"train.warmup_steps.quniform: no multiple of q=5"),
+        ({"lr": {"choice": [1e-3]}}, r"lr: expected a dotted config key"),
+        ({"lora.r": {"choice": [8, 0]}}, r"lora.r: .*\n  lora.r: Input should be greater than or equal to 1"),
+        (
+            {"lora.alpha": {"multiple_of": ["lora.r", {"choice": [2]}]}},
+            r"lora.alpha.multiple_of: 'lora.r' is not a key",
+        ),
+        ({"lora.alpha": {"multiple_of": ["lora.r"]}}, r"lora.alpha.multiple_of: expected \[other.key"),
+        (
+            {"lora.r": {"choice": [4]}, "lora.alpha": {"multiple_of": ["lora.r", {"uniform": [2, 1]}]}},
+            r"lora.alpha.multiple_of.uniform: impossible bounds",
+        ),
+        (
+            {"lora.r": {"choice": [4]}, "lora.alpha": {"multiple_of": ["lora.r", {"choice": [-1]}]}},
+            r"lora.alpha: .*greater than 0",
+        ),
+    ],
+)
+def test_every_bad_entry_is_named(tmp_path, entries, message):
+    with pytest.raises(ConfigError, match=message):
+        load_space(_space_file(tmp_path, entries), load_config())
+
+
+def test_missing_or_empty_space_file(tmp_path):
+    with pytest.raises(ConfigError, match="search-space file not found"):
+        load_space(tmp_path / "nope.yaml", load_config())
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_space(empty, load_config())
