@@ -114,3 +114,60 @@ def test_missing_or_empty_space_file(tmp_path):
     empty.write_text("")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_space(empty, load_config())
+
+
+def _sweep_cfg(tmp_path: Path, entries: dict, *overrides: str):
+    return load_config(None, [f"tune.space={_space_file(tmp_path, entries)}", *overrides])
+
+
+def test_metric_the_trainer_does_not_report_fails(tmp_path):
+    from aigc.tune.search import check_sweep
+
+    cfg = _sweep_cfg(tmp_path, {"train.lr": {"choice": [1e-3]}}, "tune.metric=eval_accuracy")
+    with pytest.raises(ConfigError, match=r"tune.metric: the trainer does not report 'eval_accuracy'; use one of"):
+        check_sweep(cfg)
+
+
+def test_grid_search_enumerates_choice_and_grid_keys_within_num_samples(tmp_path):
+    from aigc.tune.search import check_sweep, trial_count
+
+    entries = {"train.lr": {"grid": [1e-3, 3e-3]}, "lora.r": {"choice": [4, 8, 16]}}
+    cfg = _sweep_cfg(tmp_path, entries, "tune.search=grid", "tune.num_samples=6")
+    assert trial_count(cfg, check_sweep(cfg)) == 6
+    too_big = _sweep_cfg(tmp_path, entries, "tune.search=grid", "tune.num_samples=4")
+    with pytest.raises(ConfigError, match=r"6 combinations but tune.num_samples=4"):
+        check_sweep(too_big)
+    continuous = _sweep_cfg(tmp_path, {"train.lr": {"uniform": [1e-3, 2e-3]}}, "tune.search=grid")
+    with pytest.raises(ConfigError, match=r"train.lr: tune.search=grid can only enumerate choice/grid keys"):
+        check_sweep(continuous)
+    random = _sweep_cfg(tmp_path, entries, "tune.num_samples=3")
+    assert trial_count(random, check_sweep(random)) == 6  # random search crosses its samples with the grid keys
+
+
+def test_optuna_refuses_grid_keys_and_samples_conditional_keys(tmp_path):
+    from aigc.tune.search import build_search, check_sweep
+    from aigc.tune.space import to_param_space
+
+    with pytest.raises(ConfigError, match=r"train.lr: Optuna cannot take grid keys"):
+        check_sweep(_sweep_cfg(tmp_path, {"train.lr": {"grid": [1e-3]}}, "tune.search=optuna"))
+    entries = {
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "lora.r": {"choice": [4, 8]},
+        "lora.alpha": {"multiple_of": ["lora.r", {"choice": [1, 2]}]},
+    }
+    cfg = _sweep_cfg(tmp_path, entries, "tune.search=optuna", "tune.seed=3")
+    space = check_sweep(cfg)
+    alg, param_space = build_search(cfg, to_param_space(space))
+    assert alg.set_search_properties(cfg.tune.metric, cfg.tune.mode, param_space)
+    values = resolve(space, alg.suggest("t1"))
+    assert set(values) == {"train.lr", "lora.r", "lora.alpha"} and values["lora.alpha"] / values["lora.r"] in (1, 2)
+
+
+def test_scheduler_budget_counts_reports(tmp_path):
+    from aigc.tune.search import build_scheduler, check_sweep, max_reports
+
+    cfg = _sweep_cfg(tmp_path, {"train.batch_size": {"choice": [8, 16]}}, "train.epochs=2", "train.eval_every_steps=2")
+    # 64 rows, batch 8 -> 8 steps an epoch: 4 mid-epoch evaluations + the epoch end, twice
+    assert max_reports(cfg, check_sweep(cfg), 64) == 2 * (1 + 8 // 2)
+    assert build_scheduler(cfg, 10)._max_t == 10
+    assert build_scheduler(load_config(None, ["tune.scheduler=none"]), 10) is None
