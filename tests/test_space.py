@@ -171,3 +171,22 @@ def test_scheduler_budget_counts_reports(tmp_path):
     assert max_reports(cfg, check_sweep(cfg), 64) == 2 * (1 + 8 // 2)
     assert build_scheduler(cfg, 10)._max_t == 10
     assert build_scheduler(load_config(None, ["tune.scheduler=none"]), 10) is None
+
+
+def test_concurrency_from_cluster_resources():
+    from aigc.tune.concurrency import plan_concurrency
+
+    one = load_config(None, ["tune.num_workers_per_trial=1", "train.cpus_per_worker=1"])
+    plan = plan_concurrency(one, 4, {"CPU": 3.0})
+    assert (plan.at_once, plan.line()) == (2, "4 trials, 2 at a time, 1 worker each")  # one CPU kept for data
+    assert plan_concurrency(one, 1, {"CPU": 16.0}).at_once == 1  # never more than the trials
+    capped = load_config(None, ["tune.max_concurrent_trials=2"])
+    assert plan_concurrency(capped, 8, {"CPU": 16.0}).at_once == 2
+    two = load_config(None, ["tune.num_workers_per_trial=2", "train.cpus_per_worker=1"])
+    assert plan_concurrency(two, 8, {"CPU": 8.0}).line() == "8 trials, 3 at a time, 2 workers each"  # 2.25 each
+    gpu = load_config(None, ["tune.num_workers_per_trial=2", "train.use_gpu=true"])
+    assert plan_concurrency(gpu, 8, {"CPU": 32.0, "GPU": 4.0}).at_once == 2
+    with pytest.raises(
+        ConfigError, match=r"one trial needs 2.25 CPUs and 2 GPUs but the cluster has 32 CPUs and 1 GPUs"
+    ):
+        plan_concurrency(gpu, 8, {"CPU": 32.0, "GPU": 1.0})
