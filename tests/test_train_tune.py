@@ -1,4 +1,4 @@
-"""Ray Train fine-tuning and Ray Tune sweeps on the shared local cluster with the tiny base model."""
+"""Ray Train fine-tuning on the shared local cluster with the tiny base model."""
 
 from __future__ import annotations
 
@@ -90,21 +90,3 @@ def test_rerun_of_an_interrupted_run_resumes_from_its_checkpoint(trained):
     assert [h["epoch"] for h in again.history] == [1, 2, 3]
     assert again.history[:2] == res.history  # epochs 1-2 came from the checkpoint, not from retraining
     assert again.history[2]["step"] == 3 * res.history[0]["step"]
-
-
-def test_sweep_runs_trials_and_registers_the_best(prepared):
-    from aigc.tune.sweep import run_sweep
-
-    cfg, overrides = prepared
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, "tune.num_samples=3", "tune.name=t"])
-    before = Registry(cfg.registry_dir).versions("bot")
-    res = run_sweep(cfg)
-    trials = res.trials
-    assert len(trials) == 3 and trials["eval_loss"].notna().all()
-    assert set(trials["status"]) <= {"done", "stopped early"}
-    assert bool(trials.loc[0, "best"]) and set(res.best_overrides) == {"train.lr", "lora.r"}
-    assert res.best_metrics["eval_loss"] == pytest.approx(trials["eval_loss"].min())
-    assert Registry(cfg.registry_dir).versions("bot") == [*before, max(before, default=0) + 1]
-    sweep_dir = Path(cfg.output_dir) / "sweep"
-    assert (sweep_dir / "trials.csv").is_file() and (sweep_dir / "trials.png").stat().st_size > 1000
-    assert (Path(res.adapter_dir) / "adapter_config.json").is_file()
