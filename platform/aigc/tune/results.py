@@ -1,8 +1,8 @@
 """What a finished sweep leaves for people: the trials table and CSV, two plots, the best config as YAML.
 
 - ``trials.csv``: one row per trial, best first: its values, reports, last metrics, status, time.
-- ``curves.png``: each trial's learning curve (``tune.metric`` at every evaluation, by optimizer step); a
-  curve that ends early is a trial the scheduler stopped.
+- ``curves.png``: each trial's learning curve (``tune.metric`` at every evaluation, by optimizer step, from
+  the base model's eval loss at step 0); a curve that ends early is a trial the scheduler stopped.
 - ``params.png``: each searched key against the trial's final metric (one panel per key); a trend across a
   panel shows the key matters, a flat cloud that it does not (in this range).
 - ``best_config.yaml``: the whole config with the best trial's values; ``aigc train --config`` reproduces it.
@@ -61,14 +61,20 @@ def trials_table(results: list[Any], space: Space, cfg: PlatformConfig, best_pat
 
 def plot_curves(results: list[Any], space: Space, metric: str, path: str) -> None:
     """Each trial's ``metric`` at every evaluation against the optimizer step."""
+    from matplotlib.ticker import MaxNLocator
+
     from aigc.plots import figure
 
     with figure(path, "Sweep: learning curve of every trial", "optimizer step", metric, size=(7, 4)) as ax:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for r in results:
             df = r.metrics_dataframe
             if df is None or metric not in df or "step" not in df:
                 continue
-            ax.plot(df["step"], df[metric], "o-", ms=3, label=_label(resolve(space, r.config or {})))
+            steps, values = list(df["step"]), list(df[metric])
+            if metric == "eval_loss" and "initial_eval_loss" in df:  # every curve starts at the base model's loss
+                steps, values = [0, *steps], [df["initial_eval_loss"].iloc[0], *values]
+            ax.plot(steps, values, "o-", ms=3, label=_label(resolve(space, r.config or {})))
 
 
 def plot_params(table: Any, space: Space, metric: str, path: str) -> None:
@@ -81,7 +87,7 @@ def plot_params(table: Any, space: Space, metric: str, path: str) -> None:
     keys = space.keys
     cols = min(len(keys), 3)
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.2 * cols, 5.0), 2.8 * rows + 0.4), squeeze=False)
     try:
         for ax, key in zip(axes.flat, keys, strict=False):
             ok = table[table[metric].notna()]
@@ -94,7 +100,7 @@ def plot_params(table: Any, space: Space, metric: str, path: str) -> None:
             ax.set_ylabel(f"final {metric}")
         for ax in list(axes.flat)[len(keys) :]:
             ax.set_visible(False)
-        fig.suptitle("Sweep: each searched key against the final metric (red star = best)")
+        fig.suptitle("Sweep: final metric per searched key (red star = best trial)", fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     finally:
