@@ -1,4 +1,4 @@
-"""Ray Train fine-tuning and Ray Tune sweeps on the shared local cluster with the tiny base model."""
+"""Ray Train fine-tuning on the shared local cluster with the tiny base model."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-from aigc.config import ConfigError, load_config
+from aigc.config import load_config
 from aigc.data.preprocess import preprocess
 from aigc.demo.dataset import generate_support_examples
 from aigc.registry import Registry
-from aigc.tune.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-base")
@@ -92,39 +90,3 @@ def test_rerun_of_an_interrupted_run_resumes_from_its_checkpoint(trained):
     assert [h["epoch"] for h in again.history] == [1, 2, 3]
     assert again.history[:2] == res.history  # epochs 1-2 came from the checkpoint, not from retraining
     assert again.history[2]["step"] == 3 * res.history[0]["step"]
-
-
-def test_space_errors_fail_before_any_trial(tmp_path):
-    cfg = load_config()
-    bad_key = tmp_path / "k.yaml"
-    bad_key.write_text(yaml.safe_dump({"train.learning_rate": {"choice": [1e-3]}}))
-    with pytest.raises(ConfigError, match="train.learning_rate: unknown key"):
-        load_space(bad_key, cfg)
-    bad_dist = tmp_path / "d.yaml"
-    bad_dist.write_text(yaml.safe_dump({"train.lr": {"normal": [0, 1]}}))
-    with pytest.raises(ConfigError, match="unknown distribution 'normal'"):
-        load_space(bad_dist, cfg)
-    bad_val = tmp_path / "v.yaml"
-    bad_val.write_text(yaml.safe_dump({"lora.r": {"choice": [8, 0]}}))
-    with pytest.raises(
-        ConfigError, match=r"values \{'lora.r': 0\}.*\n  lora.r: Input should be greater than or equal to 1"
-    ):
-        load_space(bad_val, cfg)
-
-
-def test_sweep_runs_trials_and_registers_the_best(prepared):
-    from aigc.tune.sweep import run_sweep
-
-    cfg, overrides = prepared
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, "tune.num_samples=3", "tune.name=t"])
-    before = Registry(cfg.registry_dir).versions("bot")
-    res = run_sweep(cfg)
-    trials = res.trials
-    assert len(trials) == 3 and trials["eval_loss"].notna().all()
-    assert set(trials["status"]) <= {"done", "stopped early"}
-    assert bool(trials.loc[0, "best"]) and set(res.best_overrides) == {"train.lr", "lora.r"}
-    assert res.best_metrics["eval_loss"] == pytest.approx(trials["eval_loss"].min())
-    assert Registry(cfg.registry_dir).versions("bot") == [*before, max(before, default=0) + 1]
-    sweep_dir = Path(cfg.output_dir) / "sweep"
-    assert (sweep_dir / "trials.csv").is_file() and (sweep_dir / "trials.png").stat().st_size > 1000
-    assert (Path(res.adapter_dir) / "adapter_config.json").is_file()

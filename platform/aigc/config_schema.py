@@ -211,10 +211,19 @@ class TuneConfig(_Section):
     space: str = Field("tune_spaces/lora_lr_rank.yaml", description="Search-space YAML in tune_spaces/.")
     num_samples: int = Field(4, ge=1, description="Trials sampled from the space.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="None = as many as the cluster fits.")
-    metric: str = Field("eval_loss", description="Metric ASHA and the best-trial choice use.")
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random",
+        description="random: sample the space; grid: every combination of choice/grid keys once; optuna: TPE "
+        "(the `tune` extra).",
+    )
+    scheduler: Literal["asha", "median", "none"] = Field(
+        "asha", description="Early stopping: asha (successive halving), median (median stopping rule) or none."
+    )
+    metric: str = Field("eval_loss", description="Reported metric the scheduler and the best-trial choice use.")
     mode: Literal["min", "max"] = "min"
-    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before ASHA may stop it.")
+    grace_period: int = Field(1, ge=1, description="Reports (evaluations) every trial makes before it may be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor trials at each rung.")
+    seed: int | None = Field(None, description="Seed of random and Optuna sampling: same seed, same trials.")
     num_workers_per_trial: int = Field(1, ge=1, description="Ray Train workers in each trial.")
     name: str = Field("sweep", description="Experiment name under <output_dir>/sweep/.")
 

@@ -39,11 +39,14 @@ def report_train(res: Any, per_epoch: bool = False) -> None:
 
 
 def report_sweep(res: Any) -> None:
-    """The best trial's values, its eval loss and registry id."""
+    """The trials table, the plots and best config written, the best trial's values and registry id."""
+    print(f"\n[sweep] {res.sweep_id} trials (best first):\n" + res.trials.to_string(float_format=lambda x: f"{x:.4g}"))
+    for path in res.plots:
+        print(f"[sweep] plot: {path}")
     loss = res.best_metrics.get("eval_loss")
     shown = f"{loss:.4f}" if isinstance(loss, float) else "n/a"
-    print(f"[sweep] best {res.best_overrides}: eval loss {shown}; model: {res.adapter_dir}; "
-          f"registered as {res.registry_id}")  # fmt: skip
+    print(f"[sweep] best {res.best_overrides}: eval loss {shown}; config: {res.best_config_path}\n"
+          f"[sweep] model: {res.adapter_dir}; registered as {res.registry_id}")  # fmt: skip
 
 
 _COLUMNS = ("model", "kind", "base model", "data", "eval_loss", "created")

@@ -132,7 +132,6 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     _banner(f"3/4 sweep with Ray Tune: {cfg.tune.num_samples} trials over {cfg.tune.space}, ASHA", t0)
     swept = run_sweep(cfg)
     report_sweep(swept)
-    print(f"  every trial: {storage.join(cfg.output_dir, 'sweep', 'trials.png')}")
 
     _banner("4/4 serve base model + adapters with Ray Serve; chat through the openai client", t0)
     base_url = run_server(cfg, blocking=False)

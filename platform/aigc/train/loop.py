@@ -23,6 +23,7 @@ import torch
 from aigc.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
 from aigc.train import model_setup, optim
 from aigc.train.checkpointing import ADAPTER_SUBDIR, HISTORY_FILE, TrainState, load_checkpoint, save_checkpoint
+from aigc.train.context import RayTrainContext, WorkerContext
 from aigc.train.losses import all_reduce, collate, evaluate, token_loss_sum
 from aigc.train.progress import StepProgress
 from aigc.train.tracking import Tracker
@@ -83,24 +84,20 @@ def _seed(seed: int) -> None:
 class _Run:
     """One worker's training run: model, optimizer, data and the position in it."""
 
-    def __init__(self, wc: WorkerConfig) -> None:
-        import ray.train
-        import ray.train.torch
-
-        self.wc, self.tc = wc, wc.train
+    def __init__(self, wc: WorkerConfig, ctx: WorkerContext) -> None:
+        self.wc, self.tc, self.ctx = wc, wc.train, ctx
         _seed(self.tc.seed)
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.model = model_setup.prepare(model_setup.build_model(wc, self.device), wc)
+        self.rank, self.world_size = ctx.world_rank(), ctx.world_size()
+        self.device = ctx.device()
+        self.model = ctx.prepare_model(model_setup.build_model(wc, self.device), wc)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = optim.build_optimizer(self.model, self.tc)
         self.scaler = model_setup.grad_scaler(self.model, wc)  # fp16 loss scaling; a pass-through otherwise
         self.scheduler = optim.build_scheduler(self.optimizer, self.tc, wc.total_steps)
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.val_shard = ray.train.get_dataset_shard("val") if wc.has_val else None
+        self.train_shard = ctx.dataset_shard("train")
+        self.val_shard = ctx.dataset_shard("val") if wc.has_val else None
         self.state, self.resumed = TrainState(), False
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = ctx.checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
                 self.state = load_checkpoint(d, self.model, wc, self.optimizer, self.scheduler, self.rank)
@@ -140,14 +137,10 @@ class _Run:
 
 def _report(run: _Run, metrics: dict[str, Any], checkpoint: bool) -> None:
     """Report ``metrics`` (every rank: it is a collective), with a checkpoint written by all ranks when asked."""
-    import ray.train
-
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
         if checkpoint:
             save_checkpoint(tmp, run.model, run.wc, run.optimizer, run.scheduler, run.state, run.rank)
-            ckpt = ray.train.Checkpoint.from_directory(tmp) if run.rank == 0 else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        run.ctx.report(metrics, tmp if checkpoint and run.rank == 0 else None)
 
 
 def _plateaued(state: TrainState, eval_loss: float, tc: TrainConfig) -> bool:
@@ -180,10 +173,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     Returns ``{NONFINITE_KEY: step}`` when the loss became NaN or infinite (the driver raises; the checkpoints
     written before stay as they are), else None.
 
-    ``config["worker"]`` is the :class:`WorkerConfig` built by :func:`aigc.train.trainer.train_loop_config`.
+    ``config["worker"]`` is the :class:`WorkerConfig` built by :func:`aigc.train.trainer.train_loop_config`;
+    ``config["context"]`` (optional) where it runs: a Ray Train worker by default (:mod:`aigc.train.context`).
     """
     wc: WorkerConfig = config["worker"]
-    run = _Run(wc)
+    run = _Run(wc, config.get("context") or RayTrainContext())
     status = "FAILED"
     try:
         out = _train(run)

@@ -27,7 +27,9 @@ class SweepProgress(ray.tune.Callback):
         self._number: dict[str, int] = {}
 
     def _name(self, trial: Any) -> str:
-        n = self._number.setdefault(trial.trial_id, len(self._number) + 1)
+        # Tune numbers trial ids "<experiment>_00003"; that index survives a restored sweep, arrival order does not
+        suffix = trial.trial_id.rsplit("_", 1)[-1]
+        n = int(suffix) + 1 if suffix.isdigit() else self._number.setdefault(trial.trial_id, len(self._number) + 1)
         return f"trial {n}/{self.num_samples}"
 
     @staticmethod

@@ -1,142 +1,127 @@
-"""Hyperparameter sweeps: Ray Tune runs one driver function per trial, each fitting a TorchTrainer.
+"""Hyperparameter sweeps: a Ray Tune experiment whose trials train with the same loop as ``aigc train``.
 
-ASHA stops weak trials after ``tune.grace_period`` epochs; the best trial's adapter (by ``tune.metric``
-at its last epoch) is exported to ``<output_dir>/sweep/best_adapter`` and registered.
-Outputs: ``sweep/trials.csv`` (one row per trial) and ``sweep/trials.png`` (eval loss per epoch, every trial).
+``run_sweep(cfg)``:
+
+1. checks the space, the search, the metric and the concurrency before any trial starts (ConfigError);
+2. reads the preprocessed shards once into the object store, shared by every trial;
+3. runs the trials (:mod:`aigc.tune.trial`) with ``tune.search`` and ``tune.scheduler``, as many at a time
+   as the cluster fits; re-running the same command after the driver died continues the sweep
+   (finished trials are kept, unfinished ones resume from their checkpoints); a sweep that finished is
+   kept and the next run gets a fresh numbered name (``sweep-2``);
+4. writes ``<output_dir>/sweep/``: ``trials.csv``, ``curves.png``, ``params.png``, ``best_config.yaml`` and
+   ``best_adapter/``, registered with the sweep's id in its config (``sweep.id``).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aigc import storage
-from aigc.config import PlatformConfig, with_values
+from aigc.config import PlatformConfig
 from aigc.errors import TrainingError
 from aigc.publish import publish
-from aigc.tune.space import load_space, to_param_space
+from aigc.tune.space import Space, resolve, to_param_space
 
-__all__ = ["SweepResult", "build_tuner", "run_sweep"]
+__all__ = ["SweepResult", "build_tuner", "run_sweep", "sweep_name"]
 
-# The trial's own process only waits on its TorchTrainer; the Train workers hold the real CPUs/GPUs.
-_DRIVER_CPUS = 0.25
+_DONE_MARKER = "aigc_done.json"
 
 
 @dataclass
 class SweepResult:
+    """What a sweep found and where it wrote it."""
+
+    sweep_id: str
     best_overrides: dict[str, Any]
     best_metrics: dict[str, Any]
     adapter_dir: str
     registry_id: str | None
-    trials: Any  # pandas.DataFrame
+    trials: Any  # pandas.DataFrame, best first
+    best_config_path: str = ""
+    plots: list[str] = field(default_factory=list)
 
 
-def _trial_driver(config: dict[str, Any], base: PlatformConfig) -> None:
-    """One trial: the base config with this trial's sampled values set by key path, trained with Ray Train."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+def sweep_name(cfg: PlatformConfig) -> str:
+    """``tune.name``, or ``<tune.name>-N`` when the sweeps of that name finished (their dir holds the marker)."""
+    sweep_dir = storage.join(cfg.output_dir, "sweep")
+    name, n = cfg.tune.name, 1
+    while storage.is_file(storage.join(sweep_dir, name, _DONE_MARKER)):
+        n += 1
+        name = f"{cfg.tune.name}-{n}"
+    return name
 
-    from aigc.data.preprocess import dataset_rows
-    from aigc.train.trainer import build_trainer, load_datasets
 
-    cfg = with_values(base, config)
+def _shared_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shards read once into the object store; every trial iterates the same blocks."""
+    from aigc.train.trainer import load_datasets
+
     datasets, stats = load_datasets(cfg)
-    trial_id = ray.tune.get_context().get_trial_id()
-    trainer = build_trainer(
-        cfg,
-        datasets,
-        dataset_rows(stats, "train"),
-        name=f"trial_id={trial_id}",
-        storage_path=storage.join(cfg.output_dir, "sweep", "trials"),
-        num_workers=cfg.tune.num_workers_per_trial,
-        callbacks=[TuneReportCallback()],
-    )
-    trainer.fit()
+    return {k: ds.materialize() for k, ds in datasets.items()}, stats
 
 
-def default_concurrency(cfg: PlatformConfig, cluster_cpus: float) -> int:
-    """Trials that fit at once while one CPU stays free for the Ray Data tasks feeding them."""
-    per_trial = _DRIVER_CPUS + cfg.tune.num_workers_per_trial * cfg.train.cpus_per_worker
-    return max(1, int((cluster_cpus - 1) // per_trial))
-
-
-def build_tuner(cfg: PlatformConfig) -> Any:
-    """A Tuner over ``tune.space`` with ASHA on ``tune.metric``; validates the space first."""
-    import ray
+def build_tuner(
+    cfg: PlatformConfig,
+    space: Space,
+    datasets: dict[str, Any],
+    rows_train: int,
+    *,
+    name: str,
+    at_once: int,
+    trials: int,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """A Tuner for the experiment ``<output_dir>/sweep/<name>``; restored when that experiment exists."""
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from aigc.tune.progress import SweepProgress
+    from aigc.tune.search import build_scheduler, build_search, max_reports
+    from aigc.tune.trial import run_trial, trial_resources
 
-    space = load_space(cfg.tune.space, cfg)
-    # The trial receives the config as an object (its paths were made absolute when it was loaded).
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_driver, base=cfg), {"cpu": _DRIVER_CPUS})
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, base=cfg, space=space, datasets=datasets, rows_train=rows_train),
+        trial_resources(cfg),
+    )
+    path = storage.join(cfg.output_dir, "sweep", name)
+    ray_path, fs = storage.filesystem_for_ray(path)
+    if ray.tune.Tuner.can_restore(ray_path, storage_filesystem=fs):
+        return ray.tune.Tuner.restore(ray_path, trainable, resume_errored=True, storage_filesystem=fs)
+
+    search_alg, param_space = build_search(cfg, to_param_space(space, grid_as_choice=cfg.tune.search == "grid"))
     sweep_storage, sweep_fs = storage.filesystem_for_ray(storage.join(cfg.output_dir, "sweep"))
+    t = cfg.tune
     return ray.tune.Tuner(
         trainable,
-        param_space=to_param_space(space),
+        param_space=param_space,
         tune_config=ray.tune.TuneConfig(
-            num_samples=cfg.tune.num_samples,
-            max_concurrent_trials=cfg.tune.max_concurrent_trials
-            or default_concurrency(cfg, ray.cluster_resources().get("CPU", 1)),
-            scheduler=ASHAScheduler(
-                metric=cfg.tune.metric,
-                mode=cfg.tune.mode,
-                time_attr="training_iteration",
-                max_t=cfg.train.epochs,
-                grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-                reduction_factor=cfg.tune.reduction_factor,
-            ),
+            num_samples=1 if t.search == "grid" else t.num_samples,
+            max_concurrent_trials=at_once,
+            search_alg=search_alg,
+            scheduler=build_scheduler(cfg, max_reports(cfg, space, rows_train)),
         ),
         run_config=ray.tune.RunConfig(
-            name=cfg.tune.name,
+            name=name,
             storage_path=sweep_storage,
             storage_filesystem=sweep_fs,
             verbose=0,  # one line per trial event instead of Tune's tables
-            callbacks=[SweepProgress(cfg.tune.metric, cfg.tune.num_samples)],
+            callbacks=[SweepProgress(t.metric, trials), *(callbacks or [])],
+            # The last checkpoint is always kept (resume); the best by the metric too (publishing).
+            checkpoint_config=ray.tune.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=t.metric,
+                checkpoint_score_order=t.mode,
+            ),
         ),
     )
 
 
-def _plot_trials(results: Any, metric: str, path: str) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    from aigc.plots import figure
-
-    title = "Sweep: every trial (ASHA stops the weak ones early)"
-    with figure(path, title, "epoch", metric, size=(6.5, 4)) as ax:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for r in results:
-            df = r.metrics_dataframe
-            if df is None or metric not in df:
-                continue
-            label = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.config.items())
-            ax.plot(df["epoch"], df[metric], "o-", label=label)
-
-
-def _trials_table(results: Any, best: Any, epochs: int) -> Any:
-    import pandas as pd
-
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        rows.append({
-            **dict(r.config),
-            "epochs": m.get("epoch"),
-            "train_loss": m.get("train_loss"),
-            "eval_loss": m.get("eval_loss"),
-            "eval_perplexity": m.get("eval_perplexity"),
-            "status": "error" if r.error else ("stopped early" if m.get("epoch", 0) < epochs else "done"),
-            "best": r.path == best.path,
-        })  # fmt: skip
-    return pd.DataFrame(rows).sort_values("eval_loss", na_position="last").reset_index(drop=True)
-
-
 def _best_checkpoint(best: Any, cfg: PlatformConfig) -> Any:
-    """The best trial's checkpoint as a ``ray.train.Checkpoint`` on the sweep's storage filesystem."""
+    """The best trial's last checkpoint: Tune's own (1-worker trials) or its Train run's (``checkpoint_path``)."""
     import ray.train
 
+    if best.checkpoint is not None:
+        return best.checkpoint
     path = best.metrics["checkpoint_path"]
     if storage.is_uri(path):
         fs, inner = storage.filesystem(path)
@@ -145,39 +130,77 @@ def _best_checkpoint(best: Any, cfg: PlatformConfig) -> Any:
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def run_sweep(cfg: PlatformConfig, register: bool = True) -> SweepResult:
-    """Run the sweep, write the trials table and plot, then publish the best trial (export + register).
+def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any] | None = None) -> SweepResult:
+    """Run (or continue) the sweep, write its tables, plots and best config, and publish the best trial.
+
+    Args:
+        callbacks: more Tune callbacks (tests use one to interrupt the driver).
 
     Raises:
-        ConfigError: the search space is missing or invalid (before any trial starts).
+        ConfigError: a bad space, search, metric or a trial the cluster cannot fit (before any trial starts).
+        DataError: preprocessing has not run for ``output_dir``.
         TrainingError: no trial reported ``tune.metric`` with a checkpoint.
     """
-    from aigc.data.preprocess import read_stats
+    import ray
 
-    stats = read_stats(cfg.output_dir)  # fail before Tune starts if preprocessing has not run
-    results = build_tuner(cfg).fit()
-    best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
-    if best is None or best.metrics is None or "checkpoint_path" not in best.metrics:
+    from aigc.data.preprocess import dataset_rows, read_stats
+    from aigc.tune.concurrency import plan_concurrency
+    from aigc.tune.search import check_sweep, trial_count
+
+    space = check_sweep(cfg)
+    read_stats(cfg.output_dir)  # fail before any cluster work if preprocessing has not run
+    plan = plan_concurrency(cfg, trial_count(cfg, space), ray.cluster_resources())
+    name = sweep_name(cfg)
+    sweep_dir = storage.join(cfg.output_dir, "sweep")
+    resumed = storage.is_file(storage.join(sweep_dir, name, "tuner.pkl"))
+    print(f"[sweep] {name}: {plan.line()}" + (" (continuing the interrupted sweep)" if resumed else ""), flush=True)
+
+    datasets, stats = _shared_datasets(cfg)
+    rows = dataset_rows(stats, "train")
+    tuner = build_tuner(
+        cfg, space, datasets, rows, name=name, at_once=plan.at_once, trials=plan.trials, callbacks=callbacks
+    )
+    grid = tuner.fit()
+    results = list(grid)
+    t = cfg.tune
+    best = grid.get_best_result(metric=t.metric, mode=t.mode, scope="last", filter_nan_and_inf=True)
+    if best is None or best.metrics is None or t.metric not in best.metrics:
         errors = [str(r.error).splitlines()[0] for r in results if r.error]
         raise TrainingError(
-            f"no sweep trial reported {cfg.tune.metric!r} with a checkpoint; first errors: {errors[:3]}. "
-            f"Trial logs are under {storage.join(cfg.output_dir, 'sweep', cfg.tune.name)}"
+            f"no sweep trial reported {t.metric!r}; first errors: {errors[:3]}. "
+            f"Trial logs are under {storage.join(sweep_dir, name)}"
         )
+    return _finish(cfg, space, results, best, name, stats, register)
 
-    trials = _trials_table(results, best, cfg.train.epochs)
+
+def _finish(cfg: PlatformConfig, space: Space, results: list[Any], best: Any, name: str, stats: dict[str, Any],
+            register: bool) -> SweepResult:  # fmt: skip
+    """Table, CSV, plots, best config file, published adapter, completion marker."""
+    from aigc.tune.results import best_config, best_config_yaml, plot_curves, plot_params, trials_table
+
     sweep_dir = storage.join(cfg.output_dir, "sweep")
-    storage.write_text(storage.join(sweep_dir, "trials.csv"), trials.to_csv(index=False))
+    values = resolve(space, best.config)
+    table = trials_table(results, space, cfg, best.path)
+    storage.write_text(storage.join(sweep_dir, "trials.csv"), table.to_csv(index=False))
     with storage.local_staging(sweep_dir) as local:
-        _plot_trials(results, cfg.tune.metric, os.path.join(local, "trials.png"))
-    print("\n[sweep] trials (best first):\n" + trials.to_string(float_format=lambda x: f"{x:.4g}"))
+        plot_curves(results, space, cfg.tune.metric, os.path.join(local, "curves.png"))
+        plot_params(table, space, cfg.tune.metric, os.path.join(local, "params.png"))
+    plots = [storage.join(sweep_dir, "curves.png"), storage.join(sweep_dir, "params.png")]
 
-    overrides = dict(best.config)
+    chosen = best_config(cfg, values)
+    config_path = storage.join(sweep_dir, "best_config.yaml")
+    sweep_id = f"{name}@{storage.join(sweep_dir, name)}"
+    storage.write_text(config_path, best_config_yaml(chosen, sweep_id, values))
     published = publish(
-        with_values(cfg, overrides),
+        chosen,
         _best_checkpoint(best, cfg),
         storage.join(sweep_dir, "best_adapter"),
         register=register,
-        extra_config={"sweep_overrides": overrides},
+        extra_config={"sweep": {"id": sweep_id, "values": values, "trial_id": best.metrics.get("trial_id")}},
         data_hash=stats.get("fingerprint"),
     )
-    return SweepResult(overrides, published.metrics, published.model_dir, published.registry_id, trials)
+    done = {"best": values, "adapter_dir": published.model_dir, "registry_id": published.registry_id}
+    storage.write_json(storage.join(sweep_dir, name, _DONE_MARKER), done)
+    return SweepResult(
+        sweep_id, values, published.metrics, published.model_dir, published.registry_id, table, config_path, plots
+    )

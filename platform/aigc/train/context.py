@@ -1,0 +1,115 @@
+"""Where the training loop runs: its rank, device, data, checkpoint and reports, behind one small interface.
+
+:func:`aigc.train.loop.train_loop_per_worker` is the same function for ``aigc train`` and every sweep trial;
+only the context differs:
+
+- :class:`RayTrainContext` (the default): a Ray Train worker in a TorchTrainer's worker group (DDP ranks).
+- :class:`TuneTrialContext`: a 1-worker sweep trial that trains inside the Tune trial itself, with no nested
+  worker group: rank 0 of 1, the trial's own device, the Ray Datasets as its "shards", Tune's checkpoint and
+  ``ray.tune.report``. It saves a trial the Train controller, worker-group start-up and a second checkpoint copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+__all__ = ["RayTrainContext", "TuneTrialContext", "WorkerContext"]
+
+
+class WorkerContext(Protocol):
+    """What the loop needs from the process it runs in."""
+
+    def world_rank(self) -> int: ...
+
+    def world_size(self) -> int: ...
+
+    def device(self) -> torch.device: ...
+
+    def prepare_model(self, model: Any, wc: Any) -> Any: ...
+
+    def dataset_shard(self, name: str) -> Any: ...
+
+    def checkpoint(self) -> Any: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        """Report ``metrics``; with ``checkpoint_dir`` (rank 0 only), that directory is the checkpoint."""
+
+
+class RayTrainContext:
+    """A Ray Train worker: everything through ``ray.train``."""
+
+    def world_rank(self) -> int:
+        import ray.train
+
+        return ray.train.get_context().get_world_rank()
+
+    def world_size(self) -> int:
+        import ray.train
+
+        return ray.train.get_context().get_world_size()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: Any, wc: Any) -> Any:
+        from aigc.train import model_setup
+
+        return model_setup.prepare(model, wc)
+
+    def dataset_shard(self, name: str) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+class TuneTrialContext:
+    """A Tune trial that trains by itself (one worker): rank 0, the datasets whole, Tune's checkpoints.
+
+    Args:
+        datasets: ``{"train": Dataset, "val": Dataset}``, iterated whole (the trial is the only worker).
+        use_gpu: train on the trial's GPU (Tune sets CUDA_VISIBLE_DEVICES to the one it reserved).
+    """
+
+    def __init__(self, datasets: dict[str, Any], use_gpu: bool = False) -> None:
+        self.datasets, self.use_gpu = datasets, use_gpu
+
+    def world_rank(self) -> int:
+        return 0
+
+    def world_size(self) -> int:
+        return 1
+
+    def device(self) -> torch.device:
+        return torch.device("cuda:0" if self.use_gpu else "cpu")
+
+    def prepare_model(self, model: Any, wc: Any) -> Any:
+        return model.to(self.device())  # no process group: nothing to wrap
+
+    def dataset_shard(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def checkpoint(self) -> Any:
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.tune
+
+        ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=ckpt)

@@ -1,0 +1,147 @@
+"""How a sweep searches and stops: ``tune.search`` (random, grid, optuna) and ``tune.scheduler`` (asha, median,
+none), and the checks that make a bad sweep fail before any trial starts.
+
+The scheduler's time unit is one report of the training loop (an evaluation: each ``train.eval_every_steps``
+and every epoch end), so ``tune.grace_period: 2`` means "two evaluations before a trial may be stopped".
+
+Population-based training is not offered: the loop restores the optimizer and LR schedule from a checkpoint,
+so a PBT-perturbed ``train.lr`` would be silently replaced by the donor's learning rate on resume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+from aigc.config import PlatformConfig, with_values
+from aigc.errors import ConfigError
+from aigc.tune.space import Space, load_space
+
+__all__ = ["REPORTED_METRICS", "build_scheduler", "build_search", "check_sweep", "max_reports", "trial_count"]
+
+# Every metric the training loop reports at each evaluation (aigc.train.loop); tune.metric must be one of these.
+# A run with validation data reports the eval_* keys; a run without reports the train_* ones only.
+REPORTED_METRICS = (
+    "eval_loss",
+    "eval_perplexity",
+    "eval_tokens",
+    "train_loss",
+    "train_tokens_per_s",
+    "train_time_s",
+    "initial_eval_loss",
+    "epoch",
+    "step",
+    "lr",
+)
+
+# Keys that change how many reports a trial makes (see max_reports).
+_LENGTH_KEYS = ("train.epochs", "train.batch_size", "train.grad_accum", "train.eval_every_steps")
+
+
+def check_sweep(cfg: PlatformConfig) -> Space:
+    """Validate ``tune.*`` and the space together; returns the space.
+
+    Raises:
+        ConfigError: a bad space entry, a metric the trainer does not report, a space ``grid`` cannot enumerate
+            within ``tune.num_samples``, grid keys under Optuna, or Optuna not installed.
+    """
+    t = cfg.tune
+    if t.metric not in REPORTED_METRICS:
+        raise ConfigError(
+            f"tune.metric: the trainer does not report {t.metric!r}; use one of {', '.join(REPORTED_METRICS)}"
+        )
+    space = load_space(t.space, cfg)
+    if t.search == "grid":
+        n = space.enumerable_size()
+        if n is None:
+            cont = [p.key for p in space.params if p.dist not in ("choice", "grid")]
+            raise ConfigError(
+                f"tune.space {space.source}: {', '.join(cont)}: tune.search=grid can only enumerate choice/grid "
+                "keys; list the values, or use tune.search=random or optuna"
+            )
+        if n > t.num_samples:
+            raise ConfigError(
+                f"tune.space {space.source}: {n} combinations but tune.num_samples={t.num_samples}: grid search "
+                f"runs each combination once; set tune.num_samples={n}, shrink the space, or use tune.search=random"
+            )
+    if t.search == "optuna":
+        grids = [p.key for p in space.params if p.dist == "grid"]
+        if grids:
+            raise ConfigError(
+                f"tune.space {space.source}: {', '.join(grids)}: Optuna cannot take grid keys; use choice instead"
+            )
+        _import_optuna()
+    return space
+
+
+def _import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError(
+            "tune.search=optuna needs Optuna: pip install 'aigc[tune]' (or use tune.search=random)"
+        ) from None
+    return optuna
+
+
+def trial_count(cfg: PlatformConfig, space: Space) -> int:
+    """Trials the sweep runs: each combination once for grid search, else num_samples x the grid keys' size."""
+    if cfg.tune.search == "grid":
+        return space.enumerable_size() or 1
+    return cfg.tune.num_samples * space.grid_size()
+
+
+def max_reports(cfg: PlatformConfig, space: Space, rows_train: int) -> int:
+    """An upper bound on the reports one trial makes (the scheduler's ``max_t``), over the space's extremes.
+
+    Overestimating is harmless (trials end on their own); underestimating would stop long trials early.
+    """
+    axes = [[(p.key, v) for v in p.extremes()] for p in space.params if p.key in _LENGTH_KEYS and p.of is None]
+    most = 1
+    for combo in itertools.product(*axes):
+        t = with_values(cfg, dict(combo)).train if combo else cfg.train
+        micro = math.ceil(max(rows_train // cfg.tune.num_workers_per_trial, 1) / t.batch_size)
+        steps = math.ceil(micro / t.grad_accum)
+        per_epoch = 1 + (steps // t.eval_every_steps if t.eval_every_steps else 0)
+        if t.checkpoint_every_steps:
+            per_epoch += steps // t.checkpoint_every_steps
+        most = max(most, t.epochs * per_epoch)
+    return most
+
+
+def build_search(cfg: PlatformConfig, param_space: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(search algorithm or None, the param_space to give the Tuner) for ``tune.search``."""
+    t = cfg.tune
+    if t.search != "optuna":
+        return None, param_space
+    optuna = _import_optuna()
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    # TPE learns from finished trials: a limit keeps it from proposing every trial before any has reported.
+    alg = OptunaSearch(
+        metric=t.metric, mode=t.mode, sampler=optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=2)
+    )
+    return ConcurrencyLimiter(alg, max_concurrent=max(1, t.max_concurrent_trials or 2)), param_space
+
+
+def build_scheduler(cfg: PlatformConfig, max_t: int) -> Any:
+    """The trial scheduler for ``tune.scheduler`` (None = run every trial to completion)."""
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    t = cfg.tune
+    if t.scheduler == "asha":
+        return ASHAScheduler(
+            metric=t.metric,
+            mode=t.mode,
+            time_attr="training_iteration",
+            max_t=max(max_t, 1),
+            grace_period=min(t.grace_period, max_t),
+            reduction_factor=t.reduction_factor,
+        )
+    if t.scheduler == "median":
+        return MedianStoppingRule(
+            metric=t.metric, mode=t.mode, time_attr="training_iteration", grace_period=t.grace_period
+        )
+    return None

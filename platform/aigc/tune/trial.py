@@ -1,0 +1,104 @@
+"""One sweep trial: the base config with the trial's values, trained by the same loop as ``aigc train``.
+
+Two ways to run it, chosen by ``tune.num_workers_per_trial``:
+
+- **1 worker** (the default): the trial process runs :func:`~aigc.train.loop.train_loop_per_worker` itself
+  with a :class:`~aigc.train.context.TuneTrialContext`. No Train controller, no worker group, one checkpoint
+  copy; the trial reserves the worker's CPUs (and GPU).
+- **N workers**: the Train V2 driver pattern. The trial (a quarter CPU) fits a TorchTrainer whose workers
+  hold the resources, and ``TuneReportCallback`` forwards their reports to Tune.
+
+Either way the datasets arrive already materialized in the object store (read once by the sweep driver).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aigc import storage
+from aigc.config import PlatformConfig, with_values
+from aigc.errors import TrainingError
+from aigc.tune.space import Space, resolve
+
+__all__ = ["DRIVER_CPUS", "trial_resources", "run_trial"]
+
+# A multi-worker trial's own process only waits on its TorchTrainer; the Train workers hold the real CPUs/GPUs.
+DRIVER_CPUS = 0.25
+
+
+def trial_resources(cfg: PlatformConfig) -> dict[str, float]:
+    """What Tune reserves for the trial process itself (a 1-worker trial is the worker)."""
+    t = cfg.train
+    if cfg.tune.num_workers_per_trial == 1:
+        return {"cpu": t.cpus_per_worker, **({"gpu": 1} if t.use_gpu else {})}
+    return {"cpu": DRIVER_CPUS}
+
+
+def run_trial(config: dict[str, Any], base: PlatformConfig, space: Space, datasets: dict[str, Any],
+              rows_train: int) -> None:  # fmt: skip
+    """Tune's trainable: ``config`` holds the sampled values (conditional keys as hidden factors).
+
+    Raises:
+        TrainingError: the loss became NaN or infinite (the trial is marked errored, naming the step).
+    """
+    t0 = time.monotonic()
+    cfg = with_values(base, resolve(space, config))
+    if cfg.tune.num_workers_per_trial == 1:
+        out = _train_in_trial(cfg, datasets, rows_train, t0)
+    else:
+        out = _train_with_workers(cfg, datasets, rows_train)
+    from aigc.train.loop import NONFINITE_KEY
+
+    if isinstance(out, dict) and NONFINITE_KEY in out:
+        raise TrainingError(f"trial loss became NaN or infinite at step {out[NONFINITE_KEY]}; lower train.lr")
+
+
+def _train_in_trial(cfg: PlatformConfig, datasets: dict[str, Any], rows_train: int, t0: float) -> Any:
+    import ray.data
+    import ray.tune
+
+    from aigc.train.context import TuneTrialContext
+    from aigc.train.loop import train_loop_per_worker
+    from aigc.train.trainer import train_loop_config
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # same batches on a resume
+    name = f"trial_id={ray.tune.get_context().get_trial_id()}"
+    loop_config = train_loop_config(cfg, datasets, rows_train, 1, run_name=name)
+    ctx = _TimedContext(TuneTrialContext(datasets, cfg.train.use_gpu), t0)
+    return train_loop_per_worker({**loop_config, "context": ctx})
+
+
+class _TimedContext:
+    """Adds ``trial_setup_s`` (trial start to the first report: config, model, data) to the first report."""
+
+    def __init__(self, inner: Any, t0: float) -> None:
+        self._inner, self._t0, self._first = inner, t0, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if self._first:
+            metrics = {**metrics, "trial_setup_s": round(time.monotonic() - self._t0 - metrics["train_time_s"], 2)}
+            self._first = False
+        self._inner.report(metrics, checkpoint_dir)
+
+
+def _train_with_workers(cfg: PlatformConfig, datasets: dict[str, Any], rows_train: int) -> Any:
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from aigc.train.trainer import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = build_trainer(
+        cfg,
+        datasets,
+        rows_train,
+        name=f"trial_id={trial_id}",
+        storage_path=storage.join(cfg.output_dir, "sweep", "trials"),
+        num_workers=cfg.tune.num_workers_per_trial,
+        callbacks=[TuneReportCallback()],
+    )
+    return trainer.fit().return_value

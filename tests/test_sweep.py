@@ -1,0 +1,124 @@
+"""Ray Tune sweeps on the shared local cluster with the tiny base model: early stopping, the best adapter and
+its config file, and a sweep continued after its driver died."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray.tune
+import yaml
+
+from aigc.config import load_config
+from aigc.data.preprocess import preprocess
+from aigc.demo.dataset import generate_support_examples
+from aigc.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "assets" / "tiny-base")
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory):
+    """200 demo rows, preprocessed once; a config for 2-epoch, 1-worker trials, one at a time."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    src = tmp / "support.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in generate_support_examples(200, seed=7)))
+    overrides = [
+        f"data.path={src}", f"model.name_or_path={TINY}", f"output_dir={tmp / 'out'}",
+        f"registry_dir={tmp / 'registry'}", "data.val_fraction=0.15", "data.tokenizer_actors=1",
+        "train.epochs=2", "train.batch_size=16", "train.adapter_name=bot", "tune.max_concurrent_trials=1",
+    ]  # fmt: skip
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+    preprocess(cfg.data, cfg.model, cfg.output_dir)
+    return tmp, overrides
+
+
+def _space(tmp: Path, name: str, entries: dict) -> str:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(entries))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(prepared):
+    """Grid over a useful and a useless learning rate, the useful one first: ASHA stops the other at epoch 1."""
+    from aigc.tune.sweep import run_sweep
+
+    tmp, overrides = prepared
+    space = _space(tmp, "lr", {"train.lr": {"grid": [4e-3, 1e-6]}})
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, f"tune.space={space}", "tune.search=grid",
+                                                        "tune.num_samples=2", "tune.name=asha"])  # fmt: skip
+    return cfg, run_sweep(cfg)
+
+
+def test_asha_stops_the_useless_trial_and_registers_the_best(asha_sweep):
+    from aigc.tune.search import REPORTED_METRICS
+
+    cfg, res = asha_sweep
+    t = res.trials
+    assert list(t["train.lr"]) == [4e-3, 1e-6] and list(t["best"]) == [True, False]
+    assert list(t["status"]) == ["done", "stopped early"] and list(t["epoch"]) == [2, 1]
+    assert t.loc[0, "eval_loss"] < 0.9 * t.loc[1, "eval_loss"]
+    assert res.best_overrides == {"train.lr": 4e-3}
+    assert res.best_metrics["eval_loss"] == pytest.approx(t.loc[0, "eval_loss"])
+
+    entry = Registry(cfg.registry_dir).resolve(res.registry_id)
+    assert entry.config["sweep"]["id"] == res.sweep_id and entry.config["sweep"]["values"] == {"train.lr": 4e-3}
+    assert entry.config["train"]["lr"] == 4e-3 and entry.config["train"]["num_workers"] == 1
+    assert (Path(res.adapter_dir) / "adapter_model.safetensors").is_file()
+    sweep_dir = Path(cfg.output_dir) / "sweep"
+    assert len((sweep_dir / "trials.csv").read_text().splitlines()) == 3
+    assert all(Path(p).stat().st_size > 5000 for p in res.plots)
+    # every metric tune.metric may name is one the loop really reports
+    first = json.loads(next((sweep_dir / "asha").glob("*/result.json")).read_text().splitlines()[0])
+    assert set(REPORTED_METRICS) <= set(first), set(REPORTED_METRICS) - set(first)
+
+
+def test_best_config_file_reproduces_the_best_trial(asha_sweep):
+    """`aigc train --config sweep/best_config.yaml` trains the best trial again: same eval loss within 3%."""
+    from aigc.train.trainer import run_training
+
+    cfg, res = asha_sweep
+    best = load_config(res.best_config_path)
+    assert best.train.lr == 4e-3 and best.train.num_workers == 1
+    again = run_training(best, register=False)
+    assert again.metrics["eval_loss"] == pytest.approx(res.best_metrics["eval_loss"], rel=0.03)
+
+
+class _DieAfterFirstTrial(ray.tune.Callback):
+    """Kills the sweep's driver loop when the second trial starts (once per test session)."""
+
+    fired = False
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if not _DieAfterFirstTrial.fired and any(t.status == "TERMINATED" for t in trials):
+            _DieAfterFirstTrial.fired = True
+            raise KeyboardInterrupt
+
+
+def test_rerun_continues_an_interrupted_sweep_without_rerunning_finished_trials(prepared, monkeypatch):
+    import gc
+
+    from aigc.tune.sweep import run_sweep, sweep_name
+
+    tmp, overrides = prepared
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save the experiment state at every step
+    space = _space(tmp, "r", {"lora.r": {"grid": [4, 8]}})
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, f"tune.space={space}", "tune.search=grid",
+                                                        "tune.scheduler=none", "train.epochs=1", "tune.name=resume",
+                                                        "tune.num_samples=2"])  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, register=False, callbacks=[_DieAfterFirstTrial()])
+    gc.collect()  # the interrupted controller's trial actors go with it
+    exp = Path(cfg.output_dir) / "sweep" / "resume"
+    finished = [d for d in exp.iterdir() if (d / "result.json").is_file() and (d / "result.json").stat().st_size > 0]
+    assert len(finished) >= 1
+    before = {d.name: (d / "result.json").read_text() for d in finished}
+
+    res = run_sweep(cfg, register=False)
+    assert sorted(res.trials["lora.r"]) == [4, 8] and set(res.trials["status"]) == {"done"}
+    for name, text in before.items():  # a finished trial was not trained again
+        assert (exp / name / "result.json").read_text() == text
+    assert sweep_name(cfg) == "resume-2"  # the finished sweep is kept; the next run starts afresh
