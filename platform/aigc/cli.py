@@ -6,7 +6,9 @@
     aigc serve      --config configs/demo.yaml serve.port=8001
     aigc demo       --config configs/demo.yaml
     aigc config     --config configs/demo.yaml          # print the resolved config
-    aigc registry   --config configs/demo.yaml          # list registered adapters
+    aigc registry   --config configs/demo.yaml          # list registered adapters and their aliases
+    aigc promote support-bot:v3 [--alias stable] --config configs/demo.yaml   # move an alias (default: bare name)
+    aigc rollback support-bot [--alias stable] --config configs/demo.yaml     # back to its previous target
     aigc feedback export --config configs/demo.yaml [--min-rating 1] [--output PATH]  # rated answers -> JSONL
     aigc build-assets                                   # rebuild the tiny base model and demo data
 
@@ -130,9 +132,26 @@ def run_stage(stage: str, cfg: PlatformConfig) -> None:
 def _show_registry(cfg: PlatformConfig) -> None:
     from aigc.registry import Registry
 
-    for e in Registry(cfg.registry_dir).list():
+    reg = Registry(cfg.registry_dir)
+    for e in reg.list():
         print(json.dumps({"model": e.model_id, "kind": getattr(e, "kind", "lora"), "base_model": e.base_model,
                           "eval_loss": e.metrics.get("eval_loss"), "path": e.adapter_uri}))  # fmt: skip
+    for a in reg.aliases():
+        previous = [h["version"] for h in a.history]
+        print(json.dumps({"alias": a.model_id, "target": a.target, "previous": previous}))
+
+
+def _move_alias(cfg: PlatformConfig, args: argparse.Namespace) -> None:
+    """``aigc promote`` / ``aigc rollback``: move an alias and say where it pointed before."""
+    from aigc.registry import Registry
+
+    reg = Registry(cfg.registry_dir)
+    if args.command == "promote":
+        alias, before = reg.promote(args.target, args.alias)
+    else:
+        alias, before = reg.rollback(args.name, args.alias)
+    was = "unset (latest)" if before is None else f"v{before}"
+    print(f"[{args.command}] {alias.model_id} -> {alias.target} (was {was})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,6 +159,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name in [*STAGES, "config", "registry"]:
         sp = sub.add_parser(name, help=f"run the {name} stage" if name in STAGES else f"show the {name}")
+        sp.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+        sp.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    pr = sub.add_parser("promote", help="point an alias (default: the bare name) at a registered version")
+    pr.add_argument("target", help="the version to serve, NAME:vN (or NAME:ALIAS to copy another alias)")
+    rb = sub.add_parser("rollback", help="point an alias back at its previous target")
+    rb.add_argument("name", help="the registered model name")
+    for sp in (pr, rb):
+        sp.add_argument("--alias", "-a", help="the alias to move, e.g. stable (default: the bare name)")
         sp.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     f = sub.add_parser("feedback", help="work with captured answers and their feedback (serve.capture)")
@@ -157,7 +184,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # `aigc promote bot:v2 --alias stable k=v`: argparse ends the positionals at the option, so overrides
+    # after an option come back unrecognised; they are still overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "build-assets":
             from aigc.demo.dataset import write_demo_dataset
@@ -171,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         elif args.command == "registry":
             _show_registry(cfg)
+        elif args.command in ("promote", "rollback"):
+            _move_alias(cfg, args)
         elif args.command == "feedback":
             from aigc.feedback.export import export_feedback
 
