@@ -11,6 +11,7 @@
     aigc rollback support-bot [--alias stable] --config configs/demo.yaml     # back to its previous target
     aigc feedback export --config configs/demo.yaml [--min-rating 1] [--output PATH]  # rated answers -> JSONL
     aigc build-assets                                   # rebuild the tiny base model and demo data
+    aigc kuberay [--image REPO:TAG] [--storage s3://bucket/aigc] [--out deploy/kuberay]  # KubeRay manifests
 
 Config errors are reported before any Ray work starts, with exit status 2; any other platform error
 (bad data, a registry problem, a failed run) is one line on stderr and exit status 1.
@@ -177,6 +178,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--min-rating", type=int, default=1, choices=(-1, 0, 1), help="keep answers rated at least this")
     e.add_argument("--output", "-o", help="the JSONL file to write (default: <output_dir>/feedback-export.jsonl)")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    k = sub.add_parser("kuberay", help="write the RayCluster, RayJob and RayService manifests")
+    k.add_argument("--image", default=None, help="the image every pod runs (built from deploy/kuberay/Dockerfile)")
+    k.add_argument("--storage", default="s3://my-bucket/aigc", help="shared storage for registry/ and runs/")
+    k.add_argument("--out", default="deploy/kuberay", help="the directory to write them to")
     b = sub.add_parser("build-assets", help="rebuild the tiny base model and the demo dataset")
     b.add_argument("--model-dir", default="assets/tiny-base")
     b.add_argument("--data-path", default="assets/demo-data/support.jsonl")
@@ -199,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"[assets] {write_demo_dataset(args.data_path)} -> {args.data_path}")
             print(f"[assets] {build_tiny_base(args.model_dir)} -> {args.model_dir}")
+            return 0
+        if args.command == "kuberay":
+            from aigc.deploy import DEFAULT_IMAGE, write_manifests
+
+            for path in write_manifests(args.out, image=args.image or DEFAULT_IMAGE, storage=args.storage):
+                print(f"[kuberay] {path}")
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
