@@ -11,6 +11,8 @@
     aigc rollback support-bot [--alias stable] --config configs/demo.yaml     # back to its previous target
     aigc feedback export --config configs/demo.yaml [--min-rating 1] [--output PATH]  # rated answers -> JSONL
     aigc build-assets                                   # rebuild the tiny base model and demo data
+    aigc submit train --config configs/demo.yaml [k=v ...]   # run a stage as a job on RAY_ADDRESS's cluster
+    aigc jobs list | logs ID [--follow] | stop ID       # the cluster's jobs (RAY_AUTH_MODE=token: see submit.py)
     aigc kuberay [--image REPO:TAG] [--storage s3://bucket/aigc] [--out deploy/kuberay]  # KubeRay manifests
 
 Config errors are reported before any Ray work starts, with exit status 2; any other platform error
@@ -155,6 +157,24 @@ def _move_alias(cfg: PlatformConfig, args: argparse.Namespace) -> None:
     print(f"[{args.command}] {alias.model_id} -> {alias.target} (was {was})")
 
 
+def _cluster_command(args: argparse.Namespace) -> int:
+    """``aigc submit`` and ``aigc jobs``: talk to a cluster's job server (no local config is loaded)."""
+    from aigc import submit
+
+    address = args.address
+    if args.command == "submit":
+        print(submit.submit_stage(args.stage, args.config, args.overrides, address, args.python))
+    elif args.action == "list":
+        for job in submit.list_jobs(address):
+            print(json.dumps(job))
+    elif args.action == "logs":
+        submit.write_logs(args.id, args.follow, address=address)
+    else:
+        stopped = submit.stop_job(args.id, address)
+        print(f"[jobs] {args.id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aigc", description="Fine-tune and serve generative text models on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +198,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--min-rating", type=int, default=1, choices=(-1, 0, 1), help="keep answers rated at least this")
     e.add_argument("--output", "-o", help="the JSONL file to write (default: <output_dir>/feedback-export.jsonl)")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    su = sub.add_parser("submit", help="run a stage as a Ray job on the cluster at RAY_ADDRESS; prints its id")
+    su.add_argument("stage", choices=list(STAGES))
+    su.add_argument("--config", "-c", help="YAML config file inside this project (it travels with the job)")
+    su.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS)")
+    su.add_argument("--python", default="python", help="the interpreter on the head node (default: python)")
+    su.add_argument("overrides", nargs="*", help="section.key=value overrides, passed to the job")
+    j = sub.add_parser("jobs", help="list the cluster's jobs, show a job's logs, stop a job")
+    ja = j.add_subparsers(dest="action", required=True)
+    ja.add_parser("list", help="every submitted job, oldest first (one JSON line each)")
+    jl = ja.add_parser("logs", help="a job's log")
+    jl.add_argument("id")
+    jl.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    ja.add_parser("stop", help="ask a job to stop").add_argument("id")
+    for sp in ja.choices.values():
+        sp.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS)")
     k = sub.add_parser("kuberay", help="write the RayCluster, RayJob and RayService manifests")
     k.add_argument("--image", default=None, help="the image every pod runs (built from deploy/kuberay/Dockerfile)")
     k.add_argument("--storage", default="s3://my-bucket/aigc", help="shared storage for registry/ and runs/")
@@ -205,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[assets] {write_demo_dataset(args.data_path)} -> {args.data_path}")
             print(f"[assets] {build_tiny_base(args.model_dir)} -> {args.model_dir}")
             return 0
+        if args.command in ("submit", "jobs"):
+            return _cluster_command(args)
         if args.command == "kuberay":
             from aigc.deploy import DEFAULT_IMAGE, write_manifests
 
