@@ -82,3 +82,41 @@ def test_preprocess_and_finetune_jobs_on_a_started_cluster(ray_head, tmp_path):
     assert stats["rows_kept"] == 2000 and sum(stats["rows_rejected"].values()) == 8
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "registry" / "support-bot" / "v1" / "meta.json").is_file()
+
+
+def _aigc(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aigc.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_aigc_submit_and_jobs_commands_on_a_started_cluster(ray_head, tmp_path):
+    """`aigc submit` ships the project through JobSubmissionClient (token auth from RAY_AUTH_MODE=token and the
+    token `ray start` wrote); `aigc jobs list | logs | stop` see the job."""
+    env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "token",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    sub = _aigc("submit", "preprocess", "--config", "configs/demo.yaml", "--python", sys.executable,
+                f"output_dir={tmp_path}", env=env)  # fmt: skip
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    job_id = sub.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"raysubmit_\w+", job_id), sub.stdout
+    deadline, status = time.monotonic() + 400, None
+    while time.monotonic() < deadline:
+        listed = _aigc("jobs", "list", env=env)
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        jobs = {j["id"]: j for j in map(json.loads, listed.stdout.splitlines())}
+        status = jobs[job_id]["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(3)
+    logs = _aigc("jobs", "logs", job_id, env=env)
+    assert status == "SUCCEEDED", logs.stdout[-3000:]
+    assert jobs[job_id]["entrypoint"].startswith(f"{sys.executable} jobs/preprocess.py --config configs/demo.yaml")
+    assert "[preprocess]" in logs.stdout
+    assert json.loads((tmp_path / "data" / "stats.json").read_text())["rows_kept"] == 2000
+    follow = _aigc("jobs", "logs", job_id, "--follow", env=env)  # a finished job: its whole log, then return
+    assert follow.returncode == 0 and "[preprocess]" in follow.stdout
+    stop = _aigc("jobs", "stop", job_id, env=env)
+    assert stop.returncode == 0 and "already finished" in stop.stdout
+    missing = _aigc("jobs", "logs", "raysubmit_nope", env=env)
+    assert missing.returncode == 1 and "raysubmit_nope" in missing.stderr and "Traceback" not in missing.stderr

@@ -540,3 +540,100 @@ def test_many_concurrent_requests_on_one_replica(server):
     for m, kind, text in results:
         assert text == (alone_completion[m] if kind == "completion" else alone[m]), (m, kind)
     assert alone[models[0]] != alone[models[1]]
+
+
+# ============================================================================= aliases move at request time
+def _eventually(call, done, timeout_s: float = 15, tries: int = 60):
+    """``call()`` until ``done(result)``, bounded in count and time; returns (result, seconds taken)."""
+    t0 = time.monotonic()
+    for _ in range(tries):
+        result = call()
+        if done(result) or time.monotonic() - t0 > timeout_s:
+            return result, time.monotonic() - t0
+        time.sleep(0.2)
+    return result, time.monotonic() - t0
+
+
+def test_resolver_reuses_answers_for_its_ttl(tmp_path, assets):
+    from aigc.errors import RegistryError
+    from aigc.serve.resolver import ModelResolver
+
+    reg = Registry(str(tmp_path / "registry"))
+    for adapter in (assets.v1, assets.v2):
+        reg.register("bot", adapter, base_model=assets.base)
+    now = [0.0]
+    resolver = ModelResolver(reg, ttl_s=1.0, clock=lambda: now[0])
+    assert asyncio.run(resolver.resolve("bot")).version == 2
+    reg.promote("bot:v1")
+    assert asyncio.run(resolver.resolve("bot")).version == 2  # within the TTL: the kept answer
+    now[0] = 1.0
+    assert asyncio.run(resolver.resolve("bot")).version == 1  # after it: the move is seen
+    with pytest.raises(RegistryError, match="no alias 'stable'"):
+        asyncio.run(resolver.resolve("bot:stable"))
+    reg.promote("bot:v2", alias="stable")
+    with pytest.raises(RegistryError, match="no alias 'stable'"):  # the miss is kept too
+        asyncio.run(resolver.resolve("bot:stable"))
+    now[0] = 2.0
+    assert asyncio.run(resolver.resolve("bot:stable")).version == 2
+    assert [a.model_id for a in asyncio.run(resolver.listing()).aliases] == ["bot", "bot:stable"]
+
+
+def test_promote_and_rollback_reach_a_running_app_without_redeploy(server, assets):
+    reg = assets.registry
+    reg.register("rollout", assets.v1, base_model=assets.base)
+    reg.register("rollout", assets.v2, base_model=assets.base)
+    answer = {v: _chat(server, f"rollout:v{v}").choices[0].message.content for v in (1, 2)}
+    assert answer[1] != answer[2]
+    assert _chat(server, "rollout").model == "rollout:v2"  # nothing promoted: the latest
+
+    def moved_to(version: int) -> float:
+        r, secs = _eventually(lambda: _chat(server, "rollout"), lambda r: r.model == f"rollout:v{version}")
+        assert r.model == f"rollout:v{version}", f"the alias move was not seen in {secs:.1f}s"
+        assert r.choices[0].message.content == answer[version]  # answered by that version's weights
+        return secs
+
+    reg.promote("rollout:v1")
+    assert moved_to(1) < 5  # serve.resolve_cache_s (1 s) plus a request, not a redeploy
+    reg.promote("rollout:v2")
+    moved_to(2)
+    reg.rollback("rollout")
+    moved_to(1)
+
+    reg.promote("rollout:v2", alias="stable")
+    stable, _ = _eventually(lambda: _chat(server, "rollout:stable"), lambda r: True)
+    assert stable.model == "rollout:v2" and stable.choices[0].message.content == answer[2]
+    cards, _ = _eventually(lambda: server.http.get("/models").json()["data"],
+                           lambda d: any(c["id"] == "rollout:stable" for c in d))  # fmt: skip
+    roots = {c["id"]: c["root"] for c in cards}
+    assert roots["rollout"] == "rollout:v1" and roots["rollout:stable"] == "rollout:v2"
+
+    err = _error(server.http.post("/chat/completions", json={"model": "rollout:nope", "messages": MESSAGES}), 404)
+    assert err["code"] == "model_not_found" and "rollout:stable" in err["message"]
+
+
+def test_an_alias_move_under_load_loses_no_request(server, assets):
+    """4 clients send 48 requests for a bare name while it is promoted v1 -> v2: every one succeeds and is
+    answered by v1 or v2, and by v2 alone once the resolution cache (1 s) has expired."""
+    reg = assets.registry
+    reg.register("underload", assets.v1, base_model=assets.base)
+    reg.register("underload", assets.v2, base_model=assets.base)
+    reg.promote("underload:v1")
+    _eventually(lambda: _chat(server, "underload"), lambda r: r.model == "underload:v1")
+    body = {"model": "underload", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    promoted_at = []
+
+    def call(i: int) -> tuple[float, int, str | None]:
+        if i == 16:
+            reg.promote("underload:v2")
+            promoted_at.append(time.monotonic())
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as c:
+            t0 = time.monotonic()
+            r = c.post("/chat/completions", json=body)
+            return t0, r.status_code, r.json().get("model") if r.status_code == 200 else r.text
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(48)))
+    assert [s for _, s, _ in results] == [200] * 48, [m for _, s, m in results if s != 200]
+    assert {m for _, _, m in results} == {"underload:v1", "underload:v2"}, results
+    late = [m for t0, _, m in results if t0 > promoted_at[0] + 2.0]  # resolve_cache_s (1 s) + slack
+    assert late and set(late) == {"underload:v2"}, results

@@ -6,10 +6,15 @@
     aigc serve      --config configs/demo.yaml serve.port=8001
     aigc demo       --config configs/demo.yaml
     aigc config     --config configs/demo.yaml          # print the resolved config
-    aigc registry   --config configs/demo.yaml [--json] # list registered models (a table, or JSON lines)
+    aigc registry   --config configs/demo.yaml [--json] # registered models and aliases (a table, or JSON lines)
     aigc export NAME[:vN] --out DIR [--merge] --config configs/demo.yaml  # a registered model as a plain dir
+    aigc promote support-bot:v3 [--alias stable] --config configs/demo.yaml   # move an alias (default: bare name)
+    aigc rollback support-bot [--alias stable] --config configs/demo.yaml     # back to its previous target
     aigc feedback export --config configs/demo.yaml [--min-rating 1] [--output PATH]  # rated answers -> JSONL
     aigc build-assets                                   # rebuild the tiny base model and demo data
+    aigc submit train --config configs/demo.yaml [k=v ...]   # run a stage as a job on RAY_ADDRESS's cluster
+    aigc jobs list | logs ID [--follow] | stop ID       # the cluster's jobs (RAY_AUTH_MODE=token: see submit.py)
+    aigc kuberay [--image REPO:TAG] [--storage s3://bucket/aigc] [--out deploy/kuberay]  # KubeRay manifests
 
 Config errors are reported before any Ray work starts, with exit status 2; any other platform error
 (bad data, a registry problem, a failed run) is one line on stderr and exit status 1.
@@ -138,14 +143,20 @@ def _show_registry(cfg: PlatformConfig, as_json: bool) -> None:
     from aigc.registry import Registry
     from aigc.report import registry_table
 
-    entries = Registry(cfg.registry_dir).list()
+    reg = Registry(cfg.registry_dir)
+    entries, aliases = reg.list(), reg.aliases()
     if not as_json:
         print(registry_table(entries))
+        for a in aliases:
+            previous = ", ".join(f"v{h['version']}" for h in a.history) or "-"
+            print(f"alias {a.model_id} -> {a.target} (before: {previous})")
         return
     for e in entries:
         print(json.dumps({"model": e.model_id, "kind": e.kind, "base_model": e.base_model, "data_hash": e.data_hash,
                           "eval_loss": e.metrics.get("eval_loss"), "created_at": e.created_at,
                           "path": e.adapter_uri}))  # fmt: skip
+    for a in aliases:
+        print(json.dumps({"alias": a.model_id, "target": a.target, "previous": [h["version"] for h in a.history]}))
 
 
 def _export(cfg: PlatformConfig, model_id: str, out: str, merge: bool) -> None:
@@ -153,6 +164,37 @@ def _export(cfg: PlatformConfig, model_id: str, out: str, merge: bool) -> None:
     from aigc.report import report_export
 
     report_export(export_model(cfg.registry_dir, model_id, out, merge=merge))
+
+
+def _move_alias(cfg: PlatformConfig, args: argparse.Namespace) -> None:
+    """``aigc promote`` / ``aigc rollback``: move an alias and say where it pointed before."""
+    from aigc.registry import Registry
+
+    reg = Registry(cfg.registry_dir)
+    if args.command == "promote":
+        alias, before = reg.promote(args.target, args.alias)
+    else:
+        alias, before = reg.rollback(args.name, args.alias)
+    was = "unset (latest)" if before is None else f"v{before}"
+    print(f"[{args.command}] {alias.model_id} -> {alias.target} (was {was})")
+
+
+def _cluster_command(args: argparse.Namespace) -> int:
+    """``aigc submit`` and ``aigc jobs``: talk to a cluster's job server (no local config is loaded)."""
+    from aigc import submit
+
+    address = args.address
+    if args.command == "submit":
+        print(submit.submit_stage(args.stage, args.config, args.overrides, address, args.python))
+    elif args.action == "list":
+        for job in submit.list_jobs(address):
+            print(json.dumps(job))
+    elif args.action == "logs":
+        submit.write_logs(args.id, args.follow, address=address)
+    else:
+        stopped = submit.stop_job(args.id, address)
+        print(f"[jobs] {args.id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -168,8 +210,15 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("model_id", metavar="NAME[:vN]", help="registered name (latest version) or name:vN")
     x.add_argument("--out", "-o", required=True, help="directory to write (replaced if it exists; local or URI)")
     x.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base model (safetensors)")
-    x.add_argument("--config", "-c", help="YAML config file naming registry_dir (default: built-in defaults)")
-    x.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    pr = sub.add_parser("promote", help="point an alias (default: the bare name) at a registered version")
+    pr.add_argument("target", help="the version to serve, NAME:vN (or NAME:ALIAS to copy another alias)")
+    rb = sub.add_parser("rollback", help="point an alias back at its previous target")
+    rb.add_argument("name", help="the registered model name")
+    for sp in (pr, rb):
+        sp.add_argument("--alias", "-a", help="the alias to move, e.g. stable (default: the bare name)")
+    for sp in (x, pr, rb):
+        sp.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+        sp.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     f = sub.add_parser("feedback", help="work with captured answers and their feedback (serve.capture)")
     e = f.add_subparsers(dest="action", required=True).add_parser(
         "export", help="write rated answers (and corrections) as a messages-format JSONL dataset"
@@ -178,6 +227,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--min-rating", type=int, default=1, choices=(-1, 0, 1), help="keep answers rated at least this")
     e.add_argument("--output", "-o", help="the JSONL file to write (default: <output_dir>/feedback-export.jsonl)")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    su = sub.add_parser("submit", help="run a stage as a Ray job on the cluster at RAY_ADDRESS; prints its id")
+    su.add_argument("stage", choices=list(STAGES))
+    su.add_argument("--config", "-c", help="YAML config file inside this project (it travels with the job)")
+    su.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS)")
+    su.add_argument("--python", default="python", help="the interpreter on the head node (default: python)")
+    su.add_argument("overrides", nargs="*", help="section.key=value overrides, passed to the job")
+    j = sub.add_parser("jobs", help="list the cluster's jobs, show a job's logs, stop a job")
+    ja = j.add_subparsers(dest="action", required=True)
+    ja.add_parser("list", help="every submitted job, oldest first (one JSON line each)")
+    jl = ja.add_parser("logs", help="a job's log")
+    jl.add_argument("id")
+    jl.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    ja.add_parser("stop", help="ask a job to stop").add_argument("id")
+    for sp in ja.choices.values():
+        sp.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS)")
+    k = sub.add_parser("kuberay", help="write the RayCluster, RayJob and RayService manifests")
+    k.add_argument("--image", default=None, help="the image every pod runs (built from deploy/kuberay/Dockerfile)")
+    k.add_argument("--storage", default="s3://my-bucket/aigc", help="shared storage for registry/ and runs/")
+    k.add_argument("--out", default="deploy/kuberay", help="the directory to write them to")
     b = sub.add_parser("build-assets", help="rebuild the tiny base model and the demo dataset")
     b.add_argument("--model-dir", default="assets/tiny-base")
     b.add_argument("--data-path", default="assets/demo-data/support.jsonl")
@@ -186,13 +254,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    # `aigc export NAME --out DIR k=v`, `aigc promote bot:v2 --alias stable k=v`: argparse ends the positionals
+    # at the option, so overrides after an option come back unrecognised; they are still overrides.
     args, extra = parser.parse_known_args(argv)
-    # `aigc export NAME --out DIR key=value`: argparse takes NAME and the (empty) overrides together, so
-    # overrides after the options come back here
-    if args.command == "export" and not any(x.startswith("-") for x in extra):
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "build-assets":
             from aigc.demo.dataset import write_demo_dataset
@@ -201,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[assets] {write_demo_dataset(args.data_path)} -> {args.data_path}")
             print(f"[assets] {build_tiny_base(args.model_dir)} -> {args.model_dir}")
             return 0
+        if args.command in ("submit", "jobs"):
+            return _cluster_command(args)
+        if args.command == "kuberay":
+            from aigc.deploy import DEFAULT_IMAGE, write_manifests
+
+            for path in write_manifests(args.out, image=args.image or DEFAULT_IMAGE, storage=args.storage):
+                print(f"[kuberay] {path}")
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -208,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             _show_registry(cfg, args.json)
         elif args.command == "export":
             _export(cfg, args.model_id, args.out, args.merge)
+        elif args.command in ("promote", "rollback"):
+            _move_alias(cfg, args)
         elif args.command == "feedback":
             from aigc.feedback.export import export_feedback
 

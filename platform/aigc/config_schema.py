@@ -300,6 +300,22 @@ class ServeConfig(_Section):
     )
     max_queued_requests: int = Field(32, ge=-1, description="Queue per caller beyond which requests get 503.")
     max_adapters_per_replica: int = Field(4, ge=1, description="LoRA adapters kept loaded (LRU) per replica.")
+    max_surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="Extra replicas a redeploy may start, in percent of the replica count (Serve's "
+        "max_surge_percent): 100 keeps every old replica serving until its replacement is ready, so a config "
+        "change never leaves the app without a replica; it needs room for the extra replicas (CPUs/GPUs) "
+        "meanwhile. 0 stops old replicas first (no extra resources; requests wait while replicas restart).",
+    )
+    resolve_cache_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="Seconds a model id's resolution (alias -> version) is reused: an `aigc promote` reaches "
+        "traffic within this long, and the registry is read at most once per id per period. 0 = every request.",
+    )
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)

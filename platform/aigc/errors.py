@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = [
     "AdapterLoadError",
     "AigcError",
+    "ClusterError",
     "ConfigError",
     "DataError",
     "InvalidRequestError",
@@ -50,6 +51,10 @@ class StorageError(AigcError, OSError):
 
 class RegistryError(AigcError, ValueError):
     """A registry name, version or entry is invalid or missing."""
+
+
+class ClusterError(AigcError, RuntimeError):
+    """A Ray cluster cannot be reached, or refused a job request (bad token, unknown job id)."""
 
 
 class TrainingError(AigcError, RuntimeError):

@@ -5,10 +5,14 @@ Layout under ``registry_dir`` (a local directory or an ``s3://`` / ``gs://`` URI
     <name>/v<N>/.claim          created exclusively: whoever creates it owns version N
     <name>/v<N>/adapter/        a plain PEFT directory (kind "lora") or a whole model directory (kind "full")
     <name>/v<N>/meta.json       base model, metrics, config, data hash, created_at; written whole, and last
+    <name>/aliases/<alias>.json movable names for a version (:mod:`aigc.aliases`)
 
 A version is published when its ``meta.json`` exists: readers never see a half-copied directory, and two
 concurrent registrations of one name get two different versions. Names and model ids are validated on every
 read as well as every write, so no id reaches outside the registry root.
+
+Model ids: ``name:vN`` is one version; ``name:ALIAS`` (``support-bot:stable``) is what the alias points at;
+the bare ``name`` is its default alias when one was promoted, else the latest version (``name:latest``).
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from aigc import storage
+from aigc.aliases import DEFAULT_ALIAS, LATEST, Alias, AliasStore, check_alias, shown_alias
 from aigc.errors import RegistryError, StorageError
 
-__all__ = ["AdapterVersion", "Registry", "RegistryError", "model_kind"]
+__all__ = ["AdapterVersion", "Alias", "Registry", "RegistryError", "model_kind"]
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
+_VERSION_LIKE = re.compile(r"^v[0-9]+$")  # a version reference (v0 and v0007 are refused by name)
 _MAX_SHOWN = 80  # characters of a bad id echoed back in an error message
 _MAX_CLAIM_TRIES = 1000
 
@@ -99,6 +105,7 @@ class Registry:
 
     def __init__(self, root: str):
         self.root = storage.resolve(root)
+        self._aliases = AliasStore(self.root)
 
     def _path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
@@ -168,12 +175,15 @@ class Registry:
         Raises:
             RegistryError: no such name or version, or its meta.json is unreadable.
         """
-        versions = self.versions(name)
-        if not versions:
-            raise RegistryError(f"no model named {name!r} in registry {self.root}")
-        v = versions[-1] if version is None else version
-        if v not in versions:
-            raise RegistryError(f"model {name!r} has no version {v} (have {versions})")
+        if version is not None and storage.is_file(self._path(_check_name(name), f"v{version}", "meta.json")):
+            v = version  # the common case, one lookup: a listing of every version is only needed for errors
+        else:
+            versions = self.versions(name)
+            if not versions:
+                raise RegistryError(f"no model named {name!r} in registry {self.root}")
+            v = versions[-1] if version is None else version
+            if v not in versions:
+                raise RegistryError(f"model {name!r} has no version {v} (have {versions})")
         entry = self._read(name, v)
         if entry is None:
             raise RegistryError(f"model {name}:v{v} has an unreadable meta.json in registry {self.root}")
@@ -193,21 +203,81 @@ class Registry:
             return None
 
     def resolve(self, model_id: str) -> AdapterVersion:
-        """``name`` (latest version) or ``name:vN`` -> that version.
+        """``name``, ``name:vN``, ``name:latest`` or ``name:ALIAS`` -> the version it names now.
 
         Raises:
             RegistryError: a malformed id (never touches storage) or one naming nothing registered.
         """
         if not isinstance(model_id, str) or len(model_id) > 140 or model_id.count(":") > 1:
-            raise RegistryError(f"invalid model id {_shown(str(model_id))}: expected name or name:vN")
-        name, _, ver = model_id.partition(":")
+            raise RegistryError(f"invalid model id {_shown(str(model_id))}: expected name, name:vN or name:ALIAS")
+        name, _, ref = model_id.partition(":")
         _check_name(name)
-        if ver:
-            m = _VERSION_DIR.match(ver)
+        if _VERSION_LIKE.match(ref):
+            m = _VERSION_DIR.match(ref)
             if not m:
                 raise RegistryError(f"model id {_shown(model_id)}: version must look like v3")
             return self.get(name, int(m.group(1)))
+        if ref == LATEST:
+            return self.get(name)
+        try:
+            target = self._aliases.get(name, ref or DEFAULT_ALIAS)
+        except RegistryError as exc:
+            if ref:  # a malformed alias: name the id, never a path
+                raise RegistryError(f"model id {_shown(model_id)}: {exc}") from None
+            raise
+        if target is not None:
+            return self.get(name, target.version)
+        if ref:
+            known = [a.model_id for a in self._aliases.all(name)]
+            raise RegistryError(
+                f"model {name!r} has no alias {ref!r} (aliases: {', '.join(known) or 'none'}; "
+                f"versions: {self.versions(name)}); set it with: aigc promote {name}:vN --alias {ref}"
+            )
         return self.get(name)
+
+    # 3. aliases
+    def promote(self, target: str, alias: str | None = None) -> tuple[Alias, int | None]:
+        """Point ``alias`` of ``target``'s name (default: the bare name) at the version ``target`` names now.
+
+        Args:
+            target: ``name:vN``, or any id :meth:`resolve` takes (``name:canary`` promotes what it points at).
+            alias: ``stable``, ``canary``...; None = the bare name, what ``model: name`` serves.
+
+        Returns:
+            The alias as written and the version it pointed at before (None if it was unset).
+
+        Raises:
+            RegistryError: the target names no published version (the message lists the known ones), or a
+                malformed alias.
+        """
+        entry = self.resolve(target)
+        return self._aliases.set(entry.name, check_alias(alias or DEFAULT_ALIAS), entry.version)
+
+    def rollback(self, name: str, alias: str | None = None) -> tuple[Alias, int]:
+        """Point ``alias`` of ``name`` (default: the bare name) back at its previous target.
+
+        Returns:
+            The alias as written and the version it pointed at before the rollback.
+
+        Raises:
+            RegistryError: the alias was never set or has no previous target; or the previous target is
+                no longer published.
+        """
+        _check_name(name)
+        alias = check_alias(alias or DEFAULT_ALIAS)
+        current = self._aliases.get(name, alias)
+        if current is not None and current.history:
+            prev = int(current.history[-1]["version"])
+            if prev not in self.versions(name):
+                raise RegistryError(
+                    f"{shown_alias(name, alias)} cannot roll back to v{prev}: it is no longer published"
+                )
+        return self._aliases.rollback(name, alias)
+
+    def aliases(self, name: str | None = None) -> list[Alias]:
+        """The aliases that are set, of ``name`` or of every name."""
+        names = [_check_name(name)] if name is not None else self.names()
+        return [a for n in names for a in self._aliases.all(n)]
 
     def list(self) -> list[AdapterVersion]:
         """Every published version of every name (unreadable entries skipped), ascending."""

@@ -30,6 +30,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
     generator = Generator.options(
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
+        max_surge_percent=s.max_surge_percent,
         autoscaling_config=s.autoscaling.model_dump(),
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
     ).bind(
@@ -43,7 +44,8 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         max_replicas=s.autoscaling.max_replicas,
         max_prompt_tokens=s.max_prompt_tokens,
     )
-    return OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
+    ingress = OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING, max_surge_percent=s.max_surge_percent)
+    return ingress.bind(
         generator,
         base_model_id=base_model_id,
         registry_dir=cfg.registry_dir,
@@ -52,6 +54,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         moderation=s.moderation.model_dump(),
         guard=GuardConfig.of(s),  # key sources only: the replica reads the keys
         feedback_dir=feedback_dir_for(s.feedback_dir, cfg.output_dir) if s.capture else None,
+        resolve_cache_s=s.resolve_cache_s,
     )
 
 

@@ -1,10 +1,12 @@
 """The ``OpenAIIngress`` deployment: the OpenAI-compatible HTTP front (FastAPI on Ray Serve).
 
 ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` -> server-sent
-events), ``GET /healthz``. It validates requests, resolves the model id against the registry and calls the
-``Generator`` with ``multiplexed_model_id`` = the resolved ``name:vN``. Errors become HTTP statuses only in
-:mod:`aigc.serve.api_errors` (OpenAI-shaped bodies; a 500 never carries exception text or paths); the
-response shapes of the two endpoints are in :mod:`aigc.serve.shapes`. Before any route, the guard
+events), ``GET /healthz``. It validates requests, resolves the model id against the registry per request
+(an alias such as ``support-bot`` or ``support-bot:stable`` moves without a redeploy; answers are reused for
+``serve.resolve_cache_s``, :mod:`aigc.serve.resolver`) and calls the ``Generator`` with
+``multiplexed_model_id`` = the resolved ``name:vN``, which is also the response's ``model``. Errors become
+HTTP statuses only in :mod:`aigc.serve.api_errors` (OpenAI-shaped bodies; a 500 never carries exception text
+or paths); the response shapes of the two endpoints are in :mod:`aigc.serve.shapes`. Before any route, the guard
 (:mod:`aigc.serve.security`: CORS, API keys, body cap) and the metrics middleware run; content safety is
 :mod:`aigc.serve.moderation`. With ``serve.capture``, answers are stored under their ids and
 ``POST /v1/feedback`` rates them (:mod:`aigc.serve.feedback`).
@@ -32,6 +34,7 @@ from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
 from aigc.serve.feedback import FeedbackCapture
 from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
 from aigc.serve.moderation import OutputGuard, load_policy
+from aigc.serve.resolver import ModelResolver
 from aigc.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -83,6 +86,7 @@ class OpenAIIngress:
         moderation: ``serve.moderation`` as a dict (see :mod:`aigc.serve.moderation`); None = no checks.
         guard: API key sources, body size cap and CORS origins; the keys are read here, in the replica.
         feedback_dir: where completions are captured and feedback is kept; None = capture off.
+        resolve_cache_s: seconds a model id's resolution is reused (an alias move is seen within this).
     """
 
     def __init__(
@@ -95,11 +99,12 @@ class OpenAIIngress:
         moderation: dict[str, Any] | None = None,
         guard: GuardConfig | None = None,
         feedback_dir: str | None = None,
+        resolve_cache_s: float = 1.0,
     ):
         self.guard = HttpGuard(guard or GuardConfig())
         self._generator = generator
         self._base_model_id = base_model_id
-        self._registry = Registry(registry_dir)
+        self._models = ModelResolver(Registry(registry_dir), ttl_s=resolve_cache_s)
         self._cap = max_tokens_cap
         self._default_max_tokens = min(default_max_tokens, max_tokens_cap)
         mod = moderation or {}
@@ -111,14 +116,23 @@ class OpenAIIngress:
 
     # 1. models -----------------------------------------------------------------------------------------
     async def _model_cards(self) -> list[ModelCard]:
-        entries = await asyncio.to_thread(self._registry.list)
+        """The base model; per name its bare name and its aliases (``root``: the version each serves now);
+        then every version."""
+        listing = await self._models.listing()
         cards = [ModelCard(id=self._base_model_id)]
         latest: dict[str, Any] = {}
-        for e in entries:  # ascending versions: the last one seen per name is the latest
+        for e in listing.versions:  # ascending versions: the last one seen per name is the latest
             latest[e.name] = e
+        targets = {a.model_id: a for a in listing.aliases}
         for name, e in sorted(latest.items()):
-            cards.append(ModelCard(id=name, created=int(e.created_at), root=e.model_id, parent=e.base_model))
-        for e in entries:
+            bare = targets.get(name)
+            root = bare.target if bare is not None else e.model_id
+            cards.append(ModelCard(id=name, created=int(e.created_at), root=root, parent=e.base_model))
+            for a in listing.aliases:
+                if a.name == name and a.model_id != name:
+                    cards.append(ModelCard(id=a.model_id, created=int(a.updated_at), root=a.target,
+                                           parent=e.base_model))  # fmt: skip
+        for e in listing.versions:
             cards.append(ModelCard(id=e.model_id, created=int(e.created_at), root=e.model_id, parent=e.base_model))
         return cards
 
@@ -127,7 +141,7 @@ class OpenAIIngress:
         if model == self._base_model_id:
             return ""
         try:
-            entry = await asyncio.to_thread(self._registry.resolve, model)
+            entry = await self._models.resolve(model)
         except RegistryError:
             ids = [c.id for c in await self._model_cards()]
             shown = ", ".join(ids[:_MAX_LISTED_IN_ERRORS]) + (" ..." if len(ids) > _MAX_LISTED_IN_ERRORS else "")
