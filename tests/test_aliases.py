@@ -123,6 +123,10 @@ def test_cli_promote_rollback_and_registry_listing(tmp_path, capsys):
     assert main(["rollback", "bot", *common]) == 0
     assert capsys.readouterr().out.strip() == "[rollback] bot -> bot:v1 (was v2)"
     assert main(["registry", *common]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["model", "kind"] and table[1].startswith("bot:v1")
+    assert table[-2:] == ["alias bot -> bot:v1 (before: -)", "alias bot:stable -> bot:v1 (before: -)"]
+    assert main(["registry", "--json", *common]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r for r in rows if "alias" in r] == [
         {"alias": "bot", "target": "bot:v1", "previous": []},
