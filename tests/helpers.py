@@ -119,3 +119,24 @@ def wait_for_metrics(check, timeout_s: float = 90) -> str:
         if check(text) or time.monotonic() > deadline:
             return text
         time.sleep(2)
+
+
+def prepare_demo_data(tmp: Path, rows: int, seed: int, *extra: str) -> tuple[object, list[str]]:
+    """``rows`` generated support examples preprocessed under ``tmp`` with the tiny model; returns the config and
+    the overrides that describe it (the demo config plus ``extra``), for tests that train on the shared cluster."""
+    import json
+
+    from aigc.config import load_config
+    from aigc.data.preprocess import preprocess
+    from aigc.demo.dataset import generate_support_examples
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp / "support.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in generate_support_examples(rows, seed=seed)))
+    overrides = [
+        f"data.path={src}", f"model.name_or_path={root / 'assets' / 'tiny-base'}", f"output_dir={tmp / 'out'}",
+        f"registry_dir={tmp / 'registry'}", "data.val_fraction=0.15", "data.tokenizer_actors=1", *extra,
+    ]  # fmt: skip
+    cfg = load_config(root / "configs" / "demo.yaml", overrides)
+    preprocess(cfg.data, cfg.model, cfg.output_dir)
+    return cfg, overrides

@@ -165,19 +165,11 @@ def test_fsdp_example_config_validates():
 # 4. FSDP on two CPU workers (gloo) through the real driver
 @pytest.fixture(scope="module")
 def prepared(ray_cluster, tmp_path_factory):
-    from aigc.data.preprocess import preprocess
-    from aigc.demo.dataset import generate_support_examples
+    from helpers import prepare_demo_data
 
-    tmp = tmp_path_factory.mktemp("fsdp")
-    src = tmp / "support.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in generate_support_examples(150, seed=3)))
-    overrides = [
-        f"data.path={src}", f"model.name_or_path={TINY}", f"output_dir={tmp / 'out'}",
-        f"registry_dir={tmp / 'registry'}", "data.val_fraction=0.15", "data.tokenizer_actors=1",
-        "train.epochs=2", "train.batch_size=16", "train.lr=3e-3", "train.strategy=fsdp", "train.num_workers=2",
-    ]  # fmt: skip
-    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
-    preprocess(cfg.data, cfg.model, cfg.output_dir)
+    cfg, overrides = prepare_demo_data(tmp_path_factory.mktemp("fsdp"), 150, 3, "train.epochs=2",
+                                       "train.batch_size=16", "train.lr=3e-3", "train.strategy=fsdp",
+                                       "train.num_workers=2")  # fmt: skip
     return overrides
 
 

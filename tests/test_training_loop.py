@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import prepare_demo_data
 
 from aigc.config import load_config
-from aigc.data.preprocess import dataset_rows, preprocess, read_stats
-from aigc.demo.dataset import generate_support_examples
+from aigc.data.preprocess import dataset_rows, read_stats
 from aigc.errors import TrainingError
 from aigc.registry import Registry
 
@@ -23,17 +23,8 @@ TINY = str(ROOT / "assets" / "tiny-base")
 @pytest.fixture(scope="module")
 def data(ray_cluster, tmp_path_factory):
     """120 demo rows preprocessed once; returns (overrides, train rows)."""
-    tmp = tmp_path_factory.mktemp("loop")
-    src = tmp / "support.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in generate_support_examples(120, seed=3)))
-    out = tmp / "out"
-    overrides = [
-        f"data.path={src}", f"model.name_or_path={TINY}", f"output_dir={out}", f"registry_dir={tmp / 'registry'}",
-        "data.val_fraction=0.15", "data.tokenizer_actors=1", "train.lr=3e-3", "tracking.mlflow=false",
-        "tracking.tensorboard=false",
-    ]  # fmt: skip
-    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
-    preprocess(cfg.data, cfg.model, cfg.output_dir)
+    cfg, overrides = prepare_demo_data(tmp_path_factory.mktemp("loop"), 120, 3, "train.lr=3e-3",
+                                       "tracking.mlflow=false", "tracking.tensorboard=false")  # fmt: skip
     return overrides, dataset_rows(read_stats(cfg.output_dir), "train")
 
 
