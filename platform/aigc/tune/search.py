@@ -110,8 +110,12 @@ def max_reports(cfg: PlatformConfig, space: Space, rows_train: int) -> int:
     return most
 
 
-def build_search(cfg: PlatformConfig, param_space: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """(search algorithm or None, the param_space to give the Tuner) for ``tune.search``."""
+def build_search(cfg: PlatformConfig, param_space: dict[str, Any], at_once: int = 1) -> tuple[Any, dict[str, Any]]:
+    """(search algorithm or None, the param_space to give the Tuner) for ``tune.search``.
+
+    Args:
+        at_once: trials running side by side (Optuna proposes at most that many before results come back).
+    """
     t = cfg.tune
     if t.search != "optuna":
         return None, param_space
@@ -119,11 +123,11 @@ def build_search(cfg: PlatformConfig, param_space: dict[str, Any]) -> tuple[Any,
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    # TPE learns from finished trials: a limit keeps it from proposing every trial before any has reported.
+    # TPE learns from finished trials: the limit keeps it from proposing every trial before any has reported.
     alg = OptunaSearch(
         metric=t.metric, mode=t.mode, sampler=optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=2)
     )
-    return ConcurrencyLimiter(alg, max_concurrent=max(1, t.max_concurrent_trials or 2)), param_space
+    return ConcurrencyLimiter(alg, max_concurrent=max(1, at_once)), param_space
 
 
 def build_scheduler(cfg: PlatformConfig, max_t: int) -> Any:
