@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import ray.tune
 import yaml
+from helpers import prepare_demo_data
 
 from aigc.config import load_config
-from aigc.data.preprocess import preprocess
-from aigc.demo.dataset import generate_support_examples
 from aigc.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,15 +22,8 @@ TINY = str(ROOT / "assets" / "tiny-base")
 def prepared(ray_cluster, tmp_path_factory):
     """200 demo rows, preprocessed once; a config for 2-epoch, 1-worker trials, one at a time."""
     tmp = tmp_path_factory.mktemp("sweep")
-    src = tmp / "support.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in generate_support_examples(200, seed=7)))
-    overrides = [
-        f"data.path={src}", f"model.name_or_path={TINY}", f"output_dir={tmp / 'out'}",
-        f"registry_dir={tmp / 'registry'}", "data.val_fraction=0.15", "data.tokenizer_actors=1",
-        "train.epochs=2", "train.batch_size=16", "train.adapter_name=bot", "tune.max_concurrent_trials=1",
-    ]  # fmt: skip
-    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
-    preprocess(cfg.data, cfg.model, cfg.output_dir)
+    _, overrides = prepare_demo_data(tmp, 200, 7, "train.epochs=2", "train.batch_size=16", "train.adapter_name=bot",
+                                     "tune.max_concurrent_trials=1")  # fmt: skip
     return tmp, overrides
 
 

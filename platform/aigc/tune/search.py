@@ -26,6 +26,8 @@ REPORTED_METRICS = (
     "eval_loss",
     "eval_perplexity",
     "eval_tokens",
+    "eval_exact_match",  # with train.eval_generation_samples > 0
+    "eval_rouge_l",
     "train_loss",
     "train_tokens_per_s",
     "train_time_s",
@@ -50,6 +52,11 @@ def check_sweep(cfg: PlatformConfig) -> Space:
     if t.metric not in REPORTED_METRICS:
         raise ConfigError(
             f"tune.metric: the trainer does not report {t.metric!r}; use one of {', '.join(REPORTED_METRICS)}"
+        )
+    if t.metric in ("eval_exact_match", "eval_rouge_l") and not cfg.train.eval_generation_samples:
+        raise ConfigError(
+            f"tune.metric: {t.metric!r} is reported only with generation metrics on: set "
+            "train.eval_generation_samples (e.g. 16)"
         )
     space = load_space(t.space, cfg)
     if t.search == "grid":
@@ -110,8 +117,12 @@ def max_reports(cfg: PlatformConfig, space: Space, rows_train: int) -> int:
     return most
 
 
-def build_search(cfg: PlatformConfig, param_space: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """(search algorithm or None, the param_space to give the Tuner) for ``tune.search``."""
+def build_search(cfg: PlatformConfig, param_space: dict[str, Any], at_once: int = 1) -> tuple[Any, dict[str, Any]]:
+    """(search algorithm or None, the param_space to give the Tuner) for ``tune.search``.
+
+    Args:
+        at_once: trials running side by side (Optuna proposes at most that many before results come back).
+    """
     t = cfg.tune
     if t.search != "optuna":
         return None, param_space
@@ -119,11 +130,11 @@ def build_search(cfg: PlatformConfig, param_space: dict[str, Any]) -> tuple[Any,
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    # TPE learns from finished trials: a limit keeps it from proposing every trial before any has reported.
+    # TPE learns from finished trials: the limit keeps it from proposing every trial before any has reported.
     alg = OptunaSearch(
         metric=t.metric, mode=t.mode, sampler=optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=2)
     )
-    return ConcurrencyLimiter(alg, max_concurrent=max(1, t.max_concurrent_trials or 2)), param_space
+    return ConcurrencyLimiter(alg, max_concurrent=max(1, at_once)), param_space
 
 
 def build_scheduler(cfg: PlatformConfig, max_t: int) -> Any:

@@ -88,7 +88,8 @@ def build_tuner(
     if ray.tune.Tuner.can_restore(ray_path, storage_filesystem=fs):
         return ray.tune.Tuner.restore(ray_path, trainable, resume_errored=True, storage_filesystem=fs)
 
-    search_alg, param_space = build_search(cfg, to_param_space(space, grid_as_choice=cfg.tune.search == "grid"))
+    param_space = to_param_space(space, grid_as_choice=cfg.tune.search == "grid")
+    search_alg, param_space = build_search(cfg, param_space, at_once)
     sweep_storage, sweep_fs = storage.filesystem_for_ray(storage.join(cfg.output_dir, "sweep"))
     t = cfg.tune
     return ray.tune.Tuner(
@@ -98,6 +99,9 @@ def build_tuner(
             num_samples=1 if t.search == "grid" else t.num_samples,
             max_concurrent_trials=at_once,
             search_alg=search_alg,
+            # A trial process that ended is handed the next trial: torch, transformers and peft are imported
+            # once per process, not once per trial (the largest part of a small trial's start-up).
+            reuse_actors=True,
             scheduler=build_scheduler(cfg, max_reports(cfg, space, rows_train)),
         ),
         run_config=ray.tune.RunConfig(
@@ -163,7 +167,10 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
     grid = tuner.fit()
     results = list(grid)
     t = cfg.tune
-    best = grid.get_best_result(metric=t.metric, mode=t.mode, scope="last", filter_nan_and_inf=True)
+    try:
+        best = grid.get_best_result(metric=t.metric, mode=t.mode, scope="last", filter_nan_and_inf=True)
+    except RuntimeError:  # Tune's "no best trial found": no trial reported the metric
+        best = None
     if best is None or best.metrics is None or t.metric not in best.metrics:
         errors = [str(r.error).splitlines()[0] for r in results if r.error]
         raise TrainingError(
