@@ -52,6 +52,7 @@ def test_file_then_overrides_with_yaml_typing(tmp_path):
         ),
         (["data.path=[{path: b.jsonl, wieght: 2}]"], "data.path.list.0.source.wieght: unknown key"),
         (["data.path=[]"], "data.path: Value error, an empty list"),
+        (["train.cache_data=sometimes"], "train.cache_data"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, expected):
@@ -158,3 +159,14 @@ def test_cluster_yaml_passes_rays_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text())))
+
+
+def test_cache_data_auto_caches_what_fits_in_a_fifth_of_the_object_store():
+    from aigc.train.trainer import estimated_bytes, should_cache
+
+    stats = {"rows_train": 900, "rows_val": 100, "tokens_total": 100_000}
+    need = estimated_bytes(stats)
+    assert need == 100_000 * 4 * 2 + 1000 * 64  # int32 input_ids + labels, and per-row overhead
+    assert estimated_bytes({**stats, "packing": {"rows_train": 1}}) == 100_000 * 4 * 3 + 1000 * 64
+    assert should_cache("auto", stats, 5 * need) and not should_cache("auto", stats, 5 * need - 1)
+    assert should_cache(True, stats, 0) and not should_cache(False, stats, 10**12)

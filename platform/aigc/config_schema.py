@@ -150,6 +150,11 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks); one GPU each with use_gpu.")
     use_gpu: bool = Field(False, description="Place each worker on a GPU (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    cache_data: bool | Literal["auto"] = Field(
+        "auto",
+        description="Read the shards once into Ray's object store before training (faster start of each epoch); "
+        "auto = when they take under a fifth of the cluster's object store.",
+    )
     epochs: int = Field(3, ge=1, description="Passes over the training split.")
     batch_size: int = Field(8, ge=1, description="Examples per worker per step.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated before each optimizer step.")

@@ -23,7 +23,10 @@ from aigc.train.loop import NONFINITE_KEY, WorkerConfig, train_loop_per_worker
 __all__ = [
     "TrainResult",
     "build_trainer",
+    "estimated_bytes",
+    "cache_datasets",
     "load_datasets",
+    "should_cache",
     "train_loop_config",
     "plot_history",
     "run_training",
@@ -31,6 +34,7 @@ __all__ = [
 
 _DONE_MARKER = "aigc_done.json"
 _READ_CPUS = 0.25
+_CACHE_SHARE = 0.2  # cache_data=auto: cache when the data takes under this share of the object store
 
 
 @dataclass
@@ -141,6 +145,38 @@ def load_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return datasets, stats
 
 
+def estimated_bytes(stats: dict[str, Any]) -> int:
+    """The tokenized splits' size in memory: int32 ``input_ids`` and ``labels`` (and ``position_ids`` when
+    packed) per token, plus a little per row."""
+    columns = 3 if stats.get("packing") else 2
+    rows = int(stats.get("rows_train", 0)) + int(stats.get("rows_val", 0))
+    return int(stats.get("tokens_total", 0)) * 4 * columns + rows * 64
+
+
+def should_cache(mode: bool | str, stats: dict[str, Any], object_store_bytes: float) -> bool:
+    """``train.cache_data``: always, never, or (``auto``) when the data takes under a fifth of the store."""
+    if mode != "auto":
+        return bool(mode)
+    return estimated_bytes(stats) <= _CACHE_SHARE * object_store_bytes
+
+
+def cache_datasets(cfg: PlatformConfig, datasets: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """The datasets read once into the object store (``train.cache_data``), or as given (streamed).
+
+    Streaming re-reads the Parquet shards every epoch and each worker waits for the read pipeline to start
+    (seconds per epoch on a small run, measured in bench/RESULTS.md); cached blocks are split to the workers
+    directly. Order is kept either way, so resume is exact in both modes.
+    """
+    import ray
+
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    if not should_cache(cfg.train.cache_data, stats, store):
+        print(f"[train] data streamed from the shards each epoch (~{estimated_bytes(stats) / 2**20:.1f} MiB tokenized;"
+              " train.cache_data=true caches it in the object store)")  # fmt: skip
+        return datasets
+    return {split: ds.materialize() for split, ds in datasets.items()}
+
+
 def build_trainer(
     cfg: PlatformConfig,
     datasets: dict[str, Any],
@@ -239,6 +275,7 @@ def run_training(cfg: PlatformConfig, register: bool = True, *, fault_at_step: i
     from aigc.models.loading import load_tokenizer
 
     datasets, stats = load_datasets(cfg)
+    datasets = cache_datasets(cfg, datasets, stats)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     storage_path = storage.join(cfg.output_dir, "ray")
     name = _run_name(cfg, storage_path)
