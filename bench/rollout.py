@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
 
+from _adapters import register_random_adapter  # noqa: E402  (bench/ is on the path: the script's folder)
+
 from aigc.config import load_config, with_values  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -114,22 +116,8 @@ class Load:
 
 def _register_versions(base: str, registry_dir: str) -> None:
     """Two versions of ``rollout``: LoRA adapters with different random weights (different answers)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from aigc.registry import Registry
-
     for seed in (1, 2):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        d = tempfile.mkdtemp(prefix="rollout-adapter-")
-        model.save_pretrained(d)
-        Registry(registry_dir).register("rollout", d, base_model=base)
+        register_random_adapter(base, registry_dir, "rollout", seed, r=4)
 
 
 def main() -> None:

@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
 
+from _adapters import register_random_adapter  # noqa: E402  (bench/ is on the path: the script's folder)
+
 from aigc.config import load_config, with_values  # noqa: E402
 from aigc.demo.dataset import demo_eval_prompts  # noqa: E402
 
@@ -162,23 +164,7 @@ def bench_serve(base_url: str, prompts: list[str], max_tokens: int, concurrency:
 
 def _random_adapters(base: str, registry_dir: str, n: int) -> list[str]:
     """``n`` LoRA adapters with random weights (so they change outputs), registered as bench-<i>."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from aigc.registry import Registry
-
-    ids = []
-    for i in range(n):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, target_modules="all-linear"))
-        gen = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        d = tempfile.mkdtemp(prefix="bench-adapter-")
-        model.save_pretrained(d)
-        ids.append(Registry(registry_dir).register(f"bench-{i}", d, base_model=base).model_id)
-    return ids
+    return [register_random_adapter(base, registry_dir, f"bench-{i}", seed=i) for i in range(n)]
 
 
 def _print(runs: list[Run], baseline: Run) -> None:
