@@ -3,8 +3,9 @@ runs, and how its output is found again.
 
 - **preprocess** reads ``data``, ``model`` and the data files' content; re-run when ``stats.json`` no longer
   names its shards.
-- **sweep** (``pipeline.sweep``) reads ``tune`` and the space file's content, ``train``, ``lora``, ``model``,
-  ``pipeline.sweep_epochs``; upstream preprocess; its output is ``best_config.yaml``.
+- **sweep** (``pipeline.sweep``) reads ``tune`` and the space file's content, ``train`` (but
+  ``train.num_workers``: trials have their own), ``lora``, ``model``, ``pipeline.sweep_epochs``; upstream
+  preprocess; its output is ``best_config.yaml``.
 - **train** reads ``model``, ``lora``, ``train`` with the sweep's best values; upstream sweep (or preprocess);
   its output is the exported model directory.
 - **register** reads ``registry_dir``, ``train.adapter_name``, ``pipeline.promote`` and ``pipeline.alias``;
@@ -127,7 +128,10 @@ def _sweep(cfg: PlatformConfig) -> Stage:
     swept = with_values(cfg, {"train.epochs": epochs}) if epochs else cfg
 
     def inputs(_: Outputs) -> dict[str, Any]:
-        return {**_sections(swept, "tune", "train", "lora", "model"), "space": content_hash(cfg.tune.space)}
+        sections = _sections(swept, "tune", "train", "lora", "model")
+        # Trials run tune.num_workers_per_trial workers: scaling up the final run must not sweep again.
+        del sections["train"]["num_workers"]
+        return {**sections, "space": content_hash(cfg.tune.space)}
 
     def run(_: Outputs) -> dict[str, Any]:
         from aigc.report import report_sweep
