@@ -233,6 +233,9 @@ def test_the_cli_refuses_a_bad_pipeline_before_any_ray_work(tmp_path, capsys):
     missing = tmp_path / "nowhere.jsonl"
     assert main(["pipeline", "--config", str(DEMO), f"output_dir={out}", f"pipeline.feedback={missing}"]) == 1
     assert f"pipeline.feedback: no such file {missing}; write it with `aigc feedback export" in capsys.readouterr().err
+    full = ["pipeline", "--config", str(DEMO), f"output_dir={out}", "train.method=full", "train.lr=1e-4"]
+    assert main(full) == 2
+    assert "pipeline.deploy: the app serves LoRA adapters" in capsys.readouterr().err
     assert not ray.is_initialized() and not out.exists()
 
 
@@ -260,23 +263,28 @@ def test_pipeline_is_a_job_and_a_submittable_stage(tmp_path):
 # 4. the real pipeline, end to end
 @pytest.mark.slow
 def test_pipeline_fails_at_train_then_continues_registers_promotes_and_serves(ray_cluster, tmp_path, monkeypatch):
-    """About three minutes on a busy 2-core machine: a 2-trial sweep, a training run that fails (a worker dies,
+    """Three to five minutes on a busy 2-core machine: a 2-trial sweep, a training run that fails (a worker dies,
     no restarts allowed), the re-run that skips preprocess and the sweep, trains, registers, promotes, deploys
-    and asks the endpoint; then a third run that only checks the endpoint."""
+    and asks the endpoint; a third run that only checks the endpoint; then one feedback round: a rated answer,
+    exported, mixed into the data, a new version trained and promoted on the running app without a redeploy."""
     from helpers import free_port
     from ray import serve
 
     import aigc.train.trainer as trainer
+    from aigc.config import with_values
     from aigc.demo.dataset import generate_support_examples
+    from aigc.feedback.export import export_feedback
     from aigc.pipeline import run_pipeline
     from aigc.registry import Registry
+    from aigc.serve.client import ask, openai_client
 
     data = tmp_path / "support.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in generate_support_examples(120, seed=3)))
     cfg = _config(f"data.path={data}", "data.tokenizer_actors=1", "train.num_workers=1", "train.epochs=1",
                   "train.batch_size=16", "train.eval_generation_samples=0", "train.max_failures=0",
                   "tracking.mlflow=false", "tracking.tensorboard=false", "tune.num_samples=2", "tune.seed=0",
-                  f"serve.port={free_port()}", "serve.autoscaling.max_replicas=1", "pipeline.alias=stable",
+                  f"serve.port={free_port()}", "serve.autoscaling.max_replicas=1", "serve.capture=true",
+                  "pipeline.alias=stable",
                   "pipeline.keep_serving=false", tmp_path=tmp_path)  # fmt: skip
     serve.shutdown()  # Serve's port is fixed when it starts: begin from a clean slate
     try:
@@ -310,5 +318,31 @@ def test_pipeline_fails_at_train_then_continues_registers_promotes_and_serves(ra
         again = run_pipeline(cfg)
         assert [s.outcome for s in again.stages] == ["skipped"] * 5 + ["ran"]
         assert reg.versions("support-bot") == [1] and again.base_url == res.base_url
+
+        # 4. One feedback round: a user rates an answer (with a correction), it is exported and mixed in; the new
+        #    data reruns preprocess and what follows (no sweep this time); the app keeps running (same serving
+        #    config) and the alias move reaches it.
+        client = openai_client(res.base_url)
+        answer = ask(client, "support-bot:stable", "My parcel arrived damaged. What now?", max_tokens=8)
+        fix = "I am sorry! We will send a replacement at once."
+        client.post("/feedback", cast_to=object, body={"id": answer.id, "rating": -1, "correction": fix})
+        exported = export_feedback(cfg, 1, str(tmp_path / "feedback.jsonl"))
+        assert exported.rows == exported.corrected == 1
+        nxt = with_values(cfg, {"pipeline.feedback": exported.path, "pipeline.feedback_weight": 2.0,
+                                "pipeline.sweep": False})  # fmt: skip
+        round2 = run_pipeline(nxt)
+        assert [(s.name, s.outcome) for s in round2.stages] == [
+            ("preprocess", "ran"),
+            ("train", "ran"),
+            ("register", "ran"),
+            ("deploy", "skipped"),
+            ("smoke", "ran"),
+        ]
+        assert round2.registry_id == "support-bot:v2" and reg.resolve("support-bot:stable").model_id == "support-bot:v2"
+        assert round2.stages[-1].outputs["answered_by"] == "support-bot:v2"
+        sources = json.loads((tmp_path / "out" / "data" / "stats.json").read_text())["sources"]
+        assert [(x["path"], x["rows_in"], x["rows_train_written"] in (0, 2)) for x in sources[1:]] == [
+            (exported.path, 1, True)
+        ]  # the feedback row: in train twice (weight 2), or held out for validation
     finally:
         serve.shutdown()

@@ -41,13 +41,21 @@ def _jsonable(value: Any) -> Any:
 
 
 def check_pipeline(cfg: PlatformConfig) -> None:
-    """What the pipeline section names that the schema cannot check: the feedback file exists.
+    """What the schema cannot check: the stages fit together, the feedback file exists.
 
     Raises:
+        ConfigError: ``pipeline.deploy`` with ``train.method=full`` (the app serves adapters on its base model; a
+            full fine-tune is served as a base model of its own).
         DataError: ``pipeline.feedback`` names no file.
     """
-    from aigc.errors import DataError
+    from aigc.errors import ConfigError, DataError
 
+    if cfg.pipeline.deploy and cfg.train.method == "full":
+        raise ConfigError(
+            "pipeline.deploy: the app serves LoRA adapters on model.name_or_path, and train.method=full trains a "
+            "whole model; set pipeline.deploy=false and serve the registered model as a base model "
+            "(aigc serve model.name_or_path=<its registry path> serve.base_model_id=<name:vN>)"
+        )
     if cfg.pipeline.feedback and not storage.is_file(cfg.pipeline.feedback):
         raise DataError(
             f"pipeline.feedback: no such file {cfg.pipeline.feedback}; write it with `aigc feedback export "
