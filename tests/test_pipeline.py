@@ -62,12 +62,12 @@ def _fingerprints(cfg, content: str = "data-v1", sweep_values: dict | None = Non
 
 def test_what_changes_which_stage(tmp_path):
     base = _fingerprints(_config(tmp_path=tmp_path))
-    assert list(base) == ["preprocess", "sweep", "train", "register", "deploy", "smoke"]
+    assert list(base) == ["preprocess", "sweep", "train", "register", "promote", "deploy", "smoke"]
 
     def changed(other: dict[str, str]) -> set[str]:
         return {k for k in base if base[k] != other[k]}
 
-    downstream_of_sweep = {"sweep", "train", "register", "smoke"}
+    downstream_of_sweep = {"sweep", "train", "register", "promote", "smoke"}
     # A training key: the sweep (its trials train with it) and everything after; never preprocess or deploy.
     assert changed(_fingerprints(_config("train.lr=1e-3", tmp_path=tmp_path))) == downstream_of_sweep
     assert changed(_fingerprints(_config("lora.dropout=0.1", tmp_path=tmp_path))) == downstream_of_sweep
@@ -77,11 +77,13 @@ def test_what_changes_which_stage(tmp_path):
     assert changed(_fingerprints(_config("data.max_length=96", tmp_path=tmp_path))) == everything_but_deploy
     # The sweep's choice moves train and after; a serving key moves deploy alone.
     assert changed(_fingerprints(_config(tmp_path=tmp_path), sweep_values={"train.lr": 0.002})) == {
-        "train", "register", "smoke"}  # fmt: skip
+        "train", "register", "promote", "smoke"}  # fmt: skip
     assert changed(_fingerprints(_config("serve.max_batch_size=16", tmp_path=tmp_path))) == {"deploy"}
     # More workers for the final run: trials have their own worker count, so the sweep stands.
-    assert changed(_fingerprints(_config("train.num_workers=4", tmp_path=tmp_path))) == {"train", "register", "smoke"}
-    assert changed(_fingerprints(_config("pipeline.alias=stable", tmp_path=tmp_path))) == {"register", "smoke"}
+    assert changed(_fingerprints(_config("train.num_workers=4", tmp_path=tmp_path))) == {
+        "train", "register", "promote", "smoke"}  # fmt: skip
+    # Another alias moves that alias: nothing is trained or registered again.
+    assert changed(_fingerprints(_config("pipeline.alias=stable", tmp_path=tmp_path))) == {"promote", "smoke"}
     # Keys no stage reads change nothing: tracking, the cluster size, keeping the server up.
     for key in ("tracking.mlflow=false", "cluster.num_cpus=2", "pipeline.keep_serving=false"):
         assert changed(_fingerprints(_config(key, tmp_path=tmp_path))) == set(), key
@@ -94,14 +96,16 @@ def test_a_changed_search_space_file_reruns_the_sweep(tmp_path):
     before = _fingerprints(cfg)
     space.write_text(space.read_text() + "\n# a comment changes the bytes: the sweep runs again\n")
     after = _fingerprints(cfg)
-    assert {k for k in before if before[k] != after[k]} == {"sweep", "train", "register", "smoke"}
+    assert {k for k in before if before[k] != after[k]} == {"sweep", "train", "register", "promote", "smoke"}
 
 
 def test_without_a_sweep_train_follows_preprocess_and_trains_the_config_as_is(tmp_path):
-    cfg = _config("pipeline.sweep=false", "pipeline.deploy=false", tmp_path=tmp_path)
+    cfg = _config("pipeline.sweep=false", "pipeline.deploy=false", "pipeline.promote=false", tmp_path=tmp_path)
     stages = build_stages(cfg, hash_data=lambda _: "x")
     assert [(s.name, s.upstream) for s in stages] == [("preprocess", None), ("train", "preprocess"),
                                                       ("register", "train")]  # fmt: skip
+    unpromoted = build_stages(_config("pipeline.promote=false", tmp_path=tmp_path), hash_data=lambda _: "x")
+    assert [(s.name, s.upstream) for s in unpromoted][-2:] == [("deploy", None), ("smoke", "register")]
     assert trained_config(cfg, None) is cfg
     swept = trained_config(cfg, {"values": {"train.lr": 0.001, "lora.r": 4}})
     # the best values, for the full schedule: the config's own epochs and workers
@@ -302,7 +306,7 @@ def test_pipeline_fails_at_train_then_continues_registers_promotes_and_serves(ra
         res = run_pipeline(cfg)
         assert [(s.name, s.outcome) for s in res.stages] == [
             ("preprocess", "skipped"), ("sweep", "skipped"), ("train", "ran"), ("register", "ran"),
-            ("deploy", "ran"), ("smoke", "ran")]  # fmt: skip
+            ("promote", "ran"), ("deploy", "ran"), ("smoke", "ran")]  # fmt: skip
         reg = Registry(cfg.registry_dir)
         entry = reg.resolve("support-bot:stable")
         assert (res.registry_id, res.served_as, entry.model_id) == ("support-bot:v1", "support-bot:stable",
@@ -316,7 +320,7 @@ def test_pipeline_fails_at_train_then_continues_registers_promotes_and_serves(ra
 
         # 3. Nothing changed: every stage is skipped but the endpoint check; no new version.
         again = run_pipeline(cfg)
-        assert [s.outcome for s in again.stages] == ["skipped"] * 5 + ["ran"]
+        assert [s.outcome for s in again.stages] == ["skipped"] * 6 + ["ran"]
         assert reg.versions("support-bot") == [1] and again.base_url == res.base_url
 
         # 4. One feedback round: a user rates an answer (with a correction), it is exported and mixed in; the new
@@ -335,6 +339,7 @@ def test_pipeline_fails_at_train_then_continues_registers_promotes_and_serves(ra
             ("preprocess", "ran"),
             ("train", "ran"),
             ("register", "ran"),
+            ("promote", "ran"),
             ("deploy", "skipped"),
             ("smoke", "ran"),
         ]

@@ -1,8 +1,9 @@
 """``aigc pipeline``: from a dataset to a served, promoted adapter on one Ray cluster, resumable.
 
 1. join the cluster (``RAY_ADDRESS``) or start an embedded one;
-2. run the stages (:mod:`aigc.pipeline.stages`) against ``<output_dir>/pipeline/state.json``: each is skipped
-   when it last succeeded with the same fingerprint and its output is still there;
+2. run the stages (:mod:`aigc.pipeline.stages`: preprocess, sweep, train, register, promote, deploy, smoke)
+   against ``<output_dir>/pipeline/state.json``: each is skipped when it last succeeded with the same
+   fingerprint and its output is still there;
 3. print the summary: which version is served under which name, and where;
 4. on an embedded cluster with ``pipeline.keep_serving``, keep serving until Ctrl-C (the app lives as long as
    this process); on a joined cluster the app stays up after the command ends.
@@ -67,9 +68,9 @@ def run_pipeline(cfg: PlatformConfig, block: bool = False) -> PipelineResult:
     print(f"[pipeline] {' -> '.join(s.name for s in stages)}; state in {state.path}", flush=True)
     outcomes = run_stages(stages, state, echo=lambda line: print(line, flush=True))
     out = {o.name: o.outputs for o in outcomes}
-    reg = out["register"]
-    result = PipelineResult(outcomes, reg["registry_id"], reg["served_as"], out.get("deploy", {}).get("base_url"),
-                            time.monotonic() - t0)  # fmt: skip
+    version = out["register"]["registry_id"]
+    served_as = out.get("promote", {}).get("served_as", version)
+    result = PipelineResult(outcomes, version, served_as, out.get("deploy", {}).get("base_url"), time.monotonic() - t0)
     _summary(cfg, result)
     if block and result.base_url:
         _serve_until_interrupted()
@@ -83,7 +84,8 @@ def _summary(cfg: PlatformConfig, res: PipelineResult) -> None:
         print(f"[pipeline] serving {res.served_as} -> {res.registry_id} at {res.base_url} (app {cfg.serve.app_name!r},"
               f" registry {cfg.registry_dir})")  # fmt: skip
     else:
-        print(f"[pipeline] registered {res.registry_id} as {res.served_as} (pipeline.deploy is off)")
+        shown = res.registry_id if res.served_as == res.registry_id else f"{res.registry_id} as {res.served_as}"
+        print(f"[pipeline] registered {shown} (pipeline.deploy is off)")
 
 
 def _serve_until_interrupted() -> None:

@@ -3,19 +3,20 @@ runs, and how its output is found again.
 
 - **preprocess** reads ``data``, ``model`` and the data files' content; re-run when ``stats.json`` no longer
   names its shards.
-- **sweep** (``pipeline.sweep``) reads ``tune`` and the space file's content, ``train`` (but
-  ``train.num_workers``: trials have their own), ``lora``, ``model``, ``pipeline.sweep_epochs``; upstream
+- **sweep** (``pipeline.sweep``) reads ``tune`` and the space file's content, ``train`` except
+  ``train.num_workers`` (trials have their own), ``lora``, ``model``, ``pipeline.sweep_epochs``; upstream
   preprocess; its output is ``best_config.yaml``.
 - **train** reads ``model``, ``lora``, ``train`` with the sweep's best values; upstream sweep (or preprocess);
   its output is the exported model directory.
-- **register** reads ``registry_dir``, ``train.adapter_name``, ``pipeline.promote`` and ``pipeline.alias``;
-  upstream train; its output is the published version (then the alias moves to it).
+- **register** reads ``registry_dir`` and ``train.adapter_name``; upstream train; its output is the published
+  version.
+- **promote** (``pipeline.promote``) reads ``pipeline.alias``; upstream register; moves the alias to the version.
 - **deploy** (``pipeline.deploy``) reads ``serve``, ``model``, ``registry_dir``, ``output_dir``; no upstream;
   its output is the Serve app, RUNNING.
 - **smoke** asks the served name ``pipeline.smoke_prompt``; never skipped: it checks the live endpoint.
 
 Deploy depends on no training stage on purpose: the endpoint resolves ``name`` and ``name:ALIAS`` per request,
-so a new version is served by moving the alias (register's promote), never by a redeploy. Keys no stage reads
+so a new version is served by moving the alias (the promote stage), never by a redeploy. Keys no stage reads
 (``tracking``, ``cluster``, ``pipeline.keep_serving``) change no fingerprint.
 """
 
@@ -97,8 +98,10 @@ def build_stages(cfg: PlatformConfig, hash_data: HashData) -> list[Stage]:
     if p.sweep:
         stages.append(_sweep(cfg))
     stages += [_train(cfg, "sweep" if p.sweep else "preprocess"), _register(cfg)]
+    if p.promote:
+        stages.append(_promote(cfg))
     if p.deploy:
-        stages += [_deploy(cfg), _smoke(cfg)]
+        stages += [_deploy(cfg), _smoke(cfg, "promote" if p.promote else "register")]
     return stages
 
 
@@ -181,20 +184,16 @@ def _train(cfg: PlatformConfig, upstream: str) -> Stage:
     return Stage("train", inputs, run, upstream=upstream, exists=exists)
 
 
-# 4. register (+ promote)
+# 4. register
 def _register(cfg: PlatformConfig) -> Stage:
-    p = cfg.pipeline
-
     def inputs(_: Outputs) -> dict[str, Any]:
-        return {"registry_dir": cfg.registry_dir, "name": cfg.train.adapter_name, "promote": p.promote,
-                "alias": p.alias}  # fmt: skip
+        return {"registry_dir": cfg.registry_dir, "name": cfg.train.adapter_name}
 
     def run(done: Outputs) -> dict[str, Any]:
         from aigc.registry import Registry
 
         trained, sweep = done["train"], done.get("sweep")
-        reg = Registry(cfg.registry_dir)
-        entry = reg.register(
+        entry = Registry(cfg.registry_dir).register(
             cfg.train.adapter_name,
             trained["model_dir"],
             base_model=cfg.model.name_or_path,
@@ -203,14 +202,8 @@ def _register(cfg: PlatformConfig) -> Stage:
                                                                                    "values": sweep["values"]}},
             data_hash=done["preprocess"]["data_hash"],
         )  # fmt: skip
-        out = {"registry_id": entry.model_id, "served_as": entry.model_id, "previous": None}
         print(f"[register] {trained['model_dir']} -> {entry.model_id}")
-        if p.promote:
-            alias, before = reg.promote(entry.model_id, p.alias)
-            out.update(served_as=alias.model_id, previous=before)
-            was = "unset (latest)" if before is None else f"v{before}"
-            print(f"[promote] {alias.model_id} -> {alias.target} (was {was})")
-        return out
+        return {"registry_id": entry.model_id}
 
     def exists(out: dict[str, Any]) -> bool:
         from aigc.errors import RegistryError
@@ -225,7 +218,25 @@ def _register(cfg: PlatformConfig) -> Stage:
     return Stage("register", inputs, run, upstream="train", exists=exists)
 
 
-# 5. deploy
+# 5. promote
+def _promote(cfg: PlatformConfig) -> Stage:
+    """Move the alias to the new version. Its own stage, so a changed ``pipeline.alias`` moves an alias and
+    registers nothing; recorded as done, it is not redone: an alias rolled back by hand stays rolled back until
+    a new version is registered."""
+    alias_name = cfg.pipeline.alias
+
+    def run(done: Outputs) -> dict[str, Any]:
+        from aigc.registry import Registry
+
+        alias, before = Registry(cfg.registry_dir).promote(done["register"]["registry_id"], alias_name)
+        was = "unset (latest)" if before is None else f"v{before}"
+        print(f"[promote] {alias.model_id} -> {alias.target} (was {was})")
+        return {"served_as": alias.model_id, "previous": before}
+
+    return Stage("promote", lambda _: {"alias": alias_name}, run, upstream="register")
+
+
+# 6. deploy
 def _deploy(cfg: PlatformConfig) -> Stage:
     def inputs(_: Outputs) -> dict[str, Any]:
         return {**_sections(cfg, "serve", "model"), "registry_dir": cfg.registry_dir, "output_dir": cfg.output_dir}
@@ -244,8 +255,8 @@ def _deploy(cfg: PlatformConfig) -> Stage:
     return Stage("deploy", inputs, run, exists=exists)
 
 
-# 6. smoke
-def _smoke(cfg: PlatformConfig) -> Stage:
+# 7. smoke
+def _smoke(cfg: PlatformConfig, upstream: str) -> Stage:
     p = cfg.pipeline
 
     def inputs(done: Outputs) -> dict[str, Any]:
@@ -254,12 +265,12 @@ def _smoke(cfg: PlatformConfig) -> Stage:
     def run(done: Outputs) -> dict[str, Any]:
         from aigc.pipeline.smoke import smoke_test
 
-        reg = done["register"]
+        version = done["register"]["registry_id"]
+        name = done.get("promote", {}).get("served_as", version)
         timeout = max(10.0, 5 * cfg.serve.resolve_cache_s)  # a moved alias reaches traffic within resolve_cache_s
-        res = smoke_test(done["deploy"]["base_url"], reg["served_as"], reg["registry_id"], p.smoke_prompt,
-                         p.smoke_max_tokens, timeout)  # fmt: skip
+        res = smoke_test(done["deploy"]["base_url"], name, version, p.smoke_prompt, p.smoke_max_tokens, timeout)
         print(f"[smoke] {res['model']} ({res['answered_by']}) answered {p.smoke_prompt!r} with {res['answer']!r} "
               f"in {res['latency_s']:.2f}s")  # fmt: skip
         return res
 
-    return Stage("smoke", inputs, run, upstream="register", cached=False)
+    return Stage("smoke", inputs, run, upstream=upstream, cached=False)
