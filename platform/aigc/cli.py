@@ -5,6 +5,7 @@
     aigc sweep      --config configs/demo.yaml tune.num_samples=8
     aigc serve      --config configs/demo.yaml serve.port=8001
     aigc demo       --config configs/demo.yaml
+    aigc pipeline   --config configs/demo.yaml          # preprocess -> sweep -> train -> register -> serve, resumable
     aigc config     --config configs/demo.yaml          # print the resolved config
     aigc registry   --config configs/demo.yaml [--json] # registered models and aliases (a table, or JSON lines)
     aigc export NAME[:vN] --out DIR [--merge] --config configs/demo.yaml  # a registered model as a plain dir
@@ -68,12 +69,19 @@ def _demo(cfg: PlatformConfig) -> None:
     run_demo(cfg)
 
 
+def _pipeline(cfg: PlatformConfig) -> None:
+    from aigc.pipeline import run_pipeline
+
+    run_pipeline(cfg, block=cfg.pipeline.keep_serving)
+
+
 STAGES: dict[str, Callable[[PlatformConfig], None]] = {
     "preprocess": _preprocess,
     "train": _train,
     "sweep": _sweep,
     "serve": _serve,
     "demo": _demo,
+    "pipeline": _pipeline,
 }
 
 
@@ -102,7 +110,13 @@ def _precheck(stage: str, cfg: PlatformConfig) -> None:
     from aigc.data.reading import check_columns, list_input_files
     from aigc.tune.space import load_space
 
-    if stage == "serve":  # no keys on a public address: refuse before anything else
+    if stage == "pipeline":
+        from aigc.pipeline.stages import check_pipeline, pipeline_config
+
+        check_pipeline(cfg)
+        cfg = pipeline_config(cfg)  # the data it reads: data.path plus pipeline.feedback
+    deploys = stage == "serve" or (stage == "pipeline" and cfg.pipeline.deploy)
+    if deploys:  # no keys on a public address: refuse before anything else
         from aigc.serve.auth import check_exposure
 
         s = cfg.serve
@@ -112,17 +126,18 @@ def _precheck(stage: str, cfg: PlatformConfig) -> None:
 
         check_output_dir(cfg)
     _check_context(cfg)
-    if stage in ("preprocess", "demo"):
+    if stage in ("preprocess", "demo", "pipeline"):
         check_columns(list_input_files(cfg.data), cfg.data)  # every source: its files exist and fit its format
-    if stage in ("train", "sweep"):
+    if stage in ("train", "sweep", "pipeline"):
         from aigc.models.targets import check_target_modules
         from aigc.train.model_setup import check_strategy
 
         check_strategy(cfg.train)
         if cfg.train.method != "full":
             check_target_modules(cfg.model, cfg.lora)
-        read_stats(cfg.output_dir)
-    if stage in ("sweep", "demo"):
+        if stage != "pipeline":  # the pipeline preprocesses first
+            read_stats(cfg.output_dir)
+    if stage in ("sweep", "demo") or (stage == "pipeline" and cfg.pipeline.sweep):
         load_space(cfg.tune.space, cfg)
 
 

@@ -24,6 +24,7 @@ from aigc.config_schema import (
     LoraConfig,
     ModelConfig,
     ModerationConfig,
+    PipelineConfig,
     PlatformConfig,
     ServeConfig,
     SourceConfig,
@@ -41,6 +42,7 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "ModerationConfig",
+    "PipelineConfig",
     "PlatformConfig",
     "ServeConfig",
     "SourceConfig",
@@ -197,6 +199,8 @@ def resolve_paths(cfg: PlatformConfig) -> PlatformConfig:
         out.serve.api_keys_file = _absolute(cfg.serve.api_keys_file)
     if cfg.serve.feedback_dir:
         out.serve.feedback_dir = _absolute(cfg.serve.feedback_dir)
+    if cfg.pipeline.feedback:
+        out.pipeline.feedback = _absolute(cfg.pipeline.feedback)
     if os.path.exists(cfg.model.name_or_path):
         out.model.name_or_path = _absolute(cfg.model.name_or_path)
     return out

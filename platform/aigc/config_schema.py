@@ -16,6 +16,7 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "ModerationConfig",
+    "PipelineConfig",
     "PlatformConfig",
     "ServeConfig",
     "SourceConfig",
@@ -384,6 +385,58 @@ class ClusterConfig(_Section):
     )
 
 
+class PipelineConfig(_Section):
+    """``aigc pipeline``: preprocess -> sweep -> train -> register (+ promote) -> deploy -> smoke test, each stage
+    skipped when its inputs have not changed since it last succeeded (:mod:`aigc.pipeline`)."""
+
+    sweep: bool = Field(
+        True, description="Sweep (tune section) and train the best trial's values; false = train the config as is."
+    )
+    sweep_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Epochs of each sweep trial (short trials); unset = train.epochs. The final run "
+        "always trains train.epochs.",
+    )
+    feedback: str | None = Field(
+        None,
+        min_length=1,
+        description="An `aigc feedback export` file (messages format) mixed into data.path as one more source.",
+    )
+    feedback_weight: float = Field(1.0, gt=0, description="Mixture weight of the feedback rows (2 = each twice).")
+    promote: bool = Field(True, description="Move the alias to the newly registered version.")
+    alias: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z][A-Za-z0-9._-]{0,63}$",
+        description="The alias promoted (name:ALIAS); unset = the bare name, what `model: <adapter_name>` serves.",
+    )
+    deploy: bool = Field(True, description="Deploy (or update) the Serve app on this cluster, then smoke-test it.")
+    smoke_prompt: str = Field(
+        "Hello, where is my order?", min_length=1, description="Asked of the promoted model through the openai client."
+    )
+    smoke_max_tokens: int = Field(16, ge=1, description="Answer length of the smoke test.")
+    keep_serving: bool = Field(
+        True,
+        description="On an embedded local cluster, keep serving after the pipeline until Ctrl-C (the app ends "
+        "with the process); a joined cluster (RAY_ADDRESS) keeps the app anyway.",
+    )
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, v: str | None) -> str | None:
+        if v is not None and (re.fullmatch(r"v[0-9]+", v) or v == "latest"):
+            raise ValueError(f"{v!r} is reserved: 'vN' names a version and 'latest' the newest one")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.sweep_epochs is not None and not self.sweep:
+            raise ValueError("sweep_epochs is set but sweep is false: drop one of them")
+        if self.alias is not None and not self.promote:
+            raise ValueError(f"alias {self.alias!r} is set but promote is false: nothing would move it")
+        return self
+
+
 class PlatformConfig(_Section):
     """One run of the platform: every stage reads the section it needs."""
 
@@ -397,6 +450,7 @@ class PlatformConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @field_validator("output_dir", "registry_dir")
     @classmethod

@@ -12,6 +12,10 @@ from typing import Any
 __all__ = ["registry_table", "report_export", "report_preprocess", "report_sweep", "report_train"]
 
 
+def _registered(registry_id: str | None) -> str:
+    return f"registered as {registry_id}" if registry_id else "not registered"
+
+
 def report_preprocess(res: Any) -> None:
     """Rows in, kept, rejected by reason, token counts and where the shards went."""
     s = res.stats
@@ -34,7 +38,7 @@ def report_train(res: Any, per_epoch: bool = False) -> None:
     print(
         f"[train] eval loss {m.get('initial_eval_loss') or nan:.4f} -> {m.get('eval_loss', nan):.4f} "
         f"(perplexity {m.get('eval_perplexity', nan):.2f}) after {m.get('epoch')} epochs\n"
-        f"[train] model: {res.adapter_dir}; registered as {res.registry_id}"
+        f"[train] model: {res.adapter_dir}; {_registered(res.registry_id)}"
     )
 
 
@@ -46,7 +50,7 @@ def report_sweep(res: Any) -> None:
     loss = res.best_metrics.get("eval_loss")
     shown = f"{loss:.4f}" if isinstance(loss, float) else "n/a"
     print(f"[sweep] best {res.best_overrides}: eval loss {shown}; config: {res.best_config_path}\n"
-          f"[sweep] model: {res.adapter_dir}; registered as {res.registry_id}")  # fmt: skip
+          f"[sweep] model: {res.adapter_dir}; {_registered(res.registry_id)}")  # fmt: skip
 
 
 _COLUMNS = ("model", "kind", "base model", "data", "eval_loss", "created")

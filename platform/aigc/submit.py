@@ -35,6 +35,7 @@ STAGE_SCRIPTS = {
     "sweep": "jobs/sweep.py",
     "serve": "jobs/serve.py",
     "demo": "jobs/demo.py",
+    "pipeline": "jobs/pipeline.py",
 }
 # Never uploaded (gitignore syntax): run outputs, environments, VCS data and caches. Ray caps a working dir
 # at 500 MiB; these are what would blow it.

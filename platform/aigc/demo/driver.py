@@ -27,19 +27,15 @@ def _banner(step: str, t0: float) -> None:
 
 def score_models(base_url: str, models: list[str], prompts: list[str], max_tokens: int = 48) -> dict[str, Any]:
     """Greedy answers of each model to each held-out prompt, scored by the demo task's checker."""
-    from openai import OpenAI
-
     from aigc.demo.dataset import score_answer
+    from aigc.serve.client import ask, openai_client
 
-    client = OpenAI(base_url=base_url, api_key="not-needed-locally", timeout=60, max_retries=1)
+    client = openai_client(base_url)
     out: dict[str, Any] = {}
     for model in models:
         answers = []
         for q in prompts:
-            r = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0
-            )
-            answers.append(r.choices[0].message.content or "")
+            answers.append(ask(client, model, q, max_tokens).choices[0].message.content or "")
         correct = [score_answer(q, a) for q, a in zip(prompts, answers, strict=True)]
         out[model] = {"accuracy": sum(correct) / len(prompts), "answers": answers, "correct": correct}
     return out
@@ -47,20 +43,13 @@ def score_models(base_url: str, models: list[str], prompts: list[str], max_token
 
 def _show_chat(base_url: str, models: list[str], question: str) -> None:
     """One question to each model, the fine-tuned ones streamed token by token."""
-    from openai import OpenAI
+    from aigc.serve.client import ask, openai_client
 
-    client = OpenAI(base_url=base_url, api_key="not-needed-locally", timeout=60, max_retries=1)
+    client = openai_client(base_url)
     print(f"\n  customer> {question}")
     for model in models:
         print(f"  {model:>18}> ", end="", flush=True)
-        stream = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": question}],
-            max_tokens=48,
-            temperature=0,
-            stream=True,
-        )
-        for chunk in stream:
+        for chunk in ask(client, model, question, max_tokens=48, stream=True):
             if chunk.choices and chunk.choices[0].delta.content:
                 print(chunk.choices[0].delta.content, end="", flush=True)
         print()

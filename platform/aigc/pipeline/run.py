@@ -1,0 +1,103 @@
+"""``aigc pipeline``: from a dataset to a served, promoted adapter on one Ray cluster, resumable.
+
+1. join the cluster (``RAY_ADDRESS``) or start an embedded one;
+2. run the stages (:mod:`aigc.pipeline.stages`: preprocess, sweep, train, register, promote, deploy, smoke)
+   against ``<output_dir>/pipeline/state.json``: each is skipped when it last succeeded with the same
+   fingerprint and its output is still there;
+3. print the summary: which version is served under which name, and where;
+4. on an embedded cluster with ``pipeline.keep_serving``, keep serving until Ctrl-C (the app lives as long as
+   this process); on a joined cluster the app stays up after the command ends.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aigc.config import PlatformConfig
+from aigc.pipeline.runner import StageOutcome, run_stages
+from aigc.pipeline.stages import build_stages, pipeline_config
+from aigc.pipeline.state import PipelineState, state_path
+
+__all__ = ["PipelineResult", "ray_data_hash", "run_pipeline"]
+
+
+@dataclass
+class PipelineResult:
+    """Every stage's outcome, and where the result is served (None without the deploy stage)."""
+
+    stages: list[StageOutcome]
+    registry_id: str
+    served_as: str
+    base_url: str | None
+    elapsed_s: float
+
+    def outcome(self, name: str) -> str:
+        return next(s.outcome for s in self.stages if s.name == name)
+
+
+def ray_data_hash(data: Any) -> str:
+    """The content hash of ``data``'s input files, each hashed by a Ray task where it is read."""
+    import ray
+
+    from aigc.data.sources import hash_inputs, list_input_files
+    from aigc.pipeline.fingerprint import data_hash
+
+    return data_hash(ray.get(hash_inputs(list_input_files(data))))
+
+
+def run_pipeline(cfg: PlatformConfig, block: bool = False) -> PipelineResult:
+    """Run (or continue) the pipeline on the current Ray cluster (started if needed).
+
+    Args:
+        cfg: the run's config; ``pipeline`` says which stages run.
+        block: after the summary, keep serving until Ctrl-C (what ``aigc pipeline`` does on an embedded cluster).
+
+    Raises:
+        AigcError: the stage that failed (recorded as failed; re-running continues from it).
+    """
+    from aigc.cluster import init_ray
+
+    t0 = time.monotonic()
+    cfg = pipeline_config(cfg)
+    init_ray(cfg.cluster.num_cpus)
+    state = PipelineState.load(state_path(cfg.output_dir))
+    stages = build_stages(cfg, ray_data_hash)
+    print(f"[pipeline] {' -> '.join(s.name for s in stages)}; state in {state.path}", flush=True)
+    outcomes = run_stages(stages, state, echo=lambda line: print(line, flush=True))
+    out = {o.name: o.outputs for o in outcomes}
+    version = out["register"]["registry_id"]
+    served_as = out.get("promote", {}).get("served_as", version)
+    result = PipelineResult(outcomes, version, served_as, out.get("deploy", {}).get("base_url"), time.monotonic() - t0)
+    _summary(cfg, result)
+    if block and result.base_url:
+        _serve_until_interrupted()
+    return result
+
+
+def _summary(cfg: PlatformConfig, res: PipelineResult) -> None:
+    counts = {k: sum(s.outcome == k for s in res.stages) for k in ("ran", "skipped")}
+    print(f"[pipeline] done in {res.elapsed_s:.0f}s: {counts['ran']} ran, {counts['skipped']} skipped")
+    if res.base_url:
+        print(f"[pipeline] serving {res.served_as} -> {res.registry_id} at {res.base_url} (app {cfg.serve.app_name!r},"
+              f" registry {cfg.registry_dir})")  # fmt: skip
+    else:
+        shown = res.registry_id if res.served_as == res.registry_id else f"{res.registry_id} as {res.served_as}"
+        print(f"[pipeline] registered {shown} (pipeline.deploy is off)")
+
+
+def _serve_until_interrupted() -> None:
+    from ray import serve
+
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a joined cluster keeps the app after this process ends
+    print("[pipeline] embedded cluster: serving until Ctrl-C (pipeline.keep_serving=false to exit at once)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("[pipeline] shutting down")
+    finally:
+        serve.shutdown()

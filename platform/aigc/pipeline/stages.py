@@ -1,0 +1,276 @@
+"""The pipeline's stages, built on the platform's stage functions: what each reads (its fingerprint), how it
+runs, and how its output is found again.
+
+- **preprocess** reads ``data``, ``model`` and the data files' content; re-run when ``stats.json`` no longer
+  names its shards.
+- **sweep** (``pipeline.sweep``) reads ``tune`` and the space file's content, ``train`` except
+  ``train.num_workers`` (trials have their own), ``lora``, ``model``, ``pipeline.sweep_epochs``; upstream
+  preprocess; its output is ``best_config.yaml``.
+- **train** reads ``model``, ``lora``, ``train`` with the sweep's best values; upstream sweep (or preprocess);
+  its output is the exported model directory.
+- **register** reads ``registry_dir`` and ``train.adapter_name``; upstream train; its output is the published
+  version.
+- **promote** (``pipeline.promote``) reads ``pipeline.alias``; upstream register; moves the alias to the version.
+- **deploy** (``pipeline.deploy``) reads ``serve``, ``model``, ``registry_dir``, ``output_dir``; no upstream;
+  its output is the Serve app, RUNNING.
+- **smoke** asks the served name ``pipeline.smoke_prompt``; never skipped: it checks the live endpoint.
+
+Deploy depends on no training stage on purpose: the endpoint resolves ``name`` and ``name:ALIAS`` per request,
+so a new version is served by moving the alias (the promote stage), never by a redeploy. Keys no stage reads
+(``tracking``, ``cluster``, ``pipeline.keep_serving``) change no fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aigc import storage
+from aigc.config import DataConfig, PlatformConfig, with_values
+from aigc.pipeline.fingerprint import content_hash
+from aigc.pipeline.runner import Outputs, Stage
+
+__all__ = ["build_stages", "check_pipeline", "pipeline_config", "trained_config"]
+
+HashData = Callable[[DataConfig], str]
+
+
+def _jsonable(value: Any) -> Any:
+    """Tune's sampled values (numpy scalars included) as plain JSON values."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def check_pipeline(cfg: PlatformConfig) -> None:
+    """What the schema cannot check: the stages fit together, the feedback file exists.
+
+    Raises:
+        ConfigError: ``pipeline.deploy`` with ``train.method=full`` (the app serves adapters on its base model; a
+            full fine-tune is served as a base model of its own).
+        DataError: ``pipeline.feedback`` names no file.
+    """
+    from aigc.errors import ConfigError, DataError
+
+    if cfg.pipeline.deploy and cfg.train.method == "full":
+        raise ConfigError(
+            "pipeline.deploy: the app serves LoRA adapters on model.name_or_path, and train.method=full trains a "
+            "whole model; set pipeline.deploy=false and serve the registered model as a base model "
+            "(aigc serve model.name_or_path=<its registry path> serve.base_model_id=<name:vN>)"
+        )
+    if cfg.pipeline.feedback and not storage.is_file(cfg.pipeline.feedback):
+        raise DataError(
+            f"pipeline.feedback: no such file {cfg.pipeline.feedback}; write it with `aigc feedback export "
+            f"--output {cfg.pipeline.feedback}` (or drop pipeline.feedback)"
+        )
+
+
+def pipeline_config(cfg: PlatformConfig) -> PlatformConfig:
+    """``cfg`` with ``pipeline.feedback`` mixed into ``data.path`` as one more source (format ``messages``, no
+    column renames, weight ``pipeline.feedback_weight``); ``cfg`` itself when there is no feedback file."""
+    p = cfg.pipeline
+    if not p.feedback:
+        return cfg
+    items = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
+    sources = [s if isinstance(s, str) else s.model_dump(exclude_none=True) for s in items]
+    feedback = {"path": p.feedback, "format": "messages", "columns": {}, "weight": p.feedback_weight}
+    return with_values(cfg, {"data.path": [*sources, feedback]})
+
+
+def trained_config(cfg: PlatformConfig, sweep: dict[str, Any] | None) -> PlatformConfig:
+    """What the train stage trains: ``cfg`` with the sweep's best values, for the full schedule (``train.epochs``
+    and ``train.num_workers`` of ``cfg``, unless the space searched them)."""
+    return with_values(cfg, sweep["values"]) if sweep else cfg
+
+
+def _sections(cfg: PlatformConfig, *names: str) -> dict[str, Any]:
+    return {n: getattr(cfg, n).model_dump(mode="json") for n in names}
+
+
+def build_stages(cfg: PlatformConfig, hash_data: HashData) -> list[Stage]:
+    """The stages ``cfg.pipeline`` asks for, in order.
+
+    Args:
+        cfg: the pipeline's config (:func:`pipeline_config` applied).
+        hash_data: a dataset's content hash (the real pipeline hashes every file with Ray tasks).
+    """
+    p = cfg.pipeline
+    stages = [_preprocess(cfg, hash_data)]
+    if p.sweep:
+        stages.append(_sweep(cfg))
+    stages += [_train(cfg, "sweep" if p.sweep else "preprocess"), _register(cfg)]
+    if p.promote:
+        stages.append(_promote(cfg))
+    if p.deploy:
+        stages += [_deploy(cfg), _smoke(cfg, "promote" if p.promote else "register")]
+    return stages
+
+
+# 1. preprocess
+def _preprocess(cfg: PlatformConfig, hash_data: HashData) -> Stage:
+    def inputs(_: Outputs) -> dict[str, Any]:
+        return {**_sections(cfg, "data", "model"), "content": hash_data(cfg.data)}
+
+    def run(_: Outputs) -> dict[str, Any]:
+        from aigc.data.preprocess import preprocess
+        from aigc.report import report_preprocess
+
+        res = preprocess(cfg.data, cfg.model, cfg.output_dir)
+        report_preprocess(res)
+        s = res.stats
+        return {"shards": s["shards"], "data_hash": s["fingerprint"], "rows_train": s["rows_train"],
+                "rows_val": s["rows_val"]}  # fmt: skip
+
+    def exists(out: dict[str, Any]) -> bool:
+        from aigc.data.preprocess import read_stats, shards_dir
+        from aigc.errors import DataError
+
+        try:
+            stats = read_stats(cfg.output_dir)
+            return stats.get("shards") == out.get("shards") and storage.is_dir(shards_dir(cfg.output_dir, stats))
+        except DataError:
+            return False
+
+    return Stage("preprocess", inputs, run, exists=exists)
+
+
+# 2. sweep
+def _sweep(cfg: PlatformConfig) -> Stage:
+    epochs = cfg.pipeline.sweep_epochs
+    swept = with_values(cfg, {"train.epochs": epochs}) if epochs else cfg
+
+    def inputs(_: Outputs) -> dict[str, Any]:
+        sections = _sections(swept, "tune", "train", "lora", "model")
+        # Trials run tune.num_workers_per_trial workers: scaling up the final run must not sweep again.
+        del sections["train"]["num_workers"]
+        return {**sections, "space": content_hash(cfg.tune.space)}
+
+    def run(_: Outputs) -> dict[str, Any]:
+        from aigc.report import report_sweep
+        from aigc.tune.sweep import run_sweep
+
+        # Not registered: the sweep only chooses values; the train stage trains them for the full schedule.
+        res = run_sweep(swept, register=False)
+        report_sweep(res)
+        metrics = {k: v for k, v in res.best_metrics.items() if isinstance(v, int | float)}
+        return _jsonable({"sweep_id": res.sweep_id, "values": res.best_overrides, "metrics": metrics,
+                          "best_config": res.best_config_path})  # fmt: skip
+
+    def exists(out: dict[str, Any]) -> bool:
+        return bool(out.get("best_config")) and storage.is_file(out["best_config"])
+
+    return Stage("sweep", inputs, run, upstream="preprocess", exists=exists)
+
+
+# 3. train
+def _train(cfg: PlatformConfig, upstream: str) -> Stage:
+    def inputs(done: Outputs) -> dict[str, Any]:
+        return _sections(trained_config(cfg, done.get("sweep")), "model", "lora", "train")
+
+    def run(done: Outputs) -> dict[str, Any]:
+        from aigc.report import report_train
+        from aigc.train.trainer import run_training
+
+        res = run_training(trained_config(cfg, done.get("sweep")), register=False)  # the register stage does it
+        report_train(res)
+        return _jsonable({"model_dir": res.model_dir, "metrics": res.metrics})
+
+    def exists(out: dict[str, Any]) -> bool:
+        return (
+            bool(out.get("model_dir"))
+            and storage.is_dir(out["model_dir"])
+            and bool(storage.list_files(out["model_dir"], recursive=False))
+        )
+
+    return Stage("train", inputs, run, upstream=upstream, exists=exists)
+
+
+# 4. register
+def _register(cfg: PlatformConfig) -> Stage:
+    def inputs(_: Outputs) -> dict[str, Any]:
+        return {"registry_dir": cfg.registry_dir, "name": cfg.train.adapter_name}
+
+    def run(done: Outputs) -> dict[str, Any]:
+        from aigc.registry import Registry
+
+        trained, sweep = done["train"], done.get("sweep")
+        entry = Registry(cfg.registry_dir).register(
+            cfg.train.adapter_name,
+            trained["model_dir"],
+            base_model=cfg.model.name_or_path,
+            metrics=trained["metrics"],
+            config={**trained_config(cfg, sweep).model_dump(), "sweep": sweep and {"id": sweep["sweep_id"],
+                                                                                   "values": sweep["values"]}},
+            data_hash=done["preprocess"]["data_hash"],
+        )  # fmt: skip
+        print(f"[register] {trained['model_dir']} -> {entry.model_id}")
+        return {"registry_id": entry.model_id}
+
+    def exists(out: dict[str, Any]) -> bool:
+        from aigc.errors import RegistryError
+        from aigc.registry import Registry
+
+        try:
+            Registry(cfg.registry_dir).resolve(out["registry_id"])
+            return True
+        except (RegistryError, KeyError):
+            return False
+
+    return Stage("register", inputs, run, upstream="train", exists=exists)
+
+
+# 5. promote
+def _promote(cfg: PlatformConfig) -> Stage:
+    """Move the alias to the new version. Its own stage, so a changed ``pipeline.alias`` moves an alias and
+    registers nothing; recorded as done, it is not redone: an alias rolled back by hand stays rolled back until
+    a new version is registered."""
+    alias_name = cfg.pipeline.alias
+
+    def run(done: Outputs) -> dict[str, Any]:
+        from aigc.registry import Registry
+
+        alias, before = Registry(cfg.registry_dir).promote(done["register"]["registry_id"], alias_name)
+        was = "unset (latest)" if before is None else f"v{before}"
+        print(f"[promote] {alias.model_id} -> {alias.target} (was {was})")
+        return {"served_as": alias.model_id, "previous": before}
+
+    return Stage("promote", lambda _: {"alias": alias_name}, run, upstream="register")
+
+
+# 6. deploy
+def _deploy(cfg: PlatformConfig) -> Stage:
+    def inputs(_: Outputs) -> dict[str, Any]:
+        return {**_sections(cfg, "serve", "model"), "registry_dir": cfg.registry_dir, "output_dir": cfg.output_dir}
+
+    def run(_: Outputs) -> dict[str, Any]:
+        from aigc.serve.run import run_server
+
+        return {"base_url": run_server(cfg, blocking=False), "app": cfg.serve.app_name}
+
+    def exists(out: dict[str, Any]) -> bool:
+        from ray import serve
+
+        app = serve.status().applications.get(out.get("app", ""))
+        return app is not None and app.status == "RUNNING"
+
+    return Stage("deploy", inputs, run, exists=exists)
+
+
+# 7. smoke
+def _smoke(cfg: PlatformConfig, upstream: str) -> Stage:
+    p = cfg.pipeline
+
+    def inputs(done: Outputs) -> dict[str, Any]:
+        return {"prompt": p.smoke_prompt, "max_tokens": p.smoke_max_tokens, "base_url": done["deploy"]["base_url"]}
+
+    def run(done: Outputs) -> dict[str, Any]:
+        from aigc.pipeline.smoke import smoke_test
+
+        version = done["register"]["registry_id"]
+        name = done.get("promote", {}).get("served_as", version)
+        timeout = max(10.0, 5 * cfg.serve.resolve_cache_s)  # a moved alias reaches traffic within resolve_cache_s
+        res = smoke_test(done["deploy"]["base_url"], name, version, p.smoke_prompt, p.smoke_max_tokens, timeout)
+        print(f"[smoke] {res['model']} ({res['answered_by']}) answered {p.smoke_prompt!r} with {res['answer']!r} "
+              f"in {res['latency_s']:.2f}s")  # fmt: skip
+        return res
+
+    return Stage("smoke", inputs, run, upstream=upstream, cached=False)
