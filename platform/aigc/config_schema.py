@@ -150,6 +150,11 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks); one GPU each with use_gpu.")
     use_gpu: bool = Field(False, description="Place each worker on a GPU (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How workers are placed on nodes (Ray placement group strategy): PACK fills as few nodes as "
+        "possible; SPREAD spreads them where it can; STRICT_PACK one node; STRICT_SPREAD one node per worker.",
+    )
     epochs: int = Field(3, ge=1, description="Passes over the training split.")
     batch_size: int = Field(8, ge=1, description="Examples per worker per step.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated before each optimizer step.")
