@@ -2,7 +2,10 @@
 #   make demo       preprocess -> LoRA fine-tune -> sweep -> serve -> chat, on an embedded Ray cluster
 #   make test       lint + every test tier (unit, integration on a local Ray cluster, slow end-to-end), what CI runs
 #   make test-fast  unit tests only (no Ray cluster), for iteration: under 2 minutes
-#   make test-slow  the slow end-to-end tests alone (the whole demo as a subprocess, `ray job submit`)
+#   make test-slow  the slow end-to-end tests alone (the whole demo as a subprocess, the two-node cluster tests)
+#   make test-cluster  README's "On a real cluster" on a two-node `ray start` cluster on this machine: every
+#                   jobs/*.py as a Ray job, Train workers and Serve replicas on both nodes, aigc submit/jobs,
+#                   serve deploy, aigc promote/rollback under traffic (part of `make test` and `make test-slow`)
 #
 # torch: on a machine without a GPU we pin the CPU wheel (small, no CUDA libraries);
 # where `nvidia-smi` answers we install the default CUDA build. Override with TORCH=cpu|cuda.
@@ -16,7 +19,7 @@ TORCH ?= $(shell (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/n
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-slow lint format clean assets
+.PHONY: setup demo test test-fast test-slow test-cluster lint format clean assets
 
 setup: $(VENV)/.installed
 
@@ -45,6 +48,9 @@ test-fast: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-cluster: setup
+	$(PY) -m pytest tests/test_cluster.py $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -91,7 +91,17 @@ def ray_cluster(s3_server):
             ray.shutdown()
 
 
-_SUBPROCESS_STAGE_MODULES = {"test_demo.py", "test_jobs.py"}  # run stages in subprocesses with their own cluster
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory):
+    """A `ray start` head and a second node on this machine (tests/cluster.py), started once per session for
+    every test that submits jobs to a real cluster; both nodes are stopped at session end."""
+    from cluster import two_node_cluster as start
+
+    with start(tmp_path_factory.mktemp("shared-storage")) as cluster:
+        yield cluster
+
+
+_SUBPROCESS_STAGE_MODULES = {"test_demo.py", "test_cluster.py"}  # run stages in subprocesses with their own cluster
 
 
 def pytest_collection_modifyitems(config, items):

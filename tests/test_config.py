@@ -53,6 +53,10 @@ def test_file_then_overrides_with_yaml_typing(tmp_path):
         (["data.path=[{path: b.jsonl, wieght: 2}]"], "data.path.list.0.source.wieght: unknown key"),
         (["data.path=[]"], "data.path: Value error, an empty list"),
         (["train.cache_data=sometimes"], "train.cache_data"),
+        (
+            ["train.placement_strategy=spread"],
+            "train.placement_strategy: Input should be 'PACK', 'SPREAD', 'STRICT_PACK' or 'STRICT_SPREAD'",
+        ),
     ],
 )
 def test_invalid_values_name_the_field(overrides, expected):

@@ -77,3 +77,19 @@ def test_an_unreachable_cluster_is_one_line_naming_the_address(capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"aigc jobs: cannot reach the Ray cluster at {address}") and "RAY_AUTH_MODE=token" in err
     assert len(err.splitlines()) == 1
+
+
+def test_serve_stage_deploys_and_returns_as_a_submitted_job(monkeypatch, capsys):
+    """Under `ray job submit` nobody can press Ctrl-C: the serve stage deploys and returns (the app stays up)."""
+    import aigc.serve.run
+    from aigc.cli import STAGES
+    from aigc.config import load_config
+
+    calls = []
+    monkeypatch.setattr(aigc.serve.run, "run_server", lambda cfg, blocking=True: calls.append(blocking))
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    STAGES["serve"](load_config())
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor gives a job's driver
+    STAGES["serve"](load_config())
+    assert calls == [True, False]
+    assert capsys.readouterr().out.count("keeps running on the cluster") == 1

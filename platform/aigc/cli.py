@@ -58,9 +58,15 @@ def _sweep(cfg: PlatformConfig) -> None:
 
 
 def _serve(cfg: PlatformConfig) -> None:
+    from aigc.cluster import in_submitted_job
     from aigc.serve.run import run_server
 
-    run_server(cfg, blocking=True)
+    # As a Ray job (`aigc submit serve`, `ray job submit -- python jobs/serve.py`) nobody can press Ctrl-C:
+    # deploy, wait until healthy and return. Serve's actors outlive the job, so the app keeps serving.
+    detached = in_submitted_job()
+    run_server(cfg, blocking=not detached)
+    if detached:
+        print("[serve] the app keeps running on the cluster after this job; `serve shutdown` stops it")
 
 
 def _demo(cfg: PlatformConfig) -> None:

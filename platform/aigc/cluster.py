@@ -15,7 +15,15 @@ import logging
 import os
 import warnings
 
-__all__ = ["init_ray", "quiet_console"]
+__all__ = ["in_submitted_job", "init_ray", "quiet_console"]
+
+
+def in_submitted_job() -> bool:
+    """Whether this process is the driver of a submitted Ray job (``ray job submit``, ``aigc submit``).
+
+    Ray's job supervisor gives the driver its job config in this variable; nothing else sets it.
+    """
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
 
 
 def init_ray(num_cpus: int | None = None, quiet_data_progress: bool = True) -> None:

@@ -156,6 +156,11 @@ class TrainConfig(_Section):
         description="Read the shards once into Ray's object store before training (faster start of each epoch); "
         "auto = when they take under a fifth of the cluster's object store.",
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How workers are placed on nodes (Ray placement group strategy): PACK fills as few nodes as "
+        "possible; SPREAD spreads them where it can; STRICT_PACK one node; STRICT_SPREAD one node per worker.",
+    )
     epochs: int = Field(3, ge=1, description="Passes over the training split.")
     batch_size: int = Field(8, ge=1, description="Examples per worker per step.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated before each optimizer step.")

@@ -77,7 +77,9 @@ def run_server(cfg: PlatformConfig, blocking: bool = True) -> str:
         from aigc.cluster import init_ray
 
         init_ray(cfg.cluster.num_cpus)
-    serve.start(http_options={"host": s.host, "port": s.port})
+    # One HTTP proxy, on the head node (as serve_apps/openai.yaml): proxies on other nodes would each need
+    # the port, and clients reach the head's address.
+    serve.start(http_options={"host": s.host, "port": s.port}, proxy_location="HeadOnly")
     serve.run(build_app_from_config(cfg), name=s.app_name, route_prefix="/")
 
     client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host

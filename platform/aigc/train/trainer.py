@@ -209,6 +209,7 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=cfg.train.use_gpu,
+            placement_strategy=cfg.train.placement_strategy,
             resources_per_worker={
                 "CPU": cfg.train.cpus_per_worker,
                 **({"GPU": 1} if cfg.train.use_gpu else {}),
