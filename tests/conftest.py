@@ -91,10 +91,11 @@ def ray_cluster(s3_server):
             ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
-    """A `ray start` head and a second node on this machine (tests/cluster.py), started once per session for
-    every test that submits jobs to a real cluster; both nodes are stopped at session end."""
+    """A `ray start` head and a second node on this machine (tests/cluster.py), started once for a module's tests
+    that submit jobs to a real cluster; both nodes (and the Serve app on them) are stopped when the module ends,
+    so they do not hold CPUs while the rest of the suite runs."""
     from cluster import two_node_cluster as start
 
     with start(tmp_path_factory.mktemp("shared-storage")) as cluster:

@@ -1,11 +1,12 @@
 """README's "On a real cluster", against a real two-node cluster on this machine (`make test-cluster`).
 
-The session fixture ``two_node_cluster`` (tests/cluster.py) starts a `ray start` head and a second node with
+The module fixture ``two_node_cluster`` (tests/cluster.py) starts a `ray start` head and a second node with
 token auth on. Against it: every ``jobs/*.py`` submitted with ``ray job submit`` reaches SUCCEEDED; a 2-worker
 training run puts a worker on each node (Ray's state API) with its checkpoints on storage both nodes see (a
 directory standing in for s3://); the Serve app runs a replica on each node behind the head's proxy; then the
 README's commands: ``aigc submit``, ``aigc jobs list|logs|stop``, ``serve deploy``, ``aigc promote`` and
-``aigc rollback`` while a client keeps sending requests.
+``aigc rollback`` while a client keeps sending requests; last, ``aigc submit pipeline`` from data to a promoted,
+served adapter.
 
 The tests share one run directory and build on each other in file order (preprocess -> train -> sweep ->
 serve), as the stages do; a small generated dataset and one epoch keep each job short. ``jobs/demo.py`` is the
@@ -271,3 +272,29 @@ def test_aigc_submit_and_jobs_commands(two_node_cluster, run, tmp_path):
     assert again.returncode == 0 and "already finished" in again.stdout
     missing = _aigc(c, "jobs", "logs", "raysubmit_nope")
     assert missing.returncode == 1 and "raysubmit_nope" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_aigc_submit_pipeline_registers_promotes_and_serves_on_the_cluster(two_node_cluster, run):
+    """README's one-job path: `aigc submit pipeline` runs data -> trained, registered, promoted adapter -> the Serve
+    app on this cluster -> a smoke answer, and the job ends while the app keeps serving the promoted version."""
+    c = two_node_cluster
+    out = c.shared_dir / "pipeline-out"
+    try:
+        sub = _aigc(c, "submit", "pipeline", "--config", "configs/demo.yaml", "--python", sys.executable,
+                    *run.overrides, f"output_dir={out}", "pipeline.sweep=false", "train.num_workers=1",
+                    f"serve.port={c.serve_port}")  # fmt: skip
+        assert sub.returncode == 0, sub.stderr[-3000:]
+        job_id = sub.stdout.strip().splitlines()[-1]
+        status = _wait_status(c, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, timeout_s=600)
+        logs = _aigc(c, "jobs", "logs", job_id).stdout
+        assert status == "SUCCEEDED", logs[-4000:]
+        served = re.search(r"\[pipeline\] serving support-bot -> (support-bot:v\d+) at ", logs)
+        assert served, logs[-3000:]
+        state = json.loads((out / "pipeline" / "state.json").read_text())
+        stages = ("preprocess", "train", "register", "promote", "deploy", "smoke")  # pipeline.sweep=false
+        assert {s: r["status"] for s, r in state["stages"].items()} == dict.fromkeys(stages, "done")
+        for _ in range(3):  # bounded: after the job has ended, the promoted version answers through the head
+            status_code, body = _chat(c.serve_port, "support-bot")
+            assert status_code == 200 and body["model"] == served.group(1), body
+    finally:
+        _serve_shutdown(c)
