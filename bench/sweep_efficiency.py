@@ -13,7 +13,8 @@ the trials' training time (epochs only, ``epoch_time_s``), trial-epochs, best ev
 overhead per trial = (wall x concurrency - training time) / trials. Also where a trial's time goes on average:
 set-up before its first epoch (``trial_setup_s``: config, model build, first evaluation), epochs, and the rest
 (evaluations, checkpoints, reports, teardown as Tune measures the trial); and the set-up's phases, from the
-trial's ``trial_<phase>_s`` reports: config, tokenizer + generation prompts, model build, restore + first
+trial's ``trial_<phase>_s`` reports: imports + config (the first trial of a process imports torch,
+transformers, peft), tokenizer + generation prompts, model build, restore + first
 evaluation + data start-up.
 
 ``--per-trial-loading`` adds (c): (b) again with every trial loading its own tokenizer and taking its own
@@ -55,7 +56,7 @@ def _trials(exp_dir: Path) -> list[list[dict]]:
     return out
 
 
-PHASES = ("config", "tokenizer_samples", "model", "restore_eval_data")
+PHASES = ("imports_config", "tokenizer_samples", "model", "restore_eval_data")
 
 
 def _measure(cfg, label: str, per_trial_loading: bool = False) -> dict:

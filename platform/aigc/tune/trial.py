@@ -73,15 +73,17 @@ def _train_in_trial(cfg: PlatformConfig, datasets: dict[str, Any], rows_train: i
     name = f"trial_id={ray.tune.get_context().get_trial_id()}"
     t_config = time.perf_counter()
     loop_config = train_loop_config(cfg, datasets, rows_train, 1, run_name=name, **shared)
-    phases = {"config": t_config - t0, "tokenizer_samples": time.perf_counter() - t_config}
+    phases = {"imports_config": t_config - t0, "tokenizer_samples": time.perf_counter() - t_config}
     ctx = _TimedContext(TuneTrialContext(datasets, cfg.train.use_gpu), t0, phases, name)
     return train_loop_per_worker({**loop_config, "context": ctx})
 
 
 class _TimedContext:
     """Times a trial's set-up and adds it to the first report: ``trial_setup_s`` (trial start to the first
-    report, less training: config, model, data, the first evaluation) and ``trial_<phase>_s`` for its phases,
-    also printed as one line."""
+    report, less training) and ``trial_<phase>_s`` for its phases, also printed as one line: ``imports_config``
+    (the loop's imports, torch and transformers in a fresh trial process, and the trial's config),
+    ``tokenizer_samples`` (0 when the sweep shares them), ``model`` (build, LoRA wiring) and
+    ``restore_eval_data`` (checkpoint restore, the first evaluation, starting the data iterator)."""
 
     def __init__(self, inner: Any, t0: float, phases: dict[str, float], name: str) -> None:
         self._inner, self._t0, self._first, self._name = inner, t0, True, name
