@@ -14,8 +14,9 @@ overhead per trial = (wall x concurrency - training time) / trials. Also where a
 set-up before its first epoch (``trial_setup_s``: config, model build, first evaluation), epochs, and the rest
 (evaluations, checkpoints, reports, teardown as Tune measures the trial); and the set-up's phases, from the
 trial's ``trial_<phase>_s`` reports: imports + config (the first trial of a process imports torch,
-transformers, peft), tokenizer + generation prompts, model build, restore + first
-evaluation + data start-up.
+transformers, peft), tokenizer + generation prompts, model build, and the rest before the first report
+but the training steps (the base model's evaluation, data start-up, the first epoch-end evaluation with its
+generation metrics, the first checkpoint).
 
 ``--per-trial-loading`` adds (c): (b) again with every trial loading its own tokenizer and taking its own
 generation prompts from the val split (what trials did before the sweep driver shared them), to measure
@@ -56,7 +57,7 @@ def _trials(exp_dir: Path) -> list[list[dict]]:
     return out
 
 
-PHASES = ("imports_config", "tokenizer_samples", "model", "restore_eval_data")
+PHASES = ("imports_config", "tokenizer_samples", "model", "evals_restore")
 
 
 def _measure(cfg, label: str, per_trial_loading: bool = False) -> dict:

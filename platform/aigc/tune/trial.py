@@ -83,7 +83,9 @@ class _TimedContext:
     report, less training) and ``trial_<phase>_s`` for its phases, also printed as one line: ``imports_config``
     (the loop's imports, torch and transformers in a fresh trial process, and the trial's config),
     ``tokenizer_samples`` (0 when the sweep shares them), ``model`` (build, LoRA wiring) and
-    ``restore_eval_data`` (checkpoint restore, the first evaluation, starting the data iterator)."""
+    ``evals_restore`` (everything else up to the first report but the training steps: a checkpoint restore,
+    the base model's evaluation, starting the data iterators, and the first report's own evaluation, generation
+    metrics included, and checkpoint)."""
 
     def __init__(self, inner: Any, t0: float, phases: dict[str, float], name: str) -> None:
         self._inner, self._t0, self._first, self._name = inner, t0, True, name
@@ -102,8 +104,8 @@ class _TimedContext:
         if self._first:
             self._first = False
             now, trained = time.perf_counter(), metrics["train_time_s"]
-            # restoring a checkpoint, the first evaluation and starting the data iterator
-            self._phases["restore_eval_data"] = now - self._mark - trained
+            # train_time_s ends where the report's evaluation begins: that evaluation and the checkpoint count here
+            self._phases["evals_restore"] = now - self._mark - trained
             setup = now - self._t0 - trained
             metrics = {**metrics, "trial_setup_s": round(setup, 2),
                        **{f"trial_{k}_s": round(v, 2) for k, v in self._phases.items()}}  # fmt: skip
