@@ -3,13 +3,16 @@
 ``run_sweep(cfg)``:
 
 1. checks the space, the search, the metric and the concurrency before any trial starts (ConfigError);
-2. reads the preprocessed shards once into the object store, shared by every trial;
+2. reads the preprocessed shards once into the object store, and loads the tokenizer and takes the
+   generation-metric prompts once, shared by every trial; opens the sweep's parent MLflow run
+   (:mod:`aigc.tune.tracking`, with ``tracking.mlflow``) whose children are the trials' runs;
 3. runs the trials (:mod:`aigc.tune.trial`) with ``tune.search`` and ``tune.scheduler``, as many at a time
    as the cluster fits; re-running the same command after the driver died continues the sweep
    (finished trials are kept, unfinished ones resume from their checkpoints); a sweep that finished is
    kept and the next run gets a fresh numbered name (``sweep-2``);
-4. writes ``<output_dir>/sweep/``: ``trials.csv``, ``curves.png``, ``params.png``, ``best_config.yaml`` and
-   ``best_adapter/``, registered with the sweep's id in its config (``sweep.id``).
+4. writes ``<output_dir>/sweep/``: ``trials.csv``, ``curves.png``, ``params.png``, ``best_config.yaml`` (also
+   the parent run's artifacts) and ``best_adapter/``, registered with the sweep's id in its config
+   (``sweep.id``).
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
         callbacks: more Tune callbacks (tests use one to interrupt the driver).
 
     Raises:
-        ConfigError: a bad space, search, metric or a trial the cluster cannot fit (before any trial starts).
+        ConfigError: a bad space, search, metric, a trial the cluster cannot fit, or a PBT population larger
+            than the trials that fit at once (before any trial starts).
         DataError: preprocessing has not run for ``output_dir``.
         TrainingError: no trial reported ``tune.metric`` with a checkpoint.
     """
