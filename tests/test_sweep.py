@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray.tune
 import yaml
@@ -166,11 +167,11 @@ def test_pbt_trial_continues_a_better_trials_checkpoint_with_its_own_perturbed_l
     assert new_lr != pytest.approx(donor_lr)  # perturbed (x0.8, x1.2 or resampled)
 
     exp = Path(cfg.output_dir) / "sweep" / "pbt"
-    trials = {d: [json.loads(x) for x in (d / "result.json").read_text().splitlines()] for d in exp.glob("*/")
-              if (d / "result.json").is_file()}  # fmt: skip
-    [recipient] = [d for d, rows in trials.items() if rows[-1]["config"]["train.lr"] == pytest.approx(new_lr)]
-    reported = [row["lr"] for row in trials[recipient]]
-    assert reported[-1] == pytest.approx(new_lr) and reported[0] != pytest.approx(new_lr)  # its lr changed
+    params = {d: json.loads((d / "params.json").read_text()) for d in exp.iterdir() if (d / "params.json").is_file()}
+    [recipient] = [d for d, values in params.items() if values["train.lr"] == pytest.approx(new_lr)]  # its last config
+    # every report of the trial: progress.csv (its result.json kept only the reports after the restart)
+    reported = list(pd.read_csv(recipient / "progress.csv")["lr"])
+    assert reported[-1] == pytest.approx(new_lr) and reported[0] != pytest.approx(new_lr), reported  # lr changed
     # its last checkpoint's history begins with the donor's reports (the donor's lr), then its own new lr
     last = max(recipient.glob("checkpoint_*"))
     history = json.loads((last / "history.json").read_text())
