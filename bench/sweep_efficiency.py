@@ -18,9 +18,9 @@ transformers, peft), tokenizer + generation prompts, model build, and the rest b
 but the training steps (the base model's evaluation, data start-up, the first epoch-end evaluation with its
 generation metrics, the first checkpoint).
 
-``--per-trial-loading`` adds (c): (b) again with every trial loading its own tokenizer and taking its own
-generation prompts from the val split (what trials did before the sweep driver shared them), to measure
-what sharing saves.
+``--per-trial-loading`` adds (c), run between (a) and (b): (b) again with every trial loading its own
+tokenizer and taking its own generation prompts from the val split (what trials did before the sweep driver
+shared them), to measure what sharing saves.
 """
 
 from __future__ import annotations
@@ -134,12 +134,12 @@ def main() -> None:
     rows = [
         _measure(load_config(ROOT / "configs" / "demo.yaml", [*base, "tune.scheduler=asha", "tune.name=asha"]),
                  "(a) ASHA"),
-        _measure(load_config(ROOT / "configs" / "demo.yaml", [*base, "tune.scheduler=none", "tune.name=full"]),
-                 "(b) to completion"),
     ]  # fmt: skip
-    if args.per_trial_loading:
+    if args.per_trial_loading:  # before (b): a load that falls during the run favours the later one
         cfg_c = load_config(ROOT / "configs" / "demo.yaml", [*base, "tune.scheduler=none", "tune.name=per-trial"])
         rows.append(_measure(cfg_c, "(c) = (b), per-trial loading", per_trial_loading=True))
+    cfg_b = load_config(ROOT / "configs" / "demo.yaml", [*base, "tune.scheduler=none", "tune.name=full"])
+    rows.insert(1, _measure(cfg_b, "(b) to completion"))
     print("\n| run | wall | trials x at once | training (epochs) | trial-epochs | overhead/trial | best eval loss |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
