@@ -12,7 +12,15 @@ For each: wall time of the sweep (``run_sweep``: data read once, trials, table, 
 the trials' training time (epochs only, ``epoch_time_s``), trial-epochs, best eval loss, and
 overhead per trial = (wall x concurrency - training time) / trials. Also where a trial's time goes on average:
 set-up before its first epoch (``trial_setup_s``: config, model build, first evaluation), epochs, and the rest
-(evaluations, checkpoints, reports, teardown as Tune measures the trial).
+(evaluations, checkpoints, reports, teardown as Tune measures the trial); and the set-up's phases, from the
+trial's ``trial_<phase>_s`` reports: imports + config (the first trial of a process imports torch,
+transformers, peft), tokenizer + generation prompts, model build, and the rest before the first report
+but the training steps (the base model's evaluation, data start-up, the first epoch-end evaluation with its
+generation metrics, the first checkpoint).
+
+``--per-trial-loading`` adds (c), run between (a) and (b): (b) again with every trial loading its own
+tokenizer and taking its own generation prompts from the val split (what trials did before the sweep driver
+shared them), to measure what sharing saves.
 """
 
 from __future__ import annotations
@@ -49,9 +57,20 @@ def _trials(exp_dir: Path) -> list[list[dict]]:
     return out
 
 
-def _measure(cfg, label: str) -> dict:
+PHASES = ("imports_config", "tokenizer_samples", "model", "evals_restore")
+
+
+def _measure(cfg, label: str, per_trial_loading: bool = False) -> dict:
+    import aigc.tune.sweep as sweep
+
+    shared = sweep._shared_trial_inputs
+    if per_trial_loading:  # the trials load the tokenizer and take the prompts themselves
+        sweep._shared_trial_inputs = lambda *a: {"tokenizer": None, "gen_samples": None}
     t0 = time.perf_counter()
-    res = run_sweep(cfg, register=False)
+    try:
+        res = run_sweep(cfg, register=False)
+    finally:
+        sweep._shared_trial_inputs = shared
     wall = time.perf_counter() - t0
     trials = _trials(Path(cfg.output_dir) / "sweep" / res.sweep_id.split("@")[0])
     training = sum(r.get("epoch_time_s", 0.0) for t in trials for r in t)
@@ -71,7 +90,13 @@ def _measure(cfg, label: str) -> dict:
         "mean_setup_s": sum(setup) / len(setup),
         "mean_trial_s": sum(total) / len(total),
         "mean_epochs_s": training / len(trials),
+        "phases": {p: _mean([t[0].get(f"trial_{p}_s") for t in trials]) for p in PHASES},
     }
+
+
+def _mean(values: list) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _at_once(cfg, trials: int) -> int:
@@ -87,6 +112,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rows", type=int, default=None, help="generated demo rows instead of the demo file")
     p.add_argument("--out", default=None, help="working directory (default: a temporary one)")
+    p.add_argument("--per-trial-loading", action="store_true", help="add (c): (b) with per-trial tokenizer loading")
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="aigc-sweep-bench-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -102,14 +128,18 @@ def main() -> None:
         f"data.path={data}",
     ]  # fmt: skip
     cfg = load_config(ROOT / "configs" / "demo.yaml", base)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} cores", flush=True)
     init_ray(cfg.cluster.num_cpus)
     preprocess(cfg.data, cfg.model, cfg.output_dir)
     rows = [
         _measure(load_config(ROOT / "configs" / "demo.yaml", [*base, "tune.scheduler=asha", "tune.name=asha"]),
                  "(a) ASHA"),
-        _measure(load_config(ROOT / "configs" / "demo.yaml", [*base, "tune.scheduler=none", "tune.name=full"]),
-                 "(b) to completion"),
     ]  # fmt: skip
+    if args.per_trial_loading:  # before (b): a load that falls during the run favours the later one
+        cfg_c = load_config(ROOT / "configs" / "demo.yaml", [*base, "tune.scheduler=none", "tune.name=per-trial"])
+        rows.append(_measure(cfg_c, "(c) = (b), per-trial loading", per_trial_loading=True))
+    cfg_b = load_config(ROOT / "configs" / "demo.yaml", [*base, "tune.scheduler=none", "tune.name=full"])
+    rows.insert(1, _measure(cfg_b, "(b) to completion"))
     print("\n| run | wall | trials x at once | training (epochs) | trial-epochs | overhead/trial | best eval loss |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -118,7 +148,11 @@ def main() -> None:
     print("\nwhere a trial's time goes (means): set-up before the first epoch | epochs | whole trial")
     for r in rows:
         print(f"  {r['label']}: {r['mean_setup_s']:.1f} s | {r['mean_epochs_s']:.1f} s | {r['mean_trial_s']:.1f} s")
-    a, b = rows
+    print("\nset-up phases (means, s): " + " | ".join(PHASES))
+    for r in rows:
+        print(f"  {r['label']}: " + " | ".join(f"{r['phases'][p]:.2f}" for p in PHASES))
+    print(f"load average at the end: {os.getloadavg()[1]:.1f} (5 min)")
+    a, b = rows[:2]
     print(f"\nASHA trial-epochs: {a['trial_epochs'] / b['trial_epochs']:.0%} of (b)'s (target <= 50%); best eval loss "
           f"{a['best_eval_loss'] / b['best_eval_loss'] - 1:+.1%} vs (b)'s best (target within 5%)")  # fmt: skip
 

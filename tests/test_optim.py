@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from aigc.config import load_config
-from aigc.train.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
+from aigc.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+    reapply_hyperparams,
+    run_hyperparams,
+    warmup_steps,
+)
 from aigc.train.progress import StepProgress, format_duration
 
 
@@ -31,6 +38,35 @@ def test_schedules_warm_up_then_follow_their_shape():
     assert lin[2:] == pytest.approx([1 - i / 8 for i in range(8)])
     assert cos[6] == pytest.approx(0.5)  # half-way through the decay
     assert all(a > b for a, b in zip(cos[2:], cos[3:], strict=False))
+
+
+def test_loaded_state_keeps_its_position_but_takes_this_runs_lr_and_weight_decay():
+    """What a PBT trial does with a donor's checkpoint: the schedule continues, scaled to the mutated peak lr."""
+
+    def run(lr: float, wd: float) -> tuple:
+        tc = load_config(overrides=["train.lr_scheduler=cosine", f"train.lr={lr}", "train.warmup_steps=2",
+                                    f"train.weight_decay={wd}"]).train  # fmt: skip
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+        opt = build_optimizer(model, tc)
+        return opt, build_scheduler(opt, tc, 10)
+
+    donor_opt, donor_sched = run(1.0, 0.0)
+    for _ in range(4):
+        donor_opt.step()
+        donor_sched.step()
+    opt, sched = run(2.0, 0.1)
+    hyper = run_hyperparams(opt)
+    opt.load_state_dict(donor_opt.state_dict())
+    sched.load_state_dict(donor_sched.state_dict())
+    assert sched.get_last_lr()[0] == pytest.approx(donor_sched.get_last_lr()[0])  # the donor's lr, until:
+    reapply_hyperparams(opt, sched, hyper)
+    assert sched.last_epoch == 4
+    assert sched.get_last_lr() == pytest.approx([2 * donor_sched.get_last_lr()[0]] * 2)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(sched.get_last_lr())
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    for _ in range(3):
+        donor_opt.step(), donor_sched.step(), opt.step(), sched.step()
+        assert sched.get_last_lr()[0] == pytest.approx(2 * donor_sched.get_last_lr()[0])
 
 
 def test_warmup_ratio_applies_unless_steps_are_given():

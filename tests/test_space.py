@@ -190,3 +190,37 @@ def test_concurrency_from_cluster_resources():
         ConfigError, match=r"one trial needs 2.25 CPUs and 2 GPUs but the cluster has 32 CPUs and 1 GPUs"
     ):
         plan_concurrency(gpu, 8, {"CPU": 32.0, "GPU": 1.0})
+
+
+def test_pbt_searches_only_keys_that_can_change_mid_run(tmp_path):
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from aigc.tune.search import build_scheduler, check_sweep, pbt_base
+
+    entries = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "lora.dropout": {"choice": [0.0, 0.05, 0.1]}}
+    cfg = _sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.perturbation_interval=2")
+    pbt = build_scheduler(cfg, 10, check_sweep(cfg))
+    assert isinstance(pbt, PopulationBasedTraining)
+    assert (pbt._time_attr, pbt._perturbation_interval, pbt._metric) == ("epoch", 2, "eval_loss")
+    assert pbt._hyperparam_mutations["lora.dropout"] == [0.0, 0.05, 0.1]
+    assert pbt._hyperparam_mutations["train.lr"].lower == 1e-4  # a perturbed lr is resampled from the same range
+    assert pbt_base(cfg) is cfg  # epochs: the loop checkpoints at every epoch end already
+    shipped = load_config(None, [f"tune.space={ROOT / 'tune_spaces' / 'pbt_lr.yaml'}", "tune.scheduler=pbt"])
+    assert check_sweep(shipped).keys == ["train.lr", "lora.dropout"]
+
+    fixed = {**entries, "lora.r": {"choice": [4, 8]}, "lora.alpha": {"multiple_of": ["lora.r", {"choice": [1, 2]}]}}
+    message = r"lora.alpha, lora.r: cannot change in the middle of a run, so tune.scheduler=pbt cannot perturb them"
+    with pytest.raises(ConfigError, match=message + r"; PBT searches only train.lr, train.weight_decay"):
+        check_sweep(_sweep_cfg(tmp_path, fixed, "tune.scheduler=pbt"))
+    with pytest.raises(ConfigError, match=r"tune.scheduler=pbt chooses new values itself: use tune.search=random"):
+        check_sweep(_sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.search=optuna"))
+
+    steps = _sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.perturbation_unit=step",
+                       "tune.perturbation_interval=6")  # fmt: skip
+    check_sweep(steps)
+    assert pbt_base(steps).train.checkpoint_every_steps == 6  # a checkpoint at every perturbation
+    assert build_scheduler(steps, 10, check_sweep(steps))._time_attr == "step"
+    with pytest.raises(ConfigError, match=r"tune.perturbation_interval=6 steps is not a multiple of "
+                                          r"train.checkpoint_every_steps=4"):  # fmt: skip
+        check_sweep(_sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.perturbation_unit=step",
+                               "tune.perturbation_interval=6", "train.checkpoint_every_steps=4"))  # fmt: skip

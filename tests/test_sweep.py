@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray.tune
 import yaml
@@ -79,6 +80,34 @@ def test_best_config_file_reproduces_the_best_trial(asha_sweep):
     assert again.metrics["eval_loss"] == pytest.approx(res.best_metrics["eval_loss"], rel=0.03)
 
 
+def test_sweep_is_a_parent_mlflow_run_with_one_child_run_per_trial(asha_sweep):
+    """tracking.mlflow (on in the demo config): the local file store under output_dir/mlruns."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    cfg, res = asha_sweep
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    client = MlflowClient(tracking_uri="file:" + str(Path(cfg.output_dir) / "mlruns"))
+    experiment = client.get_experiment_by_name("bot")  # train.adapter_name
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`aigc.run_name` = 'sweep=asha'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["space.train.lr"] == "grid [0.004, 1e-06]" and parent.data.params["tune.search"] == "grid"
+    assert (
+        parent.data.tags["best.train.lr"] == "0.004" and parent.data.tags["best.trial_id"] == res.trials.loc[0, "trial"]
+    )
+    assert parent.data.metrics["best_eval_loss"] == pytest.approx(res.trials.loc[0, "eval_loss"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert artifacts == {"trials.csv", "curves.png", "params.png", "best_config.yaml"}
+
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["aigc.run_name"] for c in children) == sorted(
+        f"trial_id={t}" for t in res.trials["trial"]
+    )
+    for child in children:  # each child is a trial's training run: its lr and its eval losses
+        assert float(child.data.params["train.lr"]) in (4e-3, 1e-6) and "eval_loss" in child.data.metrics
+
+
 class _DieAfterFirstTrial(ray.tune.Callback):
     """Kills the sweep's driver loop when the second trial starts (once per test session)."""
 
@@ -114,3 +143,44 @@ def test_rerun_continues_an_interrupted_sweep_without_rerunning_finished_trials(
     for name, text in before.items():  # a finished trial was not trained again
         assert (exp / name / "result.json").read_text() == text
     assert sweep_name(cfg) == "resume-2"  # the finished sweep is kept; the next run starts afresh
+
+
+def test_pbt_trial_continues_a_better_trials_checkpoint_with_its_own_perturbed_lr(prepared):
+    """Two trials side by side, perturbed every epoch: the worse one takes the better one's checkpoint, and the
+    lr it then trains with (constant schedule: the reported lr) is its own perturbed one, not the donor's."""
+    from aigc.tune.sweep import run_sweep
+
+    tmp, overrides = prepared
+    space = _space(tmp, "pbt", {"train.lr": {"loguniform": [1e-6, 1e-2]}})
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, f"tune.space={space}", "tune.scheduler=pbt",
+                                                        "tune.num_samples=2", "tune.seed=4", "tune.name=pbt",
+                                                        "tune.max_concurrent_trials=2", "train.epochs=3",
+                                                        "train.lr_scheduler=constant", "train.warmup_steps=0",
+                                                        "train.eval_generation_samples=0"])  # fmt: skip
+    res = run_sweep(cfg)
+
+    # Tune's PBT log: one line per exploit, [trial, donor, iterations, donor config, new config]
+    policy = [json.loads(line) for line in (Path(cfg.output_dir) / "sweep" / "pbt" / "pbt_global.txt").open()]
+    assert policy, "no trial exploited another"
+    *_, donor_config, new_config = policy[-1]
+    donor_lr, new_lr = donor_config["train.lr"], new_config["train.lr"]
+    assert new_lr != pytest.approx(donor_lr)  # perturbed (x0.8, x1.2 or resampled)
+
+    exp = Path(cfg.output_dir) / "sweep" / "pbt"
+    params = {d: json.loads((d / "params.json").read_text()) for d in exp.iterdir() if (d / "params.json").is_file()}
+    [recipient] = [d for d, values in params.items() if values["train.lr"] == pytest.approx(new_lr)]  # its last config
+    # every report of the trial: progress.csv (its result.json kept only the reports after the restart)
+    reported = list(pd.read_csv(recipient / "progress.csv")["lr"])
+    assert reported[-1] == pytest.approx(new_lr) and reported[0] != pytest.approx(new_lr), reported  # lr changed
+    # its last checkpoint's history begins with the donor's reports (the donor's lr), then its own new lr
+    last = max(recipient.glob("checkpoint_*"))
+    history = json.loads((last / "history.json").read_text())
+    lrs = [h["lr"] for h in history]
+    first_new = next(i for i, v in enumerate(lrs) if v == pytest.approx(new_lr))
+    assert first_new >= 1 and lrs[first_new - 1] == pytest.approx(donor_lr), lrs
+    assert all(v == pytest.approx(new_lr) for v in lrs[first_new:]), lrs
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+    assert len(res.trials) == 2 and res.registry_id is not None
+    entry = Registry(cfg.registry_dir).resolve(res.registry_id)
+    assert entry.config["sweep"]["id"] == res.sweep_id

@@ -227,13 +227,21 @@ class TuneConfig(_Section):
         description="random: sample the space; grid: every combination of choice/grid keys once; optuna: TPE "
         "(the `tune` extra).",
     )
-    scheduler: Literal["asha", "median", "none"] = Field(
-        "asha", description="Early stopping: asha (successive halving), median (median stopping rule) or none."
+    scheduler: Literal["asha", "median", "pbt", "none"] = Field(
+        "asha",
+        description="asha (successive halving), median (median stopping rule), pbt (population-based training: "
+        "weak trials continue from a better trial's checkpoint with perturbed values) or none.",
     )
     metric: str = Field("eval_loss", description="Reported metric the scheduler and the best-trial choice use.")
     mode: Literal["min", "max"] = "min"
     grace_period: int = Field(1, ge=1, description="Reports (evaluations) every trial makes before it may be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor trials at each rung.")
+    perturbation_interval: int = Field(
+        1, ge=1, description="PBT: exploit/explore every N perturbation_units (each one a checkpoint)."
+    )
+    perturbation_unit: Literal["epoch", "step"] = Field(
+        "epoch", description="PBT: the unit of perturbation_interval: epochs, or optimizer steps."
+    )
     seed: int | None = Field(None, description="Seed of random and Optuna sampling: same seed, same trials.")
     num_workers_per_trial: int = Field(1, ge=1, description="Ray Train workers in each trial.")
     name: str = Field("sweep", description="Experiment name under <output_dir>/sweep/.")

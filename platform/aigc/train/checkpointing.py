@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from aigc.train import model_setup
+from aigc.train import model_setup, optim
 
 __all__ = [
     "ADAPTER_SUBDIR",
@@ -107,11 +107,17 @@ def save_checkpoint(path: str, model: Any, wc: Any, optimizer: Any, scheduler: A
 
 
 def load_checkpoint(path: str, model: Any, wc: Any, optimizer: Any, scheduler: Any, rank: int) -> TrainState:
-    """Restore weights, optimizer, schedule and this rank's RNG from ``path``; the run's position is returned."""
+    """Restore weights, optimizer, schedule and this rank's RNG from ``path``; the run's position is returned.
+
+    The run's own peak lr and weight decay (``train.*``) win over the checkpoint's: a population-based-training
+    trial continues another trial's checkpoint with perturbed values (:func:`aigc.train.optim.reapply_hyperparams`).
+    """
     model_setup.load_weights(model, wc, os.path.join(path, ADAPTER_SUBDIR))
     payload = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    hyper = optim.run_hyperparams(optimizer)
     model_setup.load_optimizer_state(model, optimizer, payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
+    optim.reapply_hyperparams(optimizer, scheduler, hyper)
     rngs = payload["rng"]
     _set_rng_state(rngs[rank % len(rngs)])
     return TrainState(**payload["state"])

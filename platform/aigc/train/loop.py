@@ -46,6 +46,7 @@ class WorkerConfig:
         gen_samples: val prompts and reference answers for the generation metrics (the same list on every rank).
         tracking, output_dir, run_name, params: where rank 0 tracks the run (MLflow/TensorBoard) and what it logs
             as params; ``tracking`` None = no tracking.
+        parent_run_id: the MLflow run this one is a child of (a sweep's run, for its trials).
         fault_at_step: fault injection for resume tests: the first attempt (no checkpoint yet) raises after
             this optimizer step; a restarted attempt does not.
     """
@@ -62,6 +63,7 @@ class WorkerConfig:
     output_dir: str = ""
     run_name: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    parent_run_id: str | None = None
     fault_at_step: int | None = None
 
     @property
@@ -104,7 +106,9 @@ class _Run:
             self.resumed = True
         self.tracker = Tracker.disabled()
         if self.rank == 0 and wc.tracking is not None:  # a restarted attempt continues the same tracked run
-            self.tracker = Tracker.open(wc.tracking, wc.output_dir, wc.run_name, wc.params, resume=True)
+            self.tracker = Tracker.open(
+                wc.tracking, wc.output_dir, wc.run_name, wc.params, parent_run_id=wc.parent_run_id, resume=True
+            )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return model_setup.autocast(self.wc, self.device)

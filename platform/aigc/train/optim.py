@@ -8,7 +8,14 @@ import torch
 
 from aigc.config import TrainConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "param_groups", "warmup_steps"]
+__all__ = [
+    "build_optimizer",
+    "build_scheduler",
+    "param_groups",
+    "reapply_hyperparams",
+    "run_hyperparams",
+    "warmup_steps",
+]
 
 _SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -48,3 +55,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, total_ste
         num_warmup_steps=min(warmup_steps(tc, total_steps), total_steps),
         num_training_steps=max(1, total_steps),
     )
+
+
+def run_hyperparams(optimizer: torch.optim.Optimizer) -> list[dict[str, float]]:
+    """Each param group's peak lr (``initial_lr``, set by the schedule) and weight decay, as built from ``train.*``."""
+    return [{"initial_lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+
+
+def reapply_hyperparams(optimizer: torch.optim.Optimizer, scheduler: Any, hyper: list[dict[str, float]]) -> None:
+    """Put this run's peak lr and weight decay (``hyper``, from :func:`run_hyperparams`) back after a checkpoint's
+    optimizer and schedule state were loaded, keeping the schedule's position.
+
+    Loading restores the checkpoint's own values. A population-based-training trial continues a better trial's
+    checkpoint with a perturbed ``train.lr``/``weight_decay``, which must win; on a plain resume they are equal.
+    The lr becomes the new peak x the schedule's factor at the restored step (a ``LambdaLR``, as built above).
+    """
+    scheduler.base_lrs = [h["initial_lr"] for h in hyper]
+    for group, h, factor in zip(optimizer.param_groups, hyper, scheduler.lr_lambdas, strict=True):
+        group.update(h)
+        group["lr"] = h["initial_lr"] * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports

@@ -209,6 +209,13 @@ class Tracker:
             for k, v in values.items():
                 self._writer.add_scalar(k, v, step)
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Set MLflow tags on the run (values as text, cut to MLflow's limit); nothing without MLflow."""
+        if self._closed or self._client is None:
+            return
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key[:_MAX_KEY], str(value)[:_MAX_PARAM_VALUE])
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """Copy a local file or directory into the MLflow run's artifacts (under ``artifact_path`` if given).
 

@@ -30,6 +30,7 @@ __all__ = [
     "train_loop_config",
     "plot_history",
     "run_training",
+    "take_generation_samples",
 ]
 
 _DONE_MARKER = "aigc_done.json"
@@ -58,27 +59,26 @@ def train_loop_config(
     *,
     run_name: str,
     tokenizer: Any = None,
+    gen_samples: list[Any] | None = None,
+    parent_run_id: str | None = None,
     fault_at_step: int | None = None,
 ) -> dict[str, Any]:
     """What every worker receives: ``{"worker": WorkerConfig}``, the typed sections as objects.
 
     Each worker's shard holds ``rows_train // num_workers`` rows (Ray Train splits datasets into equal shards).
     The tokenizer is loaded here once (unless given) and shipped to the workers; with
-    ``train.eval_generation_samples``, the first val rows become the prompts of the generation metrics.
+    ``train.eval_generation_samples``, the first val rows become the prompts of the generation metrics (unless
+    ``gen_samples`` gives them: a sweep takes them once for all its trials). ``parent_run_id``: the MLflow run
+    the run is tracked under (a sweep's).
     """
     from aigc.models.loading import load_tokenizer
-    from aigc.train.gen_metrics import generation_samples
 
     tok = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     rows_per_worker = rows_train // num_workers
     if rows_per_worker < 1:
         raise DataError(f"{rows_train} training rows cannot feed {num_workers} workers: use fewer train.num_workers")
-    samples: list[Any] = []
     n = cfg.train.eval_generation_samples
-    if n and "val" in datasets:
-        rows = datasets["val"].take(n)
-        columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {"input_ids": [], "labels": []}
-        samples = generation_samples(columns, n)
+    samples = gen_samples[:n] if gen_samples is not None else take_generation_samples(datasets, n)
     tracked = cfg.tracking.mlflow or cfg.tracking.tensorboard
     worker = WorkerConfig(
         model=cfg.model,
@@ -93,9 +93,21 @@ def train_loop_config(
         output_dir=cfg.output_dir,
         run_name=run_name,
         params=cfg.model_dump(exclude={"serve", "tune", "cluster", "tracking"}),
+        parent_run_id=parent_run_id,
         fault_at_step=fault_at_step,
     )
     return {"worker": worker}
+
+
+def take_generation_samples(datasets: dict[str, Any], n: int) -> list[Any]:
+    """The first ``n`` val rows as prompts and reference answers for the generation metrics (none without val)."""
+    from aigc.train.gen_metrics import generation_samples
+
+    if not n or "val" not in datasets:
+        return []
+    rows = datasets["val"].take(n)
+    columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {"input_ids": [], "labels": []}
+    return generation_samples(columns, n)
 
 
 def load_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -187,6 +199,8 @@ def build_trainer(
     num_workers: int | None = None,
     callbacks: list[Any] | None = None,
     tokenizer: Any = None,
+    gen_samples: list[Any] | None = None,
+    parent_run_id: str | None = None,
     fault_at_step: int | None = None,
 ) -> Any:
     """A TorchTrainer for ``cfg``: DDP over ``num_workers`` (default ``train.num_workers``) workers.
@@ -203,8 +217,16 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=train_loop_config(
-            cfg, datasets, rows_train, workers, run_name=name, tokenizer=tokenizer, fault_at_step=fault_at_step
-        ),
+            cfg,
+            datasets,
+            rows_train,
+            workers,
+            run_name=name,
+            tokenizer=tokenizer,
+            gen_samples=gen_samples,
+            parent_run_id=parent_run_id,
+            fault_at_step=fault_at_step,
+        ),  # fmt: skip
         dataset_config=ray.train.DataConfig(execution_options=ingest),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,

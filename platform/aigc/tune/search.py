@@ -1,11 +1,17 @@
 """How a sweep searches and stops: ``tune.search`` (random, grid, optuna) and ``tune.scheduler`` (asha, median,
-none), and the checks that make a bad sweep fail before any trial starts.
+pbt, none), and the checks that make a bad sweep fail before any trial starts.
 
-The scheduler's time unit is one report of the training loop (an evaluation: each ``train.eval_every_steps``
-and every epoch end), so ``tune.grace_period: 2`` means "two evaluations before a trial may be stopped".
+ASHA's and the median rule's time unit is one report of the training loop (an evaluation: each
+``train.eval_every_steps`` and every epoch end), so ``tune.grace_period: 2`` means "two evaluations before a
+trial may be stopped".
 
-Population-based training is not offered: the loop restores the optimizer and LR schedule from a checkpoint,
-so a PBT-perturbed ``train.lr`` would be silently replaced by the donor's learning rate on resume.
+Population-based training (``tune.scheduler: pbt``, Ray Tune's ``PopulationBasedTraining``): every
+``tune.perturbation_interval`` epochs (or optimizer steps, ``tune.perturbation_unit: step``) at a checkpoint,
+a trial in the bottom quarter by ``tune.metric`` stops, takes the config of a top-quarter trial with each
+searched key perturbed (x0.8 or x1.2, a neighbouring value of a choice, or resampled), and continues from that
+trial's latest checkpoint. The loop loads the donor's weights, optimizer moments and schedule position, then
+applies the trial's own (perturbed) ``train.lr`` and ``weight_decay`` (:func:`aigc.train.checkpointing.
+load_checkpoint`). Only keys that can change mid-run may be searched (:data:`PBT_MUTABLE`).
 """
 
 from __future__ import annotations
@@ -16,9 +22,18 @@ from typing import Any
 
 from aigc.config import PlatformConfig, with_values
 from aigc.errors import ConfigError
-from aigc.tune.space import Space, load_space
+from aigc.tune.space import Space, load_space, to_param_space
 
-__all__ = ["REPORTED_METRICS", "build_scheduler", "build_search", "check_sweep", "max_reports", "trial_count"]
+__all__ = [
+    "PBT_MUTABLE",
+    "REPORTED_METRICS",
+    "build_scheduler",
+    "build_search",
+    "check_sweep",
+    "max_reports",
+    "pbt_base",
+    "trial_count",
+]
 
 # Every metric the training loop reports at each evaluation (aigc.train.loop); tune.metric must be one of these.
 # A run with validation data reports the eval_* keys; a run without reports the train_* ones only.
@@ -36,6 +51,12 @@ REPORTED_METRICS = (
     "step",
     "lr",
 )
+
+# Keys a running trial can take a new value of when it continues another trial's checkpoint (PBT): the loop
+# re-applies lr and weight decay after loading the optimizer, reads max_grad_norm every step, and builds the
+# model (dropout) from the config before loading the weights. Shapes (lora.r, method, target modules), the
+# data's order and length (batch size, epochs) and the schedule's shape cannot change under a checkpoint.
+PBT_MUTABLE = ("train.lr", "train.weight_decay", "train.max_grad_norm", "lora.dropout")
 
 # Keys that change how many reports a trial makes (see max_reports).
 _LENGTH_KEYS = ("train.epochs", "train.batch_size", "train.grad_accum", "train.eval_every_steps")
@@ -72,6 +93,8 @@ def check_sweep(cfg: PlatformConfig) -> Space:
                 f"tune.space {space.source}: {n} combinations but tune.num_samples={t.num_samples}: grid search "
                 f"runs each combination once; set tune.num_samples={n}, shrink the space, or use tune.search=random"
             )
+    if t.scheduler == "pbt":
+        _check_pbt(cfg, space)
     if t.search == "optuna":
         grids = [p.key for p in space.params if p.dist == "grid"]
         if grids:
@@ -80,6 +103,38 @@ def check_sweep(cfg: PlatformConfig) -> Space:
             )
         _import_optuna()
     return space
+
+
+def _check_pbt(cfg: PlatformConfig, space: Space) -> None:
+    t, tc = cfg.tune, cfg.train
+    fixed = [p.key for p in space.params if p.key not in PBT_MUTABLE or p.of is not None]
+    if fixed:
+        raise ConfigError(
+            f"tune.space {space.source}: {', '.join(fixed)}: cannot change in the middle of a run, so "
+            f"tune.scheduler=pbt cannot perturb them; PBT searches only {', '.join(PBT_MUTABLE)}. Set the others "
+            "in the config, or use tune.scheduler=asha to search them"
+        )
+    if t.search == "optuna":
+        raise ConfigError("tune.scheduler=pbt chooses new values itself: use tune.search=random or grid with it")
+    if (
+        t.perturbation_unit == "step"
+        and tc.checkpoint_every_steps
+        and t.perturbation_interval % tc.checkpoint_every_steps
+    ):
+        raise ConfigError(
+            f"tune.perturbation_interval={t.perturbation_interval} steps is not a multiple of "
+            f"train.checkpoint_every_steps={tc.checkpoint_every_steps}: PBT exploits checkpoints, so perturb "
+            "where one is written (or unset train.checkpoint_every_steps: the sweep then checkpoints at each "
+            "perturbation)"
+        )
+
+
+def pbt_base(cfg: PlatformConfig) -> PlatformConfig:
+    """The trials' base config: with PBT in steps, a checkpoint at every perturbation (the state it hands over)."""
+    t = cfg.tune
+    if t.scheduler == "pbt" and t.perturbation_unit == "step" and not cfg.train.checkpoint_every_steps:
+        return with_values(cfg, {"train.checkpoint_every_steps": t.perturbation_interval})
+    return cfg
 
 
 def _import_optuna() -> Any:
@@ -125,7 +180,11 @@ def build_search(cfg: PlatformConfig, param_space: dict[str, Any], at_once: int 
     """
     t = cfg.tune
     if t.search != "optuna":
-        return None, param_space
+        if t.seed is None:
+            return None, param_space
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=t.seed), param_space  # Tune's default search, seeded
     optuna = _import_optuna()
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -137,11 +196,26 @@ def build_search(cfg: PlatformConfig, param_space: dict[str, Any], at_once: int 
     return ConcurrencyLimiter(alg, max_concurrent=max(1, at_once)), param_space
 
 
-def build_scheduler(cfg: PlatformConfig, max_t: int) -> Any:
-    """The trial scheduler for ``tune.scheduler`` (None = run every trial to completion)."""
-    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+def build_scheduler(cfg: PlatformConfig, max_t: int, space: Space | None = None) -> Any:
+    """The trial scheduler for ``tune.scheduler`` (None = run every trial to completion).
+
+    Args:
+        max_t: the most reports a trial makes (ASHA's budget).
+        space: the searched keys, which PBT perturbs (needed for ``pbt``).
+    """
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, PopulationBasedTraining
 
     t = cfg.tune
+    if t.scheduler == "pbt":
+        if space is None:
+            raise ValueError("tune.scheduler=pbt needs the space whose keys it perturbs")
+        return PopulationBasedTraining(
+            time_attr=t.perturbation_unit,  # the loop reports "epoch" and "step" at every evaluation
+            metric=t.metric,
+            mode=t.mode,
+            perturbation_interval=t.perturbation_interval,
+            hyperparam_mutations=_mutations(space),
+        )
     if t.scheduler == "asha":
         return ASHAScheduler(
             metric=t.metric,
@@ -156,3 +230,13 @@ def build_scheduler(cfg: PlatformConfig, max_t: int) -> Any:
             metric=t.metric, mode=t.mode, time_attr="training_iteration", grace_period=t.grace_period
         )
     return None
+
+
+def _mutations(space: Space) -> dict[str, Any]:
+    """PBT's ``hyperparam_mutations``: the values of a choice/grid key as a list (PBT moves to a neighbouring
+    one), else the key's distribution (PBT multiplies the value by 0.8 or 1.2, or resamples it)."""
+    out = to_param_space(space)
+    for p in space.params:
+        if p.dist in ("choice", "grid"):
+            out[p.key] = list(p.args)
+    return out

@@ -3,13 +3,16 @@
 ``run_sweep(cfg)``:
 
 1. checks the space, the search, the metric and the concurrency before any trial starts (ConfigError);
-2. reads the preprocessed shards once into the object store, shared by every trial;
+2. reads the preprocessed shards once into the object store, and loads the tokenizer and takes the
+   generation-metric prompts once, shared by every trial; opens the sweep's parent MLflow run
+   (:mod:`aigc.tune.tracking`, with ``tracking.mlflow``) whose children are the trials' runs;
 3. runs the trials (:mod:`aigc.tune.trial`) with ``tune.search`` and ``tune.scheduler``, as many at a time
    as the cluster fits; re-running the same command after the driver died continues the sweep
    (finished trials are kept, unfinished ones resume from their checkpoints); a sweep that finished is
    kept and the next run gets a fresh numbered name (``sweep-2``);
-4. writes ``<output_dir>/sweep/``: ``trials.csv``, ``curves.png``, ``params.png``, ``best_config.yaml`` and
-   ``best_adapter/``, registered with the sweep's id in its config (``sweep.id``).
+4. writes ``<output_dir>/sweep/``: ``trials.csv``, ``curves.png``, ``params.png``, ``best_config.yaml`` (also
+   the parent run's artifacts) and ``best_adapter/``, registered with the sweep's id in its config
+   (``sweep.id``).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from typing import Any
 
 from aigc import storage
 from aigc.config import PlatformConfig
-from aigc.errors import TrainingError
+from aigc.errors import ConfigError, TrainingError
 from aigc.publish import publish
+from aigc.train.tracking import Tracker
 from aigc.tune.space import Space, resolve, to_param_space
+from aigc.tune.tracking import finish_sweep_run, open_sweep_run
 
 __all__ = ["SweepResult", "build_tuner", "run_sweep", "sweep_name"]
 
@@ -71,16 +76,33 @@ def build_tuner(
     at_once: int,
     trials: int,
     callbacks: list[Any] | None = None,
+    tokenizer: Any = None,
+    gen_samples: list[Any] | None = None,
+    parent_run_id: str | None = None,
 ) -> Any:
-    """A Tuner for the experiment ``<output_dir>/sweep/<name>``; restored when that experiment exists."""
+    """A Tuner for the experiment ``<output_dir>/sweep/<name>``; restored when that experiment exists.
+
+    Args:
+        tokenizer, gen_samples: loaded once here and handed to every trial (None: each trial loads its own).
+        parent_run_id: the sweep's MLflow run, the parent of the trials' runs.
+    """
     import ray.tune
 
     from aigc.tune.progress import SweepProgress
-    from aigc.tune.search import build_scheduler, build_search, max_reports
+    from aigc.tune.search import build_scheduler, build_search, max_reports, pbt_base
     from aigc.tune.trial import run_trial, trial_resources
 
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, base=cfg, space=space, datasets=datasets, rows_train=rows_train),
+        ray.tune.with_parameters(
+            run_trial,
+            base=pbt_base(cfg),
+            space=space,
+            datasets=datasets,
+            rows_train=rows_train,
+            tokenizer=tokenizer,
+            gen_samples=gen_samples,
+            parent_run_id=parent_run_id,
+        ),  # fmt: skip
         trial_resources(cfg),
     )
     path = storage.join(cfg.output_dir, "sweep", name)
@@ -102,7 +124,7 @@ def build_tuner(
             # A trial process that ended is handed the next trial: torch, transformers and peft are imported
             # once per process, not once per trial (the largest part of a small trial's start-up).
             reuse_actors=True,
-            scheduler=build_scheduler(cfg, max_reports(cfg, space, rows_train)),
+            scheduler=build_scheduler(cfg, max_reports(cfg, space, rows_train), space),
         ),
         run_config=ray.tune.RunConfig(
             name=name,
@@ -110,9 +132,11 @@ def build_tuner(
             storage_filesystem=sweep_fs,
             verbose=0,  # one line per trial event instead of Tune's tables
             callbacks=[SweepProgress(t.metric, trials), *(callbacks or [])],
-            # The last checkpoint is always kept (resume); the best by the metric too (publishing).
+            # The last checkpoint is always kept (resume); the best by the metric too (publishing). PBT keeps
+            # them all: a trial that exploits another takes over its checkpoint, and pruning either trial's
+            # checkpoints would delete the other's (Tune tracks the shared directory in both).
             checkpoint_config=ray.tune.CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints,
+                num_to_keep=None if t.scheduler == "pbt" else cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=t.metric,
                 checkpoint_score_order=t.mode,
             ),
@@ -141,7 +165,8 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
         callbacks: more Tune callbacks (tests use one to interrupt the driver).
 
     Raises:
-        ConfigError: a bad space, search, metric or a trial the cluster cannot fit (before any trial starts).
+        ConfigError: a bad space, search, metric, a trial the cluster cannot fit, or a PBT population larger
+            than the trials that fit at once (before any trial starts).
         DataError: preprocessing has not run for ``output_dir``.
         TrainingError: no trial reported ``tune.metric`` with a checkpoint.
     """
@@ -154,6 +179,12 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
     space = check_sweep(cfg)
     read_stats(cfg.output_dir)  # fail before any cluster work if preprocessing has not run
     plan = plan_concurrency(cfg, trial_count(cfg, space), ray.cluster_resources())
+    if cfg.tune.scheduler == "pbt" and plan.at_once < plan.trials:
+        raise ConfigError(
+            f"tune.scheduler=pbt: the population of {plan.trials} trials must train side by side (a trial exploits "
+            f"a running one), but {plan.at_once} fit at once; lower tune.num_samples to {plan.at_once}, or raise "
+            "tune.max_concurrent_trials or the cluster's CPUs"
+        )
     name = sweep_name(cfg)
     sweep_dir = storage.join(cfg.output_dir, "sweep")
     resumed = storage.is_file(storage.join(sweep_dir, name, "tuner.pkl"))
@@ -161,43 +192,71 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
 
     datasets, stats = _shared_datasets(cfg)
     rows = dataset_rows(stats, "train")
-    tuner = build_tuner(
-        cfg, space, datasets, rows, name=name, at_once=plan.at_once, trials=plan.trials, callbacks=callbacks
-    )
-    grid = tuner.fit()
-    results = list(grid)
-    t = cfg.tune
+    parent = open_sweep_run(cfg, name, space)
     try:
-        best = grid.get_best_result(metric=t.metric, mode=t.mode, scope="last", filter_nan_and_inf=True)
-    except RuntimeError:  # Tune's "no best trial found": no trial reported the metric
-        best = None
-    if best is None or best.metrics is None or t.metric not in best.metrics:
-        errors = [str(r.error).splitlines()[0] for r in results if r.error]
-        raise TrainingError(
-            f"no sweep trial reported {t.metric!r}; first errors: {errors[:3]}. "
-            f"Trial logs are under {storage.join(sweep_dir, name)}"
-        )
-    return _finish(cfg, space, results, best, name, stats, register)
+        tuner = build_tuner(
+            cfg, space, datasets, rows, name=name, at_once=plan.at_once, trials=plan.trials, callbacks=callbacks,
+            parent_run_id=parent.run_id, **_shared_trial_inputs(cfg, space, datasets),
+        )  # fmt: skip
+        grid = tuner.fit()
+        results = list(grid)
+        t = cfg.tune
+        try:
+            best = grid.get_best_result(metric=t.metric, mode=t.mode, scope="last", filter_nan_and_inf=True)
+        except RuntimeError:  # Tune's "no best trial found": no trial reported the metric
+            best = None
+        if best is None or best.metrics is None or t.metric not in best.metrics:
+            errors = [str(r.error).splitlines()[0] for r in results if r.error]
+            raise TrainingError(
+                f"no sweep trial reported {t.metric!r}; first errors: {errors[:3]}. "
+                f"Trial logs are under {storage.join(sweep_dir, name)}"
+            )
+        return _finish(cfg, space, results, best, name, stats, register, parent)
+    except BaseException as exc:
+        # an interrupted driver (Ctrl-C) leaves the run KILLED; re-running the sweep continues it
+        parent.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _shared_trial_inputs(cfg: PlatformConfig, space: Space, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer and the generation-metric prompts, loaded once for every trial (each trial would otherwise
+    load the tokenizer and run a Ray Data ``take`` on the val split). Not when the space changes them."""
+    from aigc.models.loading import load_tokenizer
+    from aigc.train.trainer import take_generation_samples
+
+    keys = space.keys
+    tokenizer = None
+    if not any(k.startswith("model.") for k in keys):
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    samples = None
+    if "train.eval_generation_samples" not in keys:
+        samples = take_generation_samples(datasets, cfg.train.eval_generation_samples)
+    return {"tokenizer": tokenizer, "gen_samples": samples}
 
 
 def _finish(cfg: PlatformConfig, space: Space, results: list[Any], best: Any, name: str, stats: dict[str, Any],
-            register: bool) -> SweepResult:  # fmt: skip
-    """Table, CSV, plots, best config file, published adapter, completion marker."""
+            register: bool, parent: Tracker) -> SweepResult:  # fmt: skip
+    """Table, CSV, plots, best config file, the parent MLflow run's summary, published adapter, completion
+    marker."""
     from aigc.tune.results import best_config, best_config_yaml, plot_curves, plot_params, trials_table
 
     sweep_dir = storage.join(cfg.output_dir, "sweep")
     values = resolve(space, best.config)
     table = trials_table(results, space, cfg, best.path)
-    storage.write_text(storage.join(sweep_dir, "trials.csv"), table.to_csv(index=False))
-    with storage.local_staging(sweep_dir) as local:
-        plot_curves(results, space, cfg.tune.metric, os.path.join(local, "curves.png"))
-        plot_params(table, space, cfg.tune.metric, os.path.join(local, "params.png"))
-    plots = [storage.join(sweep_dir, "curves.png"), storage.join(sweep_dir, "params.png")]
-
     chosen = best_config(cfg, values)
-    config_path = storage.join(sweep_dir, "best_config.yaml")
     sweep_id = f"{name}@{storage.join(sweep_dir, name)}"
-    storage.write_text(config_path, best_config_yaml(chosen, sweep_id, values))
+    files = ("trials.csv", "curves.png", "params.png", "best_config.yaml")
+    with storage.local_staging(sweep_dir) as local:
+        table.to_csv(os.path.join(local, files[0]), index=False)
+        plot_curves(results, space, cfg.tune.metric, os.path.join(local, files[1]))
+        plot_params(table, space, cfg.tune.metric, os.path.join(local, files[2]))
+        with open(os.path.join(local, files[3]), "w") as f:
+            f.write(best_config_yaml(chosen, sweep_id, values))
+        best_summary = {"trial_id": best.metrics.get("trial_id"), "values": values, "metrics": best.metrics}
+        finish_sweep_run(parent, cfg.tune.metric, best_summary, [os.path.join(local, x) for x in files])
+    plots = [storage.join(sweep_dir, "curves.png"), storage.join(sweep_dir, "params.png")]
+    config_path = storage.join(sweep_dir, "best_config.yaml")
+
     published = publish(
         chosen,
         _best_checkpoint(best, cfg),

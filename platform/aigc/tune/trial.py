@@ -36,25 +36,32 @@ def trial_resources(cfg: PlatformConfig) -> dict[str, float]:
 
 
 def run_trial(config: dict[str, Any], base: PlatformConfig, space: Space, datasets: dict[str, Any],
-              rows_train: int) -> None:  # fmt: skip
+              rows_train: int, tokenizer: Any = None, gen_samples: list[Any] | None = None,
+              parent_run_id: str | None = None) -> None:  # fmt: skip
     """Tune's trainable: ``config`` holds the sampled values (conditional keys as hidden factors).
+
+    Args:
+        tokenizer, gen_samples: loaded and taken once by the sweep driver (None: each trial does it).
+        parent_run_id: the sweep's MLflow run; each trial's run is its child.
 
     Raises:
         TrainingError: the loss became NaN or infinite (the trial is marked errored, naming the step).
     """
-    t0 = time.monotonic()
+    t0 = time.perf_counter()
     cfg = with_values(base, resolve(space, config))
+    shared = {"tokenizer": tokenizer, "gen_samples": gen_samples, "parent_run_id": parent_run_id}
     if cfg.tune.num_workers_per_trial == 1:
-        out = _train_in_trial(cfg, datasets, rows_train, t0)
+        out = _train_in_trial(cfg, datasets, rows_train, t0, shared)
     else:
-        out = _train_with_workers(cfg, datasets, rows_train)
+        out = _train_with_workers(cfg, datasets, rows_train, shared)
     from aigc.train.loop import NONFINITE_KEY
 
     if isinstance(out, dict) and NONFINITE_KEY in out:
         raise TrainingError(f"trial loss became NaN or infinite at step {out[NONFINITE_KEY]}; lower train.lr")
 
 
-def _train_in_trial(cfg: PlatformConfig, datasets: dict[str, Any], rows_train: int, t0: float) -> Any:
+def _train_in_trial(cfg: PlatformConfig, datasets: dict[str, Any], rows_train: int, t0: float,
+                    shared: dict[str, Any]) -> Any:  # fmt: skip
     import ray.data
     import ray.tune
 
@@ -64,28 +71,51 @@ def _train_in_trial(cfg: PlatformConfig, datasets: dict[str, Any], rows_train: i
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same batches on a resume
     name = f"trial_id={ray.tune.get_context().get_trial_id()}"
-    loop_config = train_loop_config(cfg, datasets, rows_train, 1, run_name=name)
-    ctx = _TimedContext(TuneTrialContext(datasets, cfg.train.use_gpu), t0)
+    t_config = time.perf_counter()
+    loop_config = train_loop_config(cfg, datasets, rows_train, 1, run_name=name, **shared)
+    phases = {"imports_config": t_config - t0, "tokenizer_samples": time.perf_counter() - t_config}
+    ctx = _TimedContext(TuneTrialContext(datasets, cfg.train.use_gpu), t0, phases, name)
     return train_loop_per_worker({**loop_config, "context": ctx})
 
 
 class _TimedContext:
-    """Adds ``trial_setup_s`` (trial start to the first report: config, model, data) to the first report."""
+    """Times a trial's set-up and adds it to the first report: ``trial_setup_s`` (trial start to the first
+    report, less training) and ``trial_<phase>_s`` for its phases, also printed as one line: ``imports_config``
+    (the loop's imports, torch and transformers in a fresh trial process, and the trial's config),
+    ``tokenizer_samples`` (0 when the sweep shares them), ``model`` (build, LoRA wiring) and
+    ``evals_restore`` (everything else up to the first report but the training steps: a checkpoint restore,
+    the base model's evaluation, starting the data iterators, and the first report's own evaluation, generation
+    metrics included, and checkpoint)."""
 
-    def __init__(self, inner: Any, t0: float) -> None:
-        self._inner, self._t0, self._first = inner, t0, True
+    def __init__(self, inner: Any, t0: float, phases: dict[str, float], name: str) -> None:
+        self._inner, self._t0, self._first, self._name = inner, t0, True, name
+        self._phases, self._mark = dict(phases), t0 + sum(phases.values())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    def prepare_model(self, model: Any, wc: Any) -> Any:
+        out = self._inner.prepare_model(model, wc)
+        now = time.perf_counter()
+        self._phases["model"], self._mark = now - self._mark, now  # the loop builds the model just before
+        return out
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if self._first:
-            metrics = {**metrics, "trial_setup_s": round(time.monotonic() - self._t0 - metrics["train_time_s"], 2)}
             self._first = False
+            now, trained = time.perf_counter(), metrics["train_time_s"]
+            # train_time_s ends where the report's evaluation begins: that evaluation and the checkpoint count here
+            self._phases["evals_restore"] = now - self._mark - trained
+            setup = now - self._t0 - trained
+            metrics = {**metrics, "trial_setup_s": round(setup, 2),
+                       **{f"trial_{k}_s": round(v, 2) for k, v in self._phases.items()}}  # fmt: skip
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in self._phases.items())
+            print(f"[trial] {self._name} set-up {setup:.1f} s: {parts}", flush=True)
         self._inner.report(metrics, checkpoint_dir)
 
 
-def _train_with_workers(cfg: PlatformConfig, datasets: dict[str, Any], rows_train: int) -> Any:
+def _train_with_workers(cfg: PlatformConfig, datasets: dict[str, Any], rows_train: int,
+                        shared: dict[str, Any]) -> Any:  # fmt: skip
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -100,5 +130,6 @@ def _train_with_workers(cfg: PlatformConfig, datasets: dict[str, Any], rows_trai
         storage_path=storage.join(cfg.output_dir, "sweep", "trials"),
         num_workers=cfg.tune.num_workers_per_trial,
         callbacks=[TuneReportCallback()],
+        **shared,
     )
     return trainer.fit().return_value
