@@ -1,15 +1,18 @@
 """Sweep efficiency: an 8-trial ASHA sweep against the same 8 configurations trained to completion.
 
-    PYTHONPATH=platform .venv/bin/python bench/sweep_efficiency.py [--epochs 3] [--rows N] [--out DIR]
+    PYTHONPATH=platform .venv/bin/python bench/sweep_efficiency.py [--epochs 1] [--eval-every 25] [--rows N]
 
 On the demo data (or ``--rows`` freshly generated demo rows, for a shorter run) and config
-(``configs/demo.yaml``: the tiny base model, 1-worker trials on the embedded cluster), in one run:
+(``configs/demo.yaml``: the tiny base model, 1-worker trials on the embedded cluster; each trial trains
+``--epochs`` (``tune.epochs``) and reports every ``--eval-every`` steps (``tune.eval_every_steps``; 0 = at
+epoch ends only)), in one run:
 
-- (a) ``tune.scheduler=asha``: grid over 4 learning rates x 2 LoRA ranks (8 trials), ASHA after each epoch;
-- (b) ``tune.scheduler=none``: the same 8 configurations, every trial to its last epoch.
+- (a) ``tune.scheduler=asha``: grid over 4 learning rates x 2 LoRA ranks (8 trials), ASHA at every report;
+- (b) ``tune.scheduler=none``: the same 8 configurations, every trial to its last step.
 
 For each: wall time of the sweep (``run_sweep``: data read once, trials, table, plots, publishing), the sum of
-the trials' training time (epochs only, ``epoch_time_s``), trial-epochs, best eval loss, and
+the trials' training time (the training steps between reports, ``train_time_s``: no evaluation), trial-epochs
+(fractional for a trial stopped mid-epoch), best eval loss, and
 overhead per trial = (wall x concurrency - training time) / trials. Also where a trial's time goes on average:
 set-up before its first epoch (``trial_setup_s``: config, model build, first evaluation), epochs, and the rest
 (evaluations, checkpoints, reports, teardown as Tune measures the trial); and the set-up's phases, from the
@@ -73,7 +76,7 @@ def _measure(cfg, label: str, per_trial_loading: bool = False) -> dict:
         sweep._shared_trial_inputs = shared
     wall = time.perf_counter() - t0
     trials = _trials(Path(cfg.output_dir) / "sweep" / res.sweep_id.split("@")[0])
-    training = sum(r.get("epoch_time_s", 0.0) for t in trials for r in t)
+    training = sum(r.get("train_time_s", 0.0) for t in trials for r in t)
     setup = [t[0].get("trial_setup_s", float("nan")) for t in trials]
     total = [t[-1]["time_total_s"] for t in trials]
     epochs = sum(t[-1]["epoch"] for t in trials)
@@ -109,7 +112,8 @@ def _at_once(cfg, trials: int) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1, help="epochs of each trial (tune.epochs)")
+    p.add_argument("--eval-every", type=int, default=25, help="a report every N steps (0 = at epoch ends only)")
     p.add_argument("--rows", type=int, default=None, help="generated demo rows instead of the demo file")
     p.add_argument("--out", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--per-trial-loading", action="store_true", help="add (c): (b) with per-trial tokenizer loading")
@@ -123,7 +127,8 @@ def main() -> None:
         data.write_text("".join(json.dumps(r) + "\n" for r in generate_support_examples(args.rows, seed=11)))
     base = [
         f"output_dir={out / 'run'}", f"registry_dir={out / 'registry'}", f"tune.space={out / 'space.yaml'}",
-        "tune.search=grid", "tune.num_samples=8", f"train.epochs={args.epochs}",
+        "tune.search=grid", "tune.num_samples=8", f"tune.epochs={args.epochs}",
+        f"tune.eval_every_steps={args.eval_every or 'null'}",
         f"model.name_or_path={ROOT / 'assets' / 'tiny-base'}",
         f"data.path={data}",
     ]  # fmt: skip
@@ -144,7 +149,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['label']} | {r['wall_s']:.1f} s | {r['trials']} x {r['at_once']} | {r['training_s']:.1f} s | "
-              f"{r['trial_epochs']} | {r['overhead_per_trial_s']:.1f} s | {r['best_eval_loss']:.4f} |")  # fmt: skip
+              f"{r['trial_epochs']:.2f} | {r['overhead_per_trial_s']:.1f} s | {r['best_eval_loss']:.4f} |")  # fmt: skip
     print("\nwhere a trial's time goes (means): set-up before the first epoch | epochs | whole trial")
     for r in rows:
         print(f"  {r['label']}: {r['mean_setup_s']:.1f} s | {r['mean_epochs_s']:.1f} s | {r['mean_trial_s']:.1f} s")

@@ -55,6 +55,12 @@ def test_short_demo_end_to_end(tmp_path, request):
 
 @pytest.mark.slow
 def test_full_demo_meets_its_targets(tmp_path):
-    """The demo as `make demo` runs it: eval loss at least a third lower, accuracy clearly higher."""
+    """The demo as `make demo` runs it: eval loss at least a third lower, accuracy clearly higher, and sweep
+    trials far enough apart that the ranking means something."""
     report, stdout = _run_demo(tmp_path, timeout=1800)
     _check_report(report, stdout, min_loss_drop=1 / 3)
+    # The sweep ranks something: its best trial is measurably better than its worst, in loss and in answers.
+    best, worst = report["sweep_spread"]["best"], report["sweep_spread"]["worst"]
+    assert best["eval_loss"] < 0.1 * worst["eval_loss"], report["sweep_spread"]
+    assert best["exact_match"] >= worst["exact_match"] + 0.5, report["sweep_spread"]
+    assert "the trials differ: best" in stdout

@@ -173,6 +173,26 @@ def test_scheduler_budget_counts_reports(tmp_path):
     assert build_scheduler(load_config(None, ["tune.scheduler=none"]), 10) is None
 
 
+def test_trial_budget_replaces_the_training_schedule(tmp_path):
+    """tune.epochs and tune.eval_every_steps set the trials' schedule (and ASHA's budget), not the final run's."""
+    from aigc.tune.results import best_config
+    from aigc.tune.search import check_sweep, max_reports, trial_base
+
+    cfg = _sweep_cfg(tmp_path, {"train.lr": {"loguniform": [1e-4, 1e-2]}}, "train.epochs=3", "tune.epochs=1",
+                     "tune.eval_every_steps=2")  # fmt: skip
+    trial = trial_base(cfg)
+    assert (trial.train.epochs, trial.train.eval_every_steps) == (1, 2)
+    assert (cfg.train.epochs, cfg.train.eval_every_steps) == (3, None)  # the config itself is unchanged
+    # 64 rows, batch 8 -> 8 steps: 4 mid-epoch evaluations + the epoch end, once (not 3 epochs x 1 report)
+    assert max_reports(trial, check_sweep(cfg), 64) == 1 + 8 // 2
+    chosen = best_config(trial, {"train.lr": 0.003})  # what best_config.yaml holds: the trial's schedule
+    assert (chosen.train.epochs, chosen.train.eval_every_steps, chosen.train.lr) == (1, 2, 0.003)
+    plain = _sweep_cfg(tmp_path, {"train.lr": {"loguniform": [1e-4, 1e-2]}})
+    assert trial_base(plain) is plain
+    with pytest.raises(ConfigError, match=r"tune.epochs: Input should be greater than or equal to 1"):
+        load_config(None, ["tune.epochs=0"])
+
+
 def test_concurrency_from_cluster_resources():
     from aigc.tune.concurrency import plan_concurrency
 
@@ -195,7 +215,7 @@ def test_concurrency_from_cluster_resources():
 def test_pbt_searches_only_keys_that_can_change_mid_run(tmp_path):
     from ray.tune.schedulers import PopulationBasedTraining
 
-    from aigc.tune.search import build_scheduler, check_sweep, pbt_base
+    from aigc.tune.search import build_scheduler, check_sweep, trial_base
 
     entries = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "lora.dropout": {"choice": [0.0, 0.05, 0.1]}}
     cfg = _sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.perturbation_interval=2")
@@ -204,7 +224,7 @@ def test_pbt_searches_only_keys_that_can_change_mid_run(tmp_path):
     assert (pbt._time_attr, pbt._perturbation_interval, pbt._metric) == ("epoch", 2, "eval_loss")
     assert pbt._hyperparam_mutations["lora.dropout"] == [0.0, 0.05, 0.1]
     assert pbt._hyperparam_mutations["train.lr"].lower == 1e-4  # a perturbed lr is resampled from the same range
-    assert pbt_base(cfg) is cfg  # epochs: the loop checkpoints at every epoch end already
+    assert trial_base(cfg) is cfg  # epochs: the loop checkpoints at every epoch end already
     shipped = load_config(None, [f"tune.space={ROOT / 'tune_spaces' / 'pbt_lr.yaml'}", "tune.scheduler=pbt"])
     assert check_sweep(shipped).keys == ["train.lr", "lora.dropout"]
 
@@ -218,7 +238,7 @@ def test_pbt_searches_only_keys_that_can_change_mid_run(tmp_path):
     steps = _sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.perturbation_unit=step",
                        "tune.perturbation_interval=6")  # fmt: skip
     check_sweep(steps)
-    assert pbt_base(steps).train.checkpoint_every_steps == 6  # a checkpoint at every perturbation
+    assert trial_base(steps).train.checkpoint_every_steps == 6  # a checkpoint at every perturbation
     assert build_scheduler(steps, 10, check_sweep(steps))._time_attr == "step"
     with pytest.raises(ConfigError, match=r"tune.perturbation_interval=6 steps is not a multiple of "
                                           r"train.checkpoint_every_steps=4"):  # fmt: skip

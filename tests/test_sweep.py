@@ -23,8 +23,8 @@ TINY = str(ROOT / "assets" / "tiny-base")
 def prepared(ray_cluster, tmp_path_factory):
     """200 demo rows, preprocessed once; a config for 2-epoch, 1-worker trials, one at a time."""
     tmp = tmp_path_factory.mktemp("sweep")
-    _, overrides = prepare_demo_data(tmp, 200, 7, "train.epochs=2", "train.batch_size=16", "train.adapter_name=bot",
-                                     "tune.max_concurrent_trials=1")  # fmt: skip
+    _, overrides = prepare_demo_data(tmp, 200, 7, "train.epochs=2", "tune.epochs=2", "train.batch_size=16",
+                                     "train.adapter_name=bot", "tune.max_concurrent_trials=1")  # fmt: skip
     return tmp, overrides
 
 
@@ -128,7 +128,7 @@ def test_rerun_continues_an_interrupted_sweep_without_rerunning_finished_trials(
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save the experiment state at every step
     space = _space(tmp, "r", {"lora.r": {"grid": [4, 8]}})
     cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, f"tune.space={space}", "tune.search=grid",
-                                                        "tune.scheduler=none", "train.epochs=1", "tune.name=resume",
+                                                        "tune.scheduler=none", "tune.epochs=1", "tune.name=resume",
                                                         "tune.num_samples=2"])  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg, register=False, callbacks=[_DieAfterFirstTrial()])
@@ -154,7 +154,7 @@ def test_pbt_trial_continues_a_better_trials_checkpoint_with_its_own_perturbed_l
     space = _space(tmp, "pbt", {"train.lr": {"loguniform": [1e-6, 1e-2]}})
     cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, f"tune.space={space}", "tune.scheduler=pbt",
                                                         "tune.num_samples=2", "tune.seed=4", "tune.name=pbt",
-                                                        "tune.max_concurrent_trials=2", "train.epochs=3",
+                                                        "tune.max_concurrent_trials=2", "tune.epochs=3",
                                                         "train.lr_scheduler=constant", "train.warmup_steps=0",
                                                         "train.eval_generation_samples=0"])  # fmt: skip
     res = run_sweep(cfg)

@@ -114,7 +114,6 @@ def _precheck(stage: str, cfg: PlatformConfig) -> None:
     """Checks that need no cluster, so bad input fails before any Ray work."""
     from aigc.data.preprocess import read_stats
     from aigc.data.reading import check_columns, list_input_files
-    from aigc.tune.space import load_space
 
     if stage == "pipeline":
         from aigc.pipeline.stages import check_pipeline, pipeline_config
@@ -144,7 +143,9 @@ def _precheck(stage: str, cfg: PlatformConfig) -> None:
         if stage != "pipeline":  # the pipeline preprocesses first
             read_stats(cfg.output_dir)
     if stage in ("sweep", "demo") or (stage == "pipeline" and cfg.pipeline.sweep):
-        load_space(cfg.tune.space, cfg)
+        from aigc.tune.search import check_sweep
+
+        check_sweep(cfg)  # the space, the metric, grid size, PBT's keys, Optuna installed
 
 
 def run_stage(stage: str, cfg: PlatformConfig) -> None:

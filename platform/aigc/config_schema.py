@@ -244,6 +244,18 @@ class TuneConfig(_Section):
     )
     seed: int | None = Field(None, description="Seed of random and Optuna sampling: same seed, same trials.")
     num_workers_per_trial: int = Field(1, ge=1, description="Ray Train workers in each trial.")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Epochs of each trial; unset = train.epochs. Shorter trials make a cheaper sweep that ranks "
+        "values by how fast they learn; `aigc pipeline` then trains the best values for train.epochs.",
+    )
+    eval_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Each trial also evaluates and reports every N optimizer steps (ASHA's rungs, the curves' "
+        "points); unset = train.eval_every_steps.",
+    )
     name: str = Field("sweep", description="Experiment name under <output_dir>/sweep/.")
 
 
@@ -261,12 +273,6 @@ class PipelineConfig(_Section):
 
     sweep: bool = Field(
         True, description="Sweep (tune section) and train the best trial's values; false = train the config as is."
-    )
-    sweep_epochs: int | None = Field(
-        None,
-        ge=1,
-        description="Epochs of each sweep trial (short trials); unset = train.epochs. The final run "
-        "always trains train.epochs.",
     )
     feedback: str | None = Field(
         None,
@@ -300,8 +306,6 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
-        if self.sweep_epochs is not None and not self.sweep:
-            raise ValueError("sweep_epochs is set but sweep is false: drop one of them")
         if self.alias is not None and not self.promote:
             raise ValueError(f"alias {self.alias!r} is set but promote is false: nothing would move it")
         return self

@@ -15,7 +15,7 @@ from aigc import storage
 from aigc.config import PlatformConfig
 from aigc.errors import ConfigError
 
-__all__ = ["run_demo", "score_models"]
+__all__ = ["run_demo", "score_models", "sweep_spread"]
 
 _N_EVAL_PROMPTS = 40
 _EVAL_SEED = 1234
@@ -53,6 +53,32 @@ def _show_chat(base_url: str, models: list[str], question: str) -> None:
             if chunk.choices and chunk.choices[0].delta.content:
                 print(chunk.choices[0].delta.content, end="", flush=True)
         print()
+
+
+def sweep_spread(trials: Any, keys: list[str]) -> dict[str, Any]:
+    """The best and the worst trial by eval loss (values, eval loss, exact match, status, steps) and a line
+    saying how far apart they are: the sweep's ranking is worth something only if the trials differ."""
+
+    def row(r: Any) -> dict[str, Any]:
+        exact = r.get("eval_exact_match")
+        return {
+            "values": {k: r[k].item() if hasattr(r[k], "item") else r[k] for k in keys},
+            "eval_loss": float(r["eval_loss"]),
+            "exact_match": None if exact is None or exact != exact else float(exact),
+            "status": str(r["status"]),
+            "step": int(r["step"]),
+        }
+
+    def show(r: dict[str, Any]) -> str:
+        values = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                           for k, v in r["values"].items())  # fmt: skip
+        exact = f", exact match {r['exact_match']:.0%}" if r["exact_match"] is not None else ""
+        return f"{values}: eval loss {r['eval_loss']:.4f}{exact} ({r['status']} at step {r['step']})"
+
+    ranked = trials[trials["eval_loss"].notna()].sort_values("eval_loss")
+    best, worst = row(ranked.iloc[0]), row(ranked.iloc[-1])
+    line = f"the trials differ: best {show(best)}\n                     worst {show(worst)}"
+    return {"best": best, "worst": worst, "line": line}
 
 
 _MARKER = ".aigc-demo-output"  # written into output_dir by the demo; only such a directory is ever cleared
@@ -118,9 +144,15 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     report_train(trained, per_epoch=True)
     print(f"  loss curve: {storage.join(cfg.output_dir, 'train', 'loss.png')}")
 
-    _banner(f"3/4 sweep with Ray Tune: {cfg.tune.num_samples} trials over {cfg.tune.space}, ASHA", t0)
+    t = cfg.tune
+    budget = f"{t.epochs or cfg.train.epochs} epoch(s) each" + (
+        f", eval every {t.eval_every_steps} steps" if t.eval_every_steps else ""
+    )
+    _banner(f"3/4 sweep with Ray Tune: {t.num_samples} trials over {t.space}, {budget}, {t.scheduler}", t0)
     swept = run_sweep(cfg)
     report_sweep(swept)
+    spread = sweep_spread(swept.trials, list(swept.best_overrides))
+    print(f"\n  {spread['line']}")
 
     _banner("4/4 serve base model + adapters with Ray Serve; chat through the openai client", t0)
     base_url = run_server(cfg, blocking=False)
@@ -144,6 +176,7 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
         "models": {m: {"eval_loss": eval_loss[m], "accuracy": scores[m]["accuracy"]} for m in models},
         "held_out_prompts": len(prompts),
         "sweep_best": swept.best_overrides,
+        "sweep_spread": {k: spread[k] for k in ("best", "worst")},
         "elapsed_s": round(time.time() - t0, 1),
     }
     report_path = storage.join(cfg.output_dir, "demo_report.json")

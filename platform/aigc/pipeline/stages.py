@@ -4,8 +4,8 @@ runs, and how its output is found again.
 - **preprocess** reads ``data``, ``model`` and the data files' content; re-run when ``stats.json`` no longer
   names its shards.
 - **sweep** (``pipeline.sweep``) reads ``tune`` and the space file's content, ``train`` except
-  ``train.num_workers`` (trials have their own), ``lora``, ``model``, ``pipeline.sweep_epochs``; upstream
-  preprocess; its output is ``best_config.yaml``.
+  ``train.num_workers`` (trials have their own), ``lora``, ``model``; upstream preprocess; its output
+  is ``best_config.yaml``. Trials train ``tune.epochs`` (short trials), the train stage ``train.epochs``.
 - **train** reads ``model``, ``lora``, ``train`` with the sweep's best values; upstream sweep (or preprocess);
   its output is the exported model directory.
 - **register** reads ``registry_dir`` and ``train.adapter_name``; upstream train; its output is the published
@@ -135,11 +135,8 @@ def _preprocess(cfg: PlatformConfig, hash_data: HashData) -> Stage:
 
 # 2. sweep
 def _sweep(cfg: PlatformConfig) -> Stage:
-    epochs = cfg.pipeline.sweep_epochs
-    swept = with_values(cfg, {"train.epochs": epochs}) if epochs else cfg
-
     def inputs(_: Outputs) -> dict[str, Any]:
-        sections = _sections(swept, "tune", "train", "lora", "model")
+        sections = _sections(cfg, "tune", "train", "lora", "model")
         # Trials run tune.num_workers_per_trial workers: scaling up the final run must not sweep again.
         del sections["train"]["num_workers"]
         return {**sections, "space": content_hash(cfg.tune.space)}
@@ -149,7 +146,7 @@ def _sweep(cfg: PlatformConfig) -> Stage:
         from aigc.tune.sweep import run_sweep
 
         # Not registered: the sweep only chooses values; the train stage trains them for the full schedule.
-        res = run_sweep(swept, register=False)
+        res = run_sweep(cfg, register=False)
         report_sweep(res)
         metrics = {k: v for k, v in res.best_metrics.items() if isinstance(v, int | float)}
         return _jsonable({"sweep_id": res.sweep_id, "values": res.best_overrides, "metrics": metrics,

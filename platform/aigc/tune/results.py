@@ -21,6 +21,10 @@ from aigc.tune.space import Space, resolve
 __all__ = ["best_config", "best_config_yaml", "plot_curves", "plot_params", "trials_table"]
 
 
+# Shown in the table when the trials report them (train.eval_generation_samples > 0): answers scored, not loss.
+_GENERATION_METRICS = ("eval_exact_match", "eval_rouge_l")
+
+
 def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -50,12 +54,14 @@ def trials_table(results: list[Any], space: Space, cfg: PlatformConfig, best_pat
             "step": m.get("step"),
             "train_loss": m.get("train_loss"),
             "eval_loss": m.get("eval_loss"),
+            **{k: m.get(k) for k in _GENERATION_METRICS},
             metric: m.get(metric),
             "status": "error" if r.error else ("stopped early" if stopped else "done"),
             "time_s": round(m.get("time_total_s") or float("nan"), 1),
             "best": r.path == best_path,
         })  # fmt: skip
     df = pd.DataFrame(rows)
+    df = df.drop(columns=[k for k in _GENERATION_METRICS if k != metric and df[k].isna().all()])
     return df.sort_values(metric, ascending=cfg.tune.mode == "min", na_position="last").reset_index(drop=True)
 
 
@@ -67,6 +73,7 @@ def plot_curves(results: list[Any], space: Space, metric: str, path: str) -> Non
 
     with figure(path, "Sweep: learning curve of every trial", "optimizer step", metric, size=(7, 4)) as ax:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        seen: list[float] = []
         for r in results:
             df = r.metrics_dataframe
             if df is None or metric not in df or "step" not in df:
@@ -75,6 +82,16 @@ def plot_curves(results: list[Any], space: Space, metric: str, path: str) -> Non
             if metric == "eval_loss" and "initial_eval_loss" in df:  # every curve starts at the base model's loss
                 steps, values = [0, *steps], [df["initial_eval_loss"].iloc[0], *values]
             ax.plot(steps, values, "o-", ms=3, label=_label(resolve(space, r.config or {})))
+            seen += values
+        _log_if_wide(ax, seen)
+
+
+def _log_if_wide(ax: Any, values: list[Any]) -> None:
+    """A log y axis when the values are positive and span more than 20x (a loss from the base model's ~5 down
+    to ~0.001): on a linear axis the good trials would lie on top of each other."""
+    ok = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if ok and min(ok) > 0 and max(ok) / min(ok) > 20:
+        ax.set_yscale("log")
 
 
 def plot_params(table: Any, space: Space, metric: str, path: str) -> None:
@@ -92,6 +109,7 @@ def plot_params(table: Any, space: Space, metric: str, path: str) -> None:
         for ax, key in zip(axes.flat, keys, strict=False):
             ok = table[table[metric].notna()]
             ax.scatter(ok[key], ok[metric], s=18)
+            _log_if_wide(ax, list(ok[metric]))
             best = ok[ok["best"]]
             ax.scatter(best[key], best[metric], marker="*", s=140, color="tab:red", label="best")
             if any(p.key == key and p.dist == "loguniform" for p in space.params):

@@ -31,7 +31,7 @@ __all__ = [
     "build_search",
     "check_sweep",
     "max_reports",
-    "pbt_base",
+    "trial_base",
     "trial_count",
 ]
 
@@ -129,12 +129,20 @@ def _check_pbt(cfg: PlatformConfig, space: Space) -> None:
         )
 
 
-def pbt_base(cfg: PlatformConfig) -> PlatformConfig:
-    """The trials' base config: with PBT in steps, a checkpoint at every perturbation (the state it hands over)."""
+def trial_base(cfg: PlatformConfig) -> PlatformConfig:
+    """The config every trial starts from: the trials' budget (``tune.epochs``, ``tune.eval_every_steps``) in
+    place of ``train.epochs`` and ``train.eval_every_steps``, and with PBT in steps a checkpoint at every
+    perturbation (the state it hands over). The best trial's config file is written from it, so that
+    ``aigc train --config best_config.yaml`` trains what the trial trained."""
     t = cfg.tune
+    values: dict[str, Any] = {}
+    if t.epochs is not None:
+        values["train.epochs"] = t.epochs
+    if t.eval_every_steps is not None:
+        values["train.eval_every_steps"] = t.eval_every_steps
     if t.scheduler == "pbt" and t.perturbation_unit == "step" and not cfg.train.checkpoint_every_steps:
-        return with_values(cfg, {"train.checkpoint_every_steps": t.perturbation_interval})
-    return cfg
+        values["train.checkpoint_every_steps"] = t.perturbation_interval
+    return with_values(cfg, values) if values else cfg
 
 
 def _import_optuna() -> Any:
@@ -184,7 +192,9 @@ def build_search(cfg: PlatformConfig, param_space: dict[str, Any], at_once: int 
             return None, param_space
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=t.seed), param_space  # Tune's default search, seeded
+        # Tune's default search, seeded; it takes the concurrency limit itself (Tune ignores
+        # max_concurrent_trials beside a search generator)
+        return BasicVariantGenerator(random_state=t.seed, max_concurrent=max(1, at_once)), param_space
     optuna = _import_optuna()
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch

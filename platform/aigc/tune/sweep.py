@@ -83,19 +83,20 @@ def build_tuner(
     """A Tuner for the experiment ``<output_dir>/sweep/<name>``; restored when that experiment exists.
 
     Args:
+        cfg: the trials' base config (:func:`aigc.tune.search.trial_base`).
         tokenizer, gen_samples: loaded once here and handed to every trial (None: each trial loads its own).
         parent_run_id: the sweep's MLflow run, the parent of the trials' runs.
     """
     import ray.tune
 
     from aigc.tune.progress import SweepProgress
-    from aigc.tune.search import build_scheduler, build_search, max_reports, pbt_base
+    from aigc.tune.search import build_scheduler, build_search, max_reports
     from aigc.tune.trial import run_trial, trial_resources
 
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             run_trial,
-            base=pbt_base(cfg),
+            base=cfg,
             space=space,
             datasets=datasets,
             rows_train=rows_train,
@@ -119,7 +120,7 @@ def build_tuner(
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(
             num_samples=1 if t.search == "grid" else t.num_samples,
-            max_concurrent_trials=at_once,
+            max_concurrent_trials=None if search_alg is not None else at_once,  # else the search limits it
             search_alg=search_alg,
             # A trial process that ended is handed the next trial: torch, transformers and peft are imported
             # once per process, not once per trial (the largest part of a small trial's start-up).
@@ -174,9 +175,10 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
 
     from aigc.data.preprocess import dataset_rows, read_stats
     from aigc.tune.concurrency import plan_concurrency
-    from aigc.tune.search import check_sweep, trial_count
+    from aigc.tune.search import check_sweep, trial_base, trial_count
 
     space = check_sweep(cfg)
+    cfg = trial_base(cfg)  # the trials' epochs and evaluations (tune.epochs, tune.eval_every_steps)
     read_stats(cfg.output_dir)  # fail before any cluster work if preprocessing has not run
     plan = plan_concurrency(cfg, trial_count(cfg, space), ray.cluster_resources())
     if cfg.tune.scheduler == "pbt" and plan.at_once < plan.trials:
