@@ -10,16 +10,16 @@ epoch ends only)), in one run:
 - (a) ``tune.scheduler=asha``: grid over 4 learning rates x 2 LoRA ranks (8 trials), ASHA at every report;
 - (b) ``tune.scheduler=none``: the same 8 configurations, every trial to its last step.
 
-For each: wall time of the sweep (``run_sweep``: data read once, trials, table, plots, publishing), the sum of
-the trials' training time (the training steps between reports, ``train_time_s``: no evaluation), trial-epochs
-(fractional for a trial stopped mid-epoch), best eval loss, and
-overhead per trial = (wall x concurrency - training time) / trials. Also where a trial's time goes on average:
-set-up before its first epoch (``trial_setup_s``: config, model build, first evaluation), epochs, and the rest
-(evaluations, checkpoints, reports, teardown as Tune measures the trial); and the set-up's phases, from the
-trial's ``trial_<phase>_s`` reports: imports + config (the first trial of a process imports torch,
-transformers, peft), tokenizer + generation prompts, model build, and the rest before the first report
-but the training steps (the base model's evaluation, data start-up, the first epoch-end evaluation with its
-generation metrics, the first checkpoint).
+For each: wall time of the sweep (``run_sweep``: data read once, trials, table, plots, publishing), the sum of the
+trials' training time (the training steps between reports, ``train_time_s``: no evaluation), trial-epochs (fractional
+for a trial stopped mid-epoch), best eval loss, and overhead per trial = (wall x concurrency - training time) /
+trials, and the same less the trials' evaluations (``eval_time_s``: eval loss and the generation metrics, as often as
+the trials report). Also where a trial's time goes on average: set-up before its first epoch (``trial_setup_s``:
+config, model build, first evaluation), epochs, and the rest (evaluations, checkpoints, reports, teardown as Tune
+measures the trial); and the set-up's phases, from the trial's ``trial_<phase>_s`` reports: imports + config (the
+first trial of a process imports torch, transformers, peft), tokenizer + generation prompts, model build, and the rest
+before the first report but the training steps (the base model's evaluation, data start-up, the first epoch-end
+evaluation with its generation metrics, the first checkpoint).
 
 ``--per-trial-loading`` adds (c), run between (a) and (b): (b) again with every trial loading its own
 tokenizer and taking its own generation prompts from the val split (what trials did before the sweep driver
@@ -77,6 +77,7 @@ def _measure(cfg, label: str, per_trial_loading: bool = False) -> dict:
     wall = time.perf_counter() - t0
     trials = _trials(Path(cfg.output_dir) / "sweep" / res.sweep_id.split("@")[0])
     training = sum(r.get("train_time_s", 0.0) for t in trials for r in t)
+    evaluating = sum(r.get("eval_time_s", 0.0) for t in trials for r in t)
     setup = [t[0].get("trial_setup_s", float("nan")) for t in trials]
     total = [t[-1]["time_total_s"] for t in trials]
     epochs = sum(t[-1]["epoch"] for t in trials)
@@ -90,6 +91,8 @@ def _measure(cfg, label: str, per_trial_loading: bool = False) -> dict:
         "trial_epochs": epochs,
         "best_eval_loss": float(res.trials["eval_loss"].min()),
         "overhead_per_trial_s": (wall * at_once - training) / len(trials),
+        "eval_s": evaluating,
+        "overhead_ex_eval_s": (wall * at_once - training - evaluating) / len(trials),
         "mean_setup_s": sum(setup) / len(setup),
         "mean_trial_s": sum(total) / len(total),
         "mean_epochs_s": training / len(trials),
@@ -145,11 +148,13 @@ def main() -> None:
         rows.append(_measure(cfg_c, "(c) = (b), per-trial loading", per_trial_loading=True))
     cfg_b = load_config(ROOT / "configs" / "demo.yaml", [*base, "tune.scheduler=none", "tune.name=full"])
     rows.insert(1, _measure(cfg_b, "(b) to completion"))
-    print("\n| run | wall | trials x at once | training (epochs) | trial-epochs | overhead/trial | best eval loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| run | wall | trials x at once | training | trial-epochs | overhead/trial | evaluations | "
+          "overhead/trial less evaluations | best eval loss |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['label']} | {r['wall_s']:.1f} s | {r['trials']} x {r['at_once']} | {r['training_s']:.1f} s | "
-              f"{r['trial_epochs']:.2f} | {r['overhead_per_trial_s']:.1f} s | {r['best_eval_loss']:.4f} |")  # fmt: skip
+              f"{r['trial_epochs']:.2f} | {r['overhead_per_trial_s']:.1f} s | {r['eval_s']:.1f} s | "
+              f"{r['overhead_ex_eval_s']:.1f} s | {r['best_eval_loss']:.4f} |")  # fmt: skip
     print("\nwhere a trial's time goes (means): set-up before the first epoch | epochs | whole trial")
     for r in rows:
         print(f"  {r['label']}: {r['mean_setup_s']:.1f} s | {r['mean_epochs_s']:.1f} s | {r['mean_trial_s']:.1f} s")

@@ -193,6 +193,24 @@ def test_trial_budget_replaces_the_training_schedule(tmp_path):
         load_config(None, ["tune.epochs=0"])
 
 
+def test_sweep_plots_use_a_log_axis_only_for_a_wide_positive_range():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from aigc.tune.results import _log_if_wide
+
+    fig, axes = plt.subplots(1, 3)
+    try:
+        _log_if_wide(axes[0], [5.1, 0.1, 0.0014, float("nan")])  # the base model's loss down to a trained one
+        _log_if_wide(axes[1], [0.9, 0.5, 0.2])
+        _log_if_wide(axes[2], [0.0, 1.0, 100.0])  # exact match can be 0: no log axis
+        assert [ax.get_yscale() for ax in axes] == ["log", "linear", "linear"]
+    finally:
+        plt.close(fig)
+
+
 def test_concurrency_from_cluster_resources():
     from aigc.tune.concurrency import plan_concurrency
 
@@ -240,6 +258,17 @@ def test_pbt_searches_only_keys_that_can_change_mid_run(tmp_path):
     check_sweep(steps)
     assert trial_base(steps).train.checkpoint_every_steps == 6  # a checkpoint at every perturbation
     assert build_scheduler(steps, 10, check_sweep(steps))._time_attr == "step"
+    # mid-epoch evaluations (tune.eval_every_steps): each report gets a checkpoint, PBT's hand-over
+    evals = _sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.eval_every_steps=5")
+    check_sweep(evals)
+    assert trial_base(evals).train.checkpoint_every_steps == 5
+    with pytest.raises(ConfigError, match=r"a trial evaluates every 5 steps but checkpoints every 2 "):
+        check_sweep(_sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.eval_every_steps=5",
+                               "train.checkpoint_every_steps=2"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"tune.perturbation_interval=6 steps is not a multiple of the trials' "
+                                          r"evaluation interval \(4 steps"):  # fmt: skip
+        check_sweep(_sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.perturbation_unit=step",
+                               "tune.perturbation_interval=6", "tune.eval_every_steps=4"))  # fmt: skip
     with pytest.raises(ConfigError, match=r"tune.perturbation_interval=6 steps is not a multiple of "
                                           r"train.checkpoint_every_steps=4"):  # fmt: skip
         check_sweep(_sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.perturbation_unit=step",

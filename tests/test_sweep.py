@@ -54,6 +54,8 @@ def test_asha_stops_the_useless_trial_and_registers_the_best(asha_sweep):
     assert list(t["train.lr"]) == [4e-3, 1e-6] and list(t["best"]) == [True, False]
     assert list(t["status"]) == ["done", "stopped early"] and list(t["epoch"]) == [2, 1]
     assert t.loc[0, "eval_loss"] < 0.9 * t.loc[1, "eval_loss"]
+    # the generation metrics (train.eval_generation_samples in the demo config) are columns of the table
+    assert t.loc[0, "eval_exact_match"] >= t.loc[1, "eval_exact_match"] and "eval_rouge_l" in t.columns
     assert res.best_overrides == {"train.lr": 4e-3}
     assert res.best_metrics["eval_loss"] == pytest.approx(t.loc[0, "eval_loss"])
 
@@ -75,7 +77,7 @@ def test_best_config_file_reproduces_the_best_trial(asha_sweep):
 
     cfg, res = asha_sweep
     best = load_config(res.best_config_path)
-    assert best.train.lr == 4e-3 and best.train.num_workers == 1
+    assert best.train.lr == 4e-3 and best.train.num_workers == 1 and best.train.epochs == cfg.tune.epochs
     again = run_training(best, register=False)
     assert again.metrics["eval_loss"] == pytest.approx(res.best_metrics["eval_loss"], rel=0.03)
 
@@ -155,7 +157,8 @@ def test_pbt_trial_continues_a_better_trials_checkpoint_with_its_own_perturbed_l
     cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, f"tune.space={space}", "tune.scheduler=pbt",
                                                         "tune.num_samples=2", "tune.seed=4", "tune.name=pbt",
                                                         "tune.max_concurrent_trials=2", "tune.epochs=3",
-                                                        "train.lr_scheduler=constant", "train.warmup_steps=0",
+                                                        "tune.eval_every_steps=null", "train.lr_scheduler=constant",
+                                                        "train.warmup_steps=0",
                                                         "train.eval_generation_samples=0"])  # fmt: skip
     res = run_sweep(cfg)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
 
@@ -209,6 +210,22 @@ def test_generation_metrics_score_greedy_answers(tiny):
 
     mixed = generation_metrics(model, [*exact[:2], wrong[2]], tok, **kw, batch_size=2)
     assert mixed["eval_exact_match"] == pytest.approx(2 / 3)
+
+
+def test_greedy_decoding_stops_once_every_answer_has_ended(tiny):
+    from aigc.train.gen_metrics import _greedy
+
+    model, tok, prompts, greedy = tiny
+    model.eval()
+    cpu = torch.device("cpu")
+    full = _greedy(model, prompts, 12, tok.pad_token_id, cpu, contextlib.nullcontext)  # no end tokens: 12 steps
+    assert [len(a) for a in full] == [12] * 3
+    assert all(a[: len(g)] == g for a, g in zip(full, greedy, strict=True))  # generate() stops at its EOS
+    ends = {a[1] for a in full}  # as if these were end tokens: every answer has one by its second token
+    short = _greedy(model, prompts, 12, tok.pad_token_id, cpu, contextlib.nullcontext, eos=ends)
+    last = max(min(i for i, t in enumerate(a) if t in ends) for a in full)  # where the last answer ends
+    assert last <= 1 and [len(a) for a in short] == [last + 1] * 3
+    assert all(a == f[: last + 1] for a, f in zip(short, full, strict=True))
 
 
 def test_generation_metrics_split_across_two_ranks(tiny):

@@ -5,9 +5,10 @@ Eval loss says how likely the reference answer is; these say whether the model a
 small (tens).
 
 Distributed: every rank passes the SAME sample list; rank ``r`` answers samples ``r, r + world_size, ...`` (the
-list padded so every rank has as many), in batches, each for exactly ``max_new_tokens`` steps with no early stop.
-Every rank thus runs the same number of forward passes, which FSDP needs (each forward is a collective). The
-answer is cut at its first end-of-sequence token afterwards, and the per-rank sums are added with ``all_reduce``.
+list padded so every rank has as many), in batches, each for ``max_new_tokens`` steps or until every answer on
+every rank has ended (decided together with an ``all_reduce`` each step). Every rank thus runs the same number of
+forward passes, which FSDP needs (each forward is a collective). The answer is cut at its first end-of-sequence
+token afterwards, and the per-rank sums are added with ``all_reduce``.
 """
 
 from __future__ import annotations
@@ -95,14 +96,20 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
 
 
 @torch.no_grad()
-def _greedy(model: Any, prompts: list[list[int]], steps: int, pad_id: int, device: torch.device, autocast: Any):
-    """``steps`` greedy tokens for each prompt (left-padded batch, KV cache), never stopping early.
+def _greedy(model: Any, prompts: list[list[int]], steps: int, pad_id: int, device: torch.device, autocast: Any,
+            eos: set[int] | None = None, world_size: int = 1) -> list[list[int]]:  # fmt: skip
+    """Up to ``steps`` greedy tokens for each prompt (left-padded batch, KV cache).
 
-    Calls the model itself (the DDP/FSDP wrapper's forward), not ``generate`` on the inner model, which
-    would bypass FSDP's parameter gathering.
+    Stops early once every answer of the batch has an ``eos`` token, on every rank together: with several
+    ranks the decision is all-reduced each step, so all of them run the same number of forward passes (FSDP's
+    forward is a collective). Calls the model itself (the DDP/FSDP wrapper's forward), not ``generate`` on the
+    inner model, which would bypass FSDP's parameter gathering.
     """
     ids, mask = _left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    eos_ids = torch.tensor(sorted(eos or ()), dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    collective = world_size > 1 and dist.is_available() and dist.is_initialized()
     cache: dict[str, Any] = {}
     out = []
     for _ in range(steps):
@@ -113,6 +120,13 @@ def _greedy(model: Any, prompts: list[list[int]], steps: int, pad_id: int, devic
         out.append(ids)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
         positions = positions[:, -1:] + 1
+        if eos_ids.numel():
+            done |= torch.isin(ids[:, 0], eos_ids)
+            unfinished = (~done).sum().to(torch.float64)
+            if collective:
+                dist.all_reduce(unfinished)
+            if unfinished.item() == 0:
+                break
     return torch.cat(out, dim=1).tolist()
 
 
@@ -167,7 +181,8 @@ def generation_metrics(
         model: the (possibly DDP/FSDP-wrapped) causal LM; put in eval mode for the call, then restored.
         samples: the same list on every rank (:func:`generation_samples`).
         tokenizer: decodes answers and references (special tokens skipped, whitespace stripped).
-        max_new_tokens: greedy steps per batch on every rank (answers are cut at their first EOS afterwards).
+        max_new_tokens: most greedy steps per batch (fewer when every answer has ended; answers are cut at
+            their first EOS afterwards).
         device: where the model is.
         rank, world_size: this rank's share; sums go through ``all_reduce`` when a process group is initialised
             (without one, the result covers this rank's share only).
@@ -191,7 +206,8 @@ def generation_metrics(
         for b in range(0, len(mine), batch_size):
             chunk = mine[b : b + batch_size]
             prompts = [samples[i if i is not None else 0].prompt_ids for i in chunk]
-            for i, tokens in zip(chunk, _greedy(model, prompts, max_new_tokens, pad_id, device, factory), strict=True):
+            answers = _greedy(model, prompts, max_new_tokens, pad_id, device, factory, eos, world_size)
+            for i, tokens in zip(chunk, answers, strict=True):
                 if i is None:
                     continue
                 answer = tokenizer.decode(_cut(tokens, eos), skip_special_tokens=True).strip()

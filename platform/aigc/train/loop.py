@@ -76,6 +76,10 @@ class WorkerConfig:
         return self.train.epochs * self.steps_per_epoch
 
 
+# The most memory a worker spends keeping its val batches between evaluations (larger val shards stream).
+VAL_CACHE_BYTES = 256 * 2**20
+
+
 def _seed(seed: int) -> None:
     """Same seed on every rank, so weights start identical before DDP syncs them."""
     random.seed(seed)
@@ -98,6 +102,8 @@ class _Run:
         self.scheduler = optim.build_scheduler(self.optimizer, self.tc, wc.total_steps)
         self.train_shard = ctx.dataset_shard("train")
         self.val_shard = ctx.dataset_shard("val") if wc.has_val else None
+        self._val_cache: list[dict[str, torch.Tensor]] | None = None
+        self._val_cacheable = True
         self.state, self.resumed = TrainState(), False
         checkpoint = ctx.checkpoint()
         if checkpoint:
@@ -123,9 +129,31 @@ class _Run:
             local_shuffle_seed=self.tc.seed + epoch if epoch is not None else None,
         )
 
+    def val_batches(self) -> Any:
+        """The val shard's batches, kept in memory after the first pass when they take at most
+        ``VAL_CACHE_BYTES``: later evaluations (every ``eval_every_steps``) then start no Ray Data execution.
+        The same batches in the same order either way, so the eval loss does not change."""
+        if self._val_cache is not None:
+            yield from self._val_cache
+            return
+        kept: list[dict[str, torch.Tensor]] | None = [] if self._val_cacheable else None
+        size = 0
+        for batch in self.batches(self.val_shard, None):
+            if kept is not None:
+                size += sum(t.numel() * t.element_size() for t in batch.values())
+                if size <= VAL_CACHE_BYTES:
+                    kept.append(batch)
+                else:
+                    kept = None  # too large to keep: stream it at every evaluation
+            yield batch
+        if self._val_cacheable:
+            # Every rank decides alike: the val split is a streaming split, whose every pass all ranks must join.
+            everywhere = all_reduce(float(kept is None), device=self.device)[0] == 0
+            self._val_cache, self._val_cacheable = (kept if everywhere else None), everywhere
+
     def evaluate(self, generate: bool = False) -> dict[str, float]:
         """Eval loss and perplexity on the val split; with ``generate``, also the generation metrics."""
-        metrics = evaluate(self.model, self.batches(self.val_shard, None), self.device, self.autocast)
+        metrics = evaluate(self.model, self.val_batches(), self.device, self.autocast)
         if generate and self.wc.gen_samples:
             from aigc.train.gen_metrics import generation_metrics
 
@@ -264,7 +292,9 @@ def _train(run: _Run) -> dict[str, Any] | None:
                 metrics["epoch_time_s"] = round(time.monotonic() - epoch_t0, 2)
             stop = False
             if run.val_shard is not None:
+                eval_t0 = time.monotonic()
                 metrics.update(run.evaluate(generate=True))
+                metrics["eval_time_s"] = round(time.monotonic() - eval_t0, 3)  # loss + generation metrics
                 metrics["initial_eval_loss"] = st.initial_eval
                 stop = _plateaued(st, metrics["eval_loss"], tc)
                 metrics["stopped_early"] = stop

@@ -116,32 +116,47 @@ def _check_pbt(cfg: PlatformConfig, space: Space) -> None:
         )
     if t.search == "optuna":
         raise ConfigError("tune.scheduler=pbt chooses new values itself: use tune.search=random or grid with it")
-    if (
-        t.perturbation_unit == "step"
-        and tc.checkpoint_every_steps
-        and t.perturbation_interval % tc.checkpoint_every_steps
-    ):
+    every = trial_base(cfg).train  # the trials' schedule: tune.eval_every_steps, the checkpoints PBT adds
+    ckpt = every.checkpoint_every_steps
+    if t.perturbation_unit == "step" and ckpt and t.perturbation_interval % ckpt:
+        if tc.checkpoint_every_steps:
+            raise ConfigError(
+                f"tune.perturbation_interval={t.perturbation_interval} steps is not a multiple of "
+                f"train.checkpoint_every_steps={ckpt}: PBT exploits checkpoints, so perturb where one is written "
+                "(or unset train.checkpoint_every_steps: the sweep then checkpoints at each perturbation)"
+            )
         raise ConfigError(
-            f"tune.perturbation_interval={t.perturbation_interval} steps is not a multiple of "
-            f"train.checkpoint_every_steps={tc.checkpoint_every_steps}: PBT exploits checkpoints, so perturb "
-            "where one is written (or unset train.checkpoint_every_steps: the sweep then checkpoints at each "
-            "perturbation)"
+            f"tune.perturbation_interval={t.perturbation_interval} steps is not a multiple of the trials' "
+            f"evaluation interval ({ckpt} steps, tune.eval_every_steps or train.eval_every_steps): PBT checkpoints "
+            "at every report and exploits those checkpoints, so make the perturbation interval a multiple of it"
+        )
+    if every.eval_every_steps and ckpt and every.eval_every_steps % ckpt:
+        raise ConfigError(
+            f"tune.scheduler=pbt: a trial evaluates every {every.eval_every_steps} steps but checkpoints every "
+            f"{ckpt} (train.checkpoint_every_steps); PBT exploits the checkpoint of each report, so make the "
+            "evaluation interval a multiple of it, or unset train.checkpoint_every_steps (the sweep then "
+            "checkpoints at every evaluation)"
         )
 
 
 def trial_base(cfg: PlatformConfig) -> PlatformConfig:
     """The config every trial starts from: the trials' budget (``tune.epochs``, ``tune.eval_every_steps``) in
-    place of ``train.epochs`` and ``train.eval_every_steps``, and with PBT in steps a checkpoint at every
-    perturbation (the state it hands over). The best trial's config file is written from it, so that
-    ``aigc train --config best_config.yaml`` trains what the trial trained."""
+    place of ``train.epochs`` and ``train.eval_every_steps``, and with PBT a checkpoint at every report (the
+    state it hands over): at every evaluation, or at every perturbation in steps. The best trial's config file
+    is written from it, so that ``aigc train --config best_config.yaml`` trains what the trial trained."""
     t = cfg.tune
     values: dict[str, Any] = {}
     if t.epochs is not None:
         values["train.epochs"] = t.epochs
     if t.eval_every_steps is not None:
         values["train.eval_every_steps"] = t.eval_every_steps
-    if t.scheduler == "pbt" and t.perturbation_unit == "step" and not cfg.train.checkpoint_every_steps:
-        values["train.checkpoint_every_steps"] = t.perturbation_interval
+    evals = values.get("train.eval_every_steps", cfg.train.eval_every_steps)
+    if t.scheduler == "pbt" and not cfg.train.checkpoint_every_steps:
+        # PBT hands a trial the checkpoint of another's latest report: every report needs one
+        if evals:
+            values["train.checkpoint_every_steps"] = evals
+        elif t.perturbation_unit == "step":
+            values["train.checkpoint_every_steps"] = t.perturbation_interval
     return with_values(cfg, values) if values else cfg
 
 
