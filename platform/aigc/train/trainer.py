@@ -33,7 +33,7 @@ __all__ = [
     "take_generation_samples",
 ]
 
-_DONE_MARKER = "aigc_done.json"
+_DONE_MARKER = "aigc_done.json"  # written into a finished run's directory
 _READ_CPUS = 0.25
 _CACHE_SHARE = 0.2  # cache_data=auto: cache when the data takes under this share of the object store
 
@@ -255,12 +255,7 @@ def build_trainer(
 
 def _run_name(cfg: PlatformConfig, storage_path: str) -> str:
     """The configured name; a run that already finished gets a fresh numbered name instead of re-running."""
-    base = cfg.train.run_name or cfg.train.adapter_name
-    name, n = base, 1
-    while storage.is_file(storage.join(storage_path, name, _DONE_MARKER)):
-        n += 1
-        name = f"{base}-{n}"
-    return name
+    return storage.free_run_name(storage_path, cfg.train.run_name or cfg.train.adapter_name, _DONE_MARKER)
 
 
 def plot_history(

@@ -31,7 +31,7 @@ from aigc.tune.tracking import finish_sweep_run, open_sweep_run
 
 __all__ = ["SweepResult", "build_tuner", "run_sweep", "sweep_name"]
 
-_DONE_MARKER = "aigc_done.json"
+_DONE_MARKER = "aigc_done.json"  # written into a finished sweep's directory
 
 
 @dataclass
@@ -50,20 +50,16 @@ class SweepResult:
 
 def sweep_name(cfg: PlatformConfig) -> str:
     """``tune.name``, or ``<tune.name>-N`` when the sweeps of that name finished (their dir holds the marker)."""
-    sweep_dir = storage.join(cfg.output_dir, "sweep")
-    name, n = cfg.tune.name, 1
-    while storage.is_file(storage.join(sweep_dir, name, _DONE_MARKER)):
-        n += 1
-        name = f"{cfg.tune.name}-{n}"
-    return name
+    return storage.free_run_name(storage.join(cfg.output_dir, "sweep"), cfg.tune.name, _DONE_MARKER)
 
 
 def _shared_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The shards read once into the object store; every trial iterates the same blocks."""
-    from aigc.train.trainer import load_datasets
+    """The shards, read once into the object store when they fit (``train.cache_data``): every trial then
+    iterates the same blocks; data too large to cache is streamed by each trial."""
+    from aigc.train.trainer import cache_datasets, load_datasets
 
     datasets, stats = load_datasets(cfg)
-    return {k: ds.materialize() for k, ds in datasets.items()}, stats
+    return cache_datasets(cfg, datasets, stats), stats
 
 
 def build_tuner(
