@@ -24,7 +24,7 @@ from aigc.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
 from aigc.train import model_setup, optim
 from aigc.train.checkpointing import ADAPTER_SUBDIR, HISTORY_FILE, TrainState, load_checkpoint, save_checkpoint
 from aigc.train.context import RayTrainContext, WorkerContext
-from aigc.train.losses import all_reduce, collate, evaluate, token_loss_sum
+from aigc.train.losses import all_reduce, collate_fn, evaluate, token_loss_sum
 from aigc.train.progress import StepProgress
 from aigc.train.tracking import Tracker
 
@@ -124,7 +124,7 @@ class _Run:
         bs = self.tc.batch_size
         return shard.iter_torch_batches(
             batch_size=bs,
-            collate_fn=lambda b: collate(b, self.wc.pad_id),
+            collate_fn=collate_fn(self.wc.pad_id),
             local_shuffle_buffer_size=4 * bs if epoch is not None else None,
             local_shuffle_seed=self.tc.seed + epoch if epoch is not None else None,
         )

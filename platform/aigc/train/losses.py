@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce", "collate", "evaluate", "token_loss_sum", "token_losses"]
+__all__ = ["all_reduce", "collate", "collate_fn", "evaluate", "token_loss_sum", "token_losses"]
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
@@ -33,6 +33,18 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
         extra[i, :n] = torch.as_tensor(np.asarray(batch["position_ids"][i], dtype=np.int64)) if packed else 1
     key = "position_ids" if packed else "attention_mask"
     return {"input_ids": out_ids, "labels": out_labels, key: extra}
+
+
+def collate_fn(pad_id: int) -> Any:
+    """:func:`collate` as Ray Data's ``iter_torch_batches(collate_fn=...)`` takes it: a ``NumpyBatchCollateFn``
+    (a plain function is deprecated since Ray 2.47)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class PadCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return collate(batch, pad_id)
+
+    return PadCollate()
 
 
 def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
