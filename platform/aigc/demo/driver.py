@@ -69,9 +69,10 @@ def sweep_spread(trials: Any, keys: list[str]) -> dict[str, Any]:
             "step": int(r["step"]),
         }
 
+    from aigc.tune.results import values_label
+
     def show(r: dict[str, Any]) -> str:
-        values = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                           for k, v in r["values"].items())  # fmt: skip
+        values = values_label(r["values"])
         exact = f", exact match {r['exact_match']:.0%}" if r["exact_match"] is not None else ""
         return f"{values}: eval loss {r['eval_loss']:.4f}{exact} ({r['status']} at step {r['step']})"
 

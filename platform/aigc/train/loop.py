@@ -102,6 +102,7 @@ class _Run:
         self.scheduler = optim.build_scheduler(self.optimizer, self.tc, wc.total_steps)
         self.train_shard = ctx.dataset_shard("train")
         self.val_shard = ctx.dataset_shard("val") if wc.has_val else None
+        self.collate = collate_fn(wc.pad_id)  # one collate object for every pass over either shard
         self._val_cache: list[dict[str, torch.Tensor]] | None = None
         self._val_cacheable = True
         self.state, self.resumed = TrainState(), False
@@ -124,7 +125,7 @@ class _Run:
         bs = self.tc.batch_size
         return shard.iter_torch_batches(
             batch_size=bs,
-            collate_fn=collate_fn(self.wc.pad_id),
+            collate_fn=self.collate,
             local_shuffle_buffer_size=4 * bs if epoch is not None else None,
             local_shuffle_seed=self.tc.seed + epoch if epoch is not None else None,
         )

@@ -18,7 +18,7 @@ import yaml
 from aigc.config import PlatformConfig, with_values
 from aigc.tune.space import Space, resolve
 
-__all__ = ["best_config", "best_config_yaml", "plot_curves", "plot_params", "trials_table"]
+__all__ = ["best_config", "best_config_yaml", "plot_curves", "plot_params", "trials_table", "values_label"]
 
 
 # Shown in the table when the trials report them (train.eval_generation_samples > 0): answers scored, not loss.
@@ -29,7 +29,8 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _label(values: dict[str, Any]) -> str:
+def values_label(values: dict[str, Any]) -> str:
+    """A trial's values in short: ``lr=0.00669, r=16`` (last part of each key, floats to 3 digits)."""
     return ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in values.items())
 
 
@@ -81,7 +82,7 @@ def plot_curves(results: list[Any], space: Space, metric: str, path: str) -> Non
             steps, values = list(df["step"]), list(df[metric])
             if metric == "eval_loss" and "initial_eval_loss" in df:  # every curve starts at the base model's loss
                 steps, values = [0, *steps], [df["initial_eval_loss"].iloc[0], *values]
-            ax.plot(steps, values, "o-", ms=3, label=_label(resolve(space, r.config or {})))
+            ax.plot(steps, values, "o-", ms=3, label=values_label(resolve(space, r.config or {})))
             seen += values
         _log_if_wide(ax, seen)
 
