@@ -1,5 +1,5 @@
-"""Serving: the generation engine on its own, then the OpenAI app on a local Ray Serve, through the
-official ``openai`` client and raw HTTP.
+"""Serving: the OpenAI app on a local Ray Serve, through the official ``openai`` client and raw HTTP (the
+engine on its own is ``tests/test_engine.py``).
 
 One tiny random Llama and three LoRA adapters (two versions of ``support``, one ``other``) plus a
 ``broken`` registry entry whose weights are garbage. Random weights make meaningless text, but greedy
@@ -13,25 +13,21 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
 from helpers import free_port, make_tiny_adapter, make_tiny_model
 
-from aigc.config import PlatformConfig
+from aigc.config import ModerationConfig, PlatformConfig, ServeConfig
 from aigc.errors import InvalidRequestError
 from aigc.registry import Registry
-from aigc.serve.engine import GenerationEngine, SamplingParams
 
 TIMEOUT_S = 60  # every HTTP request is bounded by this
 MESSAGES = [
     {"role": "system", "content": "You are helpful."},
     {"role": "user", "content": "Where is my parcel?"},
 ]
-GREEDY = SamplingParams(max_tokens=16, temperature=0)
 CAP = 64
 
 
@@ -52,125 +48,6 @@ def assets(tmp_path_factory):
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     registry.register("broken", str(broken), base_model=base)
     return SimpleNamespace(base=base, registry=registry, v1=v1, v2=v2, other=other)
-
-
-@pytest.fixture(scope="module")
-def engine(assets):
-    return GenerationEngine(assets.base)
-
-
-# ============================================================================== engine (no Ray, no Serve)
-def _stream(engine: GenerationEngine, params: SamplingParams, adapter: str | None = None) -> list:
-    async def collect():
-        return [d async for d in engine.astream(MESSAGES, params, adapter=adapter)]
-
-    return asyncio.run(collect())
-
-
-def test_engine_base_vs_adapter(engine, assets):
-    base = engine.generate(MESSAGES, GREEDY)
-    engine.load_adapter(assets.v1, "support_v1")
-    try:
-        with_adapter = engine.generate(MESSAGES, GREEDY, adapter="support_v1")
-        assert with_adapter.text != base.text  # the adapter is applied ...
-        assert engine.generate(MESSAGES, GREEDY).text == base.text  # ... and only where asked for
-        prompt = engine.tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
-        n_prompt = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        assert base.prompt_tokens == with_adapter.prompt_tokens == n_prompt
-        # A random tiny model never picks eos in 16 greedy steps here: both run to max_tokens.
-        assert (with_adapter.finish_reason, with_adapter.completion_tokens) == ("length", GREEDY.max_tokens)
-    finally:
-        engine.delete_adapter("support_v1")
-    assert engine.adapters == []
-    assert "support_v1" not in engine.model.peft_config
-    assert engine.generate(MESSAGES, GREEDY).text == base.text
-
-
-def test_engine_stop_strings_and_streaming(engine, assets):
-    engine.load_adapter(assets.v2, "support_v2")
-    try:
-        full = engine.generate(MESSAGES, GREEDY, adapter="support_v2")
-        assert len(full.text) >= 8, f"the tiny model should say something: {full.text!r}"
-
-        # Streaming yields the same text as one call, in several pieces, and ends with usage.
-        deltas = _stream(engine, GREEDY, adapter="support_v2")
-        assert "".join(d.text for d in deltas) == full.text
-        assert deltas[-1].finish_reason == full.finish_reason
-        assert (deltas[-1].prompt_tokens, deltas[-1].completion_tokens) == (
-            full.prompt_tokens,
-            full.completion_tokens,
-        )
-
-        # A stop string cuts the text before it, finishes with "stop" and ends generation early.
-        stop = full.text[4:7]
-        expected = full.text[: full.text.find(stop)]
-        stopped = engine.generate(MESSAGES, replace(GREEDY, stop=(stop, "never-there")), adapter="support_v2")
-        assert stopped.text == expected
-        assert stopped.finish_reason == "stop"
-        assert stopped.completion_tokens < full.completion_tokens
-        streamed = _stream(engine, replace(GREEDY, stop=(stop,)), adapter="support_v2")
-        assert "".join(d.text for d in streamed) == expected
-        assert streamed[-1].finish_reason == "stop"
-    finally:
-        engine.delete_adapter("support_v2")
-
-
-def test_engine_stops_at_eos_and_checks_context(engine):
-    eos = engine.tokenizer.eos_token_id
-
-    def force_eos(module, inputs, logits):  # the model's only wish: end the turn
-        forced = torch.full_like(logits, -1e4)
-        forced[..., eos] = 0.0
-        return forced
-
-    hook = engine.model.get_output_embeddings().register_forward_hook(force_eos)
-    try:
-        out = engine.generate(MESSAGES, GREEDY)
-    finally:
-        hook.remove()
-    assert (out.text, out.finish_reason, out.completion_tokens) == ("", "stop", 1)
-
-    with pytest.raises(InvalidRequestError) as err:
-        engine.generate("word " * 600, GREEDY)
-    assert err.value.code == "context_length_exceeded"
-
-
-def test_engine_stream_closed_early_stops_generating(engine):
-    calls = []
-    hook = engine.model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
-    params = SamplingParams(max_tokens=200, temperature=0)
-
-    async def read_one_then_leave():
-        stream = engine.astream("The parcel", params)
-        first = await anext(stream)
-        await stream.aclose()  # what Serve does when the HTTP client disconnects
-        return first
-
-    try:
-        assert asyncio.run(read_one_then_leave()).text
-        engine.generate("x", SamplingParams(max_tokens=1, temperature=0))  # waits for the model to be free
-    finally:
-        hook.remove()
-    assert len(calls) < 100  # the abandoned generation stopped long before max_tokens
-
-
-def test_engine_defers_deleting_a_busy_adapter(engine, assets):
-    engine.load_adapter(assets.v1, "busy")
-    assert engine.acquire_adapter("busy")
-    engine.delete_adapter("busy")  # Serve evicts it while a request still holds it
-    assert engine.adapters == [] and not engine.acquire_adapter("busy")
-    assert engine.generate(MESSAGES, GREEDY, adapter="busy").text  # the holder still gets its adapter
-    engine.release_adapter("busy")
-    deadline = time.monotonic() + 10  # removed between decoding steps, by the engine thread
-    while "busy" in engine.model.peft_config and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert "busy" not in engine.model.peft_config
-    engine.delete_adapter("busy")  # idempotent
-
-
-def test_engine_seeded_sampling_is_reproducible(engine):
-    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
-    assert engine.generate("The parcel", params).text == engine.generate("The parcel", params).text
 
 
 # ================================================================================ the Serve application
@@ -465,17 +342,40 @@ def test_build_app_rejects_malformed_args():
 
 
 def test_build_app_args():
+    from pathlib import Path
+
     from ray import serve
 
     from aigc.errors import ConfigError
     from serve_apps.openai_app import build_app
 
     args = {
-        "model": {"name_or_path": "some/hub-model"},
+        "model": {"name_or_path": str(Path(__file__).resolve().parents[1] / "assets" / "tiny-base")},
         "serve": {"autoscaling": {"max_replicas": 3}},
         "overrides": ["serve.max_tokens_cap=128"],
     }
-    assert isinstance(build_app(args), serve.Application)
+    app = build_app(args)
+    assert isinstance(app, serve.Application)
+    # What the app deploys (Serve keeps an Application's root deployment and its bound arguments on it): the
+    # ingress in front of one Generator, each with the replicas, caps and resources the config asked for.
+    ingress = app._bound_deployment
+    (bound,) = ingress.init_args
+    generator = bound._bound_deployment
+    assert (ingress.name, generator.name) == ("OpenAIIngress", "Generator")
+    assert (ingress.num_replicas, ingress.max_ongoing_requests, ingress.ray_actor_options) == (
+        2,
+        256,
+        {"num_cpus": 0.1},
+    )
+    assert (generator.max_ongoing_requests, generator.max_queued_requests) == (32, 32)
+    assert generator.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
+    scaling = generator._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 24.0)
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s) == (5.0, 30.0)
+    assert ingress.init_kwargs["max_tokens_cap"] == 128 and generator.init_kwargs["max_batch_size"] == 32
+    # The typed sections travel as objects (pickled by Serve), never as dicts to re-read.
+    assert isinstance(ingress.init_kwargs["moderation"], ModerationConfig)
+    assert isinstance(ingress.init_kwargs["security"], ServeConfig)
     with pytest.raises(ConfigError, match="serve.max_token_cap"):
         build_app({"serve": {"max_token_cap": 5}})
 
@@ -576,6 +476,39 @@ def test_resolver_reuses_answers_for_its_ttl(tmp_path, assets):
     now[0] = 2.0
     assert asyncio.run(resolver.resolve("bot:stable")).version == 2
     assert [a.model_id for a in asyncio.run(resolver.listing()).aliases] == ["bot", "bot:stable"]
+
+
+def test_during_an_outage_ids_never_resolved_here_are_answered_from_the_last_listing(tmp_path, assets):
+    from aigc.errors import ServiceUnavailableError
+    from aigc.serve.resolver import ModelResolver
+
+    class Flaky(Registry):
+        down = False
+
+        def resolve(self, model_id):
+            if self.down:
+                raise OSError("connection refused")
+            return super().resolve(model_id)
+
+    reg = Flaky(str(tmp_path / "registry"))
+    for adapter in (assets.v1, assets.v2, assets.other):
+        reg.register("bot", adapter, base_model=assets.base)
+    reg.register("other", assets.v2, base_model=assets.base)
+    reg.promote("bot:v2")
+    reg.promote("bot:v1", alias="stable")
+    ids = ["bot", "bot:stable", "bot:latest", "bot:v1", "bot:v3", "other", "other:latest"]
+    truth = {i: reg.resolve(i).model_id for i in ids}
+    assert truth["bot"] == "bot:v2" and truth["bot:latest"] == "bot:v3"  # the default alias, not the latest
+
+    resolver = ModelResolver(reg, ttl_s=0)
+    listing = asyncio.run(resolver.listing())
+    assert {i: listing.find(i).model_id for i in ids} == truth  # the listing resolves as the registry does
+    assert [listing.find(i) for i in ("bot:canary", "bot:v9", "nobody", "nobody:v1")] == [None] * 4
+
+    reg.down = True
+    assert asyncio.run(resolver.resolve("bot:stable")).model_id == "bot:v1"  # never resolved here before
+    with pytest.raises(ServiceUnavailableError, match="registry is unreachable"):
+        asyncio.run(resolver.resolve("bot:canary"))  # not in the listing either: 503, never a guess
 
 
 def test_promote_and_rollback_reach_a_running_app_without_redeploy(server, assets):

@@ -177,6 +177,8 @@ def test_metrics_move_with_real_requests(server):
     with server.http.stream("POST", "/chat/completions", json=body) as r:
         assert r.status_code == 200 and sum(1 for _ in r.iter_lines()) > 2
     assert _chat(server, "Hello", model="no-such-model").status_code == 404
+    made_up = "/v1/made-up-path-" + "x" * 8
+    assert server.http.post(made_up.removeprefix("/v1"), json={}).status_code == 404
 
     def moved(text: str) -> bool:
         return (
@@ -184,10 +186,12 @@ def test_metrics_move_with_real_requests(server):
             and metric_value(text, "ray_aigc_requests_total", route=chat, status="404", model="-") >= 1
             and metric_value(text, "ray_aigc_time_to_first_token_seconds_count", model="tiny-base") >= 1
             and 32 in metric_samples(text, "ray_aigc_batch_capacity")
+            and metric_value(text, "ray_aigc_requests_total", route="other", status="404") >= 1
         )
 
     text = wait_for_metrics(moved)
-    assert moved(text), [line for line in text.splitlines() if "aigc" in line][:40]
+    assert moved(text), [line.split("{", 1)[1] for line in text.splitlines() if "aigc_requests_total{" in line]
+    assert made_up not in text  # a path a client made up never becomes a series of its own
     assert metric_value(text, "ray_aigc_completion_tokens_total", model="tiny-base") > tokens_before
     assert metric_value(text, "ray_aigc_request_latency_seconds_count", route=chat, model="tiny-base") >= 4
     # Gauges: one series per replica (an earlier app's replica may still be listed for a while).

@@ -8,6 +8,7 @@ official ``openai`` client.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ import pytest
 from fastapi import Request  # at module level: the route below is annotated as text (future annotations)
 from helpers import free_port, make_tiny_model, metric_value, wait_for_metrics
 
-from aigc.config import PlatformConfig, load_config
+from aigc.config import PlatformConfig, ServeConfig, load_config
 from aigc.errors import ConfigError, InvalidRequestError
 from aigc.serve.auth import (
     ApiKeys,
@@ -27,6 +28,7 @@ from aigc.serve.auth import (
     parse_keys_text,
     resolve_api_keys,
 )
+from aigc.serve.middleware import BearerAuth, HttpGuard, install_guard
 
 TIMEOUT_S = 60
 KEY_CI = "ci-0123456789abcdefghij"
@@ -78,7 +80,7 @@ def test_load_keys_from_file_and_env(tmp_path, monkeypatch):
         load_api_keys(str(tmp_path / "missing.yaml"))
 
 
-def test_auth_modes(tmp_path):
+def test_auth_modes(tmp_path, monkeypatch):
     empty = tmp_path / "empty.txt"
     empty.write_text("# no keys yet\n")
     assert resolve_api_keys("none", str(empty)) is None  # explicitly off: the sources are not even read
@@ -92,9 +94,18 @@ def test_auth_modes(tmp_path):
     with pytest.raises(ConfigError, match=r"serve.cors_origins: Value error, 'app.example.com' is not an origin like"):
         load_config(overrides=["serve.cors_origins=[app.example.com]"])
     cfg = load_config(overrides=["serve.cors_origins=[https://app.example.com]", "serve.api_keys_env=AIGC_KEYS"])
-    from aigc.serve.security import GuardConfig
-
-    assert GuardConfig.of(cfg.serve) == GuardConfig("auto", None, "AIGC_KEYS", 1 << 20, ("https://app.example.com",))
+    # The section travels to the ingress replica as it is (pickled by Serve), key sources only, and the guard
+    # built there reads it: the keys named by serve.api_keys_env, the body cap, the CORS origins.
+    shipped = pickle.loads(pickle.dumps(cfg.serve))
+    assert shipped == cfg.serve and (shipped.auth, shipped.api_keys_file, shipped.api_keys_env) == (
+        "auto",
+        None,
+        "AIGC_KEYS",
+    )
+    monkeypatch.setenv("AIGC_KEYS", f"ci:{KEY_CI}")
+    guard = HttpGuard(shipped)
+    assert guard.keys.names == ["ci"] and not guard.local_only
+    assert (guard.max_request_bytes, guard.cors_origins) == (1 << 20, ("https://app.example.com",))
 
 
 def test_key_match_is_by_name_and_never_shows_keys():
@@ -125,7 +136,7 @@ def test_refuses_a_public_host_without_keys_before_any_ray_work(monkeypatch, cap
     public = PlatformConfig.model_validate({"serve": {"host": "0.0.0.0"}})
     expected = (
         "serve.host is '0.0.0.0', reachable from other machines, but no API keys are configured: set "
-        "serve.api_keys_file or serve.api_keys_env (see the README's Security section), or set serve.auth=none "
+        "serve.api_keys_file or serve.api_keys_env (see docs/operations.md, Security), or set serve.auth=none "
         "to serve without keys on purpose (e.g. behind an authenticating proxy)"
     )
     for start in (build_app_from_config, lambda cfg: run_server(cfg, blocking=False)):
@@ -158,9 +169,7 @@ def bare_app():
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
-    from aigc.serve.security import GuardConfig, HttpGuard, install_guard
-
-    guard = HttpGuard(GuardConfig(auth="none", max_request_bytes=2048, cors_origins=("https://app.example.com",)))
+    guard = HttpGuard(ServeConfig(auth="none", max_request_bytes=2048, cors_origins=["https://app.example.com"]))
     guard.keys = ApiKeys({"ci": KEY_CI, "team-a": KEY_TEAM})
     app = FastAPI()
     install_guard(app, lambda: guard)
@@ -198,8 +207,6 @@ def test_bearer_auth_names_the_caller(bare_app):
 
 def test_healthz_is_open_under_a_route_prefix():
     import asyncio
-
-    from aigc.serve.auth import BearerAuth
 
     reached, sent = [], []
 
@@ -252,10 +259,8 @@ def test_without_keys_only_local_clients_are_answered():
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
-    from aigc.serve.security import GuardConfig, HttpGuard, install_guard
-
     for auth, local_only in (("auto", True), ("none", False)):
-        guard = HttpGuard(GuardConfig(auth=auth))
+        guard = HttpGuard(ServeConfig(auth=auth))
         assert (guard.keys, guard.local_only) == (None, local_only)
         app = FastAPI()
         install_guard(app, lambda guard=guard: guard)

@@ -14,10 +14,18 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError
+from aigc.errors import (
+    AdapterLoadError,
+    GenerationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
 from aigc.serve.schemas import error_body
 
 __all__ = ["ApiError", "api_error_from", "install_error_handlers"]
@@ -36,6 +44,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
     ):
+        message, param = _utf8(message), None if param is None else _utf8(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -43,6 +52,12 @@ class ApiError(Exception):
         body = error_body(self.message, self.type, self.param, self.code)
         headers = {"Retry-After": "1"} if self.status == 503 else None
         return JSONResponse(status_code=self.status, content=body, headers=headers)
+
+
+def _utf8(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX``: a message quoting what a client sent (a model id
+    from JSON's ``"\\ud800"``) must still encode as UTF-8, or the error response itself fails to render."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def api_error_from(exc: BaseException, model: str | None = None) -> ApiError:
@@ -61,9 +76,20 @@ def api_error_from(exc: BaseException, model: str | None = None) -> ApiError:
         return ApiError(404, cause.message, param="model", code="model_not_found")
     if isinstance(cause, BackPressureError):
         return ApiError(503, "the server is overloaded; retry shortly", type="server_error", code="overloaded")
+    if isinstance(cause, ServiceUnavailableError):
+        return ApiError(503, cause.message, type="server_error", code=cause.code or "unavailable")
+    if isinstance(exc, RayActorError) or isinstance(cause, RayActorError):
+        logger.warning("a generator replica was lost during a request for %s: %s", model, type(cause).__name__)
+        msg = "the server replica handling this request was lost; retry the request"
+        return ApiError(503, msg, type="server_error", code="replica_unavailable")
+    if isinstance(cause, RequestTimeoutError):
+        return ApiError(504, cause.message, type="server_error", code=cause.code or "request_timeout")
     # 500s: the details (paths, exception text) go to the server log only, under an id the client can quote.
     ref = uuid.uuid4().hex[:12]
     logger.error("request %s failed (model %s)", ref, model, exc_info=exc)
+    if isinstance(cause, GenerationError):  # its message is ours and names no path
+        msg = f"{cause.message}; see the server log (request id {ref})"
+        return ApiError(500, msg, type="server_error", code=cause.code or "generation_failed")
     if isinstance(cause, AdapterLoadError):
         what = f"the model '{model}'" if model else "the model"
         msg = f"{what} could not be loaded on this server; see the server log (request id {ref})"

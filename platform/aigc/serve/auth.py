@@ -1,4 +1,5 @@
-"""API keys for the OpenAI endpoint: loading them where the ingress runs, and checking ``Authorization: Bearer``.
+"""API keys for the OpenAI endpoint: what a key is, reading keys where the ingress runs, and where serving
+without keys is allowed. The middleware that checks ``Authorization: Bearer`` is :mod:`aigc.serve.middleware`.
 
 Keys have names (``ci``, ``team-a``...): the name of the caller's key is put on the request
 (``request.state.key_name``) for logs and metrics; the key itself is never logged, printed or put in the
@@ -22,17 +23,17 @@ import hmac
 import ipaddress
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import yaml
 
+from aigc import storage
 from aigc.errors import ConfigError
 
 __all__ = [
     "ApiKeys",
     "AuthMode",
-    "BearerAuth",
     "check_exposure",
     "is_loopback",
     "load_api_keys",
@@ -44,17 +45,6 @@ __all__ = [
 AuthMode = Literal["auto", "keys", "none"]
 MIN_KEY_CHARS = 16  # a short key can be guessed; 16 random characters is the least we accept
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # names end up in logs and metric labels
-_OPEN_PATHS = frozenset({"/healthz"})
-_MISSING_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' (the openai client's api_key)."
-_LOCAL_ONLY = (
-    "this server has no API keys configured, so it answers only clients on its own machine; configure "
-    "serve.api_keys_file or serve.api_keys_env"
-)
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class ApiKeys:
@@ -144,8 +134,6 @@ def load_api_keys(file: str | None = None, env: str | None = None) -> dict[str, 
     Raises:
         ConfigError: a source is missing or malformed; the message names the file or variable.
     """
-    from aigc import storage
-
     keys: dict[str, str] = {}
     if file:
         if not storage.exists(file):
@@ -197,66 +185,6 @@ def check_exposure(host: str, mode: AuthMode, file: str | None, env: str | None)
     if mode == "auto" and not (file or env) and not is_loopback(host):
         raise ConfigError(
             f"serve.host is {host!r}, reachable from other machines, but no API keys are configured: set "
-            "serve.api_keys_file or serve.api_keys_env (see the README's Security section), or set "
+            "serve.api_keys_file or serve.api_keys_env (see docs/operations.md, Security), or set "
             "serve.auth=none to serve without keys on purpose (e.g. behind an authenticating proxy)"
         )
-
-
-# ------------------------------------------------------------------------------------------ the middleware
-def _route_path(scope: Scope) -> str:
-    """The path inside the app: an app deployed under a route prefix (`/tight`) sees `/tight/healthz`."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
-
-
-def _bearer(scope: Scope) -> str | None:
-    for name, value in scope.get("headers") or ():
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return None
-
-
-class BearerAuth:
-    """ASGI middleware: every HTTP request but ``/healthz`` needs ``Authorization: Bearer <key>``.
-
-    ``keys`` is called per request (the ingress replica's keys, loaded when it starts); None = no check.
-    ``local_only`` (``auto`` without keys) answers only clients on this machine, whatever address the HTTP
-    proxy listens on (``serve run`` takes it from the Serve YAML, which the config check cannot see): others
-    get a 403 saying to configure keys.
-    A missing or wrong key gets OpenAI's 401 (``invalid_api_key``) with ``WWW-Authenticate: Bearer``; a
-    valid one puts its name in ``scope["state"]["key_name"]`` (``request.state.key_name``).
-    """
-
-    def __init__(self, app: ASGIApp, keys: Callable[[], ApiKeys | None], local_only: Callable[[], bool] = bool):
-        self.app, self._keys, self._local_only = app, keys, local_only
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _route_path(scope) in _OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        if self._local_only() and not is_loopback((scope.get("client") or ("",))[0]):
-            return await _refuse(403, _LOCAL_ONLY, "local_clients_only", scope, send)
-        keys = self._keys()
-        name = None
-        if keys is not None:
-            token = _bearer(scope)
-            name = keys.match(token) if token else None
-            if name is None:
-                msg = "Incorrect API key provided." if token else _MISSING_KEY
-                return await _refuse(401, msg, "invalid_api_key", scope, send)
-        scope["state"] = {**(scope.get("state") or {}), "key_name": name}
-        await self.app(scope, receive, send)
-
-
-async def _refuse(status: int, message: str, code: str, scope: Scope, send: Send) -> None:
-    from fastapi.responses import JSONResponse
-
-    from aigc.serve.schemas import error_body
-
-    body = error_body(message, "invalid_request_error", code=code)
-    resp = JSONResponse(body, status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
-    await resp(scope, _no_receive, send)
-
-
-async def _no_receive() -> MutableMapping[str, Any]:  # a JSONResponse never reads the request
-    return {"type": "http.disconnect"}

@@ -9,11 +9,11 @@ from ray import serve
 from aigc.config import PlatformConfig, load_config
 from aigc.errors import ConfigError
 from aigc.feedback.store import feedback_dir_for
+from aigc.models.hub import resolve_model
 from aigc.models.loading import model_id_for
 from aigc.serve.auth import check_exposure
 from aigc.serve.generator import Generator
 from aigc.serve.ingress import INGRESS_MAX_ONGOING, OpenAIIngress
-from aigc.serve.security import GuardConfig
 
 __all__ = ["build_app", "build_app_from_config"]
 
@@ -21,11 +21,16 @@ __all__ = ["build_app", "build_app_from_config"]
 def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
     """The OpenAI app for a platform config: its ``model``, ``registry_dir`` and ``serve`` sections.
 
+    The base model is resolved here, once (a hub id pinned to one commit and downloaded where this runs):
+    replicas load that snapshot, while clients keep naming it by its hub id.
+
     Raises:
         aigc.errors.ConfigError: ``serve.host`` is reachable from other machines and no API keys are configured.
+        aigc.errors.ModelUnavailableError: the base model cannot be had.
     """
     s = cfg.serve
     check_exposure(s.host, s.auth, s.api_keys_file, s.api_keys_env)
+    model = resolve_model(cfg.model, weights=True)
     base_model_id = s.base_model_id or model_id_for(cfg.model.name_or_path)
     generator = Generator.options(
         max_ongoing_requests=s.max_ongoing_requests,
@@ -33,8 +38,10 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         max_surge_percent=s.max_surge_percent,
         autoscaling_config=s.autoscaling.model_dump(),
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        graceful_shutdown_timeout_s=s.graceful_shutdown_s,
+        health_check_period_s=s.health_check_period_s,
     ).bind(
-        model_name_or_path=cfg.model.name_or_path,
+        model_name_or_path=model.load_path(),
         registry_dir=cfg.registry_dir,
         base_model_id=base_model_id,
         dtype=cfg.model.dtype,
@@ -43,18 +50,27 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         max_batch_size=s.max_batch_size,
         max_replicas=s.autoscaling.max_replicas,
         max_prompt_tokens=s.max_prompt_tokens,
+        stall_timeout_s=s.engine_stall_timeout_s,
+        adapter_retry_s=s.adapter_retry_s,
     )
-    ingress = OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING, max_surge_percent=s.max_surge_percent)
+    ingress = OpenAIIngress.options(
+        num_replicas=s.ingress_replicas,
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
+        max_surge_percent=s.max_surge_percent,
+        graceful_shutdown_timeout_s=s.graceful_shutdown_s,
+    )
     return ingress.bind(
         generator,
         base_model_id=base_model_id,
         registry_dir=cfg.registry_dir,
         max_tokens_cap=s.max_tokens_cap,
         default_max_tokens=s.default_max_tokens,
-        moderation=s.moderation.model_dump(),
-        guard=GuardConfig.of(s),  # key sources only: the replica reads the keys
+        moderation=s.moderation,
+        security=s,  # key sources only, never keys: the replica reads the keys
         feedback_dir=feedback_dir_for(s.feedback_dir, cfg.output_dir) if s.capture else None,
         resolve_cache_s=s.resolve_cache_s,
+        base_model_name=model_id_for(cfg.model.name_or_path),
+        request_timeout_s=s.request_timeout_s,
     )
 
 

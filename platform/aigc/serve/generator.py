@@ -4,6 +4,17 @@ Adapters are loaded per replica on first use through ``@serve.multiplexed`` (LRU
 ``serve.max_adapters_per_replica``), so a newly registered version is served without a redeploy, and Serve
 routes a request for an adapter to a replica that already holds it. Errors raised here are platform errors
 (:mod:`aigc.errors`); the ingress alone turns them into HTTP statuses.
+
+Under faults:
+
+- ``check_health`` asks the engine (:class:`~aigc.serve.engine.ServingEngine`'s ``check_health``): a dead or
+  stalled engine thread, failing forward passes or an untrustworthy model make Serve replace the replica.
+- An adapter that fails to load is remembered as failed for ``adapter_retry_s``: requests for it fail at once
+  instead of re-reading it (no retry storm, no repeated pauses of the batch). Only adapters trained on this
+  replica's base model are loaded (:func:`aigc.serve.resolver.check_servable`).
+- The registry unreachable (an object-store outage): adapters already loaded keep serving (Serve's multiplexed
+  cache never asks the registry again); a new one answers :class:`~aigc.errors.ServiceUnavailableError`.
+- Each call carries the request's deadline; the engine ends the request there and frees its row.
 """
 
 from __future__ import annotations
@@ -13,15 +24,22 @@ import contextlib
 import itertools
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 
 from ray import serve
 
-from aigc.errors import AdapterLoadError, ModelNotFoundError, RegistryError
-from aigc.models.loading import model_id_for
+from aigc.errors import (
+    AdapterLoadError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RegistryError,
+    ServiceUnavailableError,
+)
 from aigc.registry import Registry
-from aigc.serve.engine import Completion, Delta, GenerationEngine, Prompt, SamplingParams
+from aigc.serve.engine import Completion, Delta, GenerationEngine, Prompt, SamplingParams, ServingEngine
 from aigc.serve.metrics import start_generator_gauges
+from aigc.serve.resolver import check_servable
 
 __all__ = ["Generator", "LoadedAdapter"]
 
@@ -35,7 +53,7 @@ class LoadedAdapter:
     garbage collector may call it again later, so unloading is idempotent.
     """
 
-    def __init__(self, engine: GenerationEngine, name: str, model_id: str):
+    def __init__(self, engine: ServingEngine, name: str, model_id: str):
         self.engine, self.name, self.model_id = engine, name, model_id
         self._unloaded = False
 
@@ -68,6 +86,8 @@ class Generator:
         max_batch_size: requests the engine decodes together (continuous batching).
         max_replicas: the deployment's autoscaling ceiling (published as a metric for alerting).
         max_prompt_tokens: the longest prompt accepted, in tokens (None = the model's context).
+        stall_timeout_s: with work waiting, no forward pass for this long fails the health check.
+        adapter_retry_s: how long an adapter that failed to load is answered from memory before a new try.
     """
 
     def __init__(
@@ -81,19 +101,25 @@ class Generator:
         max_batch_size: int = 32,
         max_replicas: int = 1,
         max_prompt_tokens: int | None = None,
+        stall_timeout_s: float = 30.0,
+        adapter_retry_s: float = 30.0,
     ):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from a num_gpus=0 replica
-        self._engine = GenerationEngine(
+        # Used only through the ServingEngine protocol (aigc.serve.engine.protocol): another engine can replace it.
+        self._engine: ServingEngine = GenerationEngine(
             model_name_or_path,
             dtype=dtype,
             device=device,
             trust_remote_code=trust_remote_code,
             max_batch_size=max_batch_size,
             max_prompt_tokens=max_prompt_tokens,
+            stall_timeout_s=stall_timeout_s,
         )
         self._registry = Registry(registry_dir)
+        self._adapter_retry_s = adapter_retry_s
+        self._failed: dict[str, tuple[float, Exception]] = {}  # model id -> (retry after, the error it got)
         self._base_model_id = base_model_id
         self._stop_gauges = start_generator_gauges(self._engine, max_replicas)
         self._load_counter = itertools.count()
@@ -105,6 +131,10 @@ class Generator:
 
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(get_adapter)
 
+    async def check_health(self) -> None:
+        """Serve's liveness probe: raises when the engine cannot serve (the replica is then replaced)."""
+        self._engine.check_health()
+
     async def _load_adapter(self, model_id: str) -> LoadedAdapter:
         try:
             entry = await asyncio.to_thread(self._registry.resolve, model_id)
@@ -115,19 +145,29 @@ class Generator:
             raise ModelNotFoundError(
                 f"The model '{model_id}' does not exist", param="model", code="model_not_found"
             ) from None
-        if model_id_for(entry.base_model) != self._engine.model_id:
-            logger.warning(
-                "adapter %s was trained on %s, this replica serves %s",
-                entry.model_id,
-                entry.base_model,
-                self._engine.model_name_or_path,
-            )
-        path = await asyncio.to_thread(self._registry.local_adapter_dir, entry)
+        except OSError as exc:
+            raise _registry_unavailable(model_id, exc) from None
+        check_servable(entry, self._engine.model_id)
+        try:
+            path = await asyncio.to_thread(self._registry.local_adapter_dir, entry)
+        except OSError as exc:
+            raise _registry_unavailable(model_id, exc) from None
         # peft adapter names must be unique and free of '.', ':'; a reload after eviction gets a new name.
         name = f"{re.sub(r'[^A-Za-z0-9]', '_', entry.name)}_v{entry.version}_{next(self._load_counter)}"
         await asyncio.to_thread(self._engine.load_adapter, path, name)
         logger.info("loaded adapter %s as %s", entry.model_id, name)
         return LoadedAdapter(self._engine, name, entry.model_id)
+
+    async def _get_adapter(self, model_id: str) -> LoadedAdapter:
+        """The loaded adapter, or the error its last load got if that was less than ``adapter_retry_s`` ago."""
+        failed = self._failed.get(model_id)
+        if failed is not None and time.monotonic() < failed[0]:
+            raise failed[1]
+        try:
+            return await self.get_adapter(model_id)
+        except (AdapterLoadError, InvalidRequestError) as exc:  # the files or the entry: retrying cannot help soon
+            self._failed[model_id] = (time.monotonic() + self._adapter_retry_s, exc)
+            raise
 
     @contextlib.asynccontextmanager
     async def _adapter_for_request(self) -> AsyncIterator[str | None]:
@@ -138,7 +178,7 @@ class Generator:
             return
         # An adapter evicted between the cache lookup and acquire() is loaded again (new engine name).
         for _ in range(3):
-            adapter = await self.get_adapter(model_id)
+            adapter = await self._get_adapter(model_id)
             if self._engine.acquire_adapter(adapter.name):
                 break
         else:
@@ -148,17 +188,25 @@ class Generator:
         finally:
             self._engine.release_adapter(adapter.name)
 
-    async def complete(self, prompt: Prompt, params: SamplingParams) -> Completion:
-        """A whole completion for the request's model (its multiplexed model id)."""
-        async with self._adapter_for_request() as adapter:
-            return await self._engine.agenerate(prompt, params, adapter=adapter)
+    async def complete(self, prompt: Prompt, params: SamplingParams, deadline: float | None = None) -> Completion:
+        """A whole completion for the request's model (its multiplexed model id), ended at ``deadline``.
 
-    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        Args:
+            deadline: wall-clock time (``time.time()``) at which the request ends with a timeout error.
+        """
+        async with self._adapter_for_request() as adapter:
+            return await self._engine.agenerate(prompt, params, adapter=adapter, timeout_s=_timeout(deadline))
+
+    async def stream(
+        self, prompt: Prompt, params: SamplingParams, deadline: float | None = None
+    ) -> AsyncIterator[Delta]:
         """Text deltas for the request's model; call with ``handle.options(stream=True)``."""
         # aclosing: a cancelled request (client gone) closes the engine stream at once, which stops the model.
         async with (
             self._adapter_for_request() as adapter,
-            contextlib.aclosing(self._engine.astream(prompt, params, adapter=adapter)) as deltas,
+            contextlib.aclosing(
+                self._engine.astream(prompt, params, adapter=adapter, timeout_s=_timeout(deadline))
+            ) as deltas,
         ):
             async for delta in deltas:
                 yield delta
@@ -170,3 +218,16 @@ class Generator:
     def loaded_adapters(self) -> list[str]:
         """Engine names of the adapters loaded in this replica (for tests and debugging)."""
         return self._engine.adapters
+
+
+def _timeout(deadline: float | None) -> float | None:
+    """Seconds left until a wall-clock deadline (the ingress set it; nodes share a clock closely enough)."""
+    return None if deadline is None else deadline - time.time()
+
+
+def _registry_unavailable(model_id: str, exc: BaseException) -> ServiceUnavailableError:
+    logger.warning("registry unreadable while loading %s: %s", model_id, exc)
+    return ServiceUnavailableError(
+        f"the model '{model_id}' cannot be loaded right now: the model registry is unreachable; retry shortly",
+        code="registry_unavailable",
+    )

@@ -1,15 +1,18 @@
 """The ``OpenAIIngress`` deployment: the OpenAI-compatible HTTP front (FastAPI on Ray Serve).
 
 ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` -> server-sent
-events), ``GET /healthz``. It validates requests, resolves the model id against the registry per request
-(an alias such as ``support-bot`` or ``support-bot:stable`` moves without a redeploy; answers are reused for
-``serve.resolve_cache_s``, :mod:`aigc.serve.resolver`) and calls the ``Generator`` with
+events), ``GET /healthz`` (cheap liveness for load balancers: answers without asking anything) and
+``GET /readyz`` (readiness: 200 only when a generator replica answers its health check). It validates requests,
+resolves the model id against the registry per request (an alias such as ``support-bot`` or
+``support-bot:stable`` moves without a redeploy; answers are reused for ``serve.resolve_cache_s``,
+:mod:`aigc.serve.resolver`) and calls the ``Generator`` with
 ``multiplexed_model_id`` = the resolved ``name:vN``, which is also the response's ``model``. Errors become
 HTTP statuses only in :mod:`aigc.serve.api_errors` (OpenAI-shaped bodies; a 500 never carries exception text
 or paths); the response shapes of the two endpoints are in :mod:`aigc.serve.shapes`. Before any route, the guard
-(:mod:`aigc.serve.security`: CORS, API keys, body cap) and the metrics middleware run; content safety is
+(:mod:`aigc.serve.middleware`: CORS, API keys, body cap) and the metrics middleware run; content safety is
 :mod:`aigc.serve.moderation`. With ``serve.capture``, answers are stored under their ids and
-``POST /v1/feedback`` rates them (:mod:`aigc.serve.feedback`).
+``POST /v1/feedback`` rates them (:mod:`aigc.serve.feedback`). Calls to the generator (deadline, one safe retry
+after a lost replica) are :mod:`aigc.serve.upstream`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
@@ -26,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from aigc.config import ModerationConfig, ServeConfig
 from aigc.errors import RegistryError, StorageError
 from aigc.feedback.store import FeedbackRequest, UnknownCompletionError
 from aigc.registry import Registry
@@ -33,8 +37,9 @@ from aigc.serve.api_errors import ApiError, api_error_from, install_error_handle
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
 from aigc.serve.feedback import FeedbackCapture
 from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
+from aigc.serve.middleware import HttpGuard, install_guard
 from aigc.serve.moderation import OutputGuard, load_policy
-from aigc.serve.resolver import ModelResolver
+from aigc.serve.resolver import ModelResolver, check_servable, servable
 from aigc.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,8 +49,8 @@ from aigc.serve.schemas import (
     error_body,
     new_id,
 )
-from aigc.serve.security import GuardConfig, HttpGuard, install_guard
 from aigc.serve.shapes import CHAT, TEXT, FinishReason, Kind, sse
+from aigc.serve.upstream import GeneratorClient
 
 __all__ = ["OpenAIIngress", "app"]
 
@@ -68,7 +73,8 @@ def _replica_guard() -> HttpGuard:
 
 
 install_guard(app, _replica_guard)  # CORS -> API key -> body size cap, before any route or body parsing
-app.add_middleware(MetricsMiddleware)  # outermost: counts every request, refused ones too
+# Outermost: counts every request, refused ones too, by route template (unknown paths are "other").
+app.add_middleware(MetricsMiddleware)
 install_error_handlers(app)
 
 
@@ -83,10 +89,15 @@ class OpenAIIngress:
         registry_dir: the adapter registry (local directory or URI).
         max_tokens_cap: the largest ``max_tokens`` a request may ask for.
         default_max_tokens: used when a request gives no ``max_tokens``.
-        moderation: ``serve.moderation`` as a dict (see :mod:`aigc.serve.moderation`); None = no checks.
-        guard: API key sources, body size cap and CORS origins; the keys are read here, in the replica.
+        moderation: the ``serve.moderation`` section (see :mod:`aigc.serve.moderation`); None = no checks.
+        security: the ``serve`` section, for its API key sources (``auth``, ``api_keys_file``,
+            ``api_keys_env``), ``max_request_bytes`` and ``cors_origins``; the keys are read here, in the
+            replica. None = the defaults.
         feedback_dir: where completions are captured and feedback is kept; None = capture off.
         resolve_cache_s: seconds a model id's resolution is reused (an alias move is seen within this).
+        base_model_name: the base model's own id (hub id or directory name); only adapters trained on it are
+            served. Defaults to ``base_model_id``.
+        request_timeout_s: each request's deadline, from its arrival here.
     """
 
     def __init__(
@@ -96,22 +107,29 @@ class OpenAIIngress:
         registry_dir: str,
         max_tokens_cap: int = 512,
         default_max_tokens: int = 64,
-        moderation: dict[str, Any] | None = None,
-        guard: GuardConfig | None = None,
+        moderation: ModerationConfig | None = None,
+        security: ServeConfig | None = None,
         feedback_dir: str | None = None,
         resolve_cache_s: float = 1.0,
+        base_model_name: str | None = None,
+        request_timeout_s: float = 300.0,
     ):
-        self.guard = HttpGuard(guard or GuardConfig())
-        self._generator = generator
+        self.guard = HttpGuard(security or ServeConfig())
+        self._generator_handle = generator
+        self._generator = GeneratorClient(generator)
         self._base_model_id = base_model_id
+        self._base_model_name = base_model_name or base_model_id
+        self._timeout_s = request_timeout_s
         self._models = ModelResolver(Registry(registry_dir), ttl_s=resolve_cache_s)
+        # Serve runs the constructor on the replica's event loop: the listing refresh lives as long as the replica.
+        self._listing_task = asyncio.get_running_loop().create_task(self._models.keep_listing())
         self._cap = max_tokens_cap
         self._default_max_tokens = min(default_max_tokens, max_tokens_cap)
-        mod = moderation or {}
-        self._policy = load_policy(mod.get("categories") or {}, mod.get("classifier"))
-        self._check_prompts = self._policy is not None and mod.get("check_prompts", True)
-        self._check_outputs = self._policy is not None and mod.get("check_outputs", True)
-        self._holdback = int(mod.get("holdback_chars", 64))
+        mod = moderation or ModerationConfig()
+        self._policy = load_policy(mod.categories, mod.classifier)
+        self._check_prompts = self._policy is not None and mod.check_prompts
+        self._check_outputs = self._policy is not None and mod.check_outputs
+        self._holdback = mod.holdback_chars
         self._feedback = FeedbackCapture(feedback_dir) if feedback_dir else None
 
     # 1. models -----------------------------------------------------------------------------------------
@@ -121,18 +139,23 @@ class OpenAIIngress:
         listing = await self._models.listing()
         cards = [ModelCard(id=self._base_model_id)]
         latest: dict[str, Any] = {}
-        for e in listing.versions:  # ascending versions: the last one seen per name is the latest
+        # Only what this server can serve: adapters of its base model (full fine-tunes and adapters of other
+        # bases are refused with a 400 that says why, see check_servable).
+        versions = [e for e in listing.versions if servable(e, self._base_model_name)]
+        listed = {e.model_id for e in versions}
+        for e in versions:  # ascending versions: the last one seen per name is the latest
             latest[e.name] = e
-        targets = {a.model_id: a for a in listing.aliases}
+        aliases = [a for a in listing.aliases if a.target in listed]
+        targets = {a.model_id: a for a in aliases}
         for name, e in sorted(latest.items()):
             bare = targets.get(name)
             root = bare.target if bare is not None else e.model_id
             cards.append(ModelCard(id=name, created=int(e.created_at), root=root, parent=e.base_model))
-            for a in listing.aliases:
+            for a in aliases:
                 if a.name == name and a.model_id != name:
                     cards.append(ModelCard(id=a.model_id, created=int(a.updated_at), root=a.target,
                                            parent=e.base_model))  # fmt: skip
-        for e in listing.versions:
+        for e in versions:
             cards.append(ModelCard(id=e.model_id, created=int(e.created_at), root=e.model_id, parent=e.base_model))
         return cards
 
@@ -151,6 +174,7 @@ class OpenAIIngress:
                 param="model",
                 code="model_not_found",
             ) from None
+        check_servable(entry, self._base_model_name)
         return entry.model_id
 
     # 2. request -> params ------------------------------------------------------------------------------
@@ -161,7 +185,8 @@ class OpenAIIngress:
         elif 1 <= requested <= self._cap:
             max_tokens = requested
         else:
-            param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            named = getattr(body, "max_completion_tokens", None) is not None  # 0 included: the value used
+            param = "max_completion_tokens" if named else "max_tokens"
             raise ApiError(
                 400,
                 f"{param} must be between 1 and {self._cap} (this server's cap), got {requested}",
@@ -175,36 +200,21 @@ class OpenAIIngress:
             stop=tuple(body.stop_list),
         )
 
-    async def _complete(self, model_id: str, prompt: Prompt, params: SamplingParams) -> Completion:
+    async def _complete(self, model_id: str, prompt: Prompt, params: SamplingParams, deadline: float) -> Completion:
         try:
-            return await self._generator.options(multiplexed_model_id=model_id).complete.remote(prompt, params)
+            return await self._generator.complete(model_id, prompt, params, deadline)
         except Exception as exc:
             raise api_error_from(exc, model_id or self._base_model_id) from None
 
-    async def _open_stream(self, model_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
-        """Start a streamed generation and wait for its first delta, so that errors (unknown adapter,
-        prompt too long, overload) still become a proper status code instead of a broken stream."""
-        gen = self._generator.options(multiplexed_model_id=model_id, stream=True).stream.remote(prompt, params)
+    async def _open_stream(
+        self, model_id: str, prompt: Prompt, params: SamplingParams, deadline: float
+    ) -> AsyncIterator[Delta]:
         try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            first = None
+            return await self._generator.open_stream(model_id, prompt, params, deadline)
         except asyncio.CancelledError:  # the client left before the first token
-            gen.cancel()
             raise
         except Exception as exc:
             raise api_error_from(exc, model_id or self._base_model_id) from None
-
-        async def deltas() -> AsyncIterator[Delta]:
-            try:
-                if first is not None:
-                    yield first
-                    async for d in gen:
-                        yield d
-            finally:
-                gen.cancel()  # no-op when finished; stops the replica's generation if the client left
-
-        return deltas()
 
     def _moderate_prompt(self, prompt: Prompt) -> None:
         """Refuse a prompt the content policy flags (400, ``code: content_filter``), before any generation."""
@@ -236,7 +246,8 @@ class OpenAIIngress:
                 async for e in events:
                     yield e
             except Exception as exc:  # the status line is already sent: report in-band, as OpenAI does
-                yield sse(error_body(api_error_from(exc).message, type="server_error"))
+                err = api_error_from(exc)
+                yield sse(error_body(err.message, type=err.type, param=err.param, code=err.code))
             yield sse("[DONE]")
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -245,7 +256,18 @@ class OpenAIIngress:
     # 3. routes ----------------------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz(self) -> Response:
+        """Liveness for load balancers: cheap, asks nothing (a replica's own health is Serve's business)."""
         return JSONResponse({"status": "ok", "base_model": self._base_model_id})
+
+    @app.get("/readyz")
+    async def readyz(self) -> Response:
+        """Readiness: 200 when a generator replica answers its health check within 5 s, else 503."""
+        try:
+            await asyncio.wait_for(self._generator_handle.check_health.remote(), 5.0)
+        except Exception as exc:
+            msg = f"no generator replica is ready ({type(exc).__name__}); retry shortly"
+            raise ApiError(503, msg, type="server_error", code="not_ready") from None
+        return JSONResponse({"status": "ready", "base_model": self._base_model_id})
 
     @app.get("/v1/models")
     async def list_models(self) -> Response:
@@ -278,6 +300,7 @@ class OpenAIIngress:
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt
     ) -> Response:
         """Resolve the model, generate, and answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming)."""
+        deadline = time.time() + self._timeout_s  # wall clock: the generator replica may be on another node
         model_id = await self._resolve(body.model)
         model_name = model_id or self._base_model_id
         request_info()["model"] = model_name  # a metrics label: only ids that exist, never what clients typed
@@ -286,7 +309,7 @@ class OpenAIIngress:
         self._moderate_prompt(prompt)
         metrics = ingress_metrics()
         if not body.stream:
-            out = await self._complete(model_id, prompt, params)
+            out = await self._complete(model_id, prompt, params, deadline)
             metrics.usage(model_name, out.prompt_tokens, out.completion_tokens)
             text, reason = self._moderate_answer(out.text, out.finish_reason)
             if self._feedback:  # stored before the answer leaves, so feedback can follow at once
@@ -295,7 +318,7 @@ class OpenAIIngress:
             usage = Usage.of(out.prompt_tokens, out.completion_tokens)
             return JSONResponse(kind.response(id=rid, model=model_name, choices=[choice], usage=usage).model_dump())
 
-        deltas = await self._open_stream(model_id, prompt, params)
+        deltas = await self._open_stream(model_id, prompt, params, deadline)
         head = {"id": rid, "created": int(time.time()), "model": model_name}
         guard = OutputGuard(self._policy, self._holdback) if self._check_outputs else None
         answer: list[str] = []  # the text sent, for capture

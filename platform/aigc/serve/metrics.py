@@ -3,8 +3,9 @@
 Ray exports every metric with a ``ray_`` prefix on each node's metrics port (``ray start
 --metrics-export-port``; Prometheus discovers it through Ray's service-discovery file). Series:
 
-- ``ray_aigc_requests_total{route, model, status, key}``: every API request; ``key`` is the API key's name
-  (``-`` when the endpoint runs without keys), ``model`` the requested model (``-`` before it is known).
+- ``ray_aigc_requests_total{route, model, status, key}``: every API request; ``route`` is one of the app's
+  routes or ``other`` (never a path a client made up: series stay bounded), ``key`` the API key's name
+  (``-`` when the endpoint runs without keys), ``model`` the resolved model (``-`` before it is known).
 - ``ray_aigc_request_latency_seconds{route, model}``: until the response starts (whole answer, or stream open).
 - ``ray_aigc_prompt_tokens_total{model}``, ``ray_aigc_completion_tokens_total{model}``.
 - ``ray_aigc_time_to_first_token_seconds{model}``, ``ray_aigc_time_per_output_token_seconds{model}``.
@@ -22,8 +23,12 @@ import contextvars
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+from starlette.routing import Match
+
+from aigc.serve.engine.protocol import ServingEngine
 
 __all__ = ["MetricsMiddleware", "ingress_metrics", "request_info", "start_generator_gauges"]
 
@@ -95,10 +100,22 @@ class MetricsMiddleware:
     Args:
         app: the ASGI app it wraps.
         record: ``(route, model, status, key, seconds)`` -> None; defaults to the ingress metrics.
+        bounded: label a request with the template of the app route it matches (read from ``scope["app"]``,
+            the app instance that really runs: Serve deploys a copy of the module's app), and any other path
+            ``other``, so unauthenticated clients cannot create new series. False = every path as is.
     """
 
-    def __init__(self, app: Any, record: Callable[..., None] | None = None):
-        self.app, self._record = app, record
+    def __init__(self, app: Any, record: Callable[..., None] | None = None, bounded: bool = True):
+        self.app, self._record, self._bounded = app, record, bounded
+
+    def _route(self, scope: dict) -> str:
+        if not self._bounded:
+            return scope["path"]
+        probe = {**scope, "type": "http"}
+        for route in _leaf_routes(getattr(scope.get("app"), "routes", ())):
+            if route.matches(probe)[0] != Match.NONE:
+                return route.path
+        return "other"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -120,10 +137,20 @@ class MetricsMiddleware:
         finally:
             _REQUEST.reset(token)
             elapsed = info.get("elapsed", time.perf_counter() - t0)
-            route = scope["path"]
+            route = self._route(scope)
             # The API key's name: from the route, or from request.state.key_name (Starlette keeps it in the scope).
             key = info.get("key") or (scope.get("state") or {}).get("key_name") or "-"
             (self._record or _record_request)(route, info.get("model", "-"), status, key, elapsed)
+
+
+def _leaf_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """The routes with a path template, routers included by ``serve.ingress`` (FastAPI's ``include_router``) opened."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _leaf_routes(included.routes)
+        elif getattr(route, "path", None):
+            yield route
 
 
 def _record_request(route: str, model: str, status: int, key: str, seconds: float) -> None:
@@ -132,7 +159,7 @@ def _record_request(route: str, model: str, status: int, key: str, seconds: floa
     m.latency.observe(seconds, tags={"route": route, "model": model})
 
 
-def start_generator_gauges(engine: Any, max_replicas: int, period_s: float = 1.0) -> threading.Event:
+def start_generator_gauges(engine: ServingEngine, max_replicas: int, period_s: float = 1.0) -> threading.Event:
     """Publish the engine's batch and queue state every ``period_s`` from a thread; set the event to stop."""
     from ray.util.metrics import Gauge
 

@@ -5,22 +5,40 @@ Aliases move while the app runs (``aigc promote``), so the ingress resolves ``su
 kept for ``ttl_s`` seconds: the registry (perhaps an object store) is read at most once per id per period
 instead of once per request, and a moved alias reaches traffic within ``ttl_s``. The listing behind
 ``/v1/models`` is kept the same way.
+
+When the registry cannot be read (an object-store outage: pyarrow raises ``OSError``), the last answer for an
+id keeps being used, however old (stale-while-error; logged once per outage), so models already in use keep
+serving. An id this replica never resolved is answered from the last listing (:meth:`ModelResolver.keep_listing`
+refreshes it every ``LISTING_REFRESH_S`` in the background, so every replica of the ingress has one, not only
+those that happened to receive a request for the id); an id missing from it too raises
+:class:`~aigc.errors.ServiceUnavailableError` (503). An alias moved in the last ``LISTING_REFRESH_S`` before the
+outage is therefore seen at its previous version by replicas that never resolved it (the store is down, so
+nothing moves during the outage itself).
+
+:func:`check_servable` says whether this server can serve a registered version at all: LoRA adapters trained on
+its base model only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aigc.errors import RegistryError
+from aigc.errors import InvalidRequestError, RegistryError, ServiceUnavailableError
+from aigc.models.loading import model_id_for
 from aigc.registry import AdapterVersion, Alias, Registry
+from aigc.registry.aliases import DEFAULT_ALIAS, LATEST
 
-__all__ = ["Listing", "ModelResolver"]
+__all__ = ["Listing", "ModelResolver", "check_servable", "servable"]
+
+logger = logging.getLogger("ray.serve")
 
 _MAX_CACHED = 4096  # ids remembered at once; unknown ids from clients cannot grow the cache beyond this
+LISTING_REFRESH_S = 30.0  # how often each replica re-reads the listing in the background (new versions only)
 
 
 @dataclass(frozen=True)
@@ -29,6 +47,60 @@ class Listing:
 
     versions: list[AdapterVersion]
     aliases: list[Alias]
+
+    def find(self, model_id: str) -> AdapterVersion | None:
+        """The version ``model_id`` named when this listing was read, by the rules of
+        :meth:`aigc.registry.Registry.resolve`; None when it named nothing listed."""
+        by_id = {e.model_id: e for e in self.versions}
+        if model_id in by_id:  # name:vN
+            return by_id[model_id]
+        name, _, ref = model_id.partition(":")
+        if ref != LATEST:
+            alias = ref or DEFAULT_ALIAS
+            for a in self.aliases:
+                if a.name == name and a.alias == alias:
+                    return by_id.get(a.target)
+            if ref:
+                return None
+        same_name = [e for e in self.versions if e.name == name]  # ascending: the last is the latest
+        return same_name[-1] if same_name else None
+
+
+def check_servable(entry: AdapterVersion, base_model: str) -> None:
+    """Refuse a version this server cannot serve, naming why.
+
+    Args:
+        entry: the registry version a request resolved to.
+        base_model: the id of the base model this server runs (:func:`aigc.models.loading.model_id_for`).
+
+    Raises:
+        InvalidRequestError: a full fine-tune (a whole model, not an adapter), or an adapter trained on another
+            base model (its LoRA weights would be applied to the wrong weights, silently).
+    """
+    if entry.kind != "lora":
+        raise InvalidRequestError(
+            f"the model '{entry.model_id}' is a full fine-tune, not an adapter of {base_model}: serve it as a base "
+            "model of its own (model.name_or_path = that version's directory)",
+            param="model",
+            code="model_not_servable",
+        )
+    trained_on = model_id_for(entry.base_model)
+    if trained_on != base_model:
+        raise InvalidRequestError(
+            f"the model '{entry.model_id}' was trained on base model '{trained_on}', and this server serves "
+            f"'{base_model}'; serve it from a server whose base model is '{trained_on}'",
+            param="model",
+            code="model_base_mismatch",
+        )
+
+
+def servable(entry: AdapterVersion, base_model: str) -> bool:
+    """Whether :func:`check_servable` accepts ``entry`` (what ``/v1/models`` lists)."""
+    try:
+        check_servable(entry, base_model)
+    except InvalidRequestError:
+        return False
+    return True
 
 
 class ModelResolver:
@@ -45,12 +117,14 @@ class ModelResolver:
         self._cache: OrderedDict[str, tuple[float, AdapterVersion | str]] = OrderedDict()
         self._pending: dict[str, asyncio.Future[tuple[float, AdapterVersion | str]]] = {}
         self._listing: tuple[float, Listing] | None = None
+        self._outage = False  # the registry failed to read: stale answers are in use (logged once)
 
     async def resolve(self, model_id: str) -> AdapterVersion:
         """The version ``model_id`` names now (at most ``ttl_s`` old).
 
         Raises:
             RegistryError: the id is malformed or names nothing registered (also remembered for ``ttl_s``).
+            ServiceUnavailableError: the registry cannot be read and this id was never resolved before.
         """
         hit = self._cache.get(model_id)
         if hit is None or self._clock() >= hit[0]:
@@ -71,6 +145,16 @@ class ModelResolver:
             value: AdapterVersion | str = await asyncio.to_thread(self._registry.resolve, model_id)
         except RegistryError as exc:
             value = exc.message  # a fresh error per raise: a kept exception would grow its traceback
+        except OSError as exc:
+            stale = self._cache.get(model_id)
+            self._note_outage(exc)
+            value = stale[1] if stale is not None else self._listed(model_id)
+            if value is None:
+                raise _unavailable() from None
+            hit = (self._clock() + self._ttl, value)  # stale-while-error: try the registry again after ttl_s
+            self._cache[model_id] = hit
+            return hit
+        self._note_recovery()
         hit = (self._clock() + self._ttl, value)
         self._cache[model_id] = hit
         self._cache.move_to_end(model_id)
@@ -79,12 +163,58 @@ class ModelResolver:
         return hit
 
     async def listing(self) -> Listing:
-        """Every version and alias (at most ``ttl_s`` old)."""
+        """Every version and alias (at most ``ttl_s`` old; the last one read while the registry is unreachable).
+
+        Raises:
+            ServiceUnavailableError: the registry cannot be read and was never listed before.
+        """
         if self._listing is None or self._clock() >= self._listing[0]:
+            known = {e.model_id: e for e in self._listing[1].versions} if self._listing else None
 
             def read() -> Listing:
-                return Listing(self._registry.list(), self._registry.aliases())
+                return Listing(self._registry.list(known), self._registry.aliases())
 
-            value = await asyncio.to_thread(read)
+            try:
+                value = await asyncio.to_thread(read)
+            except OSError as exc:
+                self._note_outage(exc)
+                if self._listing is None:
+                    raise _unavailable() from None
+                value = self._listing[1]
+            else:
+                self._note_recovery()
             self._listing = (self._clock() + self._ttl, value)
         return self._listing[1]
+
+    async def keep_listing(self, period_s: float = LISTING_REFRESH_S) -> None:
+        """Read the listing now and every ``period_s`` seconds, forever (run it as a task; cancel to stop), so
+        that during an outage this replica can still resolve ids it never saw (see the module docstring)."""
+        while True:
+            try:
+                await self.listing()
+            except ServiceUnavailableError:
+                pass  # the registry is unreachable and was never listed: logged once by _note_outage
+            except Exception:  # never let the refresh task die on a surprise; it is retried next period
+                logger.exception("reading the model listing failed")
+            await asyncio.sleep(period_s)
+
+    def _listed(self, model_id: str) -> AdapterVersion | None:
+        """What the last listing says ``model_id`` named (None: never listed, or not in it)."""
+        return self._listing[1].find(model_id) if self._listing is not None else None
+
+    def _note_outage(self, exc: BaseException) -> None:
+        if not self._outage:
+            self._outage = True
+            logger.warning("model registry unreadable, serving what was resolved before: %s", exc)
+
+    def _note_recovery(self) -> None:
+        if self._outage:
+            self._outage = False
+            logger.warning("model registry readable again")
+
+
+def _unavailable() -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "the model registry is unreachable and this model was not in use yet; retry shortly",
+        code="registry_unavailable",
+    )

@@ -9,7 +9,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from aigc.cluster import init_ray
 from aigc.config import PlatformConfig
+from aigc.serve.auth import check_exposure
 
 __all__ = ["run_server", "wait_until_healthy"]
 
@@ -63,19 +65,15 @@ def run_server(cfg: PlatformConfig, blocking: bool = True) -> str:
     Raises:
         aigc.errors.ConfigError: ``serve.host`` is reachable from other machines and no API keys are configured.
     """
-    from aigc.serve.auth import check_exposure
-
     s = cfg.serve
     check_exposure(s.host, s.auth, s.api_keys_file, s.api_keys_env)  # before any Ray work
 
     import ray
     from ray import serve
 
-    from aigc.serve.builder import build_app_from_config
+    from aigc.serve.builder import build_app_from_config  # imports Ray Serve: only when serving
 
     if not ray.is_initialized():
-        from aigc.cluster import init_ray
-
         init_ray(cfg.cluster.num_cpus)
     # One HTTP proxy, on the head node (as serve_apps/openai.yaml): proxies on other nodes would each need
     # the port, and clients reach the head's address.

@@ -6,12 +6,20 @@ value becomes a 400 whose ``param`` names the field. A field that asks for a fea
 (``logprobs``, ``tools``, ``n > 1``...) is refused the same way rather than silently ignored, unless it holds
 its "off" value (``false``, ``null``, ``1``, ``"none"``, ``{"type": "text"}``). Responses are built from these
 models and dumped to JSON.
+
+The OpenAPI schema (``/openapi.json``) states the bounds validation enforces, so a client or a fuzzer generating
+from it sends only requests this server accepts: where a validator below (or the ingress, for ``max_tokens``)
+enforces a bound with a clearer message than pydantic's, the bound is also written into the field's schema
+(:func:`_schema_bounds`). The upper bound of ``max_tokens`` is each server's ``serve.max_tokens_cap``.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
@@ -37,24 +45,44 @@ MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63  # torch generators take a 64-bit seed; OpenAI's is a signed 64-bit integer
 
 # Fields asking for features this server does not have: refused (400 naming the field) unless "off".
-# field -> (is the value "off"?, what "off" looks like, for the message)
-_UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "logprobs": (lambda v: v is None or v is False, "false"),
-    "top_logprobs": (lambda v: v is None or v == 0, "0"),
-    "logit_bias": (lambda v: v is None or v == {}, "{}"),
-    "best_of": (lambda v: v is None or v == 1, "1"),
-    "echo": (lambda v: v is None or v is False, "false"),
-    "suffix": (lambda v: v is None or v == "", '""'),
-    "tools": (lambda v: v is None or v == [], "[]"),
-    "functions": (lambda v: v is None or v == [], "[]"),
-    "tool_choice": (lambda v: v is None or v == "none", '"none"'),
-    "function_call": (lambda v: v is None or v == "none", '"none"'),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"}'),
+# field -> (is the value "off"?, the "off" value: in the schema's enum, and as JSON in the message)
+_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], Any]] = {
+    "logprobs": (lambda v: v is None or v is False, False),
+    "top_logprobs": (lambda v: v is None or v == 0, 0),
+    "logit_bias": (lambda v: v is None or v == {}, {}),
+    "best_of": (lambda v: v is None or v == 1, 1),
+    "echo": (lambda v: v is None or v is False, False),
+    "suffix": (lambda v: v is None or v == "", ""),
+    "tools": (lambda v: v is None or v == [], []),
+    "functions": (lambda v: v is None or v == [], []),
+    "tool_choice": (lambda v: v is None or v == "none", "none"),
+    "function_call": (lambda v: v is None or v == "none", "none"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, {"type": "text"}),
 }
 
 
-def _unsupported(off_hint: str) -> Any:
-    return Field(None, description=f"Not supported by this server: only null or {off_hint} is accepted.")
+def _unsupported(field: str) -> Any:
+    off = _UNSUPPORTED[field][1]
+    return Field(
+        None,
+        description=f"Not supported by this server: only null or {json.dumps(off)} is accepted.",
+        json_schema_extra={"enum": [None, off]},
+    )
+
+
+def _schema_bounds(**by_type: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A ``json_schema_extra`` writing bounds that a validator enforces into the field's schema, per JSON type:
+    ``_schema_bounds(integer={"minimum": 1})`` on an ``int | None`` field bounds its integer branch only."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        for branch in schema.get("anyOf", [schema]):
+            branch.update(copy.deepcopy(by_type.get(branch.get("type"), {})))
+
+    return extra
+
+
+_POSITIVE_INT = _schema_bounds(integer={"minimum": 1})  # the ingress checks 1..serve.max_tokens_cap
+_STOP_TEXT = {"type": "string", "minLength": 1}
 
 
 def new_id(prefix: str) -> str:
@@ -72,26 +100,38 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description="Base model id, adapter name (latest version) or name:vN.")
-    max_tokens: int | None = Field(None, description="Tokens to generate; None = the server default.")
+    max_tokens: int | None = Field(
+        None, description="Tokens to generate; None = the server default.", json_schema_extra=_POSITIVE_INT
+    )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy; higher = more random.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings.")
+    stop: str | list[str] | None = Field(
+        None,
+        description=f"Up to {MAX_STOP_SEQUENCES} stop strings.",
+        json_schema_extra=_schema_bounds(
+            string=_STOP_TEXT, array={"items": _STOP_TEXT, "maxItems": MAX_STOP_SEQUENCES}
+        ),
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, description="Choices to generate; only 1 is supported.")
+    n: int = Field(
+        1,
+        description="Choices to generate; only 1 is supported.",
+        json_schema_extra=_schema_bounds(integer={"minimum": 1, "maximum": 1}),
+    )
     seed: int | None = Field(
         None, ge=0, lt=MAX_SEED, description="Seed for sampling; same seed + same request = same text."
     )
     user: str | None = None
-    logprobs: Any = _unsupported("false")
-    logit_bias: Any = _unsupported("{}")
+    logprobs: Any = _unsupported("logprobs")
+    logit_bias: Any = _unsupported("logit_bias")
 
     @field_validator(*_UNSUPPORTED, check_fields=False)
     @classmethod
     def _refuse_unsupported(cls, v: Any, info: ValidationInfo) -> Any:
         is_off, off = _UNSUPPORTED[info.field_name]
         if not is_off(v):
-            raise ValueError(f"not supported by this server; leave it out (or send null or {off})")
+            raise ValueError(f"not supported by this server; leave it out (or send null or {json.dumps(off)})")
         return v
 
     @field_validator("n")
@@ -133,13 +173,15 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens.")
-    top_logprobs: Any = _unsupported("0")
-    tools: Any = _unsupported("[]")
-    tool_choice: Any = _unsupported('"none"')
-    functions: Any = _unsupported("[]")
-    function_call: Any = _unsupported('"none"')
-    response_format: Any = _unsupported('{"type": "text"}')
+    max_completion_tokens: int | None = Field(
+        None, description="OpenAI's newer name for max_tokens.", json_schema_extra=_POSITIVE_INT
+    )
+    top_logprobs: Any = _unsupported("top_logprobs")
+    tools: Any = _unsupported("tools")
+    tool_choice: Any = _unsupported("tool_choice")
+    functions: Any = _unsupported("functions")
+    function_call: Any = _unsupported("function_call")
+    response_format: Any = _unsupported("response_format")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -147,10 +189,13 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(description="The text to continue (one prompt per request).")
-    best_of: Any = _unsupported("1")
-    echo: Any = _unsupported("false")
-    suffix: Any = _unsupported('""')
+    prompt: str | list[str] = Field(
+        description="The text to continue (one prompt per request).",
+        json_schema_extra=_schema_bounds(array={"minItems": 1, "maxItems": 1}),
+    )
+    best_of: Any = _unsupported("best_of")
+    echo: Any = _unsupported("echo")
+    suffix: Any = _unsupported("suffix")
 
     @field_validator("prompt")
     @classmethod

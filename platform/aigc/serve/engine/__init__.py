@@ -9,12 +9,14 @@ Modules: :mod:`~aigc.serve.engine.core` (the engine and its thread), :mod:`~aigc
 running batch: prefill, KV-cache merge, decode, leave), :mod:`~aigc.serve.engine.text` (incremental
 detokenization, stop strings), :mod:`~aigc.serve.engine.adapters` (loading and deferred deletion),
 :mod:`~aigc.serve.engine.prompts` (prompts to token ids, client text never as control tokens),
-:mod:`~aigc.serve.engine.types` (sampling settings, completions, deltas).
+:mod:`~aigc.serve.engine.types` (sampling settings, completions, deltas), :mod:`~aigc.serve.engine.protocol`
+(:class:`ServingEngine`: what the ``Generator`` deployment calls, so another engine can replace this one).
 """
 
 from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundError
 from aigc.serve.engine.adapters import BASE_ADAPTER
 from aigc.serve.engine.core import GenerationEngine
+from aigc.serve.engine.protocol import ServingEngine
 from aigc.serve.engine.types import Completion, Delta, Prompt, SamplingParams
 
 __all__ = [
@@ -27,4 +29,5 @@ __all__ = [
     "ModelNotFoundError",
     "Prompt",
     "SamplingParams",
+    "ServingEngine",
 ]

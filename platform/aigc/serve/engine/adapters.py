@@ -2,8 +2,15 @@
 
 An adapter can be deleted (Serve's LRU eviction) while a request still needs it. Requests
 :meth:`AdapterSet.acquire` it first; a delete only marks a busy adapter, and the engine removes it between
-decoding steps once the last :meth:`AdapterSet.release` has happened. Loading and deleting take the model
-lock, so they never overlap a forward pass.
+decoding steps once the last :meth:`AdapterSet.release` has happened.
+
+Loading reads the adapter's config and weights first, *without* the model lock (slow storage never pauses
+the running batch), checks them (LoRA, finite weights), and only then takes the lock to inject the modules
+and copy the weights in (peft's own ``add_adapter`` and ``set_peft_model_state_dict``, what
+``PeftModel.load_adapter`` does). peft injects the modules before it copies the weights, so a load that fails
+there deletes what it injected: a failed load leaves the model exactly as it was. If peft cannot delete an
+adapter (injected or evicted), the model is in an unknown state and :attr:`AdapterSet.broken` says so; the
+engine then reports itself unhealthy and Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any
 
 from aigc.errors import AdapterLoadError
 
-__all__ = ["BASE_ADAPTER", "AdapterSet", "check_adapter_dir"]
+__all__ = ["BASE_ADAPTER", "AdapterSet", "check_adapter_dir", "read_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +41,7 @@ class AdapterSet:
         self._loaded: set[str] = set()
         self._refs: dict[str, int] = {}
         self._doomed: set[str] = set()
+        self.broken: str | None = None  # set when peft failed to remove an adapter: the model is not trustworthy
 
     @property
     def names(self) -> list[str]:
@@ -47,20 +55,40 @@ class AdapterSet:
     def load(self, path: str, name: str) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in (BASE_ADAPTER, PLACEHOLDER):
             raise ValueError(f"invalid adapter name {name!r}")
-        check_adapter_dir(path)
+        config, weights = read_adapter(path, device=self._model.device)  # no lock: storage may be slow
         with self._model_lock:
             self.purge_locked()
             with self._state_lock:
                 if name in self._loaded:
                     raise ValueError(f"adapter {name!r} is already loaded")
             try:
-                self._model.load_adapter(path, adapter_name=name, is_trainable=False)
+                self._inject_locked(name, config, weights)
             except Exception as exc:
+                self._remove_injected_locked(name)
                 raise AdapterLoadError(f"could not load adapter from {path}: {exc}") from exc
             self._model.eval()
             with self._state_lock:
                 self._loaded.add(name)
                 self._refs[name] = 0
+
+    def _inject_locked(self, name: str, config: Any, weights: dict[str, Any]) -> None:
+        from peft import set_peft_model_state_dict
+
+        self._model.add_adapter(name, config)
+        result = set_peft_model_state_dict(self._model, weights, adapter_name=name)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+        if missing:
+            raise AdapterLoadError(f"the adapter's weights lack {len(missing)} tensors, e.g. {missing[0]}")
+
+    def _remove_injected_locked(self, name: str) -> None:
+        """Undo a failed load: delete whatever peft injected under ``name``."""
+        if name not in self._model.peft_config:
+            return
+        try:
+            self._model.delete_adapter(name)
+        except Exception as exc:
+            self.broken = f"peft could not remove the half-loaded adapter {name!r}: {exc!r}"
+            logger.exception("failed to remove half-loaded adapter %s", name)
 
     def delete(self, name: str) -> None:
         with self._state_lock:
@@ -98,16 +126,44 @@ class AdapterSet:
             return any(self._refs.get(n, 0) == 0 for n in self._doomed)
 
     def purge_locked(self) -> None:
-        """Delete doomed adapters nobody uses any more (the caller holds the model lock)."""
+        """Delete doomed adapters nobody uses any more (the caller holds the model lock); never raises."""
         with self._state_lock:
             ready = [n for n in self._doomed if self._refs.get(n, 0) == 0]
         for name in ready:
-            self._model.delete_adapter(name)
+            try:
+                self._model.delete_adapter(name)
+            except Exception as exc:  # the model may keep part of it: report, and stop retrying every step
+                self.broken = f"peft could not delete adapter {name!r}: {exc!r}"
+                logger.exception("failed to delete adapter %s", name)
+            else:
+                logger.info("deleted adapter %s", name)
             with self._state_lock:
                 self._doomed.discard(name)
                 self._loaded.discard(name)
                 self._refs.pop(name, None)
-            logger.info("deleted adapter %s", name)
+
+
+def read_adapter(path: str, device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A LoRA adapter directory's config and weights, read and checked without touching any model.
+
+    Raises:
+        AdapterLoadError: not a LoRA adapter this engine can serve, unreadable, or weights that are not finite.
+    """
+    import torch
+    from peft import LoraConfig
+    from peft.utils import load_peft_weights
+
+    check_adapter_dir(path)
+    try:
+        config = LoraConfig.from_pretrained(path)
+        weights = load_peft_weights(path, device=str(device))
+    except Exception as exc:
+        raise AdapterLoadError(f"could not read adapter from {path}: {exc}") from exc
+    config.inference_mode = True
+    bad = next((k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise AdapterLoadError(f"adapter {path}: tensor {bad} holds non-finite values (nan or inf)")
+    return config, weights
 
 
 def check_adapter_dir(path: str) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from aigc.serve.engine.adapters import BASE_ADAPTER
 
-__all__ = ["Row", "RunningBatch", "sample", "sample_all"]
+__all__ = ["Prefill", "Row", "RunningBatch"]
 
 
 @dataclass(eq=False)
@@ -43,28 +43,14 @@ class Row:
     alive: bool = True  # False once finished: still in the cache until the next compaction, never read
 
 
-def sample(logits: torch.Tensor, row: Row) -> int:
-    """The next token for one row: greedy at temperature 0, else top-k / top-p sampling with the row's RNG."""
-    if row.temperature <= 0 or row.top_k == 1:
-        return int(torch.argmax(logits))
-    scores = logits.float() / row.temperature
-    if row.top_k > 0:
-        kth = torch.topk(scores, min(row.top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if row.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_scores, dim=-1) >= row.top_p  # keep the smallest set reaching top_p
-        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=row.generator))
+@dataclass(eq=False)
+class Prefill:
+    """Rows prefilled apart from the running batch: their cache, mask and last-position logits."""
 
-
-def sample_all(logits: torch.Tensor, rows: list[Row]) -> list[int]:
-    """The next token of every row: one argmax over the batch for greedy rows, per-row sampling for the rest."""
-    greedy = logits.argmax(-1).tolist()
-    return [g if (r.temperature <= 0 or r.top_k == 1) else sample(logits[i], r) for i, (g, r) in
-            enumerate(zip(greedy, rows, strict=True))]  # fmt: skip
+    rows: list[Row]
+    cache: Any
+    mask: torch.Tensor
+    logits: torch.Tensor
 
 
 class RunningBatch:
@@ -100,10 +86,14 @@ class RunningBatch:
     def device(self) -> torch.device:
         return self.model.device
 
-    # 1. join: prefill new rows, merge their cache into the running one
+    # 1. join: prefill new rows (nothing changes if it fails), then merge their cache into the running one
     @torch.inference_mode()
-    def add(self, rows: list[Row]) -> torch.Tensor:
-        """Prefill ``rows`` (left-padded, one forward) and append them; returns their last-position logits."""
+    def prefill(self, rows: list[Row]) -> Prefill:
+        """Prefill ``rows`` (left-padded, one forward) without touching the running batch.
+
+        A failure here (one prompt too long for the device's memory, an adapter that raises) leaves the
+        running rows as they were: only the rows being admitted are affected.
+        """
         from transformers import DynamicCache
 
         width = max(len(r.prompt_ids) for r in rows)
@@ -123,10 +113,14 @@ class RunningBatch:
             logits_to_keep=1,  # only the last position's logits are sampled
             **{self._cache_kw: cache},
         )
-        self._merge(cache, mask)
-        self._rows.extend(rows)
-        self._live += len(rows)
-        return out.logits[:, -1, :]
+        return Prefill(rows, cache, mask, out.logits[:, -1, :])
+
+    @torch.inference_mode()
+    def join(self, new: Prefill) -> None:
+        """Append prefilled rows to the running batch."""
+        self._merge(new.cache, new.mask)
+        self._rows.extend(new.rows)
+        self._live += len(new.rows)
 
     def _merge(self, cache: Any, mask: torch.Tensor) -> None:
         """Append a prefilled cache, dropping dead rows and all-padding columns in the same copy."""
@@ -146,19 +140,26 @@ class RunningBatch:
     # 2. step: one token for every row
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
-        """Feed each row's last token; returns next-token logits ``[live rows, vocab]`` (order of :attr:`rows`)."""
-        last = torch.tensor([[r.tokens[-1]] for r in self._rows], dtype=torch.long, device=self.device)
+        """Feed each row's last token; returns next-token logits ``[live rows, vocab]`` (order of :attr:`rows`).
+
+        The forward pass is shared: if it raises, every row's cache may hold a partial step and the caller
+        must end every row (:meth:`clear`).
+        """
+        # Dead rows (finished, not yet compacted away) are fed padding: their output is never read.
+        last = [[r.tokens[-1] if r.alive else self.pad_id] for r in self._rows]
+        last = torch.tensor(last, dtype=torch.long, device=self.device)
         positions = self._mask.sum(-1, keepdim=True)  # real tokens so far = this token's position
-        self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
+        mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
         self.max_rows_seen = max(self.max_rows_seen, self._live)
         out = self._forward(
             [r.adapter for r in self._rows],
             input_ids=last,
-            attention_mask=self._mask,
+            attention_mask=mask,
             position_ids=positions,
             use_cache=True,
             **{self._cache_kw: self._cache},
         )
+        self._mask = mask
         logits = out.logits[:, -1, :]
         if self._live == len(self._rows):
             return logits
@@ -174,6 +175,12 @@ class RunningBatch:
         if all(a == BASE_ADAPTER for a in adapters):
             return self.model.get_base_model()(**kwargs)
         return self.model(adapter_names=adapters, **kwargs)
+
+    def clear(self) -> None:
+        """Drop every row and the cache (after a failed shared step)."""
+        for row in self._rows:
+            row.alive = False
+        self._rows, self._cache, self._mask, self._live = [], None, None, 0
 
     # 3. leave: mark finished rows dead; compact when they are half the batch
     def keep(self, keep: list[bool]) -> None:

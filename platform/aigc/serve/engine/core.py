@@ -11,48 +11,44 @@ for throughput; prefilling new rows pauses the running ones for one forward pass
 cost (on a small model about two thirds of a decoding step) whatever its rows. So while a batch is running,
 waiting requests are admitted together: as soon as ``admit_min_rows`` of them wait (or they would fill the
 batch), or the oldest has waited ``admit_max_wait_s``. An idle engine admits a request at once.
+
+Faults stay where they start:
+
+1. **A row's own failure ends that row alone** (sampling, non-finite scores, detokenizing, stop strings):
+   the others decode on (:mod:`aigc.serve.engine.sampling`).
+2. **A failed prefill fails only the rows being admitted**: the running batch is untouched, and when several
+   rows were admitted together each is retried alone, so only the one at fault fails.
+3. **A failed decoding step** (one forward pass shared by every row) ends the running rows with a retryable
+   error; failing passes in a row, no pass for too long while work waits, or an untrustworthy model make the
+   engine unhealthy (:mod:`aigc.serve.engine.health`), new requests are refused, and Serve replaces the replica.
+4. **Every request can have a deadline**: past it, the engine ends the request with
+   :class:`~aigc.errors.RequestTimeoutError` and frees its row; the caller's side stops waiting at the same
+   time even if the engine thread is stuck.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 
 from aigc.data.templates import render_prompt
-from aigc.errors import AdapterLoadError, InvalidRequestError
 from aigc.models.loading import load_base_model, load_tokenizer, model_id_for
-from aigc.serve.engine.adapters import BASE_ADAPTER, PLACEHOLDER, AdapterSet
-from aigc.serve.engine.batch import Row, RunningBatch, sample_all
+from aigc.serve.engine.adapters import PLACEHOLDER, AdapterSet
 from aigc.serve.engine.prompts import PromptEncoder
-from aigc.serve.engine.text import IncrementalDetokenizer, StopFilter
-from aigc.serve.engine.types import Completion, Delta, FinishReason, Prompt, SamplingParams, join_deltas
+from aigc.serve.engine.requests import Request, prepare, timeout_error
+from aigc.serve.engine.scheduler import Scheduler
+from aigc.serve.engine.types import Completion, Delta, Prompt, SamplingParams, join_deltas
 
 __all__ = ["Completion", "Delta", "GenerationEngine", "Prompt", "SamplingParams"]
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: str
-    sink: Callable[[Delta | BaseException], None] = lambda item: None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    detok: Any = None
-    stops: Any = None
-    done: bool = False
-    arrived: float = field(default_factory=time.monotonic)
+_TIMED_OUT = object()  # the caller-side deadline timer's marker in a request's queue
+_CALLER_GRACE_S = 0.5  # the caller stops waiting this long after the deadline (the engine usually ends it first)
 
 
 class GenerationEngine:
@@ -68,6 +64,7 @@ class GenerationEngine:
             eighth of ``max_batch_size``, at least 1).
         admit_max_wait_s: ...or once the oldest has waited this long (bounds the added time to first token).
         max_prompt_tokens: the longest prompt accepted, in tokens (None = the model's context only).
+        stall_timeout_s: with work waiting, no forward pass for this long makes the engine unhealthy.
     """
 
     def __init__(
@@ -80,6 +77,7 @@ class GenerationEngine:
         admit_min_rows: int | None = None,
         admit_max_wait_s: float = 0.02,
         max_prompt_tokens: int | None = None,
+        stall_timeout_s: float = 30.0,
     ):
         from peft import LoraConfig, get_peft_model
 
@@ -99,13 +97,12 @@ class GenerationEngine:
         self._model = get_peft_model(base, placeholder, adapter_name=PLACEHOLDER).eval()
 
         self._model_lock = threading.Lock()  # one step, load or delete at a time
-        self._wake = threading.Condition()
-        self._adapters = AdapterSet(self._model, self._model_lock, wake=self._notify)
-        self._batch = RunningBatch(self._model, pad_id=int(self.tokenizer.pad_token_id or 0))
-        self._waiting: deque[_Request] = deque()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="aigc-engine", daemon=True)
-        self._thread.start()
+        self._adapters = AdapterSet(self._model, self._model_lock, wake=lambda: self._scheduler.notify())
+        self._scheduler = Scheduler(
+            self._model, self._model_lock, self._adapters, self.tokenizer, self._eos_ids,
+            max_batch_size=max_batch_size, admit_min_rows=self.admit_min_rows,
+            admit_max_wait_s=admit_max_wait_s, stall_timeout_s=stall_timeout_s,
+        )  # fmt: skip
 
     # properties ------------------------------------------------------------------------------------------
     @property
@@ -130,24 +127,40 @@ class GenerationEngine:
     @property
     def active_rows(self) -> int:
         """Requests decoding in the running batch now."""
-        return len(self._batch)
+        return len(self._scheduler.batch)
 
     @property
     def waiting_requests(self) -> int:
         """Requests waiting for a batch slot."""
-        return len(self._waiting)
+        return len(self._scheduler.waiting)
 
     @property
     def max_rows_seen(self) -> int:
         """The most rows that ever shared one decoding step."""
-        return self._batch.max_rows_seen
+        return self._scheduler.batch.max_rows_seen
 
-    # 1. adapters ----------------------------------------------------------------------------------------
-    def load_adapter(self, path: str, adapter_name: str) -> None:
-        """Load the PEFT adapter directory ``path`` as ``adapter_name``; waits for the current step to end.
+    # 1. health ------------------------------------------------------------------------------------------
+    def health(self) -> str | None:
+        """Why the engine cannot serve (a dead or stalled thread, failing passes, a broken model), or None."""
+        return self._scheduler.health()
+
+    def check_health(self) -> None:
+        """Raise when the engine cannot serve (Serve's ``check_health`` contract).
 
         Raises:
-            AdapterLoadError: the directory is not a LoRA adapter this engine can serve, or peft failed.
+            RuntimeError: the reason from :meth:`health`.
+        """
+        problem = self.health()
+        if problem is not None:
+            raise RuntimeError(f"generation engine unhealthy: {problem}")
+
+    # 2. adapters ----------------------------------------------------------------------------------------
+    def load_adapter(self, path: str, adapter_name: str) -> None:
+        """Load the PEFT adapter directory ``path`` as ``adapter_name``; reads files before taking the model.
+
+        Raises:
+            AdapterLoadError: the directory is not a LoRA adapter this engine can serve, or peft failed (the
+                model is left exactly as it was).
         """
         self._adapters.load(path, adapter_name)
 
@@ -163,66 +176,68 @@ class GenerationEngine:
         """End one request's use of the adapter (never blocks; a pending delete runs between steps)."""
         self._adapters.release(adapter_name)
 
-    # 2. prompts -----------------------------------------------------------------------------------------
+    # 3. prompts -----------------------------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
         """Raw text as is; a conversation through the tokenizer's chat template (the one training used)."""
         return prompt if isinstance(prompt, str) else render_prompt(self.tokenizer, prompt)
 
-    def _prepare(self, prompt: Prompt, params: SamplingParams, adapter: str | None) -> _Request:
-        """Render and tokenize (the caller runs this off its event loop); too-long prompts fail here."""
-        # A chat template writes its own special tokens (bos...); raw prompts get the tokenizer's usual ones.
-        param = "prompt" if isinstance(prompt, str) else "messages"
-        ids = self._prompts.encode(prompt if isinstance(prompt, str) else list(prompt))
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param=param)
-        if params.seed is not None and not 0 <= params.seed < 2**63:  # on the engine thread it would fail the batch
-            raise InvalidRequestError(f"seed must be >= 0 and < 2**63, got {params.seed}", param="seed")
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}",
-                param=param,
-                code="prompt_too_long",
-            )
-        if self.max_context is not None and len(ids) + params.max_tokens > self.max_context:
-            raise InvalidRequestError(
-                f"this model's context is {self.max_context} tokens; the prompt has {len(ids)} and max_tokens asks "
-                f"for {params.max_tokens} more. Shorten the prompt or lower max_tokens.",
-                param=param,
-                code="context_length_exceeded",
-            )
-        return _Request(prompt_ids=list(ids), params=params, adapter=adapter or BASE_ADAPTER)
+    def _prepare(
+        self, prompt: Prompt, params: SamplingParams, adapter: str | None, timeout_s: float | None = None
+    ) -> Request:
+        return prepare(self._prompts, prompt, params, adapter, max_prompt_tokens=self.max_prompt_tokens,
+                       max_context=self.max_context, timeout_s=timeout_s)  # fmt: skip
 
-    # 3. the public calls --------------------------------------------------------------------------------
-    def generate(self, prompt: Prompt, params: SamplingParams, adapter: str | None = None) -> Completion:
-        """A whole reply (blocking; safe from many threads at once: their requests share the batch)."""
-        req = self._prepare(prompt, params, adapter)
+    # 4. the public calls --------------------------------------------------------------------------------
+    def generate(
+        self, prompt: Prompt, params: SamplingParams, adapter: str | None = None, timeout_s: float | None = None
+    ) -> Completion:
+        """A whole reply (blocking; safe from many threads at once: their requests share the batch).
+
+        Raises:
+            RequestTimeoutError: not finished within ``timeout_s``.
+        """
+        req = self._prepare(prompt, params, adapter, timeout_s)
         items: queue.Queue = queue.Queue()
         req.sink = items.put
-        self._submit(req)
+        self._scheduler.submit(req)
         parts: list[str] = []
-        while True:
-            item = items.get()
-            if isinstance(item, BaseException):
-                raise item
-            parts.append(item.text)
-            if item.finish_reason is not None:
-                return Completion("".join(parts), item.finish_reason, item.prompt_tokens, item.completion_tokens)
+        try:
+            while True:
+                wait = None if req.deadline is None else max(0.0, req.deadline - time.monotonic()) + _CALLER_GRACE_S
+                try:
+                    item = items.get(timeout=wait)
+                except queue.Empty:
+                    raise timeout_error() from None
+                if isinstance(item, BaseException):
+                    raise item
+                parts.append(item.text)
+                if item.finish_reason is not None:
+                    return Completion("".join(parts), item.finish_reason, item.prompt_tokens, item.completion_tokens)
+        finally:
+            req.cancel.set()  # no-op when finished; frees the slot when the caller gave up
 
-    async def agenerate(self, prompt: Prompt, params: SamplingParams, adapter: str | None = None) -> Completion:
+    async def agenerate(
+        self, prompt: Prompt, params: SamplingParams, adapter: str | None = None, timeout_s: float | None = None
+    ) -> Completion:
         """:meth:`generate` for asyncio callers; cancelling the caller frees the request's batch slot."""
         parts: list[str] = []
-        async for d in self.astream(prompt, params, adapter):
+        async for d in self.astream(prompt, params, adapter, timeout_s):
             parts.append(d.text)
             if d.finish_reason is not None:
                 return Completion("".join(parts), d.finish_reason, d.prompt_tokens, d.completion_tokens)
         raise RuntimeError("the engine ended a request without a final delta")
 
-    async def astream(self, prompt: Prompt, params: SamplingParams, adapter: str | None = None) -> AsyncIterator[Delta]:
+    async def astream(
+        self, prompt: Prompt, params: SamplingParams, adapter: str | None = None, timeout_s: float | None = None
+    ) -> AsyncIterator[Delta]:
         """Text deltas as they are decoded; the last carries finish_reason and token counts.
 
         Closing the iterator early (a client that went away) frees the request's slot at the next step.
+
+        Raises:
+            RequestTimeoutError: not finished within ``timeout_s`` (raised even if the engine thread is stuck).
         """
-        req = await asyncio.to_thread(self._prepare, prompt, params, adapter)
+        req = await asyncio.to_thread(self._prepare, prompt, params, adapter, timeout_s)
         loop, items = asyncio.get_running_loop(), asyncio.Queue()
 
         def sink(item: Delta | BaseException) -> None:
@@ -232,136 +247,35 @@ class GenerationEngine:
                 req.cancel.set()
 
         req.sink = sink
-        self._submit(req)
+        self._scheduler.submit(req)
+        # One timer per request (not a timeout per awaited delta): it drops a marker into the queue.
+        timer = None
+        if req.deadline is not None:
+            delay = max(0.0, req.deadline - time.monotonic()) + _CALLER_GRACE_S
+            timer = loop.call_later(delay, items.put_nowait, _TIMED_OUT)
         try:
             while True:
                 item = await items.get()
                 # A consumer slower than the engine gets what has piled up as one delta (fewer messages
                 # downstream under load; one token at a time when it keeps up).
                 while isinstance(item, Delta) and item.finish_reason is None and not items.empty():
-                    item = join_deltas(item, items.get_nowait())
+                    nxt = items.get_nowait()
+                    item = timeout_error() if nxt is _TIMED_OUT else join_deltas(item, nxt)
+                if item is _TIMED_OUT:
+                    raise timeout_error()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
+            if timer is not None:
+                timer.cancel()
             req.cancel.set()  # no-op when finished; frees the slot when the consumer left early
 
     def close(self) -> None:
         """Stop the engine thread; requests still waiting or running fail."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify_all()
-        self._thread.join(timeout=30)
-
-    # 4. the engine thread -------------------------------------------------------------------------------
-    def _notify(self) -> None:
-        with self._wake:
-            self._wake.notify()
-
-    def _submit(self, req: _Request) -> None:
-        with self._wake:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            self._waiting.append(req)
-            self._wake.notify()
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not (self._closed or self._waiting or len(self._batch) or self._adapters.pending):
-                    self._wake.wait()
-                if self._closed:
-                    break
-                new = self._admissible()
-            new = [r for r in new if not r.cancel.is_set()]
-            try:
-                with self._model_lock:
-                    self._adapters.purge_locked()
-                    if new:
-                        self._admit(new)
-                    if len(self._batch):
-                        self._step()
-            except Exception as exc:  # fail the requests in flight, never the engine
-                logger.exception("generation step failed")
-                for r in [*(row.state for row in self._batch.rows), *new]:
-                    if not r.done:
-                        r.done = True
-                        r.sink(exc)
-                self._batch = RunningBatch(self._model, self._batch.pad_id)
-        err = RuntimeError("the engine was closed")
-        for r in [*self._waiting, *(row.state for row in self._batch.rows)]:
-            r.sink(err)
-
-    def _admissible(self) -> list[_Request]:
-        """The waiting requests to prefill now (the caller holds ``_wake``); see the module doc."""
-        room = min(self.max_batch_size - len(self._batch), len(self._waiting))
-        if room <= 0:
-            return []
-        if (
-            len(self._batch)
-            and room < self.admit_min_rows
-            and time.monotonic() - self._waiting[0].arrived < self.admit_max_wait_s
-        ):
-            return []
-        return [self._waiting.popleft() for _ in range(room)]
-
-    def _admit(self, reqs: list[_Request]) -> None:
-        rows = []
-        for r in reqs:
-            if not self._adapters.is_loaded(r.adapter):
-                r.done = True
-                r.sink(AdapterLoadError(f"adapter {r.adapter!r} is not loaded"))
-                continue
-            p = r.params
-            gen = None
-            if p.temperature > 0:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(7), "big"))
-            r.detok, r.stops = IncrementalDetokenizer(self.tokenizer), StopFilter(p.stop)
-            rows.append(Row(r.prompt_ids, r.adapter, p.temperature, p.top_p, p.top_k, gen, state=r))
-        if not rows:
-            return
-        tokens = sample_all(self._batch.add(rows), rows)
-        keep = [True] * (len(self._batch) - len(rows)) + [
-            self._emit(row, t) for row, t in zip(rows, tokens, strict=True)
-        ]
-        self._batch.keep(keep)
-
-    def _step(self) -> None:
-        alive = [not row.state.cancel.is_set() for row in self._batch.rows]
-        self._batch.keep(alive)  # clients that left free their slot before the forward pass
-        if not len(self._batch):
-            return
-        rows = self._batch.rows
-        tokens = sample_all(self._batch.decode(), rows)
-        self._batch.keep([self._emit(row, t) for row, t in zip(rows, tokens, strict=True)])
-
-    def _emit(self, row: Row, token: int) -> bool:
-        """Record one token for ``row``, send what text it completes; False when the row is finished."""
-        r: _Request = row.state
-        row.tokens.append(token)
-        n, p = len(row.tokens), r.params
-        reason: FinishReason | None = None
-        if token in self._eos_ids:
-            reason = "stop"
-        else:
-            out = r.stops.push(r.detok.push(token))
-            if out:  # counts so far travel with every delta (usage for a stream cut short downstream)
-                r.sink(Delta(text=out, prompt_tokens=len(r.prompt_ids), completion_tokens=n))
-            if r.stops.hit:
-                reason = "stop"
-            elif n >= p.max_tokens:
-                reason = "length"
-        if reason is None and not r.cancel.is_set():
-            return True
-        tail = r.stops.flush()
-        if tail:
-            r.sink(Delta(text=tail))
-        r.done = True
-        r.sink(Delta(finish_reason=reason or "stop", prompt_tokens=len(r.prompt_ids), completion_tokens=n))
-        return False
+        self._scheduler.close()
 
     def _eos_token_ids(self, model: Any) -> list[int]:
         ids: set[int] = set()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from jinja2 import TemplateError
+
 from aigc.data.templates import encode_chat
 from aigc.errors import InvalidRequestError
 
@@ -43,8 +45,11 @@ class PromptEncoder:
         """Token ids for ``prompt``.
 
         Raises:
-            InvalidRequestError: the text contains something this tokenizer cannot encode as plain text.
+            InvalidRequestError: the text contains something this tokenizer cannot encode as plain text (a
+                lone surrogate, which JSON can carry as ``"\\ud800"`` but no tokenizer takes), or the chat
+                template rejects the conversation (``raise_exception`` in a hub template).
         """
+        _check_unicode(prompt)
         if isinstance(prompt, str):
             ids = list(self._as_text(prompt, add_special_tokens=True)["input_ids"])
             marker = next((self._markers[i] for i in ids if i in self._markers), None)
@@ -56,7 +61,30 @@ class PromptEncoder:
             return ids
         try:
             return encode_chat(self.tokenizer, prompt)
+        except TemplateError as exc:  # the model's own template refused the conversation (role order...)
+            raise InvalidRequestError(
+                f"this model's chat template rejected the messages: {str(exc)[:200]}",
+                param="messages",
+                code="invalid_messages",
+            ) from None
         except ValueError as exc:  # transformers: "Can't sanitize ...: the tokenizer produces it from plain text"
             raise InvalidRequestError(
                 "the messages contain a control token this model cannot read as plain text", param="messages"
             ) from exc
+
+
+def _check_unicode(prompt: str | list[dict[str, str]]) -> None:
+    """Refuse text that is not valid Unicode (lone surrogates): the tokenizer would fail with a TypeError."""
+    if isinstance(prompt, str):
+        texts = [("prompt", prompt)]
+    else:
+        texts = [(f"messages.{i}.{k}", v) for i, m in enumerate(prompt) for k, v in m.items() if isinstance(v, str)]
+    for param, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"{param} is not valid Unicode text: it holds a lone surrogate (\\u{ord(text[exc.start]):04x}) at "
+                f"character {exc.start}",
+                param=param,
+            ) from None

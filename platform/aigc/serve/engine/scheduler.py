@@ -1,0 +1,259 @@
+"""The engine thread: admits waiting requests, runs decoding steps, samples and emits one token per row.
+
+It owns the running batch and the queue of waiting requests; :class:`~aigc.serve.engine.core.GenerationEngine`
+is the public face that prepares requests and waits for their deltas. How faults stay where they start is
+described in :mod:`aigc.serve.engine.core`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from aigc.errors import AdapterLoadError, ServiceUnavailableError
+from aigc.serve.engine.adapters import AdapterSet
+from aigc.serve.engine.batch import Row, RunningBatch
+from aigc.serve.engine.health import Liveness
+from aigc.serve.engine.requests import Request, timeout_error
+from aigc.serve.engine.sampling import is_greedy, next_tokens
+from aigc.serve.engine.text import IncrementalDetokenizer, StopFilter
+from aigc.serve.engine.types import Delta, FinishReason
+
+__all__ = ["Scheduler"]
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """The thread that runs the model for every request.
+
+    Args:
+        model: the peft model (every row's forward pass goes through it).
+        model_lock: held for each step, adapter load or delete.
+        adapters: the engine's adapters (pending deletes run between steps).
+        tokenizer: detokenizes each row's tokens.
+        eos_ids: token ids that end a row.
+        max_batch_size, admit_min_rows, admit_max_wait_s, stall_timeout_s: as for the engine.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        model_lock: threading.Lock,
+        adapters: AdapterSet,
+        tokenizer: Any,
+        eos_ids: set[int],
+        *,
+        max_batch_size: int,
+        admit_min_rows: int,
+        admit_max_wait_s: float,
+        stall_timeout_s: float,
+    ):
+        self._model_lock, self._adapters, self._tokenizer, self._eos_ids = model_lock, adapters, tokenizer, eos_ids
+        self._device = model.device
+        self.max_batch_size, self.admit_min_rows = max_batch_size, admit_min_rows
+        self.admit_max_wait_s = admit_max_wait_s
+        self.batch = RunningBatch(model, pad_id=int(tokenizer.pad_token_id or 0))
+        self.waiting: deque[Request] = deque()
+        self.liveness = Liveness(stall_timeout_s)
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="aigc-engine", daemon=True)
+        self._thread.start()
+
+    def health(self) -> str | None:
+        """Why this thread cannot serve (dead, stalled, failing passes, a broken model), or None."""
+        if self._adapters.broken:
+            self.liveness.mark_fatal(self._adapters.broken)
+        busy = bool(self.waiting) or len(self.batch) > 0
+        return self.liveness.problem(busy=busy, thread_alive=self._thread.is_alive() or self._closed)
+
+    def close(self) -> None:
+        """Stop the thread; requests still waiting or running fail."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        self._thread.join(timeout=30)
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def submit(self, req: Request) -> None:
+        problem = self.health()
+        if problem is not None:  # a new request would hang or fail: let the caller try another replica
+            raise ServiceUnavailableError(
+                "this replica cannot generate right now and is being replaced; retry the request",
+                code="replica_unhealthy",
+            )
+        with self._wake:
+            if self._closed:
+                raise ServiceUnavailableError("the engine is shutting down; retry the request", code="shutting_down")
+            if not self.waiting and not len(self.batch):
+                self.liveness.idle()  # work arrives at an idle engine: the stall clock starts now
+            self.waiting.append(req)
+            self._wake.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._closed or self.waiting or len(self.batch) or self._adapters.pending):
+                    self.liveness.idle()
+                    self._wake.wait()
+                if self._closed:
+                    break
+                self._drop_expired_waiting()
+                new = self._admissible()
+            new = [r for r in new if not r.cancel.is_set()]
+            with self._model_lock:
+                self._adapters.purge_locked()  # none of these three raises: faults end requests, not the loop
+                if new:
+                    self._admit(new)
+                if len(self.batch):
+                    self._step()
+        err = ServiceUnavailableError("the engine was closed; retry the request", code="shutting_down")
+        for r in [*self.waiting, *(row.state for row in self.batch.rows)]:
+            r.finish(err)
+
+    def _drop_expired_waiting(self) -> None:
+        """End waiting requests past their deadline (the caller holds ``_wake``)."""
+        now = time.monotonic()
+        if any(r.expired(now) for r in self.waiting):
+            for r in [r for r in self.waiting if r.expired(now)]:
+                self.waiting.remove(r)
+                r.finish(timeout_error())
+
+    def _admissible(self) -> list[Request]:
+        """The waiting requests to prefill now (the caller holds ``_wake``); see the module doc."""
+        room = min(self.max_batch_size - len(self.batch), len(self.waiting))
+        if room <= 0:
+            return []
+        if (
+            len(self.batch)
+            and room < self.admit_min_rows
+            and time.monotonic() - self.waiting[0].arrived < self.admit_max_wait_s
+        ):
+            return []
+        return [self.waiting.popleft() for _ in range(room)]
+
+    def _admit(self, reqs: list[Request]) -> None:
+        rows = []
+        for r in reqs:
+            if not self._adapters.is_loaded(r.adapter):
+                r.finish(AdapterLoadError(f"adapter {r.adapter!r} is not loaded"))
+                continue
+            p = r.params
+            gen = None
+            if not is_greedy(p):
+                gen = torch.Generator(device=self._device)
+                gen.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(7), "big"))
+            r.detok, r.stops = IncrementalDetokenizer(self._tokenizer), StopFilter(p.stop)
+            rows.append(Row(r.prompt_ids, r.adapter, p.temperature, p.top_p, p.top_k, gen, state=r))
+        if rows:
+            self._prefill(rows)
+
+    def _prefill(self, rows: list[Row], retry: bool = False) -> None:
+        """Prefill ``rows`` and join them to the batch; on failure, find the row at fault by trying each alone.
+
+        Args:
+            retry: this is one row of a failed group, tried alone (its failure is not counted again).
+        """
+        self.liveness.begin()
+        try:
+            new = self.batch.prefill(rows)
+        except Exception as exc:
+            self.liveness.failed(exc, count=not retry)
+            if len(rows) > 1:  # costs one pass per row, only after a failure
+                for row in rows:
+                    self._prefill([row], retry=True)
+                return
+            logger.error("prefill failed for one request (adapter %s)", rows[0].adapter, exc_info=exc)
+            rows[0].state.finish(exc)
+            return
+        self.liveness.passed()
+        before = len(self.batch)
+        try:
+            self.batch.join(new)
+        except Exception as exc:  # merging caches failed: the running batch's cache is no longer trustworthy
+            self._fail_batch(exc, [*self.batch.rows, *rows])
+            return
+        self._emit_all(rows, new.logits, leading=before)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for row in self.batch.rows:
+            if row.state.expired(now):
+                row.state.finish(timeout_error())
+        # Clients that left and requests past their deadline free their slot before the forward pass.
+        self.batch.keep([not (row.state.cancel.is_set() or row.state.done) for row in self.batch.rows])
+        if not len(self.batch):
+            return
+        rows = self.batch.rows
+        self.liveness.begin()
+        try:
+            logits = self.batch.decode()
+        except Exception as exc:
+            self._fail_batch(exc, rows)
+            return
+        self.liveness.passed()
+        self._emit_all(rows, logits)
+
+    def _fail_batch(self, exc: Exception, rows: list[Row]) -> None:
+        """A pass shared by ``rows`` failed: end them all (retryable), drop the batch, count the failure."""
+        logger.error("a forward pass shared by %d requests failed", len(rows), exc_info=exc)
+        self.liveness.failed(exc)
+        err = ServiceUnavailableError(
+            "generation failed on this replica for every request in its batch; retry the request",
+            code="batch_failed",
+        )
+        for row in rows:
+            row.state.finish(err)
+        self.batch.clear()
+
+    def _emit_all(self, rows: list[Row], logits: torch.Tensor, leading: int = 0) -> None:
+        """Sample and emit one token per row; a row whose token or text fails ends alone.
+
+        Args:
+            leading: live rows before ``rows`` in the batch (kept as they are: rows that just joined).
+        """
+        keep = [True] * leading
+        for row, token in zip(rows, next_tokens(logits, rows), strict=True):
+            try:
+                if isinstance(token, BaseException):
+                    raise token
+                keep.append(self._emit(row, token))
+            except Exception as exc:
+                logger.error("one request failed while decoding (adapter %s)", row.adapter, exc_info=exc)
+                row.state.finish(exc)
+                keep.append(False)
+        self.batch.keep(keep)
+
+    def _emit(self, row: Row, token: int) -> bool:
+        """Record one token for ``row``, send what text it completes; False when the row is finished."""
+        r: Request = row.state
+        row.tokens.append(token)
+        n, p = len(row.tokens), r.params
+        reason: FinishReason | None = None
+        if token in self._eos_ids:
+            reason = "stop"
+        else:
+            out = r.stops.push(r.detok.push(token))
+            if out:  # counts so far travel with every delta (usage for a stream cut short downstream)
+                r.sink(Delta(text=out, prompt_tokens=len(r.prompt_ids), completion_tokens=n))
+            if r.stops.hit:
+                reason = "stop"
+            elif n >= p.max_tokens:
+                reason = "length"
+        if reason is None and not r.cancel.is_set():
+            return True
+        tail = r.stops.flush()
+        if tail:
+            r.sink(Delta(text=tail))
+        r.finish(Delta(finish_reason=reason or "stop", prompt_tokens=len(r.prompt_ids), completion_tokens=n))
+        return False
