@@ -1,6 +1,8 @@
 """Loading base models and tokenizers, and wiring LoRA onto them.
 
-Hub ids and local directories go through the same code; nothing here downloads unless a hub id is given.
+Hub ids and local directories go through the same code. A config resolved on the driver
+(:func:`aigc.models.hub.resolve_model`) hands these functions its snapshot (``model.load_path()``), which
+:func:`~aigc.models.hub.local_model_dir` makes local on this node; nothing here downloads unless given a hub id.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ from typing import Any
 
 import torch
 
-from aigc.data.templates import ensure_chat_template
+from aigc.models.chat_template import ensure_chat_template
+from aigc.models.hub import hub_id_of, local_model_dir
 
 __all__ = ["load_tokenizer", "load_base_model", "resolve_dtype", "apply_lora", "model_id_for", "context_length"]
 
 
 def model_id_for(name_or_path: str) -> str:
-    """The id clients see for a base model: the hub id, or a local directory's name."""
+    """The id clients see for a base model: the hub id (also for its resolved snapshot), or a directory's name."""
+    hub_id = hub_id_of(name_or_path)
+    if hub_id is not None:
+        return hub_id
     if os.path.isdir(name_or_path):
         return os.path.basename(os.path.normpath(name_or_path))
     return name_or_path
@@ -35,7 +41,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """Tokenizer with a chat template and a pad token (eos when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    path = local_model_dir(name_or_path, weights=False)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return ensure_chat_template(tok)
@@ -48,8 +55,9 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
-    )
+        local_model_dir(name_or_path, weights=True), dtype=resolve_dtype(dtype, device),
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
     return model.to(device).eval()
 
 
@@ -94,7 +102,7 @@ def context_length(name_or_path: str) -> int | None:
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        cfg = AutoConfig.from_pretrained(local_model_dir(name_or_path, weights=False), local_files_only=True)
     except (OSError, ValueError):
         return None
     return getattr(cfg, "max_position_embeddings", None)

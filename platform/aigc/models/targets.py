@@ -54,19 +54,24 @@ def raise_for_missing(model: torch.nn.Module, lora_cfg: Any, model_name: str) ->
 def check_target_modules(model_cfg: Any, lora_cfg: Any) -> bool:
     """Check ``lora`` against the model's architecture, built from its config alone (no weights, no download).
 
-    Reads a local directory's ``config.json``, or a hub id's when it is already in the local cache; a model
-    whose config is not at hand is checked on the workers instead (same error). Returns whether it checked.
+    Reads the ``config.json`` of the resolved snapshot (``model.load_path()``; or of a hub id already in the local
+    cache when unresolved); a model whose config is not at hand is checked on the workers instead (same error).
+    Returns whether it checked.
 
     Raises:
         ConfigError: a target module or module to save that the model does not have.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from aigc.models.hub import local_model_dir
+
     if lora_cfg.target_modules == "all-linear" and not lora_cfg.modules_to_save:
         return False
     try:
         config = AutoConfig.from_pretrained(
-            model_cfg.name_or_path, local_files_only=True, trust_remote_code=model_cfg.trust_remote_code
+            local_model_dir(model_cfg.load_path(), weights=False),
+            local_files_only=True,
+            trust_remote_code=model_cfg.trust_remote_code,
         )
     except (OSError, ValueError):
         return False
