@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from aigc.cli import main
-from aigc.config_schema import LoraConfig, ModelConfig, TrainConfig
+from aigc.config.schema import LoraConfig, ModelConfig, TrainConfig
 from aigc.errors import RegistryError
-from aigc.export import export_model
 from aigc.models.loading import load_tokenizer
 from aigc.registry import Registry
-from aigc.train import model_setup
+from aigc.registry.export import export_model
+from aigc.train import model_setup, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-base")
@@ -37,7 +37,7 @@ def registry(tmp_path_factory) -> str:
             if "lora_B" in name:  # a fresh adapter is a no-op (B = 0); give it weights that change the answers
                 torch.nn.init.normal_(p, std=0.5)
         adapter = tmp / f"adapter-{seed}"
-        model_setup.save_weights(model, wc, str(adapter), rank=0)
+        weights.save_weights(model, wc, str(adapter), rank=0)
         load_tokenizer(TINY).save_pretrained(adapter)
         reg.register("bot", str(adapter), base_model=TINY, metrics={"eval_loss": 1.2345 * seed},
                      data_hash="0123456789abcdef")  # fmt: skip

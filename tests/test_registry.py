@@ -67,7 +67,7 @@ def test_bad_ids_are_registry_errors_that_leak_nothing(tmp_path, model_id, messa
 def test_torn_meta_json_is_skipped_not_fatal(tmp_path):
     reg = Registry(str(tmp_path / "registry"))
     reg.register("bot", _adapter(tmp_path / "a1"), base_model="base")
-    reg.register("bot", _adapter(tmp_path / "a2"), base_model="base")
+    reg.register("bot", _adapter(tmp_path / "a2", "b"), base_model="base")
     (tmp_path / "registry" / "bot" / "v2" / "meta.json").write_text('{"name": "bot", "vers')
     assert [e.model_id for e in reg.list()] == ["bot:v1"]
     with pytest.raises(RegistryError, match="unreadable meta.json"):

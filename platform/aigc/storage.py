@@ -2,7 +2,9 @@
 
 Data inputs, ``output_dir`` (shards, stats, plots, exported models), Ray Train/Tune storage and the registry
 all go through these functions, so a URI behaves like a local directory. Writes are whole or nothing (a
-temporary file renamed into place locally; one PUT on object stores). An S3-compatible endpoint is taken
+temporary file, flushed with ``fsync``, renamed into place locally, and the directory synced so the rename
+survives a power loss; one PUT on object stores), and a failed write (a full disk) leaves its temporary file
+removed and the previous content readable. An S3-compatible endpoint is taken
 from the standard ``AWS_ENDPOINT_URL`` (with the usual ``AWS_*`` credentials), as boto3 does.
 """
 
@@ -136,10 +138,43 @@ def write_bytes(path: str, data: bytes) -> None:
             f.write(data)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    """``data`` in a new temporary file beside ``path``, flushed to disk; removed again if writing fails (a full
+    disk leaves no partial temporary file behind)."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename or a new name in directory ``path`` survive a power loss (no-op where unsupported)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text(path: str, text: str) -> None:
@@ -153,7 +188,8 @@ def write_json(path: str, obj: Any, indent: int = 2) -> None:
 def create_exclusive(path: str, data: bytes) -> bool:
     """Create ``path`` with ``data`` only if it does not exist: True if this call created it, False if it existed.
 
-    Atomic across processes and machines: local files through ``O_CREAT | O_EXCL``; ``s3://`` through a
+    Atomic across processes and machines, and a reader never sees the file half-written: local files are
+    written aside and hard-linked in (``O_CREAT | O_EXCL`` where links are unsupported); ``s3://`` through a
     conditional PUT (``If-None-Match: *``, boto3); ``gs://`` through a generation-match precondition
     (google-cloud-storage). The registry claims versions with it.
 
@@ -161,13 +197,19 @@ def create_exclusive(path: str, data: bytes) -> bool:
         StorageError: the scheme has no atomic create here, or the client library is missing.
     """
     if not is_uri(path):
+        # The content is written first and then linked in under the final name (link fails if the name
+        # exists): a reader never sees the file empty or half-written, unlike O_EXCL followed by a write.
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = _write_temp(path, data)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        except OSError:  # a filesystem without hard links: create-if-absent, then write
+            return _create_exclusive_unlinked(path, data)
+        finally:
+            _remove_quietly(tmp)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
         return True
     scheme, rest = path.split("://", 1)
     bucket, _, key = rest.partition("/")
@@ -178,12 +220,26 @@ def create_exclusive(path: str, data: bytes) -> bool:
     raise StorageError(f"{path}: no atomic create-if-absent for {scheme}:// (use a local path, s3:// or gs://)")
 
 
+def _create_exclusive_unlinked(path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
 def _s3_create_exclusive(bucket: str, key: str, data: bytes, path: str) -> bool:
     try:
         import boto3
         from botocore.exceptions import ClientError
     except ImportError as exc:
-        raise StorageError(f"{path}: claiming a file on s3:// needs boto3 (pip install boto3)") from exc
+        raise StorageError(
+            f"{path}: claiming a file on s3:// needs boto3: the [s3] extra (pip install -e '.[s3]' in the checkout)"
+        ) from exc
     client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
     try:
         client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
@@ -199,7 +255,10 @@ def _gcs_create_exclusive(bucket: str, key: str, data: bytes, path: str) -> bool
         from google.api_core.exceptions import PreconditionFailed
         from google.cloud import storage as gcs
     except ImportError as exc:
-        raise StorageError(f"{path}: claiming a file on gs:// needs google-cloud-storage") from exc
+        raise StorageError(
+            f"{path}: claiming a file on gs:// needs google-cloud-storage: the [gcs] extra "
+            "(pip install -e '.[gcs]' in the checkout)"
+        ) from exc
     try:
         gcs.Client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
     except PreconditionFailed:

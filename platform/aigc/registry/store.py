@@ -1,11 +1,11 @@
-"""Model registry: name -> versions -> {weights dir, kind, base model, metrics, config, data hash}.
+"""Model registry: name -> versions -> {weights dir, kind, base model and its commit, metrics, config, data hash}.
 
 Layout under ``registry_dir`` (a local directory or an ``s3://`` / ``gs://`` URI, through :mod:`aigc.storage`)::
 
     <name>/v<N>/.claim          created exclusively: whoever creates it owns version N
     <name>/v<N>/adapter/        a plain PEFT directory (kind "lora") or a whole model directory (kind "full")
-    <name>/v<N>/meta.json       base model, metrics, config, data hash, created_at; written whole, and last
-    <name>/aliases/<alias>.json movable names for a version (:mod:`aigc.aliases`)
+    <name>/v<N>/meta.json       base model (+ hub commit), metrics, config, data hash, created_at; written last
+    <name>/aliases/<alias>.json movable names for a version (:mod:`aigc.registry.aliases`)
 
 A version is published when its ``meta.json`` exists: readers never see a half-copied directory, and two
 concurrent registrations of one name get two different versions. Names and model ids are validated on every
@@ -17,6 +17,7 @@ the bare ``name`` is its default alias when one was promoted, else the latest ve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from aigc import storage
-from aigc.aliases import DEFAULT_ALIAS, LATEST, Alias, AliasStore, check_alias, shown_alias
 from aigc.errors import RegistryError, StorageError
+from aigc.registry.aliases import DEFAULT_ALIAS, LATEST, Alias, AliasStore, check_alias, shown_alias
 
-__all__ = ["AdapterVersion", "Alias", "Registry", "RegistryError", "model_kind"]
+__all__ = ["AdapterVersion", "Alias", "Registry", "RegistryError", "content_hash", "model_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,20 @@ def model_kind(path: str) -> Kind:
     )
 
 
+def content_hash(path: str) -> str:
+    """sha256 over every file under ``path``: its relative name and its bytes, in name order (local or URI)."""
+    fs, root = storage.filesystem(path)
+    digest = hashlib.sha256()
+    for f in storage.list_files(path):
+        inner = f.split("://", 1)[-1]  # the path inside ``fs``
+        digest.update(inner[len(root) :].lstrip("/").encode() + b"\0")
+        with fs.open_input_stream(inner) as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 @dataclass
 class AdapterVersion:
     """One published version. ``adapter_uri`` holds the weights (a LoRA adapter or, for ``full``, a model)."""
@@ -87,6 +102,8 @@ class AdapterVersion:
     config: dict[str, Any] = field(default_factory=dict)
     data_hash: str | None = None
     created_at: float = 0.0
+    base_model_commit: str | None = None  # the hub commit trained on; None for a local directory
+    content_hash: str | None = None  # sha256 of the weights directory (file names and bytes); see register()
 
     @property
     def model_id(self) -> str:
@@ -119,14 +136,27 @@ class Registry:
         metrics: dict[str, float] | None = None,
         config: dict[str, Any] | None = None,
         data_hash: str | None = None,
+        base_model_commit: str | None = None,
     ) -> AdapterVersion:
         """Copy ``src_dir`` (a PEFT adapter or a whole model directory) in as the next version of ``name``.
+
+        Idempotent: when a version of ``name`` already holds the same files (:func:`content_hash`) for the same
+        base model, that version is returned and nothing is written, so a run re-registering its result after
+        a kill (between registering and recording it) creates no duplicate.
+
+        ``base_model`` is the hub id or directory trained on, ``base_model_commit`` its hub commit (if any).
 
         Raises:
             RegistryError: invalid name, or ``src_dir`` holds neither an adapter nor a model.
         """
         _check_name(name)
         kind = model_kind(src_dir)
+        digest = content_hash(src_dir)
+        for v in reversed(self.versions(name)):  # the same weights again (a re-run after a kill): no new version
+            existing = self._read(name, v)
+            if existing is not None and existing.content_hash == digest and existing.base_model == base_model:
+                logger.info("%s holds these weights already; not registered again", existing.model_id)
+                return existing
         version = self._claim(name)
         vdir = self._path(name, f"v{version}")
         storage.copy_dir(src_dir, storage.join(vdir, "adapter"))
@@ -140,6 +170,8 @@ class Registry:
             config=dict(config or {}),
             data_hash=data_hash,
             created_at=time.time(),
+            base_model_commit=base_model_commit,
+            content_hash=digest,
         )
         storage.write_text(storage.join(vdir, "meta.json"), json.dumps(asdict(entry), indent=2, default=str))
         return entry
@@ -197,8 +229,10 @@ class Registry:
             ValueError,
             TypeError,
             StorageError,
-            OSError,
-        ) as exc:  # torn or foreign file: skip, never fail a listing
+            FileNotFoundError,
+            IsADirectoryError,
+            PermissionError,
+        ) as exc:  # torn or foreign file: skip, never fail a listing (an unreachable store raises: see resolver)
             logger.warning("skipping %s:v%d: unreadable meta.json (%s)", name, version, exc)
             return None
 
@@ -279,14 +313,19 @@ class Registry:
         names = [_check_name(name)] if name is not None else self.names()
         return [a for n in names for a in self._aliases.all(n)]
 
-    def list(self) -> list[AdapterVersion]:
-        """Every published version of every name (unreadable entries skipped), ascending."""
+    def list(self, known: dict[str, AdapterVersion] | None = None) -> list[AdapterVersion]:
+        """Every published version of every name (unreadable entries skipped), ascending.
+
+        Args:
+            known: versions read before, by model id (``name:vN``); a published version never changes, so
+                these are reused instead of read again (a refresh then costs one read per new version).
+        """
         out = []
         for name in storage.list_dirs(self.root):
             if not _NAME.match(name):
                 continue
             for v in self.versions(name):
-                entry = self._read(name, v)
+                entry = (known or {}).get(f"{name}:v{v}") or self._read(name, v)
                 if entry is not None:
                     out.append(entry)
         return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aigc import storage
 from aigc.errors import RegistryError
-from aigc.registry import AdapterVersion, Registry
+from aigc.registry.store import AdapterVersion, Registry
 
 __all__ = ["Exported", "export_model", "resolve_entry"]
 
@@ -65,18 +65,25 @@ def _write_merged(entry: AdapterVersion, adapter_dir: str, out_dir: str) -> None
     from peft import PeftModel
     from transformers import AutoConfig
 
+    from aigc.config import ModelConfig
+    from aigc.models.hub import is_hub_id, local_model_dir, resolve_model
     from aigc.models.loading import load_base_model, load_tokenizer
 
     trust = bool(entry.config.get("model", {}).get("trust_remote_code", False))
-    dtype = getattr(AutoConfig.from_pretrained(entry.base_model, trust_remote_code=trust), "dtype", None)
+    # a hub base model at the commit the adapter was trained on, when the registry recorded one
+    revision = entry.base_model_commit if is_hub_id(entry.base_model) else None
+    resolved = resolve_model(ModelConfig(name_or_path=entry.base_model, revision=revision, trust_remote_code=trust),
+                             weights=True)  # fmt: skip
+    base_dir = local_model_dir(resolved.load_path(), weights=True)
+    dtype = getattr(AutoConfig.from_pretrained(base_dir, trust_remote_code=trust), "dtype", None)
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    base = load_base_model(entry.base_model, "float32", "cpu", trust)
+    base = load_base_model(base_dir, "float32", "cpu", trust)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     if isinstance(dtype, torch.dtype) and dtype != torch.float32:
         merged = merged.to(dtype)
     # the adapter directory holds the tokenizer (and chat template) the model was trained with
     tok = load_tokenizer(adapter_dir if storage.is_file(storage.join(adapter_dir, "tokenizer_config.json"))
-                         else entry.base_model, trust)  # fmt: skip
+                         else base_dir, trust)  # fmt: skip
     storage.remove_tree(out_dir)
     with storage.local_staging(out_dir) as local:
         merged.save_pretrained(local)
