@@ -18,51 +18,72 @@ for p in (_TESTS, _TESTS.parent):
         sys.path.insert(0, str(p))
 
 
+class S3Server:
+    """A local S3-compatible server (moto) on 127.0.0.1; calling it creates a bucket and returns ``s3://bucket/prefix``.
+
+    ``stop()`` and ``start()`` make a real outage: clients get connection errors while it is down. moto keeps
+    its data in memory, so a restarted server is empty: a test that needs the data back writes it again.
+    """
+
+    def __init__(self, port: int):
+        self.port, self.endpoint = port, f"http://127.0.0.1:{port}"
+        self._proc: subprocess.Popen | None = None
+        self._counter = iter(range(10**6))
+
+    def start(self) -> None:
+        exe = Path(sys.executable).parent / "moto_server"
+        self._proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2).close()
+                return
+            except OSError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self._proc.kill()
+                    raise RuntimeError(f"moto_server did not start on {self.endpoint}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._proc = None
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+    def __call__(self, prefix: str = "run") -> str:
+        name = f"aigc-test-{next(self._counter)}"
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}/{prefix}"
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A local S3-compatible server (moto) on 127.0.0.1 for the whole session; yields a bucket factory.
+    """A local S3-compatible server (moto) on 127.0.0.1 for the whole session (:class:`S3Server`).
 
     It starts before the Ray cluster (``ray_cluster`` depends on it) and sets the standard AWS variables in
     this process's environment, so every Ray worker started afterwards reaches the same endpoint.
     """
     from helpers import free_port
 
-    port = free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    endpoint = f"http://127.0.0.1:{port}"
+    server = S3Server(free_port())
     saved = {k: os.environ.get(k) for k in _AWS_ENV}
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+    os.environ.update({"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-            time.sleep(0.2)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint)
-    counter = iter(range(10**6))
-
-    def new_bucket(prefix: str = "run") -> str:
-        name = f"aigc-test-{next(counter)}"
-        client.create_bucket(Bucket=name)
-        return f"s3://{name}/{prefix}"
-
+    server.start()
     try:
-        yield new_bucket
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

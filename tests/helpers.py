@@ -20,7 +20,7 @@ import torch
 
 from aigc.demo.tiny_base import SPECIAL_TOKENS
 
-__all__ = ["SPECIAL_TOKENS", "free_port", "make_tiny_adapter", "make_tiny_model"]
+__all__ = ["SPECIAL_TOKENS", "free_port", "make_faulty_model", "make_tiny_adapter", "make_tiny_model"]
 
 
 _CORPUS = [
@@ -140,3 +140,45 @@ def prepare_demo_data(tmp: Path, rows: int, seed: int, *extra: str) -> tuple[obj
     cfg = load_config(root / "configs" / "demo.yaml", overrides)
     preprocess(cfg.data, cfg.model, cfg.output_dir)
     return cfg, overrides
+
+
+_FAULTY_MODELING = '''"""A Llama whose forward acts like a slow or hung device (loaded with trust_remote_code)."""
+
+import time
+
+from transformers import LlamaForCausalLM
+
+DELAY_S = {delay_s!r}  # every forward pass takes at least this long: a slow device
+WEDGE = {wedge!r}  # a prompt holding these token ids hangs its prefill forever: a hung device
+
+
+class FaultyLlamaForCausalLM(LlamaForCausalLM):
+    def forward(self, input_ids=None, **kwargs):
+        if input_ids is not None and input_ids.shape[1] >= len(WEDGE):
+            rows = input_ids.tolist()
+            if any(row[i : i + len(WEDGE)] == WEDGE for row in rows for i in range(len(row))):
+                while True:
+                    time.sleep(1)
+        time.sleep(DELAY_S)
+        return super().forward(input_ids=input_ids, **kwargs)
+'''
+
+
+def make_faulty_model(out_dir: str | os.PathLike, delay_s: float = 0.01, wedge_text: str = " WEDGE WEDGE") -> str:
+    """:func:`make_tiny_model` whose forward sleeps ``delay_s`` per pass and hangs on a prompt with ``wedge_text``.
+
+    The behaviour lives in the model's own code (``auto_map`` + ``modeling_faulty.py``, as hub models ship
+    custom code), so it runs inside a Serve replica unchanged; serve it with ``model.trust_remote_code: true``.
+    Decoding passes (one token per row) never hang: only a prefill holding the wedge's token ids does.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    path = Path(make_tiny_model(out_dir))
+    wedge = AutoTokenizer.from_pretrained(path).encode(wedge_text, add_special_tokens=False)
+    (path / "modeling_faulty.py").write_text(_FAULTY_MODELING.format(delay_s=delay_s, wedge=wedge))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_faulty.FaultyLlamaForCausalLM"}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return str(path)

@@ -1,10 +1,10 @@
-"""README's "On a real cluster", against a real two-node cluster on this machine (`make test-cluster`).
+"""docs/cluster.md's commands, against a real two-node cluster on this machine (`make test-cluster`).
 
 The module fixture ``two_node_cluster`` (tests/cluster.py) starts a `ray start` head and a second node with
 token auth on. Against it: every ``jobs/*.py`` submitted with ``ray job submit`` reaches SUCCEEDED; a 2-worker
 training run puts a worker on each node (Ray's state API) with its checkpoints on storage both nodes see (a
 directory standing in for s3://); the Serve app runs a replica on each node behind the head's proxy; then the
-README's commands: ``aigc submit``, ``aigc jobs list|logs|stop``, ``serve deploy``, ``aigc promote`` and
+The documented commands: ``aigc submit``, ``aigc jobs list|logs|stop``, ``serve deploy``, ``aigc promote`` and
 ``aigc rollback`` while a client keeps sending requests; last, ``aigc submit pipeline`` from data to a promoted,
 served adapter.
 
@@ -155,6 +155,67 @@ def test_serve_job_deploys_a_replica_on_each_node_behind_the_head_proxy(two_node
         _serve_shutdown(c)
 
 
+def _running_generators(cluster: Cluster) -> int:
+    """Generator replicas Serve reports RUNNING (``serve status``: started and passing health checks)."""
+    proc = subprocess.run([SERVE, "status", "-a", cluster.address], capture_output=True, text=True, timeout=60,
+                          env=cluster.env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    apps = (yaml.safe_load(proc.stdout) or {}).get("applications") or {}
+    deployment = ((apps.get("aigc") or {}).get("deployments") or {}).get("Generator") or {}
+    return int((deployment.get("replica_states") or {}).get("RUNNING", 0))
+
+
+def _wait_replicas(cluster: Cluster, want: int, timeout_s: float) -> float:
+    """Seconds until exactly ``want`` generator replicas run (polled every second); fails after ``timeout_s``."""
+    t0 = time.monotonic()
+    seen = -1
+    while time.monotonic() - t0 < timeout_s:
+        seen = _running_generators(cluster)
+        if seen == want:
+            return time.monotonic() - t0
+        time.sleep(1)
+    raise AssertionError(f"{seen} generator replicas running after {timeout_s:.0f}s, expected {want}")
+
+
+def test_autoscaling_up_under_load_and_back_down_without_a_failed_request(two_node_cluster, run):
+    """Eight callers without pause drive the generator from min_replicas=1 to 2 (one per node); when they stop,
+    it returns to 1 while one caller goes on, and every request of both phases succeeds (a replica being
+    removed finishes its requests first). The times printed here are docs/serving.md's autoscaling figures."""
+    c = two_node_cluster
+    scaling = ["serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=2",
+               "serve.autoscaling.target_ongoing_requests=2", "serve.autoscaling.upscale_delay_s=2",
+               "serve.autoscaling.downscale_delay_s=10", "serve.ingress_replicas=2"]  # fmt: skip
+    heavy = [_Traffic(c.serve_port, "tiny-base", limit=3000) for _ in range(8)]  # the base: no adapter needed
+    light = _Traffic(c.serve_port, "tiny-base", limit=3000)
+    try:
+        _submit_job(c, "jobs/serve.py", run, f"serve.port={c.serve_port}", *scaling, submission_id="cluster-scale")
+        assert _wait_replicas(c, 1, 60) < 60
+        for t in (*heavy, light):
+            t.start()
+        up_s = _wait_replicas(c, 2, 180)
+        assert _generator_nodes(c) == ["head", "node_b"]
+        for t in heavy:
+            t.done.set()
+        for t in heavy:
+            t.join(timeout=90)
+        during_scale_down = len(light.answers)
+        down_s = _wait_replicas(c, 1, 240)
+        time.sleep(3)  # requests that were on the removed replica have finished by now
+        print(f"[autoscale] 1 -> 2 replicas in {up_s:.0f}s under 8 callers; 2 -> 1 in {down_s:.0f}s after they "
+              f"stopped; {len(light.answers) - during_scale_down} requests during the scale-down")  # fmt: skip
+    finally:
+        for t in (*heavy, light):
+            t.done.set()
+        for t in (*heavy, light):
+            if t.is_alive():
+                t.join(timeout=90)
+        _serve_shutdown(c)
+    heavy_failed = [a for t in heavy for a in t.answers if a[0] != 200]
+    assert not heavy_failed, heavy_failed[:5]
+    light_failed = [a for a in light.answers if a[0] != 200]
+    assert not light_failed and len(light.answers) > during_scale_down, light_failed[:5]
+
+
 def _aigc(cluster: Cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "aigc.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=cluster.env())  # fmt: skip
@@ -188,7 +249,7 @@ class _Traffic(threading.Thread):
 
 
 def test_serve_deploy_then_promote_and_rollback_under_traffic(two_node_cluster, run, tmp_path):
-    """`serve deploy serve_apps/openai.yaml` (this run's model and registry, this cluster's port), then README's
+    """`serve deploy serve_apps/openai.yaml` (this run's model and registry, this cluster's port), then the documented
     `aigc promote` / `aigc rollback` while a client keeps sending requests: every one succeeds."""
     from aigc.serve.run import wait_until_healthy
 
@@ -275,7 +336,7 @@ def test_aigc_submit_and_jobs_commands(two_node_cluster, run, tmp_path):
 
 
 def test_aigc_submit_pipeline_registers_promotes_and_serves_on_the_cluster(two_node_cluster, run):
-    """README's one-job path: `aigc submit pipeline` runs data -> trained, registered, promoted adapter -> the Serve
+    """The one-job path: `aigc submit pipeline` runs data -> trained, registered, promoted adapter -> the Serve
     app on this cluster -> a smoke answer, and the job ends while the app keeps serving the promoted version."""
     c = two_node_cluster
     out = c.shared_dir / "pipeline-out"

@@ -166,7 +166,7 @@ def test_cluster_yaml_passes_rays_schema():
 
 
 def test_cache_data_auto_caches_what_fits_in_a_fifth_of_the_object_store():
-    from aigc.train.trainer import estimated_bytes, should_cache
+    from aigc.data.shard_sets import estimated_bytes, should_cache
 
     stats = {"rows_train": 900, "rows_val": 100, "tokens_total": 100_000}
     need = estimated_bytes(stats)
@@ -174,3 +174,14 @@ def test_cache_data_auto_caches_what_fits_in_a_fifth_of_the_object_store():
     assert estimated_bytes({**stats, "packing": {"rows_train": 1}}) == 100_000 * 4 * 3 + 1000 * 64
     assert should_cache("auto", stats, 5 * need) and not should_cache("auto", stats, 5 * need - 1)
     assert should_cache(True, stats, 0) and not should_cache(False, stats, 10**12)
+
+
+def test_verbose_flag_sets_aigc_verbose_before_the_command_runs(monkeypatch, capsys):
+    from aigc.cli import main
+
+    monkeypatch.delenv("AIGC_VERBOSE", raising=False)
+    assert main(["config"]) == 0
+    assert "AIGC_VERBOSE" not in os.environ
+    assert main(["--verbose", "config", "train.epochs=3"]) == 0
+    assert os.environ["AIGC_VERBOSE"] == "1"
+    assert "epochs: 3" in capsys.readouterr().out

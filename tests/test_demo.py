@@ -30,7 +30,30 @@ def _run_demo(tmp_path: Path, *overrides: str, timeout: int) -> tuple[dict, str]
     ray_info = re.compile(r"\bINFO\b|\((ServeReplica|ProxyActor|ServeController)")
     noise = [line for line in log.splitlines() if ray_info.search(line)]
     assert not noise, "\n".join(noise[:20])
+    _check_console(log, out)
     return json.loads((out / "demo_report.json").read_text()), proc.stdout
+
+
+# What Ray's workers and libraries print: it belongs in the session's log files (AIGC_VERBOSE=1 shows it).
+_WORKER_CHATTER = re.compile(
+    r"\((\S+ )?pid=\d+"  # a line Ray forwarded from a worker: "(RayTrainWorker pid=12)", "(run_trial pid=34)"
+    r"|Using default tokenizer|Execution plan of Dataset|Checkpoint successfully created|TrainingReport\("
+    r"|Loading weights|Configuration for experiment|View detailed results here|tensorboard --logdir"
+    r"|Traceback|Warning:"
+)
+
+
+def _check_console(log: str, out: Path) -> None:
+    """A console a person can watch: under 80 lines (``make demo`` adds its setup lines to these), no worker or
+    library chatter, none of its own lines twice, and Ray's logs reachable from the run's directory."""
+    lines = log.splitlines()
+    assert len(lines) < 80, f"{len(lines)} lines:\n{log}"
+    chatter = [line for line in lines if _WORKER_CHATTER.search(line)]
+    assert not chatter, "\n".join(chatter[:20])
+    said = [line for line in lines if line.startswith("[")]  # the platform's own lines (answers may repeat)
+    twice = sorted({line for line in said if said.count(line) > 1})
+    assert not twice, twice
+    assert (out / "logs" / "ray").is_dir() and any((out / "logs" / "ray").glob("worker-*.out"))
 
 
 def _check_report(report: dict, stdout: str, min_loss_drop: float) -> None:

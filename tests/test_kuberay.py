@@ -15,7 +15,7 @@ import pytest
 import ray
 import yaml
 
-from aigc.deploy import IMAGE_ROOT, RAY_VERSION, dump, render, write_manifests
+from aigc.cluster.kuberay import IMAGE_ROOT, RAY_VERSION, dump, render, write_manifests
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "deploy" / "kuberay"
@@ -27,7 +27,7 @@ def _load(name: str) -> dict:
 
 
 def test_committed_manifests_are_what_the_renderer_writes(tmp_path):
-    """Edit serve_apps/openai.yaml or aigc/deploy.py, then `aigc kuberay`: this fails until they agree."""
+    """Edit serve_apps/openai.yaml or aigc/cluster/kuberay.py, then `aigc kuberay`: this fails until they agree."""
     for name, manifest in render().items():
         assert (KUBERAY / name).read_text() == dump(manifest), f"re-render deploy/kuberay/{name} (aigc kuberay)"
     written = write_manifests(str(tmp_path), image="example.com/aigc:1", storage="gs://b/x")

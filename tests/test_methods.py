@@ -5,28 +5,31 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from aigc.config import load_config
-from aigc.config_schema import LoraConfig, ModelConfig, TrainConfig
+from aigc.config.schema import LoraConfig, ModelConfig, TrainConfig
 from aigc.errors import ConfigError, TrainingError
 from aigc.models.targets import check_target_modules
-from aigc.train import model_setup
+from aigc.train import model_setup, weights
+from aigc.train.worker_config import WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-base")
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _wc(model: ModelConfig | None = None, lora: LoraConfig | None = None, **train: object) -> SimpleNamespace:
-    """The sections of a WorkerConfig that model_setup reads."""
-    return SimpleNamespace(
+def _wc(model: ModelConfig | None = None, lora: LoraConfig | None = None, **train: object) -> WorkerConfig:
+    """A WorkerConfig with these sections (model_setup and weights read only them)."""
+    return WorkerConfig(
         model=model or ModelConfig(name_or_path=TINY, dtype="float32"),
         lora=lora or LoraConfig(),
         train=TrainConfig(**train),
+        micro_per_epoch=1,
+        pad_id=0,
+        has_val=False,
     )
 
 
@@ -66,7 +69,7 @@ def test_rslora_dora_and_modules_to_save_reach_the_saved_adapter(tmp_path):
                       modules_to_save=["lm_head"])  # fmt: skip
     wc = _wc(lora=lora)
     model = model_setup.build_model(wc, torch.device("cpu"))
-    model_setup.save_weights(model, wc, str(tmp_path), rank=0)
+    weights.save_weights(model, wc, str(tmp_path), rank=0)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["use_rslora"] is True and cfg["use_dora"] is True and cfg["modules_to_save"] == ["lm_head"]
     assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"] and cfg["r"] == 4
@@ -144,13 +147,13 @@ def test_qwen_example_config_lora_section_builds_on_a_qwen2_model(tiny_qwen):
     cfg = load_config(ROOT / "configs" / "qwen2.5-0.5b-lora.yaml", [f"model.name_or_path={tiny_qwen}",
                                                                      "model.dtype=float32"])  # fmt: skip
     assert check_target_modules(cfg.model, cfg.lora)
-    model = model_setup.build_model(SimpleNamespace(model=cfg.model, lora=cfg.lora, train=cfg.train),
-                                    torch.device("cpu"))  # fmt: skip
+    wc = WorkerConfig(model=cfg.model, lora=cfg.lora, train=cfg.train, micro_per_epoch=1, pad_id=0, has_val=False)
+    model = model_setup.build_model(wc, torch.device("cpu"))
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert adapted == set(cfg.lora.target_modules)
     # one bf16-autocast training step with gradient checkpointing, as the config asks
     ids = torch.randint(0, 256, (2, 16))
-    with model_setup.autocast(SimpleNamespace(train=cfg.train), torch.device("cpu")):
+    with model_setup.autocast(wc, torch.device("cpu")):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
@@ -238,14 +241,14 @@ def _fsdp_round_trip(rank: int, world: int, port: int, out: str) -> None:
             model_setup.clip_grad_norm(model, params, 1.0)
             opt.step()
             opt.zero_grad()
-        model_setup.save_weights(model, wc, path, rank)
-        state = model_setup.optimizer_state(model, opt)
+        weights.save_weights(model, wc, path, rank)
+        state = weights.optimizer_state(model, opt)
         if rank == 0:
             torch.save(state, os.path.join(path, "optim.pt"))
         dist.barrier()
         fresh, fresh_opt, _ = wrapped(1)  # other initial weights: only a correct load makes them equal
-        model_setup.load_weights(fresh, wc, path)
-        model_setup.load_optimizer_state(fresh, fresh_opt, torch.load(os.path.join(path, "optim.pt")))
+        weights.load_weights(fresh, wc, path)
+        weights.load_optimizer_state(fresh, fresh_opt, torch.load(os.path.join(path, "optim.pt")))
         model.eval(), fresh.eval()
         with torch.no_grad():
             same = torch.allclose(model(input_ids=ids).logits, fresh(input_ids=ids).logits, atol=1e-5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -255,7 +254,7 @@ def test_feedback_is_mixed_in_as_a_messages_source(tmp_path):
 
 
 def test_pipeline_is_a_job_and_a_submittable_stage(tmp_path):
-    from aigc.submit import STAGE_SCRIPTS, entrypoint
+    from aigc.cluster.submit import STAGE_SCRIPTS, entrypoint
 
     assert (ROOT / STAGE_SCRIPTS["pipeline"]).is_file()
     assert entrypoint("pipeline", str(DEMO), ["pipeline.sweep=false"], str(ROOT)) == (
@@ -273,13 +272,13 @@ def test_pipeline_fails_at_train_then_continues_registers_promotes_and_serves(ra
     from helpers import free_port
     from ray import serve
 
-    import aigc.train.trainer as trainer
     from aigc.config import with_values
     from aigc.demo.dataset import generate_support_examples
     from aigc.feedback.export import export_feedback
     from aigc.pipeline import run_pipeline
     from aigc.registry import Registry
     from aigc.serve.client import ask, openai_client
+    from aigc.train.context import FAULT_ENV
 
     data = tmp_path / "support.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in generate_support_examples(120, seed=3)))
@@ -292,7 +291,7 @@ def test_pipeline_fails_at_train_then_continues_registers_promotes_and_serves(ra
     serve.shutdown()  # Serve's port is fixed when it starts: begin from a clean slate
     try:
         # 1. The training run fails after its first step (injected into the real worker loop).
-        monkeypatch.setattr(trainer, "run_training", partial(trainer.run_training, fault_at_step=1))
+        monkeypatch.setenv(FAULT_ENV, "1")
         with pytest.raises(TrainingError, match="failed after 0 restarts"):
             run_pipeline(cfg)
         monkeypatch.undo()
@@ -350,3 +349,24 @@ def test_pipeline_fails_at_train_then_continues_registers_promotes_and_serves(ra
         ]  # the feedback row: in train twice (weight 2), or held out for validation
     finally:
         serve.shutdown()
+
+
+def test_register_stage_records_what_publish_records(tmp_path, monkeypatch):
+    """One registration rule: the register stage goes through ``register_model``, as ``publish`` does."""
+    import aigc.train.publish as publish
+
+    seen = []
+    real = publish.register_model
+    monkeypatch.setattr(publish, "register_model", lambda *a: seen.append(a) or real(*a))
+    cfg = load_config(DEMO, [f"registry_dir={tmp_path / 'reg'}", "model.commit=" + "c" * 40, "pipeline.deploy=false"])
+    register = next(s for s in build_stages(cfg, lambda _: "h") if s.name == "register")
+    shutil.copytree(ROOT / "assets" / "tiny-base", tmp_path / "model")
+    done = {"train": {"model_dir": str(tmp_path / "model"), "metrics": {"eval_loss": 1.5}},
+            "preprocess": {"data_hash": "d" * 16}}  # fmt: skip
+    assert register.run(done) == {"registry_id": f"{cfg.train.adapter_name}:v1"}
+    assert len(seen) == 1
+    from aigc.registry import Registry
+
+    entry = Registry(cfg.registry_dir).resolve(f"{cfg.train.adapter_name}:v1")
+    assert (entry.base_model, entry.base_model_commit) == (cfg.model.name_or_path, "c" * 40)
+    assert (entry.metrics, entry.data_hash, entry.config["sweep"]) == ({"eval_loss": 1.5}, "d" * 16, None)

@@ -288,7 +288,7 @@ def test_shards_dir_reads_the_layout_before_shard_directories_and_names_missing_
 
 def test_a_failed_rerun_leaves_the_previous_data_in_use(ray_cluster, tmp_path, monkeypatch):
     import aigc.data.preprocess as pre
-    from aigc.train.trainer import load_datasets
+    from aigc.data.shard_sets import load_datasets
 
     src = tmp_path / "good.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in GOOD[:12]) + "\n")
@@ -322,7 +322,7 @@ def test_a_failed_rerun_leaves_the_previous_data_in_use(ray_cluster, tmp_path, m
     # the first run is untouched and still what training reads
     assert stats_path.read_text() == before
     pd.testing.assert_frame_equal(_rows_of(first.shards_dir, "train"), train_before)
-    datasets, stats = load_datasets(cfg)
+    datasets, stats = load_datasets(cfg.output_dir, cfg.model)
     assert datasets["train"].count() == stats["rows_train"] == len(train_before)
 
     # the next good run takes over and removes every older shard directory

@@ -230,18 +230,27 @@ def test_concurrency_from_cluster_resources():
         plan_concurrency(gpu, 8, {"CPU": 32.0, "GPU": 1.0})
 
 
-def test_pbt_searches_only_keys_that_can_change_mid_run(tmp_path):
+def test_pbt_searches_only_keys_that_can_change_mid_run(tmp_path, monkeypatch):
+    import ray.tune.schedulers
     from ray.tune.schedulers import PopulationBasedTraining
 
     from aigc.tune.search import build_scheduler, check_sweep, trial_base
 
+    built = {}
+
+    class Recorded(PopulationBasedTraining):  # what the platform asks of Ray's public constructor
+        def __init__(self, **kwargs):
+            built.update(kwargs)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(ray.tune.schedulers, "PopulationBasedTraining", Recorded)
     entries = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "lora.dropout": {"choice": [0.0, 0.05, 0.1]}}
     cfg = _sweep_cfg(tmp_path, entries, "tune.scheduler=pbt", "tune.perturbation_interval=2")
-    pbt = build_scheduler(cfg, 10, check_sweep(cfg))
-    assert isinstance(pbt, PopulationBasedTraining)
-    assert (pbt._time_attr, pbt._perturbation_interval, pbt._metric) == ("epoch", 2, "eval_loss")
-    assert pbt._hyperparam_mutations["lora.dropout"] == [0.0, 0.05, 0.1]
-    assert pbt._hyperparam_mutations["train.lr"].lower == 1e-4  # a perturbed lr is resampled from the same range
+    assert isinstance(build_scheduler(cfg, 10, check_sweep(cfg)), PopulationBasedTraining)
+    assert {k: built[k] for k in ("time_attr", "perturbation_interval", "metric", "mode")} == {
+        "time_attr": "epoch", "perturbation_interval": 2, "metric": "eval_loss", "mode": "min"}  # fmt: skip
+    assert built["hyperparam_mutations"]["lora.dropout"] == [0.0, 0.05, 0.1]
+    assert built["hyperparam_mutations"]["train.lr"].lower == 1e-4  # a perturbed lr is resampled from the same range
     assert trial_base(cfg) is cfg  # epochs: the loop checkpoints at every epoch end already
     shipped = load_config(None, [f"tune.space={ROOT / 'tune_spaces' / 'pbt_lr.yaml'}", "tune.scheduler=pbt"])
     assert check_sweep(shipped).keys == ["train.lr", "lora.dropout"]

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from aigc.cli import main
+from aigc.cluster.submit import EXCLUDES, build_runtime_env, entrypoint, project_root
 from aigc.errors import ConfigError
-from aigc.submit import EXCLUDES, build_runtime_env, entrypoint, project_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,14 @@ def test_the_real_runtime_env_matches_ray_job_submit_usage():
     env = build_runtime_env(project_root())
     assert Path(env["working_dir"]) == ROOT and sorted(env["excludes"]) == sorted(EXCLUDES)
     assert env["py_modules"] == [str(ROOT / "platform" / "aigc")]
+
+
+def test_hf_token_goes_with_the_job_only_when_set(monkeypatch):
+    """The job's driver resolves and downloads the base model: a gated one needs the submitter's HF_TOKEN."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert "env_vars" not in build_runtime_env(project_root())
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    assert build_runtime_env(project_root())["env_vars"] == {"HF_TOKEN": "hf_test"}
 
 
 def test_entrypoint_runs_the_stage_script_with_a_config_inside_the_project(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.rows import Tokenize
-from aigc.data.templates import DEFAULT_CHAT_TEMPLATE, encode_chat, render_for_training, render_prompt
+from aigc.data.templates import encode_chat, render_for_training, render_prompt
+from aigc.models.chat_template import DEFAULT_CHAT_TEMPLATE
 from aigc.models.loading import load_tokenizer
 from aigc.serve.engine.prompts import PromptEncoder
 

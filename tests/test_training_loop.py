@@ -32,7 +32,7 @@ def _cfg(data, name: str, *extra: str):
     return load_config(ROOT / "configs" / "demo.yaml", [*data[0], f"train.adapter_name={name}", *extra])
 
 
-def test_a_run_killed_mid_epoch_resumes_with_the_next_batch_and_the_same_losses(data):
+def test_a_run_killed_mid_epoch_resumes_with_the_next_batch_and_the_same_losses(data, monkeypatch):
     """Fault after step 5 of 2 epochs; checkpoints every 2 steps; the restart continues from step 4's checkpoint.
 
     With the last accumulation group of each epoch as a step of its own (an odd number of micro-batches with
@@ -40,6 +40,7 @@ def test_a_run_killed_mid_epoch_resumes_with_the_next_batch_and_the_same_losses(
     run's, step for step, and so does its final eval loss. The uninterrupted run reads its data cached in the
     object store (``train.cache_data`` auto), the resumed one streams it from the shards: same batches either way.
     """
+    from aigc.train.context import FAULT_ENV
     from aigc.train.trainer import run_training
 
     rows = data[1]
@@ -47,7 +48,8 @@ def test_a_run_killed_mid_epoch_resumes_with_the_next_batch_and_the_same_losses(
     common = ("train.epochs=2", "train.num_workers=2", f"train.batch_size={bs}", "train.grad_accum=2",
               "train.checkpoint_every_steps=2", "train.keep_checkpoints=1", "train.max_failures=1")  # fmt: skip
     straight = run_training(_cfg(data, "straight", *common))
-    resumed = run_training(_cfg(data, "resumed", *common, "train.cache_data=false"), fault_at_step=5)
+    monkeypatch.setenv(FAULT_ENV, "5")  # the driver's RayTrainContext carries it to the workers
+    resumed = run_training(_cfg(data, "resumed", *common, "train.cache_data=false"))
 
     steps_per_epoch = math.ceil(math.ceil(rows // 2 / bs) / 2)
     assert straight.metrics["step"] == resumed.metrics["step"] == 2 * steps_per_epoch

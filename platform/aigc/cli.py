@@ -15,6 +15,7 @@
     aigc build-assets                                   # rebuild the tiny base model and demo data
     aigc submit train --config configs/demo.yaml [k=v ...]   # run a stage as a job on RAY_ADDRESS's cluster
     aigc jobs list | logs ID [--follow] | stop ID       # the cluster's jobs (RAY_AUTH_MODE=token: see submit.py)
+    aigc --verbose train ...                           # Ray's worker output on the console too (AIGC_VERBOSE=1)
     aigc kuberay [--image REPO:TAG] [--storage s3://bucket/aigc] [--out deploy/kuberay]  # KubeRay manifests
 
 Config errors are reported before any Ray work starts, with exit status 2; any other platform error
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -95,7 +97,7 @@ def _check_context(cfg: PlatformConfig) -> None:
     """``data.max_length`` and ``serve.max_tokens_cap`` must fit the model's context, when it is known here."""
     from aigc.models.loading import context_length
 
-    ctx = context_length(cfg.model.name_or_path)
+    ctx = context_length(cfg.model.load_path())
     if ctx is None:
         return
     if cfg.data.max_length > ctx:
@@ -110,11 +112,14 @@ def _check_context(cfg: PlatformConfig) -> None:
         )
 
 
-def _precheck(stage: str, cfg: PlatformConfig) -> None:
-    """Checks that need no cluster, so bad input fails before any Ray work."""
-    from aigc.data.preprocess import read_stats
+def _precheck(stage: str, cfg: PlatformConfig) -> PlatformConfig:
+    """Checks that need no cluster, so bad input fails before any Ray work; returns ``cfg`` with its base model
+    resolved (a hub id pinned to one commit and downloaded once, here: :mod:`aigc.models.hub`)."""
+    from aigc.data.preprocess import check_tokenized_for, read_stats
     from aigc.data.reading import check_columns, list_input_files
+    from aigc.models.hub import resolve_model
 
+    given = cfg
     if stage == "pipeline":
         from aigc.pipeline.stages import check_pipeline, pipeline_config
 
@@ -130,22 +135,29 @@ def _precheck(stage: str, cfg: PlatformConfig) -> None:
         from aigc.demo.driver import check_output_dir
 
         check_output_dir(cfg)
-    _check_context(cfg)
     if stage in ("preprocess", "demo", "pipeline"):
         check_columns(list_input_files(cfg.data), cfg.data)  # every source: its files exist and fit its format
-    if stage in ("train", "sweep", "pipeline"):
-        from aigc.models.targets import check_target_modules
+    trains = stage in ("train", "sweep", "pipeline")
+    if trains:
         from aigc.train.model_setup import check_strategy
 
         check_strategy(cfg.train)
-        if cfg.train.method != "full":
-            check_target_modules(cfg.model, cfg.lora)
-        if stage != "pipeline":  # the pipeline preprocesses first
-            read_stats(cfg.output_dir)
     if stage in ("sweep", "demo") or (stage == "pipeline" and cfg.pipeline.sweep):
         from aigc.tune.search import check_sweep
 
         check_sweep(cfg)  # the space, the metric, grid size, PBT's keys, Optuna installed
+    # The tokenizer and config first (small): enough for every check. The weights (large) last, once nothing
+    # else can fail here, for the stages that train or serve.
+    resolved = cfg.model_copy(update={"model": resolve_model(cfg.model, weights=False)})
+    _check_context(resolved)
+    if trains and cfg.train.method != "full":
+        from aigc.models.targets import check_target_modules
+
+        check_target_modules(resolved.model, cfg.lora)
+    if stage in ("train", "sweep"):  # the pipeline preprocesses first
+        check_tokenized_for(read_stats(cfg.output_dir), resolved.model, cfg.output_dir)
+    model = resolve_model(resolved.model, weights=stage != "preprocess")
+    return given.model_copy(update={"model": model})
 
 
 def run_stage(stage: str, cfg: PlatformConfig) -> None:
@@ -156,7 +168,7 @@ def run_stage(stage: str, cfg: PlatformConfig) -> None:
     """
     from aigc.cluster import init_ray
 
-    _precheck(stage, cfg)
+    cfg = _precheck(stage, cfg)
     init_ray(cfg.cluster.num_cpus)
     STAGES[stage](cfg)
 
@@ -174,7 +186,8 @@ def _show_registry(cfg: PlatformConfig, as_json: bool) -> None:
             print(f"alias {a.model_id} -> {a.target} (before: {previous})")
         return
     for e in entries:
-        print(json.dumps({"model": e.model_id, "kind": e.kind, "base_model": e.base_model, "data_hash": e.data_hash,
+        print(json.dumps({"model": e.model_id, "kind": e.kind, "base_model": e.base_model,
+                          "base_model_commit": e.base_model_commit, "data_hash": e.data_hash,
                           "eval_loss": e.metrics.get("eval_loss"), "created_at": e.created_at,
                           "path": e.adapter_uri}))  # fmt: skip
     for a in aliases:
@@ -182,7 +195,7 @@ def _show_registry(cfg: PlatformConfig, as_json: bool) -> None:
 
 
 def _export(cfg: PlatformConfig, model_id: str, out: str, merge: bool) -> None:
-    from aigc.export import export_model
+    from aigc.registry.export import export_model
     from aigc.report import report_export
 
     report_export(export_model(cfg.registry_dir, model_id, out, merge=merge))
@@ -203,7 +216,7 @@ def _move_alias(cfg: PlatformConfig, args: argparse.Namespace) -> None:
 
 def _cluster_command(args: argparse.Namespace) -> int:
     """``aigc submit`` and ``aigc jobs``: talk to a cluster's job server (no local config is loaded)."""
-    from aigc import submit
+    from aigc.cluster import submit
 
     address = args.address
     if args.command == "submit":
@@ -221,6 +234,8 @@ def _cluster_command(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aigc", description="Fine-tune and serve generative text models on Ray.")
+    verbose_help = "show Ray's worker output on the console (sets AIGC_VERBOSE=1 before any Ray work)"
+    p.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
     for name in [*STAGES, "config", "registry"]:
         sp = sub.add_parser(name, help=f"run the {name} stage" if name in STAGES else f"show the {name}")
@@ -283,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if args.verbose:  # read by aigc.cluster.init_ray, here and in every job and worker started from this process
+        os.environ["AIGC_VERBOSE"] = "1"
     try:
         if args.command == "build-assets":
             from aigc.demo.dataset import write_demo_dataset
@@ -294,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("submit", "jobs"):
             return _cluster_command(args)
         if args.command == "kuberay":
-            from aigc.deploy import DEFAULT_IMAGE, write_manifests
+            from aigc.cluster.kuberay import DEFAULT_IMAGE, write_manifests
 
             for path in write_manifests(args.out, image=args.image or DEFAULT_IMAGE, storage=args.storage):
                 print(f"[kuberay] {path}")

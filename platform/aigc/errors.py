@@ -14,13 +14,17 @@ from __future__ import annotations
 __all__ = [
     "AdapterLoadError",
     "AigcError",
+    "ModelUnavailableError",
     "ClusterError",
     "ConfigError",
     "DataError",
+    "GenerationError",
     "InvalidRequestError",
     "ModelNotFoundError",
     "RegistryError",
+    "RequestTimeoutError",
     "ServingError",
+    "ServiceUnavailableError",
     "StorageError",
     "TrainingError",
 ]
@@ -61,6 +65,11 @@ class TrainingError(AigcError, RuntimeError):
     """A training run or sweep failed in a way the user can act on (no trial reported its metric...)."""
 
 
+class ModelUnavailableError(AigcError, OSError):
+    """The base model cannot be had: a hub id offline and not cached, gated or private without a token, a revision
+    the hub does not know, or a local copy missing its files. Raised on the driver before any Ray work."""
+
+
 class ServingError(AigcError):
     """Base of the errors a generation request can end with.
 
@@ -85,3 +94,15 @@ class ModelNotFoundError(ServingError, LookupError):
 
 class AdapterLoadError(ServingError, RuntimeError):
     """A registered adapter could not be loaded (corrupt files, wrong base model, unsupported type)."""
+
+
+class GenerationError(ServingError, RuntimeError):
+    """One request's generation failed on the server (non-finite scores, a detokenizer error); its batch goes on."""
+
+
+class RequestTimeoutError(ServingError, TimeoutError):
+    """The request did not finish before its deadline (``serve.request_timeout_s``); its batch slot is freed."""
+
+
+class ServiceUnavailableError(ServingError):
+    """A temporary condition the client should retry after a moment (storage outage, replica lost, restarting)."""

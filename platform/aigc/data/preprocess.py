@@ -35,10 +35,12 @@ from aigc.config import DataConfig, ModelConfig
 from aigc.data.reading import SUPPORTED_EXTENSIONS, check_columns, hash_inputs, list_input_files, read_raw
 from aigc.data.rows import Tokenize as _Tokenize  # the row work, also run by bench/preprocess_throughput.py
 from aigc.errors import DataError
+from aigc.models.hub import resolve_model
 
 __all__ = [
     "DataError",
     "PreprocessResult",
+    "check_tokenized_for",
     "list_input_files",
     "preprocess",
     "read_stats",
@@ -60,11 +62,13 @@ class PreprocessResult:
 
 
 def _fingerprint(inputs: list[dict[str, Any]], data: DataConfig, model: ModelConfig) -> str:
-    """Same inputs (by content, in source order), same config, same tokenizer: same fingerprint."""
+    """Same inputs (by content, in source order), same config, same tokenizer (and hub commit): same fingerprint."""
     h = hashlib.sha256()
     for f in inputs:
         h.update(f"{f['source']}:{f['sha256']}\n".encode())
     h.update(data.model_dump_json().encode() + model.name_or_path.encode())
+    if model.commit:  # a local directory has none: its fingerprint is what it was before commits were recorded
+        h.update(f"@{model.commit}".encode())
     return h.hexdigest()[:16]
 
 
@@ -115,6 +119,7 @@ def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs:
         "overflow": data.overflow,
         "inputs": inputs,  # {path, source, bytes, sha256} of every file read
         "tokenizer": model.name_or_path,
+        "model_commit": model.commit,  # the hub commit tokenized with; None for a local directory
         "fingerprint": _fingerprint(inputs, data, model),
     }
     rejected = sum(stats["rows_rejected"].values())
@@ -187,14 +192,19 @@ def _mix(rows: Any, data: DataConfig) -> Any:
 def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> PreprocessResult:
     """Run the preprocessing job on the current Ray cluster and return where it wrote and its stats.
 
+    ``model`` is resolved here when the caller has not (a hub id pinned to one commit, its tokenizer files
+    downloaded once): the tokenizer actors load that snapshot, never the hub id.
+
     Raises:
         DataError: the input is missing, of an unsupported type, or not in the configured format; or every
             row was rejected.
+        ModelUnavailableError: the tokenizer cannot be had (:func:`aigc.models.hub.resolve_model`).
     """
     import ray.data
 
     from aigc.data.sink import SplitSink
 
+    model = resolve_model(model, weights=False)
     files = list_input_files(data)
     check_columns(files, data)
     data_dir = storage.join(output_dir, "data")
@@ -243,6 +253,28 @@ def read_stats(output_dir: str) -> dict[str, Any]:
     if not storage.is_file(path):
         raise DataError(f"no preprocessed data at {storage.join(output_dir, 'data')}: run `aigc preprocess` first")
     return storage.read_json(path)
+
+
+def check_tokenized_for(stats: dict[str, Any], model: ModelConfig, output_dir: str) -> None:
+    """The preprocessed data must be tokenized for ``model``: the same name and, for a hub id, the same commit
+    (a branch that moved between preprocessing and training would otherwise train on another tokenizer).
+
+    Raises:
+        DataError: naming both, and the two ways on.
+    """
+    data_dir = storage.join(output_dir, "data")
+    if stats.get("tokenizer") != model.name_or_path:
+        raise DataError(
+            f"{data_dir} was tokenized for {stats.get('tokenizer')!r} but model.name_or_path is "
+            f"{model.name_or_path!r}: re-run `aigc preprocess` with this config"
+        )
+    tokenized = stats.get("model_commit")
+    if tokenized and model.commit and tokenized != model.commit:
+        raise DataError(
+            f"{data_dir} was tokenized with {model.name_or_path} at commit {tokenized}, but it resolves to "
+            f"{model.commit} now: set model.revision={tokenized} to train on the same commit, or re-run "
+            "`aigc preprocess`"
+        )
 
 
 def shards_dir(output_dir: str, stats: dict[str, Any] | None = None) -> str:

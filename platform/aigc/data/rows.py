@@ -110,7 +110,8 @@ class Tokenize:
 
         self.model_cfg, self.cfg = ModelConfig(**model), DataConfig(**data)
         self.sources = self.cfg.sources()
-        self.tok = load_tokenizer(self.model_cfg.name_or_path, self.model_cfg.trust_remote_code)
+        # the snapshot the driver resolved (aigc.models.hub), never the hub id
+        self.tok = load_tokenizer(self.model_cfg.load_path(), self.model_cfg.trust_remote_code)
         self._eot = end_of_turn(self.tok)
         controls = sorted(control_tokens(self.tok), key=len, reverse=True)
         self._controls = re.compile("|".join(map(re.escape, controls))) if controls else None

@@ -22,7 +22,7 @@ _EVAL_SEED = 1234
 
 
 def _banner(step: str, t0: float) -> None:
-    print(f"\n{'=' * 100}\n[demo {time.time() - t0:6.0f}s] {step}\n{'=' * 100}", flush=True)
+    print(f"\n[demo {time.time() - t0:4.0f}s] == {step} ==", flush=True)
 
 
 def score_models(base_url: str, models: list[str], prompts: list[str], max_tokens: int = 48) -> dict[str, Any]:
@@ -123,6 +123,7 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     """Run every stage on the current Ray cluster and print the before/after figures."""
     from ray import serve
 
+    from aigc.cluster import link_ray_logs
     from aigc.data.preprocess import preprocess
     from aigc.demo.dataset import demo_eval_prompts
     from aigc.models.loading import model_id_for
@@ -136,6 +137,7 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     # The demo starts clean (only a directory an earlier demo wrote); the registry keeps every version.
     storage.remove_tree(cfg.output_dir)
     storage.write_text(storage.join(cfg.output_dir, _MARKER), "written by `aigc demo`; cleared by its next run\n")
+    ray_logs = link_ray_logs(cfg.output_dir)  # what Ray's workers printed, reachable from the run's directory
 
     _banner(f"1/4 preprocess {cfg.data.path} with Ray Data", t0)
     report_preprocess(preprocess(cfg.data, cfg.model, cfg.output_dir))
@@ -192,6 +194,8 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
         min(eval_loss[trained.registry_id], eval_loss[swept.registry_id]),
     )
     print(f"\n  eval loss {(1 - best_loss / base_loss):.0%} lower after fine-tuning; "
-          f"report: {report_path}; total {report['elapsed_s']:.0f}s\n"
-          f"  keep serving with: aigc serve --config <this config>   (OpenAI base_url {base_url})")  # fmt: skip
+          f"report: {report_path}; total {report['elapsed_s']:.0f}s")  # fmt: skip
+    if ray_logs:
+        print(f"  Ray's worker logs: {ray_logs}")
+    print(f"  keep serving with: aigc serve --config <this config>   (OpenAI base_url {base_url})")
     return report

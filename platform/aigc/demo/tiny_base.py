@@ -9,7 +9,7 @@
    *base* model that knows the shop's vocabulary (every token the demo uses gets trained embeddings) but
    not the support task;
 2. a byte-level BPE tokenizer trained on it, digits split into pairs (``48213`` -> ``48 21 3``), with
-   the special tokens of :data:`aigc.data.templates.DEFAULT_CHAT_TEMPLATE`; ``<|end|>`` is the eos token
+   the special tokens of :data:`aigc.models.chat_template.DEFAULT_CHAT_TEMPLATE`; ``<|end|>`` is the eos token
    and also separates documents during pretraining, as ``<|endoftext|>`` does for GPT-2;
 3. a small ``LlamaForCausalLM`` (tied embeddings) trained for a few hundred steps on 2 CPU cores.
 
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from aigc.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN
 from aigc.demo.corpus import generate_corpus
+from aigc.models.chat_template import DEFAULT_CHAT_TEMPLATE, END_OF_TURN
 
 __all__ = ["SPECIAL_TOKENS", "build_tiny_base", "generate_corpus", "make_model", "train_tokenizer"]
 

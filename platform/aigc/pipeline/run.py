@@ -59,9 +59,12 @@ def run_pipeline(cfg: PlatformConfig, block: bool = False) -> PipelineResult:
         AigcError: the stage that failed (recorded as failed; re-running continues from it).
     """
     from aigc.cluster import init_ray
+    from aigc.models.hub import resolve_model
 
     t0 = time.monotonic()
     cfg = pipeline_config(cfg)
+    # before any Ray work: one commit for every stage, its fingerprints and the registered version
+    cfg = cfg.model_copy(update={"model": resolve_model(cfg.model, weights=True)})
     init_ray(cfg.cluster.num_cpus)
     state = PipelineState.load(state_path(cfg.output_dir))
     stages = build_stages(cfg, ray_data_hash)

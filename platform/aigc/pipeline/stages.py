@@ -15,6 +15,10 @@ runs, and how its output is found again.
   its output is the Serve app, RUNNING.
 - **smoke** asks the served name ``pipeline.smoke_prompt``; never skipped: it checks the live endpoint.
 
+``model`` enters a fingerprint by what it names (``name_or_path``, ``revision``, the resolved ``commit``,
+``dtype``...), not by where its snapshot sits on disk (``resolved_path``, ``cache_dir``): a moved branch reruns
+everything that reads the model, a moved cache nothing.
+
 Deploy depends on no training stage on purpose: the endpoint resolves ``name`` and ``name:ALIAS`` per request,
 so a new version is served by moving the alias (the promote stage), never by a redeploy. Keys no stage reads
 (``tracking``, ``cluster``, ``pipeline.keep_serving``) change no fingerprint.
@@ -82,8 +86,12 @@ def trained_config(cfg: PlatformConfig, sweep: dict[str, Any] | None) -> Platfor
     return with_values(cfg, sweep["values"]) if sweep else cfg
 
 
+_WHERE_MODEL_SITS = {"resolved_path", "cache_dir"}
+
+
 def _sections(cfg: PlatformConfig, *names: str) -> dict[str, Any]:
-    return {n: getattr(cfg, n).model_dump(mode="json") for n in names}
+    return {n: getattr(cfg, n).model_dump(mode="json", exclude=_WHERE_MODEL_SITS if n == "model" else None)
+            for n in names}  # fmt: skip
 
 
 def build_stages(cfg: PlatformConfig, hash_data: HashData) -> list[Stage]:
@@ -187,18 +195,12 @@ def _register(cfg: PlatformConfig) -> Stage:
         return {"registry_dir": cfg.registry_dir, "name": cfg.train.adapter_name}
 
     def run(done: Outputs) -> dict[str, Any]:
-        from aigc.registry import Registry
+        from aigc.train.publish import register_model  # aigc.train imports torch: only when the stage runs
 
         trained, sweep = done["train"], done.get("sweep")
-        entry = Registry(cfg.registry_dir).register(
-            cfg.train.adapter_name,
-            trained["model_dir"],
-            base_model=cfg.model.name_or_path,
-            metrics=trained["metrics"],
-            config={**trained_config(cfg, sweep).model_dump(), "sweep": sweep and {"id": sweep["sweep_id"],
-                                                                                   "values": sweep["values"]}},
-            data_hash=done["preprocess"]["data_hash"],
-        )  # fmt: skip
+        chosen = sweep and {"id": sweep["sweep_id"], "values": sweep["values"]}
+        config = {**trained_config(cfg, sweep).model_dump(), "sweep": chosen}
+        entry = register_model(cfg, trained["model_dir"], trained["metrics"], config, done["preprocess"]["data_hash"])
         print(f"[register] {trained['model_dir']} -> {entry.model_id}")
         return {"registry_id": entry.model_id}
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from aigc.train import model_setup, optim
+from aigc.train import optim, weights
+from aigc.train.worker_config import WorkerConfig
 
 __all__ = [
     "ADAPTER_SUBDIR",
@@ -90,15 +91,15 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def save_checkpoint(path: str, model: Any, wc: Any, optimizer: Any, scheduler: Any, state: TrainState,
+def save_checkpoint(path: str, model: Any, wc: WorkerConfig, optimizer: Any, scheduler: Any, state: TrainState,
                     rank: int) -> None:  # fmt: skip
     """Write a checkpoint of this run into the local directory ``path`` (a collective: every rank calls it)."""
-    model_setup.save_weights(model, wc, os.path.join(path, ADAPTER_SUBDIR), rank)
-    optim = model_setup.optimizer_state(model, optimizer)
+    weights.save_weights(model, wc, os.path.join(path, ADAPTER_SUBDIR), rank)
+    optimizer_state = weights.optimizer_state(model, optimizer)
     rngs = _gather(_rng_state())
     if rank != 0:
         return
-    payload = {"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs, "state": asdict(state)}
+    payload = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rngs, "state": asdict(state)}
     torch.save(payload, os.path.join(path, STATE_FILE))
     with open(os.path.join(path, HISTORY_FILE), "w") as f:
         json.dump(state.history, f, indent=1)
@@ -106,16 +107,16 @@ def save_checkpoint(path: str, model: Any, wc: Any, optimizer: Any, scheduler: A
         json.dump(state.step_losses, f)
 
 
-def load_checkpoint(path: str, model: Any, wc: Any, optimizer: Any, scheduler: Any, rank: int) -> TrainState:
+def load_checkpoint(path: str, model: Any, wc: WorkerConfig, optimizer: Any, scheduler: Any, rank: int) -> TrainState:
     """Restore weights, optimizer, schedule and this rank's RNG from ``path``; the run's position is returned.
 
     The run's own peak lr and weight decay (``train.*``) win over the checkpoint's: a population-based-training
     trial continues another trial's checkpoint with perturbed values (:func:`aigc.train.optim.reapply_hyperparams`).
     """
-    model_setup.load_weights(model, wc, os.path.join(path, ADAPTER_SUBDIR))
+    weights.load_weights(model, wc, os.path.join(path, ADAPTER_SUBDIR))
     payload = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
     hyper = optim.run_hyperparams(optimizer)
-    model_setup.load_optimizer_state(model, optimizer, payload["optimizer"])
+    weights.load_optimizer_state(model, optimizer, payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     optim.reapply_hyperparams(optimizer, scheduler, hyper)
     rngs = payload["rng"]

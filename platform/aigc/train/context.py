@@ -7,15 +7,25 @@ only the context differs:
 - :class:`TuneTrialContext`: a 1-worker sweep trial that trains inside the Tune trial itself, with no nested
   worker group: rank 0 of 1, the trial's own device, the Ray Datasets as its "shards", Tune's checkpoint and
   ``ray.tune.report``. It saves a trial the Train controller, worker-group start-up and a second checkpoint copy.
+
+Fault injection for resume tests lives here, not in the loop's arguments: with ``AIGC_FAULT_AT_STEP=N`` in the
+environment of the process that builds the trainer, the :class:`RayTrainContext` it ships to the workers makes
+the first attempt (no checkpoint yet) fail after optimizer step ``N``; the restarted attempt goes on.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["RayTrainContext", "TuneTrialContext", "WorkerContext"]
+from aigc.train import model_setup
+from aigc.train.worker_config import WorkerConfig
+
+__all__ = ["FAULT_ENV", "RayTrainContext", "TuneTrialContext", "WorkerContext"]
+
+FAULT_ENV = "AIGC_FAULT_AT_STEP"
 
 
 class WorkerContext(Protocol):
@@ -27,7 +37,7 @@ class WorkerContext(Protocol):
 
     def device(self) -> torch.device: ...
 
-    def prepare_model(self, model: Any, wc: Any) -> Any: ...
+    def prepare_model(self, model: Any, wc: WorkerConfig) -> Any: ...
 
     def dataset_shard(self, name: str) -> Any: ...
 
@@ -36,9 +46,24 @@ class WorkerContext(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         """Report ``metrics``; with ``checkpoint_dir`` (rank 0 only), that directory is the checkpoint."""
 
+    def after_step(self, step: int, resumed: bool) -> None:
+        """Called after every optimizer step (``resumed``: this attempt started from a checkpoint)."""
+
 
 class RayTrainContext:
-    """A Ray Train worker: everything through ``ray.train``."""
+    """A Ray Train worker: everything through ``ray.train``.
+
+    Built on the driver and shipped to the workers; it reads :data:`FAULT_ENV` there (resume tests).
+
+    Raises:
+        ValueError: :data:`FAULT_ENV` is set to something other than a step number.
+    """
+
+    def __init__(self) -> None:
+        raw = os.environ.get(FAULT_ENV, "").strip()
+        if raw and not raw.isdigit():
+            raise ValueError(f"{FAULT_ENV}={raw!r}: set it to the optimizer step to fail after, or unset it")
+        self.fault_at_step = int(raw) if raw else None
 
     def world_rank(self) -> int:
         import ray.train
@@ -55,9 +80,7 @@ class RayTrainContext:
 
         return ray.train.torch.get_device()
 
-    def prepare_model(self, model: Any, wc: Any) -> Any:
-        from aigc.train import model_setup
-
+    def prepare_model(self, model: Any, wc: WorkerConfig) -> Any:
         return model_setup.prepare(model, wc)
 
     def dataset_shard(self, name: str) -> Any:
@@ -75,6 +98,11 @@ class RayTrainContext:
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
+
+    def after_step(self, step: int, resumed: bool) -> None:
+        """Fail the first attempt after step :data:`FAULT_ENV` (set when the driver built this context)."""
+        if self.fault_at_step is not None and step == self.fault_at_step and not resumed:
+            raise RuntimeError(f"injected fault after step {step} ({FAULT_ENV})")
 
 
 class TuneTrialContext:
@@ -97,7 +125,7 @@ class TuneTrialContext:
     def device(self) -> torch.device:
         return torch.device("cuda:0" if self.use_gpu else "cpu")
 
-    def prepare_model(self, model: Any, wc: Any) -> Any:
+    def prepare_model(self, model: Any, wc: WorkerConfig) -> Any:
         return model.to(self.device())  # no process group: nothing to wrap
 
     def dataset_shard(self, name: str) -> Any:
@@ -113,3 +141,6 @@ class TuneTrialContext:
 
         ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=ckpt)
+
+    def after_step(self, step: int, resumed: bool) -> None:
+        """Nothing: faults are injected into Ray Train workers only."""

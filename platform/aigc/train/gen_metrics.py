@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["GenSample", "generation_metrics", "generation_samples", "rank_indices"]
+__all__ = ["GenSample", "generation_metrics", "generation_samples", "rank_indices", "take_generation_samples"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,16 @@ def generation_samples(rows: dict[str, Sequence], n: int) -> list[GenSample]:
                 if len(out) >= n:
                     return out
     return out
+
+
+def take_generation_samples(datasets: dict[str, Any], n: int) -> list[GenSample]:
+    """The first ``n`` val rows of ``datasets`` (Ray Datasets) as prompts and reference answers (none without
+    val)."""
+    if not n or "val" not in datasets:
+        return []
+    rows = datasets["val"].take(n)
+    columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {"input_ids": [], "labels": []}
+    return generation_samples(columns, n)
 
 
 def rank_indices(n: int, rank: int, world_size: int) -> list[int | None]:

@@ -14,66 +14,24 @@ import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from aigc.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
+from aigc.config import TrainConfig
 from aigc.train import model_setup, optim
-from aigc.train.checkpointing import ADAPTER_SUBDIR, HISTORY_FILE, TrainState, load_checkpoint, save_checkpoint
+from aigc.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from aigc.train.context import RayTrainContext, WorkerContext
+from aigc.train.gen_metrics import generation_metrics
 from aigc.train.losses import all_reduce, collate_fn, evaluate, token_loss_sum
 from aigc.train.progress import StepProgress
 from aigc.train.tracking import Tracker
+from aigc.train.worker_config import WorkerConfig
 
-__all__ = ["ADAPTER_SUBDIR", "HISTORY_FILE", "NONFINITE_KEY", "WorkerConfig", "train_loop_per_worker"]
+__all__ = ["NONFINITE_KEY", "run_worker", "train_loop_per_worker"]
 
 NONFINITE_KEY = "nonfinite_loss_step"  # returned instead of raising, so Ray Train does not retry a diverged run
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What every worker receives: the typed config sections plus facts the driver measured.
-
-    Args:
-        model, lora, train: the run's config sections, as validated objects.
-        micro_per_epoch: micro-batches each worker trains on per epoch (from the row count).
-        pad_id: the tokenizer's padding id.
-        has_val: whether a ``val`` dataset shard exists.
-        tokenizer: the run's tokenizer, loaded once on the driver (decodes generated answers).
-        gen_samples: val prompts and reference answers for the generation metrics (the same list on every rank).
-        tracking, output_dir, run_name, params: where rank 0 tracks the run (MLflow/TensorBoard) and what it logs
-            as params; ``tracking`` None = no tracking.
-        parent_run_id: the MLflow run this one is a child of (a sweep's run, for its trials).
-        fault_at_step: fault injection for resume tests: the first attempt (no checkpoint yet) raises after
-            this optimizer step; a restarted attempt does not.
-    """
-
-    model: ModelConfig
-    lora: LoraConfig
-    train: TrainConfig
-    micro_per_epoch: int
-    pad_id: int
-    has_val: bool
-    tokenizer: Any = None
-    gen_samples: tuple[Any, ...] = ()
-    tracking: TrackingConfig | None = None
-    output_dir: str = ""
-    run_name: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
-    parent_run_id: str | None = None
-    fault_at_step: int | None = None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch: the last, shorter accumulation group of an epoch is a step too."""
-        return max(1, math.ceil(self.micro_per_epoch / self.train.grad_accum))
-
-    @property
-    def total_steps(self) -> int:
-        return self.train.epochs * self.steps_per_epoch
 
 
 # The most memory a worker spends keeping its val batches between evaluations (larger val shards stream).
@@ -156,8 +114,6 @@ class _Run:
         """Eval loss and perplexity on the val split; with ``generate``, also the generation metrics."""
         metrics = evaluate(self.model, self.val_batches(), self.device, self.autocast)
         if generate and self.wc.gen_samples:
-            from aigc.train.gen_metrics import generation_metrics
-
             metrics.update(
                 generation_metrics(
                     self.model, list(self.wc.gen_samples), self.wc.tokenizer,
@@ -201,16 +157,25 @@ class _Window:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's entry point: :func:`run_worker` with ``config["worker"]`` (a :class:`WorkerConfig`, from
+    :func:`aigc.train.worker_config.build_worker_config`) and ``config["context"]`` (a Ray Train worker when
+    absent)."""
+    return run_worker(config["worker"], config.get("context") or RayTrainContext())
+
+
+def run_worker(wc: WorkerConfig, ctx: WorkerContext) -> dict[str, Any] | None:
     """Fine-tune on this worker's shard of the ``train`` dataset; evaluate on its shard of ``val``.
 
-    Returns ``{NONFINITE_KEY: step}`` when the loss became NaN or infinite (the driver raises; the checkpoints
-    written before stay as they are), else None.
+    ``ctx`` says where it runs (:mod:`aigc.train.context`): a Ray Train worker, or a sweep trial training by itself.
 
-    ``config["worker"]`` is the :class:`WorkerConfig` built by :func:`aigc.train.trainer.train_loop_config`;
-    ``config["context"]`` (optional) where it runs: a Ray Train worker by default (:mod:`aigc.train.context`).
+    Returns:
+        ``{NONFINITE_KEY: step}`` when the loss became NaN or infinite (the driver raises; the checkpoints
+        written before stay as they are), else None.
+
+    Raises:
+        TrainingError: out of memory, naming the settings that use less.
     """
-    wc: WorkerConfig = config["worker"]
-    run = _Run(wc, config.get("context") or RayTrainContext())
+    run = _Run(wc, ctx)
     status = "FAILED"
     try:
         out = _train(run)
@@ -226,7 +191,7 @@ def _train(run: _Run) -> dict[str, Any] | None:
     wc, tc, st = run.wc, run.wc.train, run.state
     if st.initial_eval is None and run.val_shard is not None:
         st.initial_eval = run.evaluate()["eval_loss"]
-    progress = StepProgress(wc.total_steps, tc.epochs, tc.log_every_steps, st.step, run.rank == 0)
+    progress = StepProgress(wc.total_steps, tc.epochs, tc.log_every_steps, st.step, run.rank == 0, wc.progress)
     window = _Window()
     n, accum = wc.micro_per_epoch, tc.grad_accum
     last_group = n - (n % accum or accum)  # micro-batches before the epoch's last accumulation group
@@ -273,8 +238,7 @@ def _train(run: _Run) -> dict[str, Any] | None:
             lr = run.scheduler.get_last_lr()[0]
             rate = progress.step(st.step, epoch, loss, lr, tokens)
             run.tracker.log_metrics({"train_loss": loss, "lr": lr, "train_tokens_per_s": rate}, st.step)
-            if wc.fault_at_step is not None and st.step == wc.fault_at_step and not run.resumed:
-                raise RuntimeError(f"injected fault after step {st.step} (fault_at_step)")
+            run.ctx.after_step(st.step, run.resumed)
 
             epoch_end = st.micro >= n
             ckpt = epoch_end or (tc.checkpoint_every_steps is not None and st.step % tc.checkpoint_every_steps == 0)
@@ -304,9 +268,8 @@ def _train(run: _Run) -> dict[str, Any] | None:
             _report(run, metrics, checkpoint=ckpt or stop)
             window = _Window()
             if stop:
-                if run.rank == 0:
-                    print(f"[train] early stop at step {st.step}: eval loss has not improved for "
-                          f"{st.evals_since_best} evaluations (best {st.best_eval:.4f})", flush=True)  # fmt: skip
+                progress.note(f"[train] early stop at step {st.step}: eval loss has not improved for "
+                              f"{st.evals_since_best} evaluations (best {st.best_eval:.4f})")  # fmt: skip
                 return None
         if seen < n:  # ranks would disagree on the step count: fail loudly rather than hang in a collective
             raise RuntimeError(f"rank {run.rank}: the train shard ended after {seen} micro-batches, {n} expected")

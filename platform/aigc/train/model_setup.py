@@ -1,5 +1,5 @@
-"""The model a training worker trains: base model + method, the parallel wrapper, precision, and how its trained
-weights are saved to and loaded from a checkpoint.
+"""The model a training worker trains: base model + method, the parallel wrapper, precision and gradient clipping
+(its weights in and out of a checkpoint: :mod:`aigc.train.weights`).
 
 Methods (``train.method``), cheapest in memory first:
 
@@ -19,38 +19,24 @@ Every function here that touches a wrapped model's weights is a collective under
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import torch
 
+from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import ConfigError, TrainingError
+from aigc.models.hub import local_model_dir
+from aigc.models.loading import apply_lora, load_base_model, resolve_dtype
+from aigc.models.targets import raise_for_missing
 from aigc.train import sharding
+from aigc.train.worker_config import WorkerConfig
 
-__all__ = [
-    "autocast",
-    "build_model",
-    "check_strategy",
-    "clip_grad_norm",
-    "grad_scaler",
-    "load_optimizer_state",
-    "load_weights",
-    "oom_error",
-    "optimizer_state",
-    "prepare",
-    "save_weights",
-    "unwrap",
-]
+__all__ = ["autocast", "build_model", "check_strategy", "clip_grad_norm", "grad_scaler", "oom_error", "prepare"]
 
 _PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def unwrap(model: Any) -> Any:
-    """The model inside a DDP/FSDP wrapper."""
-    return model.module if hasattr(model, "module") else model
-
-
-def check_strategy(train_cfg: Any) -> None:
+def check_strategy(train_cfg: TrainConfig) -> None:
     """Combinations of method and strategy this platform does not run (checked on the driver, too).
 
     Raises:
@@ -64,7 +50,7 @@ def check_strategy(train_cfg: Any) -> None:
 
 
 # 1. build: base model -> method -> gradient checkpointing -> train mode
-def _load_4bit(m: Any, device: torch.device) -> Any:
+def _load_4bit(m: ModelConfig, device: torch.device) -> Any:
     """The base model quantized to 4-bit NF4 on ``device``, prepared for k-bit training (norms in fp32)."""
     try:
         import bitsandbytes  # noqa: F401
@@ -74,8 +60,6 @@ def _load_4bit(m: Any, device: torch.device) -> Any:
         ) from None
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from aigc.models.loading import resolve_dtype
-
     compute = resolve_dtype("auto" if m.dtype in ("auto", "float32") else m.dtype, str(device))
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -84,7 +68,7 @@ def _load_4bit(m: Any, device: torch.device) -> Any:
         bnb_4bit_compute_dtype=compute,
     )
     return AutoModelForCausalLM.from_pretrained(
-        m.name_or_path,
+        local_model_dir(m.load_path(), weights=True),  # the driver's resolved snapshot, never the hub id
         quantization_config=quant,
         dtype=compute,
         device_map={"": device},
@@ -100,16 +84,13 @@ def _enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def build_model(wc: Any, device: torch.device) -> Any:
-    """The base model on ``device`` with ``train.method`` applied, in train mode (``wc`` is a WorkerConfig).
+def build_model(wc: WorkerConfig, device: torch.device) -> Any:
+    """The base model on ``device`` with ``train.method`` applied, in train mode.
 
     Raises:
         ConfigError: ``lora.target_modules`` / ``modules_to_save`` name modules the model does not have.
         TrainingError: qlora without bitsandbytes installed.
     """
-    from aigc.models.loading import apply_lora, load_base_model
-    from aigc.models.targets import raise_for_missing
-
     m, tc, lo = wc.model, wc.train, wc.lora
     check_strategy(tc)
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs, DDP and FSDP
@@ -121,7 +102,7 @@ def build_model(wc: Any, device: torch.device) -> Any:
             model, use_gradient_checkpointing=tc.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
     else:
-        model = load_base_model(m.name_or_path, m.dtype, str(device), m.trust_remote_code)
+        model = load_base_model(m.load_path(), m.dtype, str(device), m.trust_remote_code)  # the resolved snapshot
         if tc.gradient_checkpointing:
             _enable_checkpointing(model, gc_kwargs)
     if tc.gradient_checkpointing:
@@ -148,7 +129,7 @@ def build_model(wc: Any, device: torch.device) -> Any:
 
 
 # 2. wrap for the strategy, and the precision of the forward pass
-def prepare(model: Any, wc: Any) -> Any:
+def prepare(model: Any, wc: WorkerConfig) -> Any:
     """Wrap for ``train.strategy`` (DDP or FSDP) and move to the worker's device (a no-op for one worker).
 
     DDP and FSDP on GPUs go through Ray Train's ``prepare_model``. Ray refuses FSDP without CUDA, so on CPU
@@ -172,7 +153,7 @@ def prepare(model: Any, wc: Any) -> Any:
     return model
 
 
-def autocast(wc: Any, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(wc: WorkerConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """The forward pass's precision context for ``train.mixed_precision`` (weights stay in their dtype)."""
     dtype = _PRECISION.get(wc.train.mixed_precision)
     if dtype is None:
@@ -180,7 +161,7 @@ def autocast(wc: Any, device: torch.device) -> contextlib.AbstractContextManager
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def grad_scaler(model: Any, wc: Any) -> Any:
+def grad_scaler(model: Any, wc: WorkerConfig) -> Any:
     """A loss scaler for ``mixed_precision=fp16`` (fp16 gradients underflow without one), else a disabled one.
 
     Use as ``scaler.scale(loss).backward()``, ``scaler.unscale_(opt)`` before clipping, ``scaler.step(opt)``,
@@ -201,7 +182,7 @@ def clip_grad_norm(model: Any, params: list[torch.nn.Parameter], max_norm: float
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def oom_error(exc: BaseException, wc: Any) -> TrainingError:
+def oom_error(exc: BaseException, wc: WorkerConfig) -> TrainingError:
     """A TrainingError for an out-of-memory failure, saying which settings use less memory."""
     tc = wc.train
     tips = []
@@ -225,118 +206,3 @@ def oom_error(exc: BaseException, wc: Any) -> TrainingError:
         f"out of {where} training {wc.model.name_or_path} (method {tc.method}, batch_size {tc.batch_size}): "
         f"{first}. Try: " + "; ".join(tips or ["a smaller data.max_length, or a bigger machine"])
     )
-
-
-# 3. checkpoints: the weights as a save_pretrained directory, the optimizer state
-def save_weights(model: Any, wc: Any, path: str, rank: int) -> None:
-    """Write the trained weights as a ``save_pretrained`` directory at ``path`` (rank 0 writes).
-
-    A PEFT adapter for lora/qlora, the whole model for full. Collective: under FSDP every rank must call it
-    (the full state dict is gathered onto rank 0's CPU first).
-    """
-    if not sharding.is_fsdp(model):
-        if rank == 0:
-            unwrap(model).save_pretrained(path)
-        return
-    state = sharding.full_state_dict(model)
-    if rank != 0:
-        return
-    inner = unwrap(model)
-    if wc.train.method == "full":
-        inner.save_pretrained(path, state_dict=state)
-        return
-    import copy
-
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    adapter = get_peft_model_state_dict(_peft_twin(inner, wc), state_dict=state)
-    config = copy.deepcopy(inner.peft_config["default"])
-    config.inference_mode = True  # as peft's own save_pretrained writes it
-    os.makedirs(path, exist_ok=True)
-    config.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(path, "adapter_model.safetensors"),
-              metadata={"format": "pt"})  # fmt: skip
-
-
-def _peft_twin(inner: Any, wc: Any) -> Any:
-    """A weightless (meta device) twin of the peft model ``inner`` with the same adapter.
-
-    Under FSDP the module names of ``inner`` carry ``_fsdp_wrapped_module`` parts that the gathered state dict
-    does not, and peft matches adapter weights by module name; the twin's names are the plain ones.
-    """
-    import copy
-
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(
-            inner.get_base_model().config, trust_remote_code=wc.model.trust_remote_code
-        )
-        return get_peft_model(base, copy.deepcopy(inner.peft_config["default"]), low_cpu_mem_usage=True)
-
-
-def _adapter_file(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(path, "adapter_model.safetensors"))
-
-
-def _model_file(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for name in sorted(os.listdir(path)):  # one file, or the shards of a large model
-        if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(path, name)))
-    return state
-
-
-def _peft_load_keys(peft_model: Any, adapter_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An adapter file's tensors under the peft model's own parameter names (adapter name put back, DoRA and
-    ``modules_to_save`` remapped): peft's own mapping, with its final ``load_state_dict`` captured."""
-    from peft import set_peft_model_state_dict
-
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
-        captured.update(state)
-        return torch.nn.modules.module._IncompatibleKeys([], [])
-
-    peft_model.load_state_dict = capture
-    try:
-        set_peft_model_state_dict(peft_model, adapter_state)
-    finally:
-        del peft_model.load_state_dict
-    return captured
-
-
-def load_weights(model: Any, wc: Any, path: str) -> None:
-    """Load weights written by :func:`save_weights` into ``model`` (every rank; collective under FSDP)."""
-    full = wc.train.method == "full"
-    state = _model_file(path) if full else _adapter_file(path)
-    inner = unwrap(model)
-    if sharding.is_fsdp(model):
-        sharding.load_full_state_dict(model, state if full else _peft_load_keys(_peft_twin(inner, wc), state))
-    elif full:
-        inner.load_state_dict(state, strict=False)
-    else:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(inner, state)
-
-
-def optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
-    """The optimizer's full state for a checkpoint (a collective under FSDP; rank 0's copy is the one saved)."""
-    if sharding.is_fsdp(model):
-        return sharding.optim_state(model, optimizer)
-    return optimizer.state_dict()
-
-
-def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
-    """Load a state written by :func:`optimizer_state` (every rank passes the whole state)."""
-    if sharding.is_fsdp(model):
-        sharding.load_optim_state(model, optimizer, state)
-    else:
-        optimizer.load_state_dict(state)

@@ -165,7 +165,8 @@ def _import_optuna() -> Any:
         import optuna
     except ImportError:
         raise ConfigError(
-            "tune.search=optuna needs Optuna: pip install 'aigc[tune]' (or use tune.search=random)"
+            "tune.search=optuna needs Optuna: from the project's checkout, pip install -c constraints.txt -e '.[tune]' "
+            "(or use tune.search=random)"
         ) from None
     return optuna
 

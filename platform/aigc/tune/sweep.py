@@ -23,11 +23,22 @@ from typing import Any
 
 from aigc import storage
 from aigc.config import PlatformConfig
+from aigc.console import StageLine
+from aigc.data.preprocess import dataset_rows, read_stats
+from aigc.data.shard_sets import cache_datasets, load_datasets
 from aigc.errors import ConfigError, TrainingError
-from aigc.publish import publish
+from aigc.models.hub import resolve_model
+from aigc.models.loading import load_tokenizer
+from aigc.train.gen_metrics import take_generation_samples
+from aigc.train.publish import publish
 from aigc.train.tracking import Tracker
+from aigc.tune.concurrency import plan_concurrency
+from aigc.tune.progress import SweepProgress
+from aigc.tune.results import best_config, best_config_yaml, plot_curves, plot_params, trials_table
+from aigc.tune.search import build_scheduler, build_search, check_sweep, max_reports, trial_base, trial_count
 from aigc.tune.space import Space, resolve, to_param_space
 from aigc.tune.tracking import finish_sweep_run, open_sweep_run
+from aigc.tune.trial import run_trial, trial_resources
 
 __all__ = ["SweepResult", "build_tuner", "run_sweep", "sweep_name"]
 
@@ -56,10 +67,8 @@ def sweep_name(cfg: PlatformConfig) -> str:
 def _shared_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The shards, read once into the object store when they fit (``train.cache_data``): every trial then
     iterates the same blocks; data too large to cache is streamed by each trial."""
-    from aigc.train.trainer import cache_datasets, load_datasets
-
-    datasets, stats = load_datasets(cfg)
-    return cache_datasets(cfg, datasets, stats), stats
+    datasets, stats = load_datasets(cfg.output_dir, cfg.model)
+    return cache_datasets(datasets, stats, cfg.train.cache_data), stats
 
 
 def build_tuner(
@@ -75,6 +84,7 @@ def build_tuner(
     tokenizer: Any = None,
     gen_samples: list[Any] | None = None,
     parent_run_id: str | None = None,
+    line: StageLine | None = None,
 ) -> Any:
     """A Tuner for the experiment ``<output_dir>/sweep/<name>``; restored when that experiment exists.
 
@@ -82,12 +92,9 @@ def build_tuner(
         cfg: the trials' base config (:func:`aigc.tune.search.trial_base`).
         tokenizer, gen_samples: loaded once here and handed to every trial (None: each trial loads its own).
         parent_run_id: the sweep's MLflow run, the parent of the trials' runs.
+        line: the stage line the trials' progress is drawn on (None: plain lines).
     """
     import ray.tune
-
-    from aigc.tune.progress import SweepProgress
-    from aigc.tune.search import build_scheduler, build_search, max_reports
-    from aigc.tune.trial import run_trial, trial_resources
 
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
@@ -127,8 +134,8 @@ def build_tuner(
             name=name,
             storage_path=sweep_storage,
             storage_filesystem=sweep_fs,
-            verbose=0,  # one line per trial event instead of Tune's tables
-            callbacks=[SweepProgress(t.metric, trials), *(callbacks or [])],
+            verbose=0,  # a live line (SweepProgress) instead of Tune's tables
+            callbacks=[SweepProgress(t.metric, trials, line), *(callbacks or [])],
             # The last checkpoint is always kept (resume); the best by the metric too (publishing). PBT keeps
             # them all: a trial that exploits another takes over its checkpoint, and pruning either trial's
             # checkpoints would delete the other's (Tune tracks the shared directory in both).
@@ -169,11 +176,9 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
     """
     import ray
 
-    from aigc.data.preprocess import dataset_rows, read_stats
-    from aigc.tune.concurrency import plan_concurrency
-    from aigc.tune.search import check_sweep, trial_base, trial_count
-
     space = check_sweep(cfg)
+    # once, here: every trial loads this snapshot and the registry records its commit
+    cfg = cfg.model_copy(update={"model": resolve_model(cfg.model, weights=True)})
     cfg = trial_base(cfg)  # the trials' epochs and evaluations (tune.epochs, tune.eval_every_steps)
     read_stats(cfg.output_dir)  # fail before any cluster work if preprocessing has not run
     plan = plan_concurrency(cfg, trial_count(cfg, space), ray.cluster_resources())
@@ -192,11 +197,13 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
     rows = dataset_rows(stats, "train")
     parent = open_sweep_run(cfg, name, space)
     try:
-        tuner = build_tuner(
-            cfg, space, datasets, rows, name=name, at_once=plan.at_once, trials=plan.trials, callbacks=callbacks,
-            parent_run_id=parent.run_id, **_shared_trial_inputs(cfg, space, datasets),
-        )  # fmt: skip
-        grid = tuner.fit()
+        with StageLine("sweep", total=plan.trials) as line:
+            tuner = build_tuner(
+                cfg, space, datasets, rows, name=name, at_once=plan.at_once, trials=plan.trials,
+                callbacks=callbacks, parent_run_id=parent.run_id, line=line,
+                **_shared_trial_inputs(cfg, space, datasets),
+            )  # fmt: skip
+            grid = tuner.fit()
         results = list(grid)
         t = cfg.tune
         try:
@@ -219,13 +226,10 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
 def _shared_trial_inputs(cfg: PlatformConfig, space: Space, datasets: dict[str, Any]) -> dict[str, Any]:
     """The tokenizer and the generation-metric prompts, loaded once for every trial (each trial would otherwise
     load the tokenizer and run a Ray Data ``take`` on the val split). Not when the space changes them."""
-    from aigc.models.loading import load_tokenizer
-    from aigc.train.trainer import take_generation_samples
-
     keys = space.keys
     tokenizer = None
     if not any(k.startswith("model.") for k in keys):
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.model.load_path(), cfg.model.trust_remote_code)
     samples = None
     if "train.eval_generation_samples" not in keys:
         samples = take_generation_samples(datasets, cfg.train.eval_generation_samples)
@@ -236,8 +240,6 @@ def _finish(cfg: PlatformConfig, space: Space, results: list[Any], best: Any, na
             register: bool, parent: Tracker) -> SweepResult:  # fmt: skip
     """Table, CSV, plots, best config file, the parent MLflow run's summary, published adapter, completion
     marker."""
-    from aigc.tune.results import best_config, best_config_yaml, plot_curves, plot_params, trials_table
-
     sweep_dir = storage.join(cfg.output_dir, "sweep")
     values = resolve(space, best.config)
     table = trials_table(results, space, cfg, best.path)

@@ -2,7 +2,7 @@
 
 Two ways to run it, chosen by ``tune.num_workers_per_trial``:
 
-- **1 worker** (the default): the trial process runs :func:`~aigc.train.loop.train_loop_per_worker` itself
+- **1 worker** (the default): the trial process runs :func:`~aigc.train.loop.run_worker` itself
   with a :class:`~aigc.train.context.TuneTrialContext`. No Train controller, no worker group, one checkpoint
   copy; the trial reserves the worker's CPUs (and GPU).
 - **N workers**: the Train V2 driver pattern. The trial (a quarter CPU) fits a TorchTrainer whose workers
@@ -14,12 +14,19 @@ Either way the datasets arrive already materialized in the object store (read on
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aigc import storage
 from aigc.config import PlatformConfig, with_values
 from aigc.errors import TrainingError
 from aigc.tune.space import Space, resolve
+
+if TYPE_CHECKING:
+    from aigc.train.context import WorkerContext
+    from aigc.train.worker_config import WorkerConfig
+
+# aigc.train's modules (torch, transformers) are imported inside the functions below, not here: a trial
+# process's first trial then counts their import in its set-up (``trial_imports_config_s``), where it belongs.
 
 __all__ = ["DRIVER_CPUS", "trial_resources", "run_trial"]
 
@@ -48,14 +55,14 @@ def run_trial(config: dict[str, Any], base: PlatformConfig, space: Space, datase
         TrainingError: the loss became NaN or infinite (the trial is marked errored, naming the step).
     """
     t0 = time.perf_counter()
+    from aigc.train.loop import NONFINITE_KEY
+
     cfg = with_values(base, resolve(space, config))
     shared = {"tokenizer": tokenizer, "gen_samples": gen_samples, "parent_run_id": parent_run_id}
     if cfg.tune.num_workers_per_trial == 1:
         out = _train_in_trial(cfg, datasets, rows_train, t0, shared)
     else:
         out = _train_with_workers(cfg, datasets, rows_train, shared)
-    from aigc.train.loop import NONFINITE_KEY
-
     if isinstance(out, dict) and NONFINITE_KEY in out:
         raise TrainingError(f"trial loss became NaN or infinite at step {out[NONFINITE_KEY]}; lower train.lr")
 
@@ -66,16 +73,16 @@ def _train_in_trial(cfg: PlatformConfig, datasets: dict[str, Any], rows_train: i
     import ray.tune
 
     from aigc.train.context import TuneTrialContext
-    from aigc.train.loop import train_loop_per_worker
-    from aigc.train.trainer import train_loop_config
+    from aigc.train.loop import run_worker
+    from aigc.train.worker_config import build_worker_config
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same batches on a resume
     name = f"trial_id={ray.tune.get_context().get_trial_id()}"
     t_config = time.perf_counter()
-    loop_config = train_loop_config(cfg, datasets, rows_train, 1, run_name=name, **shared)
+    wc = build_worker_config(cfg, datasets, rows_train, 1, run_name=name, **shared)
     phases = {"imports_config": t_config - t0, "tokenizer_samples": time.perf_counter() - t_config}
     ctx = _TimedContext(TuneTrialContext(datasets, cfg.train.use_gpu), t0, phases, name)
-    return train_loop_per_worker({**loop_config, "context": ctx})
+    return run_worker(wc, ctx)
 
 
 class _TimedContext:
@@ -87,14 +94,14 @@ class _TimedContext:
     the base model's evaluation, starting the data iterators, and the first report's own evaluation, generation
     metrics included, and checkpoint)."""
 
-    def __init__(self, inner: Any, t0: float, phases: dict[str, float], name: str) -> None:
+    def __init__(self, inner: WorkerContext, t0: float, phases: dict[str, float], name: str) -> None:
         self._inner, self._t0, self._first, self._name = inner, t0, True, name
         self._phases, self._mark = dict(phases), t0 + sum(phases.values())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def prepare_model(self, model: Any, wc: Any) -> Any:
+    def prepare_model(self, model: Any, wc: WorkerConfig) -> Any:
         out = self._inner.prepare_model(model, wc)
         now = time.perf_counter()
         self._phases["model"], self._mark = now - self._mark, now  # the loop builds the model just before

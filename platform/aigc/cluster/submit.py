@@ -9,7 +9,9 @@
 A submission is what ``ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python
 jobs/<stage>.py ...`` sends: the project directory (without run outputs, virtualenvs and VCS data) as the
 job's working dir, the ``aigc`` package as a py_module, and ``jobs/runtime_env.yaml`` for the rest.
-``ray.job_submission.JobSubmissionClient`` uploads both and adds the token header itself.
+``ray.job_submission.JobSubmissionClient`` uploads both and adds the token header itself. ``HF_TOKEN``, when set
+here, goes with the job in its runtime env: the job's driver resolves and downloads the base model
+(:mod:`aigc.models.hub`), and a gated one needs it.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ EXCLUDES = ["runs/", ".venv/", ".git/", "mlruns/", "tensorboard/", "__pycache__/
 
 def project_root() -> str:
     """The directory holding ``jobs/`` and ``platform/aigc`` (this package's checkout)."""
-    return os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    return os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 def build_runtime_env(root: str) -> dict[str, Any]:
@@ -57,6 +59,12 @@ def build_runtime_env(root: str) -> dict[str, Any]:
     # The package as its own module (not only inside the working dir) so it is importable wherever the job's
     # tasks and actors run, as `--runtime-env jobs/runtime_env.yaml` ships it.
     env["py_modules"] = [os.path.join(root, "platform", "aigc")]
+    # The driver downloads the base model: a gated or private one needs the token, and Ray hands a job's env_vars
+    # to its driver and workers alone. Ray shows a job's runtime env in its dashboard and writes it to each node's
+    # runtime_env_agent.log: on a shared cluster give the nodes HF_TOKEN in their own environment instead.
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        env["env_vars"] = {**(env.get("env_vars") or {}), "HF_TOKEN": token}
     return env
 
 

@@ -1,5 +1,5 @@
 """The config's sections: one pydantic model per stage, each key typed, documented and validated where it is
-defined (the serving sections in :mod:`aigc.config_serve`). :mod:`aigc.config` loads a YAML file and overrides
+defined (the serving sections in :mod:`aigc.config.serving`). :mod:`aigc.config` loads a YAML file and overrides
 into :class:`PlatformConfig`.
 """
 
@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from aigc.config_base import _Section
-from aigc.config_serve import AutoscalingConfig, ModerationConfig, ServeConfig
+from aigc.config.section import _Section
+from aigc.config.serving import AutoscalingConfig, ModerationConfig, ServeConfig
 
 __all__ = [
     "AutoscalingConfig",
@@ -33,11 +33,36 @@ DataFormat = Literal["alpaca", "messages", "sharegpt", "text"]
 
 
 class ModelConfig(_Section):
-    name_or_path: str = Field("assets/tiny-base", description="Hub id or local directory of the base causal LM.")
+    """The base model. A hub id is resolved once per command, on the driver (:mod:`aigc.models.hub`): workers,
+    trials and replicas load ``resolved_path``, never the hub id."""
+
+    name_or_path: str = Field(
+        "assets/tiny-base", description="Hub id (org/name) or local directory of the base causal LM."
+    )
+    revision: str | None = Field(
+        None, min_length=1, description="Hub branch, tag or commit of a hub id; unset = main. Pinned to one commit "
+        "for the whole command."
+    )  # fmt: skip
+    cache_dir: str | None = Field(
+        None,
+        min_length=1,
+        description="Where hub models are downloaded, once: a directory every node mounts, or s3:// gs:// (the "
+        "driver uploads the snapshot, other nodes copy it from there); unset = the driver's Hugging Face cache.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; 'auto' = float32 on CPU, bfloat16 on GPUs that support it."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub (off = safer).")
+    commit: str | None = Field(
+        None, description="Set by the platform on the driver: the hub commit the run uses (none for a local directory)."
+    )
+    resolved_path: str | None = Field(
+        None, description="Set by the platform on the driver: the snapshot every process loads the model from."
+    )
+
+    def load_path(self) -> str:
+        """What a process loads: the resolved snapshot once the driver resolved it, else ``name_or_path``."""
+        return self.resolved_path or self.name_or_path
 
 
 class SourceConfig(_Section):
@@ -84,7 +109,12 @@ class DataConfig(_Section):
         description="A longer example: truncate (prompt cut from the left, then the answer from the right) "
         "or drop (quarantined as too_long).",
     )
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
+    val_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of rows held out for evaluation (split by a hash of the prompt: stable, no leakage).",
+    )
     seed: int = Field(0, description="Seed of the deterministic train/val split.")
     tokenizer_actors: int | None = Field(
         None, ge=1, description="Largest Ray Data actor pool that tokenizes; unset = the cluster's CPUs."
@@ -191,7 +221,11 @@ class TrainConfig(_Section):
         0, ge=0, description="Val prompts answered greedily at each eval for exact match and ROUGE-L; 0 = off."
     )
     eval_max_new_tokens: int = Field(48, ge=1, description="Longest generated answer for the generation metrics.")
-    run_name: str | None = Field(None, description="Ray Train run name; re-running the same name resumes.")
+    run_name: str | None = Field(
+        None,
+        description="Ray Train run name; unset = adapter_name. An unfinished run of this name is resumed; a "
+        "finished one is kept and the new run is named NAME-2, NAME-3, ... (the first not finished).",
+    )
 
     @model_validator(mode="after")
     def _methods(self) -> TrainConfig:
@@ -233,7 +267,7 @@ class TuneConfig(_Section):
         "weak trials continue from a better trial's checkpoint with perturbed values) or none.",
     )
     metric: str = Field("eval_loss", description="Reported metric the scheduler and the best-trial choice use.")
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] = Field("min", description="Whether a lower (min) or higher (max) metric is better.")
     grace_period: int = Field(1, ge=1, description="Reports (evaluations) every trial makes before it may be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor trials at each rung.")
     perturbation_interval: int = Field(
@@ -314,17 +348,28 @@ class PipelineConfig(_Section):
 class PlatformConfig(_Section):
     """One run of the platform: every stage reads the section it needs."""
 
-    output_dir: str = Field("runs/demo", description="Where a run writes everything (local dir or URI).")
-    registry_dir: str = Field("runs/registry", description="Where trained adapters are registered.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    output_dir: str = Field(
+        "runs/demo",
+        description="Where a run writes everything (local dir or s3:// gs://): data/ (stats.json, "
+        "shards-<run>/{train,val,quarantine}), ray/ (checkpoints), adapter/, train/, sweep/, mlruns/, tensorboard/, "
+        "pipeline/state.json.",
+    )
+    registry_dir: str = Field(
+        "runs/registry",
+        description="Where trained models are registered: <name>/v<N>/{adapter/, meta.json} (local dir or "
+        "s3:// gs://).",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="`aigc preprocess`: raw rows to tokenized Parquet shards."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The LoRA adapter (train.method lora/qlora).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="`aigc train`: the Ray Train fine-tune.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="`aigc sweep`: the Ray Tune search.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow and TensorBoard.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="`aigc serve`: the OpenAI-compatible endpoint.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="The embedded local Ray cluster.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="`aigc pipeline`.")
 
     @field_validator("output_dir", "registry_dir")
     @classmethod

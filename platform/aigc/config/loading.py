@@ -1,6 +1,6 @@
 """Typed configuration: one YAML file describes a run, for every stage.
 
-The sections are defined in :mod:`aigc.config_schema` (and importable from here). Load a run's config with
+The sections are defined in :mod:`aigc.config.schema` (and importable from here). Load a run's config with
 :func:`load_config`, which also applies ``section.key=value`` overrides from the command line.
 Every model forbids unknown keys, so a typo (``train.learning_rate``) fails at once, naming the key, before
 any cluster work starts.
@@ -17,7 +17,7 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from aigc.config_schema import (
+from aigc.config.schema import (
     AutoscalingConfig,
     ClusterConfig,
     DataConfig,
@@ -203,6 +203,8 @@ def resolve_paths(cfg: PlatformConfig) -> PlatformConfig:
         out.pipeline.feedback = _absolute(cfg.pipeline.feedback)
     if os.path.exists(cfg.model.name_or_path):
         out.model.name_or_path = _absolute(cfg.model.name_or_path)
+    if cfg.model.cache_dir:
+        out.model.cache_dir = _absolute(os.path.expanduser(cfg.model.cache_dir))
     return out
 
 

@@ -20,7 +20,7 @@ from aigc import storage
 from aigc.config import PlatformConfig
 from aigc.train.checkpointing import ADAPTER_SUBDIR, HISTORY_FILE, STEPS_FILE
 
-__all__ = ["Published", "checkpoint_metrics", "publish", "read_progress"]
+__all__ = ["Published", "checkpoint_metrics", "publish", "read_progress", "register_model"]
 
 
 @dataclass
@@ -56,6 +56,33 @@ def read_progress(checkpoint: Any) -> tuple[list[dict[str, Any]], list[float]]:
         return _read_progress_dir(local)
 
 
+def register_model(
+    cfg: PlatformConfig,
+    model_dir: str,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    data_hash: str | None,
+) -> Any:
+    """Register ``model_dir`` as the next version of ``train.adapter_name`` in ``registry_dir``: the one rule for
+    what an entry records (its base model and pinned commit, metrics, config, data fingerprint), whoever
+    registers (:func:`publish`, the pipeline's register stage).
+
+    Returns:
+        The new registry entry.
+    """
+    from aigc.registry import Registry
+
+    return Registry(cfg.registry_dir).register(
+        cfg.train.adapter_name,
+        model_dir,
+        base_model=cfg.model.name_or_path,
+        base_model_commit=cfg.model.commit,
+        metrics=metrics,
+        config=config,
+        data_hash=data_hash,
+    )
+
+
 def publish(
     cfg: PlatformConfig,
     checkpoint: Any,
@@ -75,29 +102,21 @@ def publish(
         register: also add it to ``cfg.registry_dir`` as the next version.
         extra_config: more keys to record with the config (e.g. the sweep's chosen values).
         data_hash: fingerprint of the training data (from ``stats.json``).
-        tokenizer: saved with the weights; loaded from ``model.name_or_path`` when not given.
+        tokenizer: saved with the weights; loaded from the model's resolved snapshot when not given.
     """
     from aigc.models.loading import load_tokenizer
-    from aigc.registry import Registry
 
     with tempfile.TemporaryDirectory(prefix="aigc-publish-") as tmp:
         local = checkpoint.to_directory(os.path.join(tmp, "checkpoint"))
         weights = os.path.join(local, ADAPTER_SUBDIR)
         history, step_losses = _read_progress_dir(local)
-        tok = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        tok = tokenizer or load_tokenizer(cfg.model.load_path(), cfg.model.trust_remote_code)
         tok.save_pretrained(weights)
         storage.remove_tree(dest)
         storage.copy_dir(weights, dest)
         metrics = checkpoint_metrics(history)
         registry_id = None
         if register:
-            entry = Registry(cfg.registry_dir).register(
-                cfg.train.adapter_name,
-                weights,
-                base_model=cfg.model.name_or_path,
-                metrics=metrics,
-                config={**cfg.model_dump(), **(extra_config or {})},
-                data_hash=data_hash,
-            )
-            registry_id = entry.model_id
+            config = {**cfg.model_dump(), **(extra_config or {})}
+            registry_id = register_model(cfg, weights, metrics, config, data_hash).model_id
     return Published(dest, metrics, history, registry_id, step_losses)

@@ -7,22 +7,28 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from aigc.config_base import _Section
+from aigc.config.section import _Section
 
 __all__ = ["AutoscalingConfig", "ModerationConfig", "ServeConfig"]
 
 
 class AutoscalingConfig(_Section):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
+    min_replicas: int = Field(1, ge=0, description="Generator replicas kept running with no traffic.")
+    max_replicas: int = Field(
+        2, ge=1, description="Most generator replicas; on a small machine 1 (a second only competes for its cores)."
+    )
     target_ongoing_requests: float = Field(
         24.0,
         gt=0,
         description="Per-replica load the autoscaler aims for; near serve.max_batch_size, so a replica fills most "
         "of its batch before Serve adds another.",
     )
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(30.0, ge=0)
+    upscale_delay_s: float = Field(
+        5.0, ge=0, description="Seconds the load must stay above target before a replica is added."
+    )
+    downscale_delay_s: float = Field(
+        30.0, ge=0, description="Seconds the load must stay below target before a replica is removed."
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> AutoscalingConfig:
@@ -68,11 +74,11 @@ class ModerationConfig(_Section):
 
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 to accept remote clients.")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     app_name: str = Field("aigc", description="Serve application name.")
     base_model_id: str | None = Field(None, description="Model id clients use for the base model.")
     max_tokens_cap: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
-    default_max_tokens: int = Field(64, ge=1)
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that sets none.")
     max_batch_size: int = Field(
         32,
         ge=1,
@@ -100,11 +106,51 @@ class ServeConfig(_Section):
         description="Seconds a model id's resolution (alias -> version) is reused: an `aigc promote` reaches "
         "traffic within this long, and the registry is read at most once per id per period. 0 = every request.",
     )
-    cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)
-    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
-    moderation: ModerationConfig = Field(default_factory=ModerationConfig)
-    # Security (README "Security"): key sources only, never keys; limits on what a request may send.
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Each request's deadline from its arrival: past it the request ends with 504 (code "
+        "request_timeout; an in-band error for a stream already sending) and its batch row is freed.",
+    )
+    graceful_shutdown_s: float = Field(
+        60.0,
+        ge=0,
+        description="A replica being stopped (downscale, redeploy, rollout) takes no new requests and finishes the "
+        "ones in flight, streams included, for up to this long before it goes (Serve's "
+        "graceful_shutdown_timeout_s, for the generator and the ingress).",
+    )
+    health_check_period_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often Serve asks each generator replica whether its engine is alive; three failed checks "
+        "in a row replace the replica.",
+    )
+    engine_stall_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="With requests waiting, no forward pass for this long fails the replica's health check (a hung "
+        "device or a stuck model lock); keep it above the slowest prefill of a max_prompt_tokens prompt.",
+    )
+    adapter_retry_s: float = Field(
+        30.0,
+        ge=0,
+        description="An adapter that failed to load is answered with the same error for this long before the "
+        "replica tries again (no retry storm).",
+    )
+    ingress_replicas: int = Field(
+        2,
+        ge=1,
+        description="HTTP ingress replicas (0.1 CPU each): more than one, so losing one never stops the endpoint.",
+    )
+    cpus_per_replica: float = Field(
+        1.0, gt=0, description="CPUs per generator replica; Ray sets torch's thread count to it."
+    )
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per generator replica (1 on a GPU cluster).")
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description="Generator replica autoscaling (Serve's autoscaling_config)."
+    )
+    moderation: ModerationConfig = Field(default_factory=ModerationConfig, description="Content safety.")
+    # Security (docs/operations.md "Security"): key sources only, never keys; limits on what a request may send.
     auth: Literal["auto", "keys", "none"] = Field(
         "auto",
         description="auto = check API keys when a key source is set, else serve on a loopback host only; "
