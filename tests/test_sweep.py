@@ -124,7 +124,9 @@ class _DieAfterFirstTrial(ray.tune.Callback):
 def test_rerun_continues_an_interrupted_sweep_without_rerunning_finished_trials(prepared, monkeypatch):
     import gc
 
-    from aigc.tune.sweep import run_sweep, sweep_name
+    from aigc.data.preprocess import read_stats
+    from aigc.tune.search import check_sweep, trial_base
+    from aigc.tune.sweep import choose_sweep, run_sweep
 
     tmp, overrides = prepared
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save the experiment state at every step
@@ -144,7 +146,8 @@ def test_rerun_continues_an_interrupted_sweep_without_rerunning_finished_trials(
     assert sorted(res.trials["lora.r"]) == [4, 8] and set(res.trials["status"]) == {"done"}
     for name, text in before.items():  # a finished trial was not trained again
         assert (exp / name / "result.json").read_text() == text
-    assert sweep_name(cfg) == "resume-2"  # the finished sweep is kept; the next run starts afresh
+    again = choose_sweep(trial_base(cfg), check_sweep(cfg), read_stats(cfg.output_dir))
+    assert (again.name, again.resumed) == ("resume-2", False)  # the finished sweep is kept; the next one is new
 
 
 def test_pbt_trial_continues_a_better_trials_checkpoint_with_its_own_perturbed_lr(prepared):

@@ -68,15 +68,36 @@ def test_adapter_is_registered_with_metrics(trained):
     assert (Path(entry.adapter_uri) / "adapter_model.safetensors").is_file()
 
 
-def test_rerun_of_an_interrupted_run_resumes_from_its_checkpoint(trained):
-    """A driver that died after epoch 2 (no completion marker): re-running resumes at epoch 3."""
+def test_rerun_of_an_interrupted_run_resumes_from_its_checkpoint(trained, capsys):
+    """A driver that died after its last epoch (no completion marker): re-running the same command resumes from
+    the run's checkpoint and trains nothing again."""
     from aigc.train.trainer import run_training
 
     cfg, res = trained
-    run_dir = Path(cfg.output_dir) / "ray" / cfg.train.adapter_name
-    (run_dir / "aigc_done.json").unlink()
-    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})})
-    again = run_training(longer)
-    assert [h["epoch"] for h in again.history] == [1, 2, 3]
-    assert again.history[:2] == res.history  # epochs 1-2 came from the checkpoint, not from retraining
-    assert again.history[2]["step"] == 3 * res.history[0]["step"]
+    (Path(cfg.output_dir) / "ray" / "bot" / "aigc_done.json").unlink()
+    again = run_training(cfg)
+    assert "[train] resuming run 'bot' from its last checkpoint" in capsys.readouterr().out
+    assert again.history == res.history  # both epochs came from the checkpoint, not from retraining
+
+
+def test_a_stale_checkpoint_is_not_resumed_after_the_data_changed(trained, capsys):
+    """Train died, the user fixed the data and preprocessed again: the re-run starts a new run on the new data
+    (the old run's checkpoint would have continued at its old position and been registered under the new data)."""
+    from aigc.data.preprocess import preprocess
+    from aigc.demo.dataset import generate_support_examples
+    from aigc.train.trainer import run_training
+
+    cfg, res = trained
+    old_run = Path(cfg.output_dir) / "ray" / "bot"
+    (old_run / "aigc_done.json").unlink()
+    Path(cfg.data.path).write_text("".join(json.dumps(r) + "\n" for r in generate_support_examples(200, seed=8)))
+    preprocess(cfg.data, cfg.model, cfg.output_dir)
+    fresh = run_training(cfg)
+    out = capsys.readouterr().out
+    assert "[train] new run 'bot-2'; not continuing 'bot', started on other inputs (data '" in out, out
+    assert Path(fresh.checkpoint_path).is_relative_to(Path(cfg.output_dir) / "ray" / "bot-2")
+    assert [h["epoch"] for h in fresh.history] == [1, 2]
+    assert fresh.history[0]["train_loss"] != res.history[0]["train_loss"]  # trained from step 0 on other rows
+    registry = Registry(cfg.registry_dir)
+    assert registry.resolve(fresh.registry_id).data_hash != registry.resolve(res.registry_id).data_hash
+    assert not (old_run / "aigc_done.json").exists()  # the old run is left as it was, not finished by this one

@@ -226,6 +226,11 @@ class TrainConfig(_Section):
         description="Ray Train run name; unset = adapter_name. An unfinished run of this name is resumed; a "
         "finished one is kept and the new run is named NAME-2, NAME-3, ... (the first not finished).",
     )
+    resume: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="auto: continue an unfinished run only if its data, model, LoRA and optimisation settings are "
+        "unchanged (else start NAME-2, ...); always: continue it whatever changed; never: always start a new run.",
+    )
 
     @model_validator(mode="after")
     def _methods(self) -> TrainConfig:

@@ -2,7 +2,8 @@
 
 The driver alone builds ScalingConfig, RunConfig and FailureConfig; :mod:`aigc.train.loop` only trains.
 Checkpoints go to ``<output_dir>/ray/<run name>/``; re-running the same command with the same
-``train.run_name`` (default: the adapter name) resumes from the last checkpoint after a crash.
+``train.run_name`` (default: the adapter name) resumes from the last checkpoint after a crash, when what decides
+the run is unchanged (:mod:`aigc.train.run_choice`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from aigc.train.loop import NONFINITE_KEY, train_loop_per_worker
 from aigc.train.outputs import write_outputs
 from aigc.train.progress import StepFeed
 from aigc.train.publish import Published, publish, read_progress
+from aigc.train.run_choice import DONE_MARKER, choose_run, record_run, run_inputs
 from aigc.train.worker_config import build_worker_config
 
 __all__ = ["TrainResult", "build_trainer", "run_training"]
-
-_DONE_MARKER = "aigc_done.json"  # written into a finished run's directory
 
 
 @dataclass
@@ -102,11 +102,6 @@ def build_trainer(
     )
 
 
-def _run_name(cfg: PlatformConfig, storage_path: str) -> str:
-    """The configured name; a run that already finished gets a fresh numbered name instead of re-running."""
-    return storage.free_run_name(storage_path, cfg.train.run_name or cfg.train.adapter_name, _DONE_MARKER)
-
-
 def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
     """Fit on the preprocessed shards, then publish the best checkpoint (export + register).
 
@@ -125,7 +120,11 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
     datasets = cache_datasets(datasets, stats, cfg.train.cache_data)
     tokenizer = load_tokenizer(cfg.model.load_path(), cfg.model.trust_remote_code)
     storage_path = storage.join(cfg.output_dir, "ray")
-    name = _run_name(cfg, storage_path)
+    inputs = run_inputs(cfg, stats)
+    choice = choose_run(storage_path, cfg.train.run_name or cfg.train.adapter_name, inputs, cfg.train.resume)
+    record_run(storage_path, choice, inputs)
+    name = choice.name
+    print(f"[train] {choice.message}")
     rows = dataset_rows(stats, "train")
     packed = f" (packed into {rows} rows)" if stats.get("packing") else ""
     print(f"[train] run {name!r}: {stats['rows_train']} train{packed} / {stats['rows_val']} val examples, "
@@ -169,7 +168,7 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
     title = f"Fine-tuning {cfg.train.adapter_name}"
     write_outputs(cfg.output_dir, cfg.tracking, name, title, history, step_losses, published.model_dir)
     done = {"adapter_dir": published.model_dir, "registry_id": published.registry_id, "metrics": published.metrics}
-    storage.write_json(storage.join(storage_path, name, _DONE_MARKER), done)
+    storage.write_json(storage.join(storage_path, name, DONE_MARKER), done)
     return TrainResult(
         **{**vars(published), "step_losses": step_losses}, checkpoint_path=best.path, run_history=history
     )

@@ -8,8 +8,9 @@
    (:mod:`aigc.tune.tracking`, with ``tracking.mlflow``) whose children are the trials' runs;
 3. runs the trials (:mod:`aigc.tune.trial`) with ``tune.search`` and ``tune.scheduler``, as many at a time
    as the cluster fits; re-running the same command after the driver died continues the sweep
-   (finished trials are kept, unfinished ones resume from their checkpoints); a sweep that finished is
-   kept and the next run gets a fresh numbered name (``sweep-2``);
+   (finished trials are kept, unfinished ones resume from their checkpoints) when its data, model, space and
+   settings are unchanged (:mod:`aigc.train.run_choice`, as for ``aigc train``); a sweep that finished, or
+   one started on other inputs, is kept and the next run gets a fresh numbered name (``sweep-2``);
 4. writes ``<output_dir>/sweep/``: ``trials.csv``, ``curves.png``, ``params.png``, ``best_config.yaml`` (also
    the parent run's artifacts) and ``best_adapter/``, registered with the sweep's id in its config
    (``sweep.id``).
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,7 @@ from aigc.models.hub import resolve_model
 from aigc.models.loading import load_tokenizer
 from aigc.train.gen_metrics import take_generation_samples
 from aigc.train.publish import publish
+from aigc.train.run_choice import DONE_MARKER, RunChoice, choose_run, record_run, run_inputs
 from aigc.train.tracking import Tracker
 from aigc.tune.concurrency import plan_concurrency
 from aigc.tune.progress import SweepProgress
@@ -40,9 +43,7 @@ from aigc.tune.space import Space, resolve, to_param_space
 from aigc.tune.tracking import finish_sweep_run, open_sweep_run
 from aigc.tune.trial import run_trial, trial_resources
 
-__all__ = ["SweepResult", "build_tuner", "run_sweep", "sweep_name"]
-
-_DONE_MARKER = "aigc_done.json"  # written into a finished sweep's directory
+__all__ = ["SweepResult", "build_tuner", "choose_sweep", "run_sweep", "sweep_inputs"]
 
 
 @dataclass
@@ -59,9 +60,18 @@ class SweepResult:
     plots: list[str] = field(default_factory=list)
 
 
-def sweep_name(cfg: PlatformConfig) -> str:
-    """``tune.name``, or ``<tune.name>-N`` when the sweeps of that name finished (their dir holds the marker)."""
-    return storage.free_run_name(storage.join(cfg.output_dir, "sweep"), cfg.tune.name, _DONE_MARKER)
+def sweep_inputs(cfg: PlatformConfig, space: Space, stats: dict[str, Any]) -> dict[str, Any]:
+    """What decides a sweep: the trials' base run (:func:`aigc.train.run_choice.run_inputs`), the space and
+    the search settings."""
+    tune = cfg.tune.model_dump(mode="json", exclude={"name", "space"})  # the space by content, not path
+    return run_inputs(cfg, stats) | {"tune": tune, "space": [dataclasses.asdict(p) for p in space.params]}
+
+
+def choose_sweep(cfg: PlatformConfig, space: Space, stats: dict[str, Any]) -> RunChoice:
+    """``tune.name`` continued when it is unfinished and its inputs are unchanged; else the next ``NAME-N``
+    (``cfg``: the trials' base config, :func:`aigc.tune.search.trial_base`)."""
+    return choose_run(storage.join(cfg.output_dir, "sweep"), cfg.tune.name, sweep_inputs(cfg, space, stats),
+                      cfg.train.resume)  # fmt: skip
 
 
 def _shared_datasets(cfg: PlatformConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -180,7 +190,7 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
     # once, here: every trial loads this snapshot and the registry records its commit
     cfg = cfg.model_copy(update={"model": resolve_model(cfg.model, weights=True)})
     cfg = trial_base(cfg)  # the trials' epochs and evaluations (tune.epochs, tune.eval_every_steps)
-    read_stats(cfg.output_dir)  # fail before any cluster work if preprocessing has not run
+    stats = read_stats(cfg.output_dir)  # fail before any cluster work if preprocessing has not run
     plan = plan_concurrency(cfg, trial_count(cfg, space), ray.cluster_resources())
     if cfg.tune.scheduler == "pbt" and plan.at_once < plan.trials:
         raise ConfigError(
@@ -188,12 +198,13 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
             f"a running one), but {plan.at_once} fit at once; lower tune.num_samples to {plan.at_once}, or raise "
             "tune.max_concurrent_trials or the cluster's CPUs"
         )
-    name = sweep_name(cfg)
     sweep_dir = storage.join(cfg.output_dir, "sweep")
-    resumed = storage.is_file(storage.join(sweep_dir, name, "tuner.pkl"))
-    print(f"[sweep] {name}: {plan.line()}" + (" (continuing the interrupted sweep)" if resumed else ""), flush=True)
+    choice = choose_sweep(cfg, space, stats)
+    record_run(sweep_dir, choice, sweep_inputs(cfg, space, stats))
+    name = choice.name
+    print(f"[sweep] {choice.message}: {plan.line()}", flush=True)
 
-    datasets, stats = _shared_datasets(cfg)
+    datasets, stats = _shared_datasets(cfg)  # stats as the shards were read (the same file as above)
     rows = dataset_rows(stats, "train")
     parent = open_sweep_run(cfg, name, space)
     try:
@@ -266,7 +277,7 @@ def _finish(cfg: PlatformConfig, space: Space, results: list[Any], best: Any, na
         data_hash=stats.get("fingerprint"),
     )
     done = {"best": values, "adapter_dir": published.model_dir, "registry_id": published.registry_id}
-    storage.write_json(storage.join(sweep_dir, name, _DONE_MARKER), done)
+    storage.write_json(storage.join(sweep_dir, name, DONE_MARKER), done)
     return SweepResult(
         sweep_id, values, published.metrics, published.model_dir, published.registry_id, table, config_path, plots
     )
