@@ -3,7 +3,7 @@
     PYTHONPATH=platform .venv/bin/python bench/preprocess_throughput.py [--rows 50000,500000] [--actors N]
 
 All on one generated input file (customer-support rows, alpaca format), in one run, each doing the same row
-work (`aigc.data.rows.Tokenize`: validate, chat template, tokenize, length policy, split):
+work (`aigc.data.tokenizing.Tokenize`: validate, chat template, tokenize, length policy, split):
 
 - single process: one Python process, batches of 1,024 rows, one Parquet file;
 - `datasets`: `Dataset.from_json(file).map(<row work>, batched=True, num_proc=<cores>)` + `to_parquet`
@@ -32,9 +32,10 @@ import pyarrow.parquet as pq
 
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))  # PYTHONPATH wins
 
+from aigc.cli import check_stage  # noqa: E402
 from aigc.config import load_config  # noqa: E402
 from aigc.data.preprocess import preprocess, read_stats  # noqa: E402
-from aigc.data.rows import Tokenize as _Tokenize  # noqa: E402
+from aigc.data.tokenizing import Tokenize as _Tokenize  # noqa: E402
 from aigc.demo.dataset import generate_support_examples  # noqa: E402
 
 _BATCH = 1024
@@ -100,7 +101,7 @@ def _run(n: int, args: argparse.Namespace, cores: int) -> dict[str, float]:
                 f.write(json.dumps(r) + "\n")
         overrides = [f"data.path={src}", f"output_dir={tmp}/out"]
         overrides += [f"data.tokenizer_actors={args.actors}"] if args.actors else []
-        cfg = load_config(args.config, overrides)
+        cfg = check_stage("preprocess", load_config(args.config, overrides))  # before any Ray work
         out = {"single": _single_process(cfg, src, tmp), "datasets": _datasets(cfg, src, tmp, cores)}
         out["cold"], out["rss"] = _cli(overrides, args.config)
         stats = read_stats(os.path.join(tmp, "out"))

@@ -1,4 +1,4 @@
-"""Row formats and the row work (aigc.data.rows.Tokenize, called in-process without Ray) on the tiny tokenizer."""
+"""Row formats and the row work (aigc.data.tokenizing.Tokenize, called in-process without Ray) on the tiny tokenizer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.formats import Example, RowError, conversation_key, to_example
-from aigc.data.rows import Tokenize
+from aigc.data.tokenizing import Tokenize
 
 TINY = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-base")
 TOOLS = [{"name": "get_weather", "description": "天气 by city", "parameters": {"type": "object",

@@ -12,8 +12,8 @@ import pytest
 
 from aigc.config import load_config
 from aigc.data.preprocess import preprocess, shards_dir
-from aigc.data.rows import fit_length
 from aigc.data.sink import percentile
+from aigc.data.tokenizing import fit_length
 from aigc.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import pytest
 
 from aigc import storage
 from aigc.config import DataConfig, ModelConfig
+from aigc.data.file_records import iter_records
 from aigc.data.preprocess import _fingerprint
 from aigc.data.reading import check_columns, hash_inputs, list_input_files, read_raw
-from aigc.data.records import iter_records
 from aigc.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,14 +88,14 @@ def test_bad_entries_are_named_with_what_was_expected(tree):
 
 
 def test_precheck_fails_on_a_bad_mixture_entry_before_any_cluster(tree, tmp_path):
-    from aigc.cli import _precheck
+    from aigc.cli import check_stage
     from aigc.config import load_config
 
     tiny = ROOT / "assets" / "tiny-base"
     cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", f"model.name_or_path={tiny}", "serve.max_tokens_cap=64"])
     cfg.data = DataConfig(path=[str(tree / "a.jsonl"), str(tree / "nothing-*.jsonl")], max_length=128)
     with pytest.raises(DataError, match=r"data\.path\[1\] .*no file matches the glob"):
-        _precheck("preprocess", cfg)
+        check_stage("preprocess", cfg)
 
 
 def test_check_columns_uses_each_sources_format_and_names_the_source(tree):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from aigc.config import DataConfig, ModelConfig
-from aigc.data.rows import Tokenize
 from aigc.data.templates import encode_chat, render_for_training, render_prompt
+from aigc.data.tokenizing import Tokenize
 from aigc.models.chat_template import DEFAULT_CHAT_TEMPLATE
 from aigc.models.loading import load_tokenizer
 from aigc.serve.engine.prompts import PromptEncoder

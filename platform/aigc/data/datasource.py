@@ -1,5 +1,5 @@
 """The Ray Data side of reading: :class:`RawRecords`, a datasource over the files of one source, yields the
-records of :mod:`aigc.data.records` as :data:`~aigc.data.records.RAW_SCHEMA` blocks of bounded size
+records of :mod:`aigc.data.file_records` as :data:`~aigc.data.file_records.RAW_SCHEMA` blocks of bounded size
 (``raw``, ``source``, ``read_error``, ``read_detail``).
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-from aigc.data.records import RAW_SCHEMA, Record, iter_records
+from aigc.data.file_records import RAW_SCHEMA, Record, iter_records
 
 __all__ = ["RawRecords"]
 

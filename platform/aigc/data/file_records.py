@@ -8,9 +8,9 @@ stays flat whatever the size of the file. ``raw`` is the record as a JSON string
 * ``.parquet`` (row group by row group) and ``.csv`` (block by block, every cell text) via pyarrow; nested
   list/struct columns become JSON lists/objects, other values (dates, decimals) their ``str``.
 
-Records that were read have ``""`` in ``read_error`` and ``read_detail``; :mod:`aigc.data.rows` parses ``raw``
+Records that were read have ``""`` in ``read_error`` and ``read_detail``; :mod:`aigc.data.tokenizing` parses ``raw``
 and quarantines the others with their ``read_error`` as the reason. No Ray here: the iterators take any binary
-stream, so they serve the Ray Data datasource (:mod:`aigc.data.readers`) and the driver's column check alike.
+stream, so they serve the Ray Data datasource (:mod:`aigc.data.datasource`) and the driver's column check alike.
 """
 
 from __future__ import annotations

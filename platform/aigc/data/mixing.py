@@ -65,7 +65,7 @@ def mark_rows(batch: pa.Table, keyset: Any | None, weights: list[float], seed: i
     """Ray Data map_batches function: duplicates get ``split="duplicate"``, train rows their ``copies``.
 
     Args:
-        batch: rows of :data:`aigc.data.rows.OUT_SCHEMA` (with ``key`` and ``source``).
+        batch: rows of :data:`aigc.data.tokenizing.OUT_SCHEMA` (with ``key`` and ``source``).
         keyset: a :class:`KeySet` actor handle, or None when dedup is off.
         weights: weight of each source, indexed by the ``source`` column.
         seed: data.seed, so a different seed draws a different subsample.

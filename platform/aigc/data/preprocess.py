@@ -4,7 +4,7 @@ One streaming pass, each stage a Ray Data operator so the job scales from a lapt
 
 1. read (:mod:`aigc.data.reading`): every record of every file of every ``data.path`` source becomes one JSON
    string with its source index (rows that cannot be read carry a ``read_error`` and are quarantined);
-2. validate + template + tokenize (:mod:`aigc.data.rows`) in ``map_batches`` on an actor pool sized from the
+2. validate + template + tokenize (:mod:`aigc.data.tokenizing`) in ``map_batches`` on an actor pool sized from the
    cluster's CPUs, one tokenizer call per batch; prompt tokens get label -100 so the loss covers only the
    answer; too-long examples are truncated or dropped (``data.overflow``); the train/val split is a hash of
    the prompt (stable across runs, no leakage of duplicated prompts);
@@ -33,7 +33,7 @@ import numpy as np
 from aigc import storage
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.reading import SUPPORTED_EXTENSIONS, check_columns, hash_inputs, list_input_files, read_raw
-from aigc.data.rows import Tokenize as _Tokenize  # the row work, also run by bench/preprocess_throughput.py
+from aigc.data.tokenizing import Tokenize as _Tokenize  # the row work, also run by bench/preprocess_throughput.py
 from aigc.errors import DataError
 from aigc.models.hub import resolve_model
 

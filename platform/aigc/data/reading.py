@@ -1,9 +1,9 @@
-"""Reading the inputs: every record of every source of ``data.path`` becomes one row for :mod:`aigc.data.rows`.
+"""Reading the inputs: every record of every source of ``data.path`` becomes one row for :mod:`aigc.data.tokenizing`.
 
 A row has ``raw`` (the record as a JSON string), ``source`` (index into ``data.sources()``: which format and
 columns apply) and ``read_error``/``read_detail`` (empty, or why the record could not be read; such rows are
-quarantined downstream, never dropped). Files are listed by :mod:`aigc.data.sources`, parsed by
-:mod:`aigc.data.records` and streamed by the Ray Data datasource of :mod:`aigc.data.readers`.
+quarantined downstream, never dropped). Files are listed by :mod:`aigc.data.input_files`, parsed by
+:mod:`aigc.data.file_records` and streamed by the Ray Data datasource of :mod:`aigc.data.datasource`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 from aigc import storage
 from aigc.config import DataConfig
+from aigc.data.file_records import iter_records
 from aigc.data.formats import FORMATS, required_fields
-from aigc.data.records import iter_records
-from aigc.data.sources import SUPPORTED_EXTENSIONS, InputFile, hash_inputs, list_input_files, source_label
+from aigc.data.input_files import SUPPORTED_EXTENSIONS, InputFile, hash_inputs, list_input_files, source_label
 from aigc.errors import DataError
 
 __all__ = [
@@ -41,7 +41,7 @@ def read_raw(files: list[InputFile]) -> Any:
     """
     import ray.data
 
-    from aigc.data.readers import RawRecords
+    from aigc.data.datasource import RawRecords
 
     parts = []
     for source in sorted({f.source for f in files}):

@@ -50,7 +50,7 @@ def percentile(hist: np.ndarray, q: float) -> float:
 
 
 class SplitSink(Datasink):
-    """Writes the train/val/quarantine parts of a dataset of :data:`aigc.data.rows.OUT_SCHEMA` rows.
+    """Writes the train/val/quarantine parts of a dataset of :data:`aigc.data.tokenizing.OUT_SCHEMA` rows.
 
     Args:
         shards_dir: a directory of this run alone; ``train``, ``val`` and ``quarantine`` are made under it.

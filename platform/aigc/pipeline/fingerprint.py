@@ -36,7 +36,7 @@ def fingerprint(inputs: dict[str, Any], upstream: str | None = None) -> str:
 
 def data_hash(files: Iterable[dict[str, Any]]) -> str:
     """One hash of a dataset's content from its files' ``{source, sha256}`` (what
-    :func:`aigc.data.sources.hash_inputs` returns): renaming or moving a file keeps it, editing one changes it."""
+    :func:`aigc.data.input_files.hash_inputs` returns): renaming or moving a file keeps it, editing one changes it."""
     return fingerprint({"files": sorted([int(f["source"]), str(f["sha256"])] for f in files)})
 
 

@@ -42,7 +42,7 @@ def ray_data_hash(data: Any) -> str:
     """The content hash of ``data``'s input files, each hashed by a Ray task where it is read."""
     import ray
 
-    from aigc.data.sources import hash_inputs, list_input_files
+    from aigc.data.input_files import hash_inputs, list_input_files
     from aigc.pipeline.fingerprint import data_hash
 
     return data_hash(ray.get(hash_inputs(list_input_files(data))))
