@@ -131,6 +131,7 @@ def main() -> None:
 
     from ray import serve
 
+    from aigc.cli import check_stage
     from aigc.cluster import init_ray
     from aigc.registry import Registry
     from aigc.serve.builder import build_app_from_config
@@ -143,6 +144,7 @@ def main() -> None:
     _register_versions(cfg.model.name_or_path, cfg.registry_dir)
     reg = Registry(cfg.registry_dir)
     reg.promote("rollout:v1")
+    cfg = check_stage("serve", cfg)  # the checks `aigc serve` runs, before any Ray work
     init_ray(cfg.cluster.num_cpus)
     url = run_server(cfg, blocking=False)
     load = Load(url, args.concurrency, args.max_tokens, args.max_requests)

@@ -220,9 +220,11 @@ def main() -> None:
     if not args.skip_serve:
         from ray import serve
 
+        from aigc.cli import check_stage
         from aigc.cluster import init_ray
         from aigc.serve.run import run_server
 
+        cfg = check_stage("serve", cfg)  # the checks `aigc serve` runs, before any Ray work
         init_ray(cfg.cluster.num_cpus)
         url = run_server(with_values(cfg, {"serve.autoscaling.max_replicas": 1}), blocking=False)
         try:

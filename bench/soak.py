@@ -177,6 +177,7 @@ def main() -> None:
 
     from ray import serve
 
+    from aigc.cli import check_stage
     from aigc.cluster import init_ray
     from aigc.serve.run import run_server
 
@@ -188,6 +189,7 @@ def main() -> None:
     ]
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [*overrides, *args.set])
     cfg = with_values(cfg, {"serve.autoscaling.min_replicas": 1, "serve.autoscaling.max_replicas": 1})
+    cfg = check_stage("serve", cfg)  # the checks `aigc serve` runs, before any Ray work
     adapters = [register_random_adapter(cfg.model.name_or_path, cfg.registry_dir, f"soak-{i}", seed=i) for i in (1, 2)]
     base = model_id_for(cfg.model.name_or_path)
     models = [base, *(a.split(":")[0] for a in adapters), *adapters]

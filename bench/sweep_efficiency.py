@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))  # PYTHONPATH wins
 
+from aigc.cli import check_stage  # noqa: E402
 from aigc.cluster import init_ray  # noqa: E402
 from aigc.config import load_config  # noqa: E402
 from aigc.data.preprocess import preprocess  # noqa: E402
@@ -135,7 +136,7 @@ def main() -> None:
         f"model.name_or_path={ROOT / 'assets' / 'tiny-base'}",
         f"data.path={data}",
     ]  # fmt: skip
-    cfg = load_config(ROOT / "configs" / "demo.yaml", base)
+    cfg = check_stage("preprocess", load_config(ROOT / "configs" / "demo.yaml", base))  # before any Ray work
     print(f"load average at start: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} cores", flush=True)
     init_ray(cfg.cluster.num_cpus)
     preprocess(cfg.data, cfg.model, cfg.output_dir)

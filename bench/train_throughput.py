@@ -107,10 +107,11 @@ def _baseline(spec: dict) -> dict:
 
 def _platform(spec: dict) -> dict:
     """``run_training`` on an embedded Ray cluster, as ``aigc train`` runs it (nothing registered)."""
+    from aigc.cli import check_stage
     from aigc.cluster import init_ray
     from aigc.train.trainer import run_training
 
-    cfg = _load(spec)
+    cfg = check_stage("train", _load(spec))  # the checks `aigc train` runs, before any Ray work
     init_ray(cfg.cluster.num_cpus)
     t0 = time.perf_counter()
     result = run_training(cfg, register=False)

@@ -96,8 +96,8 @@ def test_serve_stage_deploys_and_returns_as_a_submitted_job(monkeypatch, capsys)
     calls = []
     monkeypatch.setattr(aigc.serve.run, "run_server", lambda cfg, blocking=True: calls.append(blocking))
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    STAGES["serve"](load_config())
+    STAGES["serve"].run(load_config())
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor gives a job's driver
-    STAGES["serve"](load_config())
+    STAGES["serve"].run(load_config())
     assert calls == [True, False]
     assert capsys.readouterr().out.count("keeps running on the cluster") == 1

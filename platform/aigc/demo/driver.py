@@ -13,9 +13,12 @@ from typing import Any
 
 from aigc import storage
 from aigc.config import PlatformConfig
+from aigc.data import checks as data_checks
 from aigc.errors import ConfigError
+from aigc.serve import checks as serve_checks
+from aigc.tune import checks as tune_checks
 
-__all__ = ["run_demo", "score_models", "sweep_spread"]
+__all__ = ["check", "run_demo", "score_models", "sweep_spread"]
 
 _N_EVAL_PROMPTS = 40
 _EVAL_SEED = 1234
@@ -83,6 +86,14 @@ def sweep_spread(trials: Any, keys: list[str]) -> dict[str, Any]:
 
 
 _MARKER = ".aigc-demo-output"  # written into output_dir by the demo; only such a directory is ever cleared
+
+
+def check(cfg: PlatformConfig) -> PlatformConfig:
+    """What the demo checks before any Ray work: its output directory, then each stage it runs as that stage's
+    own command checks it; returns ``cfg`` with its model resolved (tokenizer and config only)."""
+    check_output_dir(cfg)
+    checked = tune_checks.check(data_checks.check(cfg), preprocessed=False)
+    return serve_checks.check(checked)
 
 
 def check_output_dir(cfg: PlatformConfig) -> None:

@@ -35,7 +35,7 @@ from aigc.config import DataConfig, PlatformConfig, with_values
 from aigc.pipeline.fingerprint import content_hash
 from aigc.pipeline.runner import Outputs, Stage
 
-__all__ = ["build_stages", "check_pipeline", "pipeline_config", "trained_config"]
+__all__ = ["build_stages", "pipeline_config", "trained_config"]
 
 HashData = Callable[[DataConfig], str]
 
@@ -43,29 +43,6 @@ HashData = Callable[[DataConfig], str]
 def _jsonable(value: Any) -> Any:
     """Tune's sampled values (numpy scalars included) as plain JSON values."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-
-
-def check_pipeline(cfg: PlatformConfig) -> None:
-    """What the schema cannot check: the stages fit together, the feedback file exists.
-
-    Raises:
-        ConfigError: ``pipeline.deploy`` with ``train.method=full`` (the app serves adapters on its base model; a
-            full fine-tune is served as a base model of its own).
-        DataError: ``pipeline.feedback`` names no file.
-    """
-    from aigc.errors import ConfigError, DataError
-
-    if cfg.pipeline.deploy and cfg.train.method == "full":
-        raise ConfigError(
-            "pipeline.deploy: the app serves LoRA adapters on model.name_or_path, and train.method=full trains a "
-            "whole model; set pipeline.deploy=false and serve the registered model as a base model "
-            "(aigc serve model.name_or_path=<its registry path> serve.base_model_id=<name:vN>)"
-        )
-    if cfg.pipeline.feedback and not storage.is_file(cfg.pipeline.feedback):
-        raise DataError(
-            f"pipeline.feedback: no such file {cfg.pipeline.feedback}; write it with `aigc feedback export "
-            f"--output {cfg.pipeline.feedback}` (or drop pipeline.feedback)"
-        )
 
 
 def pipeline_config(cfg: PlatformConfig) -> PlatformConfig:

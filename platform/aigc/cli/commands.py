@@ -1,0 +1,200 @@
+"""The ``aigc`` subcommands that need no cluster of their own, as a table: the config, the registry (list,
+export, promote, rollback), feedback export, jobs on a remote cluster, KubeRay manifests and the demo assets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import yaml
+
+from aigc.cli.stages import STAGES
+from aigc.config import PlatformConfig
+
+__all__ = ["COMMANDS", "Command", "add_config_arguments"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help, its own arguments, and what it does (``cfg``: the loaded ``--config`` with
+    its overrides, for a command that reads one; None otherwise)."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, PlatformConfig | None], None]
+    reads_config: bool = True
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+
+
+def _registry_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+
+
+def _show_config(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
+
+def _show_registry(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    from aigc.registry import Registry
+    from aigc.report import registry_table
+
+    reg = Registry(cfg.registry_dir)
+    entries, aliases = reg.list(), reg.aliases()
+    if not args.json:
+        print(registry_table(entries))
+        for a in aliases:
+            previous = ", ".join(f"v{h['version']}" for h in a.history) or "-"
+            print(f"alias {a.model_id} -> {a.target} (before: {previous})")
+        return
+    for e in entries:
+        print(json.dumps({"model": e.model_id, "kind": e.kind, "base_model": e.base_model,
+                          "base_model_commit": e.base_model_commit, "data_hash": e.data_hash,
+                          "eval_loss": e.metrics.get("eval_loss"), "created_at": e.created_at,
+                          "path": e.adapter_uri}))  # fmt: skip
+    for a in aliases:
+        print(json.dumps({"alias": a.model_id, "target": a.target, "previous": [h["version"] for h in a.history]}))
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_id", metavar="NAME[:vN]", help="registered name (latest version) or name:vN")
+    p.add_argument("--out", "-o", required=True, help="directory to write (replaced if it exists; local or URI)")
+    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base model (safetensors)")
+    add_config_arguments(p)
+
+
+def _export(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    from aigc.registry.export import export_model
+    from aigc.report import report_export
+
+    report_export(export_model(cfg.registry_dir, args.model_id, args.out, merge=args.merge))
+
+
+def _alias_arguments(target: str, target_help: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument(target, help=target_help)
+        p.add_argument("--alias", "-a", help="the alias to move, e.g. stable (default: the bare name)")
+        add_config_arguments(p)
+
+    return add
+
+
+def _move_alias(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    """``aigc promote`` / ``aigc rollback``: move an alias and say where it pointed before."""
+    from aigc.registry import Registry
+
+    reg = Registry(cfg.registry_dir)
+    if args.command == "promote":
+        alias, before = reg.promote(args.target, args.alias)
+    else:
+        alias, before = reg.rollback(args.name, args.alias)
+    was = "unset (latest)" if before is None else f"v{before}"
+    print(f"[{args.command}] {alias.model_id} -> {alias.target} (was {was})")
+
+
+def _feedback_arguments(p: argparse.ArgumentParser) -> None:
+    e = p.add_subparsers(dest="action", required=True).add_parser(
+        "export", help="write rated answers (and corrections) as a messages-format JSONL dataset"
+    )
+    e.add_argument("--min-rating", type=int, default=1, choices=(-1, 0, 1), help="keep answers rated at least this")
+    e.add_argument("--output", "-o", help="the JSONL file to write (default: <output_dir>/feedback-export.jsonl)")
+    add_config_arguments(e)
+
+
+def _feedback(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    from aigc.feedback.export import export_feedback
+
+    export_feedback(cfg, args.min_rating, args.output)
+
+
+def _submit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=list(STAGES))
+    p.add_argument("--config", "-c", help="YAML config file inside this project (it travels with the job)")
+    p.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS)")
+    p.add_argument("--python", default="python", help="the interpreter on the head node (default: python)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, passed to the job")
+
+
+def _submit(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    from aigc.cluster import submit
+
+    print(submit.submit_stage(args.stage, args.config, args.overrides, args.address, args.python))
+
+
+def _jobs_arguments(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every submitted job, oldest first (one JSON line each)")
+    logs = actions.add_parser("logs", help="a job's log")
+    logs.add_argument("id")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    actions.add_parser("stop", help="ask a job to stop").add_argument("id")
+    for sp in actions.choices.values():
+        sp.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS)")
+
+
+def _jobs(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    from aigc.cluster import submit
+
+    if args.action == "list":
+        for job in submit.list_jobs(args.address):
+            print(json.dumps(job))
+    elif args.action == "logs":
+        submit.write_logs(args.id, args.follow, address=args.address)
+    else:
+        stopped = submit.stop_job(args.id, args.address)
+        print(f"[jobs] {args.id}: {'stop requested' if stopped else 'already finished'}")
+
+
+def _kuberay_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", default=None, help="the image every pod runs (built from deploy/kuberay/Dockerfile)")
+    p.add_argument("--storage", default="s3://my-bucket/aigc", help="shared storage for registry/ and runs/")
+    p.add_argument("--out", default="deploy/kuberay", help="the directory to write them to")
+
+
+def _kuberay(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    from aigc.cluster.kuberay import DEFAULT_IMAGE, write_manifests
+
+    for path in write_manifests(args.out, image=args.image or DEFAULT_IMAGE, storage=args.storage):
+        print(f"[kuberay] {path}")
+
+
+def _assets_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", default="assets/tiny-base")
+    p.add_argument("--data-path", default="assets/demo-data/support.jsonl")
+
+
+def _build_assets(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    from aigc.demo.dataset import write_demo_dataset
+    from aigc.demo.tiny_base import build_tiny_base
+
+    print(f"[assets] {write_demo_dataset(args.data_path)} -> {args.data_path}")
+    print(f"[assets] {build_tiny_base(args.model_dir)} -> {args.model_dir}")
+
+
+COMMANDS: dict[str, Command] = {
+    "config": Command("show the resolved config", add_config_arguments, _show_config),
+    "registry": Command("show the registered models and aliases", _registry_arguments, _show_registry),
+    "export": Command("write a registered model as a plain directory (merged with --merge)", _export_arguments,
+                      _export),
+    "promote": Command("point an alias (default: the bare name) at a registered version",
+                       _alias_arguments("target", "the version to serve, NAME:vN (or NAME:ALIAS to copy another "
+                                        "alias)"), _move_alias),
+    "rollback": Command("point an alias back at its previous target",
+                        _alias_arguments("name", "the registered model name"), _move_alias),
+    "feedback": Command("work with captured answers and their feedback (serve.capture)", _feedback_arguments,
+                        _feedback),
+    "submit": Command("run a stage as a Ray job on the cluster at RAY_ADDRESS; prints its id", _submit_arguments,
+                      _submit, reads_config=False),
+    "jobs": Command("list the cluster's jobs, show a job's logs, stop a job", _jobs_arguments, _jobs,
+                    reads_config=False),
+    "kuberay": Command("write the RayCluster, RayJob and RayService manifests", _kuberay_arguments, _kuberay,
+                       reads_config=False),
+    "build-assets": Command("rebuild the tiny base model and the demo dataset", _assets_arguments, _build_assets,
+                            reads_config=False),
+}  # fmt: skip
