@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +45,7 @@ _WORKER: dict[int, _Tokenize] = {}  # one row-work object per `datasets` worker 
 
 def _single_process(cfg, path: str, out: str) -> float:
     t0 = time.perf_counter()
-    tok = _Tokenize(cfg.model.model_dump(), cfg.data.model_dump())
+    tok = _Tokenize(cfg.model, cfg.data)
     with open(path) as f:
         lines = np.array([line.rstrip("\n") for line in f if line.strip()], dtype=object)
     tables = [tok({"raw": lines[i : i + _BATCH]}) for i in range(0, len(lines), _BATCH)]
@@ -52,7 +53,7 @@ def _single_process(cfg, path: str, out: str) -> float:
     return time.perf_counter() - t0
 
 
-def _row_work(batch: pa.Table, model: dict, data: dict) -> pa.Table:
+def _row_work(batch: pa.Table, model: Any, data: Any) -> pa.Table:
     tok = _WORKER.get(os.getpid())
     if tok is None:
         tok = _WORKER[os.getpid()] = _Tokenize(model, data)
@@ -67,7 +68,7 @@ def _datasets(cfg, path: str, out: str, procs: int) -> float:
     t0 = time.perf_counter()
     ds = Dataset.from_json(path, cache_dir=os.path.join(out, "hf-cache")).with_format("arrow")
     ds = ds.map(_row_work, batched=True, batch_size=_BATCH, num_proc=procs, remove_columns=ds.column_names,
-                fn_kwargs={"model": cfg.model.model_dump(), "data": cfg.data.model_dump()})  # fmt: skip
+                fn_kwargs={"model": cfg.model, "data": cfg.data})  # fmt: skip
     ds.to_parquet(os.path.join(out, "datasets.parquet"))
     return time.perf_counter() - t0
 

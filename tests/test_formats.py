@@ -116,7 +116,7 @@ def test_key_ignores_whitespace_and_unicode_composition_but_not_content():
 @pytest.fixture(scope="module")
 def tokenize():
     def make(**data) -> Tokenize:
-        return Tokenize(ModelConfig(name_or_path=TINY).model_dump(), DataConfig(**data).model_dump())
+        return Tokenize(ModelConfig(name_or_path=TINY), DataConfig(**data))
 
     return make
 

@@ -62,7 +62,7 @@ def test_train_prompt_is_what_serving_encodes(tmp_path, template, tools):
     path = _tokenizer_dir(tmp_path, template)
     tok = load_tokenizer(path)
     assert tok.chat_template == (template or DEFAULT_CHAT_TEMPLATE)
-    tk = Tokenize(ModelConfig(name_or_path=path).model_dump(), DataConfig(format="messages").model_dump())
+    tk = Tokenize(ModelConfig(name_or_path=path), DataConfig(format="messages"))
     (row,) = tk({"raw": np.array([json.dumps({"messages": CONVO, "tools": tools})])}).to_pylist()
     assert row["ok"] and not row["last_turn_only"]
 
@@ -101,7 +101,7 @@ def test_a_template_that_rewrites_history_trains_the_last_turn_only(tmp_path):
     path = _tokenizer_dir(tmp_path, None)
     (Path(path) / "chat_template.jinja").write_text(template)
     tok = load_tokenizer(path)
-    tk = Tokenize(ModelConfig(name_or_path=path).model_dump(), DataConfig(format="messages").model_dump())
+    tk = Tokenize(ModelConfig(name_or_path=path), DataConfig(format="messages"))
     (row,) = tk({"raw": np.array([json.dumps({"messages": CONVO})])}).to_pylist()
     assert row["ok"] and row["last_turn_only"], row
     assert tok.decode([i for i in row["labels"] if i != -100]) == "Tomorrow before noon.<|end|>"

@@ -214,7 +214,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
     raw = read_raw(files)
     rows = raw.map_batches(
         _Tokenize,
-        fn_constructor_kwargs={"model": model.model_dump(), "data": data.model_dump()},
+        fn_constructor_kwargs={"model": model, "data": data},  # typed sections travel as they are
         batch_size=_BATCH_ROWS,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actors(data)),

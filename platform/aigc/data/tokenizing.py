@@ -104,11 +104,11 @@ def _token_at(starts: list[int], offsets: list[tuple[int, int]], char: int) -> i
 class Tokenize:
     """Ray Data actor: validates, renders the chat template and tokenizes a batch of raw records."""
 
-    def __init__(self, model: dict[str, Any], data: dict[str, Any]):
+    def __init__(self, model: ModelConfig, data: DataConfig):
         from aigc.data.templates import control_tokens, end_of_turn
         from aigc.models.loading import load_tokenizer
 
-        self.model_cfg, self.cfg = ModelConfig(**model), DataConfig(**data)
+        self.model_cfg, self.cfg = model, data
         self.sources = self.cfg.sources()
         # the snapshot the driver resolved (aigc.models.hub), never the hub id
         self.tok = load_tokenizer(self.model_cfg.load_path(), self.model_cfg.trust_remote_code)
