@@ -12,11 +12,21 @@ import time
 from typing import Any
 
 from aigc import storage
+from aigc.cluster import link_ray_logs
 from aigc.config import PlatformConfig
 from aigc.data import checks as data_checks
+from aigc.data.preprocess import preprocess
+from aigc.demo.dataset import demo_eval_prompts, score_answer
 from aigc.errors import ConfigError
+from aigc.models.loading import model_id_for
+from aigc.report import report_preprocess, report_sweep, report_train
 from aigc.serve import checks as serve_checks
+from aigc.serve.client import ask, openai_client
+from aigc.serve.run import run_server
+from aigc.train.trainer import run_training
 from aigc.tune import checks as tune_checks
+from aigc.tune.results import values_label
+from aigc.tune.sweep import run_sweep
 
 __all__ = ["check", "run_demo", "score_models", "sweep_spread"]
 
@@ -30,8 +40,6 @@ def _banner(step: str, t0: float) -> None:
 
 def score_models(base_url: str, models: list[str], prompts: list[str], max_tokens: int = 48) -> dict[str, Any]:
     """Greedy answers of each model to each held-out prompt, scored by the demo task's checker."""
-    from aigc.demo.dataset import score_answer
-    from aigc.serve.client import ask, openai_client
 
     client = openai_client(base_url)
     out: dict[str, Any] = {}
@@ -46,7 +54,6 @@ def score_models(base_url: str, models: list[str], prompts: list[str], max_token
 
 def _show_chat(base_url: str, models: list[str], question: str) -> None:
     """One question to each model, the fine-tuned ones streamed token by token."""
-    from aigc.serve.client import ask, openai_client
 
     client = openai_client(base_url)
     print(f"\n  customer> {question}")
@@ -71,8 +78,6 @@ def sweep_spread(trials: Any, keys: list[str]) -> dict[str, Any]:
             "status": str(r["status"]),
             "step": int(r["step"]),
         }
-
-    from aigc.tune.results import values_label
 
     def show(r: dict[str, Any]) -> str:
         values = values_label(r["values"])
@@ -133,15 +138,6 @@ def _check_demo_owned(out: str) -> None:
 def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     """Run every stage on the current Ray cluster and print the before/after figures."""
     from ray import serve
-
-    from aigc.cluster import link_ray_logs
-    from aigc.data.preprocess import preprocess
-    from aigc.demo.dataset import demo_eval_prompts
-    from aigc.models.loading import model_id_for
-    from aigc.report import report_preprocess, report_sweep, report_train
-    from aigc.serve.run import run_server
-    from aigc.train.trainer import run_training
-    from aigc.tune.sweep import run_sweep
 
     t0 = time.time()
     check_output_dir(cfg)
