@@ -190,3 +190,58 @@ def test_pbt_trial_continues_a_better_trials_checkpoint_with_its_own_perturbed_l
     assert len(res.trials) == 2 and res.registry_id is not None
     entry = Registry(cfg.registry_dir).resolve(res.registry_id)
     assert entry.config["sweep"]["id"] == res.sweep_id
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sweep_driver_is_continued_by_the_same_command(prepared):
+    """`aigc sweep` SIGKILLed (its whole process group: the driver and the embedded cluster it started, as when
+    its machine goes) once the first trial finished; the same command again finishes the sweep without training
+    that trial again, and the best is the better of the two."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from cluster import stop_processes
+
+    tmp, overrides = prepared
+    space = _space(tmp, "killed", {"lora.r": {"grid": [4, 8]}})
+    cmd = [sys.executable, "-m", "aigc.cli", "sweep", "--config", str(ROOT / "configs" / "demo.yaml"), *overrides,
+           f"tune.space={space}", "tune.search=grid", "tune.scheduler=none", "tune.epochs=1", "tune.name=killed",
+           "tune.num_samples=2"]  # fmt: skip
+    ray_tmp = tempfile.mkdtemp(prefix="rayk-", dir="/tmp")  # short: Ray's socket paths stay under 108 characters
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp, "TUNE_GLOBAL_CHECKPOINT_S": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT / "tests")])}  # fmt: skip
+    exp = Path(load_config(ROOT / "configs" / "demo.yaml", overrides).output_dir) / "sweep" / "killed"
+
+    def trials() -> list[Path]:
+        return sorted(d for d in exp.iterdir() if d.is_dir() and d.name.startswith("run_trial")) if exp.is_dir() else []
+
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while len(trials()) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # one trial at a time: the second starts once the first finished
+        assert driver.poll() is None and len(trials()) == 2, "the sweep never reached its second trial"
+        time.sleep(2)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        stop_processes(re.compile(re.escape(ray_tmp)))  # what the killed driver's embedded cluster left running
+    first = trials()[0]
+    before = (first / "result.json").read_text()
+    assert before.strip(), "the first trial had not reported before the kill"
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    stop_processes(re.compile(re.escape(ray_tmp)))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[sweep] resuming run 'killed' from its last checkpoint" in again.stdout, again.stdout
+    assert (first / "result.json").read_text() == before  # the finished trial was not trained again
+    table = pd.read_csv(exp.parent / "trials.csv")
+    assert sorted(table["lora.r"]) == [4, 8] and set(table["status"]) == {"done"}
+    best = yaml.safe_load((exp.parent / "best_config.yaml").read_text())
+    assert best["lora"]["r"] == int(table.sort_values("eval_loss").iloc[0]["lora.r"])
