@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -48,12 +49,14 @@ class Cluster:
     gcs_port: int
     serve_port: int  # the one HTTP port Serve's head proxy uses in every test (Serve fixes it at its first start)
     shared_dir: Path  # a directory both nodes see, standing in for s3://
+    token_path: str  # the cluster's auth token (RAY_AUTH_TOKEN_PATH for the nodes and every client)
     node_ids: dict[str, str] = field(default_factory=dict)  # "head" / "node_b" -> node id
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a client of this cluster: its address, token auth, the project importable."""
         path = os.pathsep.join([str(ROOT / "platform"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-        return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "PYTHONPATH": path, **extra}
+        return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": self.token_path, "PYTHONPATH": path, **extra}  # fmt: skip
 
     def state(self, kind: str, *filters: str) -> list[dict]:
         """``ray list <kind>`` through the state API, every field (``--detail``), e.g. ``state("nodes")``."""
@@ -102,11 +105,17 @@ def two_node_cluster(shared_dir: Path, start_timeout_s: float = 120) -> Iterator
     gcs, dash = free_port(), free_port()
     # Short temp dirs: Ray's socket paths must stay under 108 characters.
     temp_dirs = {name: tempfile.mkdtemp(prefix=f"rayc-{name}-", dir="/tmp") for name in NODES}
+    # The cluster's own token, as an operator provisions one (`ray get-auth-token --generate`): on a fresh
+    # machine there is no ~/.ray/auth_token, and `ray start --head` in token mode fails without one.
+    token_path = os.path.join(temp_dirs["head"], "auth_token")
+    with open(token_path, "w") as f:
+        f.write(secrets.token_hex(32))
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_SERVE_LOG_TO_STDERR": "0",
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
+           "RAY_SERVE_LOG_TO_STDERR": "0",
            "PATH": os.pathsep.join([venv_bin, os.environ.get("PATH", "")]),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT)])}  # fmt: skip
-    cluster = Cluster(f"http://127.0.0.1:{dash}", gcs, free_port(), shared_dir)
+    cluster = Cluster(f"http://127.0.0.1:{dash}", gcs, free_port(), shared_dir, token_path)
     try:
         for name, (resource, cpus) in NODES.items():
             ports = [f"--{flag}={free_port()}" for flag in _NODE_PORT_FLAGS]

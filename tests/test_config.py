@@ -179,7 +179,8 @@ def test_cache_data_auto_caches_what_fits_in_a_fifth_of_the_object_store():
 def test_verbose_flag_sets_aigc_verbose_before_the_command_runs(monkeypatch, capsys):
     from aigc.cli import main
 
-    monkeypatch.delenv("AIGC_VERBOSE", raising=False)
+    monkeypatch.setenv("AIGC_VERBOSE", "")  # recorded, so the "1" main sets is undone after the test: it would
+    monkeypatch.delenv("AIGC_VERBOSE")  # otherwise leak into every later test's subprocesses (a verbose demo)
     assert main(["config"]) == 0
     assert "AIGC_VERBOSE" not in os.environ
     assert main(["--verbose", "config", "train.epochs=3"]) == 0

@@ -22,7 +22,8 @@ def _run_demo(tmp_path: Path, *overrides: str, timeout: int) -> tuple[dict, str]
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "aigc.cli", "demo", "--config", "configs/demo.yaml", f"output_dir={out}",
            f"registry_dir={tmp_path / 'registry'}", "serve.port=8765", *overrides]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": ""}  # its own embedded cluster, not the test session's
+    # its own embedded cluster, not the test session's; the console as a user sees it without --verbose
+    env = {**os.environ, "RAY_ADDRESS": "", "AIGC_VERBOSE": ""}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
