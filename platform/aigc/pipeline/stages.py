@@ -7,7 +7,8 @@ runs, and how its output is found again.
   ``train.num_workers`` (trials have their own), ``lora``, ``model``; upstream preprocess; its output
   is ``best_config.yaml``. Trials train ``tune.epochs`` (short trials), the train stage ``train.epochs``.
 - **train** reads ``model``, ``lora``, ``train`` with the sweep's best values; upstream sweep (or preprocess);
-  its output is the exported model directory.
+  its output is the exported model directory, done only when it was published whole
+  (:func:`aigc.storage.is_complete`: a publish killed part-way trains again).
 - **register** reads ``registry_dir`` and ``train.adapter_name``; upstream train; its output is the published
   version.
 - **promote** (``pipeline.promote``) reads ``pipeline.alias``; upstream register; moves the alias to the version.
@@ -183,7 +184,7 @@ def _train(cfg: PlatformConfig, upstream: str) -> Stage:
     def exists(out: dict[str, Any]) -> bool:
         return (
             bool(out.get("model_dir"))
-            and storage.is_dir(out["model_dir"])
+            and storage.is_complete(out["model_dir"])
             and bool(storage.list_files(out["model_dir"], recursive=False))
         )
 
