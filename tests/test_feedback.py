@@ -66,7 +66,7 @@ def test_records_are_whole_objects_and_a_torn_write_leaves_nothing(tmp_path, mon
     def die(*_):
         raise OSError("killed mid-write")
 
-    monkeypatch.setattr(storage.os, "replace", die)
+    monkeypatch.setattr(storage.files.os, "replace", die)
     with pytest.raises(StorageError, match="killed mid-write"):
         _rate(store, cid, -1, correction="A better answer.")
     monkeypatch.undo()

@@ -83,8 +83,8 @@ def test_what_changes_which_stage(tmp_path):
         "train", "register", "promote", "smoke"}  # fmt: skip
     # Another alias moves that alias: nothing is trained or registered again.
     assert changed(_fingerprints(_config("pipeline.alias=stable", tmp_path=tmp_path))) == {"promote", "smoke"}
-    # Keys no stage reads change nothing: tracking, the cluster size, keeping the server up.
-    for key in ("tracking.mlflow=false", "cluster.num_cpus=2", "pipeline.keep_serving=false"):
+    # Keys no stage reads change nothing: tracking, the cluster size, keeping the server up, keeping old shards.
+    for key in ("tracking.mlflow=false", "cluster.num_cpus=2", "pipeline.keep_serving=false", "data.keep_shard_sets=1"):
         assert changed(_fingerprints(_config(key, tmp_path=tmp_path))) == set(), key
 
 

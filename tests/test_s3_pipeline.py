@@ -66,6 +66,7 @@ def test_preprocess_train_register_serve_on_s3(ray_cluster, s3_server, rows):
     res = run_training(cfg)
     assert res.adapter_dir == storage.join(out, "adapter") and res.registry_id == "support-bot:v1"
     assert storage.is_file(storage.join(out, "adapter", "adapter_model.safetensors"))
+    assert storage.is_complete(res.adapter_dir)  # its completion marker was written last (aigc.storage.dirs)
     assert storage.is_file(storage.join(out, "train", "loss.png"))
     assert storage.list_files(storage.join(out, "ray", "support-bot"))  # Ray Train's checkpoints, on S3 too
     entry = Registry(registry).resolve("support-bot")

@@ -125,6 +125,13 @@ class DataConfig(_Section):
         False,
         description="Pack short examples into rows of up to max_length tokens (no attention across examples).",
     )
+    keep_shard_sets: int = Field(
+        3,
+        ge=1,
+        description="Shard sets kept under output_dir/data: the one stats.json names and the newest older ones, so "
+        "a training run or sweep still reading an earlier set keeps its files; a new preprocessing run deletes "
+        "the oldest beyond this count. 1 = only the set in use (less disk, no reader of an older set survives).",
+    )
 
     @field_validator("path")
     @classmethod

@@ -15,8 +15,10 @@ One streaming pass, each stage a Ray Data operator so the job scales from a lapt
 
 Every run writes into a new ``shards-<run>`` directory and ``stats.json``, written last (one atomic write, also
 on object stores), names it: readers go through :func:`read_stats` and :func:`shards_dir`, so a run that fails
-leaves the previous run's data in use. After the switch the older shard directories are removed; a failed run
-removes its own, except the quarantine of a run whose rows were all rejected, which its error points to.
+leaves the previous run's data in use. After the switch only the oldest shard directories beyond
+``data.keep_shard_sets`` are removed (never the one in use), so a training run or a sweep still streaming an
+earlier set keeps its files; a failed run removes its own, except the quarantine of a run whose rows were all
+rejected, which its error points to.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def _fingerprint(inputs: list[dict[str, Any]], data: DataConfig, model: ModelCon
     h = hashlib.sha256()
     for f in inputs:
         h.update(f"{f['source']}:{f['sha256']}\n".encode())
-    h.update(data.model_dump_json().encode() + model.name_or_path.encode())
+    # keep_shard_sets says how long old shards stay on disk, not what is in them
+    h.update(data.model_dump_json(exclude={"keep_shard_sets"}).encode() + model.name_or_path.encode())
     if model.commit:  # a local directory has none: its fingerprint is what it was before commits were recorded
         h.update(f"@{model.commit}".encode())
     return h.hexdigest()[:16]
@@ -160,13 +163,22 @@ def _packing_stats(totals: dict[str, Any], max_length: int) -> dict[str, Any]:
     }
 
 
-def _switch_to(data_dir: str, shards: str, stats: dict[str, Any]) -> None:
-    """Make ``shards`` the data in use (stats.json names it), then remove every other run's shards."""
+def _switch_to(data_dir: str, shards: str, stats: dict[str, Any], keep: int) -> None:
+    """Make ``shards`` the data in use (stats.json names it), then remove the oldest other shard sets so that
+    ``keep`` remain, ``shards`` among them.
+
+    Names start with the run's start time (``shards-<YYYYmmdd-HHMMSS>-<hex>``), so name order is age order. A
+    reader that opened an earlier set (a training run, a sweep's trials streaming it every epoch) keeps it until
+    ``keep - 1`` newer sets have replaced it; the set in use is never removed, even when a run that started
+    earlier switches last.
+    """
     storage.write_json(storage.join(data_dir, "stats.json"), stats)
-    for name in storage.list_dirs(data_dir):
-        # other runs' shard directories, and train/val/quarantine of the layout before shard directories
-        if (name.startswith("shards-") and name != shards) or name in ("train", "val", "quarantine"):
-            storage.remove_tree(storage.join(data_dir, name))
+    names = storage.list_dirs(data_dir)  # sorted by name
+    others = [n for n in names if n.startswith("shards-") and n != shards]
+    stale = others[: max(0, len(others) - (keep - 1))]
+    legacy = [n for n in names if n in ("train", "val", "quarantine")]  # the layout before shard directories
+    for name in stale + legacy:
+        storage.remove_tree(storage.join(data_dir, name))
 
 
 def _describe(data: DataConfig) -> str:
@@ -243,7 +255,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
         else:
             storage.remove_tree(shards_path)
         raise
-    _switch_to(data_dir, shards, stats)
+    _switch_to(data_dir, shards, stats, data.keep_shard_sets)
     return PreprocessResult(data_dir=data_dir, stats=stats, shards_dir=shards_path)
 
 

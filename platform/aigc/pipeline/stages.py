@@ -7,7 +7,8 @@ runs, and how its output is found again.
   ``train.num_workers`` (trials have their own), ``lora``, ``model``; upstream preprocess; its output
   is ``best_config.yaml``. Trials train ``tune.epochs`` (short trials), the train stage ``train.epochs``.
 - **train** reads ``model``, ``lora``, ``train`` with the sweep's best values; upstream sweep (or preprocess);
-  its output is the exported model directory.
+  its output is the exported model directory, done only when it was published whole
+  (:func:`aigc.storage.is_complete`: a publish killed part-way trains again).
 - **register** reads ``registry_dir`` and ``train.adapter_name``; upstream train; its output is the published
   version.
 - **promote** (``pipeline.promote``) reads ``pipeline.alias``; upstream register; moves the alias to the version.
@@ -21,7 +22,8 @@ everything that reads the model, a moved cache nothing.
 
 Deploy depends on no training stage on purpose: the endpoint resolves ``name`` and ``name:ALIAS`` per request,
 so a new version is served by moving the alias (the promote stage), never by a redeploy. Keys no stage reads
-(``tracking``, ``cluster``, ``pipeline.keep_serving``) change no fingerprint.
+(``tracking``, ``cluster``, ``pipeline.keep_serving``) change no fingerprint, nor does ``data.keep_shard_sets``
+(how long old shards stay, not what the data is).
 """
 
 from __future__ import annotations
@@ -63,12 +65,12 @@ def trained_config(cfg: PlatformConfig, sweep: dict[str, Any] | None) -> Platfor
     return with_values(cfg, sweep["values"]) if sweep else cfg
 
 
-_WHERE_MODEL_SITS = {"resolved_path", "cache_dir"}
+# Keys that say where a thing sits or how long it is kept, not what it is: no stage reruns when they change.
+_NOT_CONTENT = {"model": {"resolved_path", "cache_dir"}, "data": {"keep_shard_sets"}}
 
 
 def _sections(cfg: PlatformConfig, *names: str) -> dict[str, Any]:
-    return {n: getattr(cfg, n).model_dump(mode="json", exclude=_WHERE_MODEL_SITS if n == "model" else None)
-            for n in names}  # fmt: skip
+    return {n: getattr(cfg, n).model_dump(mode="json", exclude=_NOT_CONTENT.get(n)) for n in names}
 
 
 def build_stages(cfg: PlatformConfig, hash_data: HashData) -> list[Stage]:
@@ -159,7 +161,7 @@ def _train(cfg: PlatformConfig, upstream: str) -> Stage:
     def exists(out: dict[str, Any]) -> bool:
         return (
             bool(out.get("model_dir"))
-            and storage.is_dir(out["model_dir"])
+            and storage.is_complete(out["model_dir"])
             and bool(storage.list_files(out["model_dir"], recursive=False))
         )
 

@@ -2,7 +2,9 @@
 
 A checkpoint written by :mod:`aigc.train.checkpointing` holds the trained weights under ``adapter/`` (a PEFT adapter for
 LoRA, a whole ``save_pretrained`` model for a full fine-tune) and the metric history up to that checkpoint.
-Publishing exports those weights with the tokenizer to ``dest`` (local or a URI) and registers them.
+Publishing exports those weights with the tokenizer to ``dest`` (local or a URI) and registers them. The export
+replaces ``dest`` whole (:func:`aigc.storage.replace_dir`): a publish killed part-way leaves the previous export
+in place locally, and on an object store a tree that :func:`aigc.storage.is_complete` does not count.
 
 One rule for the metrics recorded, whoever publishes: the exported checkpoint's own epoch, i.e. the last
 entry of its history, so a registry entry's metrics always describe the weights stored with it.
@@ -18,6 +20,7 @@ from typing import Any
 
 from aigc import storage
 from aigc.config import PlatformConfig
+from aigc.errors import StorageError
 from aigc.train.checkpointing import ADAPTER_SUBDIR, HISTORY_FILE, STEPS_FILE
 
 __all__ = ["Published", "checkpoint_metrics", "publish", "read_progress", "register_model"]
@@ -68,10 +71,17 @@ def register_model(
     registers (:func:`publish`, the pipeline's register stage).
 
     Returns:
-        The new registry entry.
+        The new registry entry (or the existing one holding the same weights).
+
+    Raises:
+        StorageError: ``model_dir`` is not a whole published tree (a publish to an object store killed part-way).
     """
     from aigc.registry import Registry
 
+    if not storage.is_complete(model_dir):
+        why = (f"no {storage.completion_marker(model_dir)}: its publish was interrupted" if storage.is_uri(model_dir)
+               else "no such directory")  # fmt: skip
+        raise StorageError(f"{model_dir} is not a complete export ({why}); re-run training to export it again")
     return Registry(cfg.registry_dir).register(
         cfg.train.adapter_name,
         model_dir,
@@ -98,7 +108,7 @@ def publish(
     Args:
         cfg: the run's config (``cfg`` of the trial for a sweep); recorded with the entry.
         checkpoint: the checkpoint to publish; local or on shared storage.
-        dest: the export directory, replaced if it exists (local path or URI).
+        dest: the export directory, replaced whole if it exists (local path or URI).
         register: also add it to ``cfg.registry_dir`` as the next version.
         extra_config: more keys to record with the config (e.g. the sweep's chosen values).
         data_hash: fingerprint of the training data (from ``stats.json``).
@@ -112,8 +122,7 @@ def publish(
         history, step_losses = _read_progress_dir(local)
         tok = tokenizer or load_tokenizer(cfg.model.load_path(), cfg.model.trust_remote_code)
         tok.save_pretrained(weights)
-        storage.remove_tree(dest)
-        storage.copy_dir(weights, dest)
+        storage.replace_dir(weights, dest)
         metrics = checkpoint_metrics(history)
         registry_id = None
         if register:

@@ -1,11 +1,10 @@
-"""Every path the platform reads or writes, local or ``s3://``/``gs://`` alike (pyarrow filesystems).
+"""Files under one filesystem layer, local or ``s3://``/``gs://`` alike (pyarrow filesystems): paths, whole-or-nothing
+writes, the atomic create-if-absent, listing, copying and removing trees.
 
-Data inputs, ``output_dir`` (shards, stats, plots, exported models), Ray Train/Tune storage and the registry
-all go through these functions, so a URI behaves like a local directory. Writes are whole or nothing (a
-temporary file, flushed with ``fsync``, renamed into place locally, and the directory synced so the rename
-survives a power loss; one PUT on object stores), and a failed write (a full disk) leaves its temporary file
-removed and the previous content readable. An S3-compatible endpoint is taken
-from the standard ``AWS_ENDPOINT_URL`` (with the usual ``AWS_*`` credentials), as boto3 does.
+Writes are whole or nothing (a temporary file, flushed with ``fsync``, renamed into place locally, and the
+directory synced so the rename survives a power loss; one PUT on object stores), and a failed write (a full disk)
+leaves its temporary file removed and the previous content readable. An S3-compatible endpoint is taken from the
+standard ``AWS_ENDPOINT_URL`` (with the usual ``AWS_*`` credentials), as boto3 does.
 """
 
 from __future__ import annotations
