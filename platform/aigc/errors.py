@@ -20,6 +20,7 @@ __all__ = [
     "DataError",
     "GenerationError",
     "InvalidRequestError",
+    "LockHeldError",
     "ModelNotFoundError",
     "RegistryError",
     "RequestTimeoutError",
@@ -59,6 +60,11 @@ class RegistryError(AigcError, ValueError):
 
 class ClusterError(AigcError, RuntimeError):
     """A Ray cluster cannot be reached, or refused a job request (bad token, unknown job id)."""
+
+
+class LockHeldError(AigcError, RuntimeError):
+    """Another live process holds the lock this command needs (one pipeline per output_dir); the message names
+    that process (host, pid, since when) and what to do."""
 
 
 class TrainingError(AigcError, RuntimeError):

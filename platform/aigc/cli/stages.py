@@ -105,5 +105,6 @@ def run_stage(stage: str, cfg: PlatformConfig) -> None:
     from aigc.cluster import init_ray
 
     cfg = check_stage(stage, cfg)
-    init_ray(cfg.cluster.num_cpus)
+    if stage != "pipeline":  # the pipeline joins the cluster itself, once it holds its output_dir's lock
+        init_ray(cfg.cluster.num_cpus)
     STAGES[stage].run(cfg)

@@ -1,11 +1,13 @@
 """``aigc pipeline``: from a dataset to a served, promoted adapter on one Ray cluster, resumable.
 
-1. join the cluster (``RAY_ADDRESS``) or start an embedded one;
-2. run the stages (:mod:`aigc.pipeline.stages`: preprocess, sweep, train, register, promote, deploy, smoke)
+1. take ``<output_dir>/pipeline/lock.json`` (:mod:`aigc.pipeline.lock`): one pipeline per output_dir at a time,
+   a second one stops here, before any Ray work, naming the first; released when this one ends;
+2. join the cluster (``RAY_ADDRESS``) or start an embedded one;
+3. run the stages (:mod:`aigc.pipeline.stages`: preprocess, sweep, train, register, promote, deploy, smoke)
    against ``<output_dir>/pipeline/state.json``: each is skipped when it last succeeded with the same
    fingerprint and its output is still there;
-3. print the summary: which version is served under which name, and where;
-4. on an embedded cluster with ``pipeline.keep_serving``, keep serving until Ctrl-C (the app lives as long as
+4. print the summary: which version is served under which name, and where;
+5. on an embedded cluster with ``pipeline.keep_serving``, keep serving until Ctrl-C (the app lives as long as
    this process); on a joined cluster the app stays up after the command ends.
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aigc.config import PlatformConfig
+from aigc.pipeline.lock import pipeline_lock
 from aigc.pipeline.runner import StageOutcome, run_stages
 from aigc.pipeline.stages import build_stages, pipeline_config
 from aigc.pipeline.state import PipelineState, state_path
@@ -56,13 +59,19 @@ def run_pipeline(cfg: PlatformConfig, block: bool = False) -> PipelineResult:
         block: after the summary, keep serving until Ctrl-C (what ``aigc pipeline`` does on an embedded cluster).
 
     Raises:
+        LockHeldError: another pipeline runs on the same output_dir (nothing else happened).
         AigcError: the stage that failed (recorded as failed; re-running continues from it).
     """
+    t0 = time.monotonic()
+    cfg = pipeline_config(cfg)
+    with pipeline_lock(cfg.output_dir, echo=lambda line: print(line, flush=True)):
+        return _run_locked(cfg, block, t0)
+
+
+def _run_locked(cfg: PlatformConfig, block: bool, t0: float) -> PipelineResult:
     from aigc.cluster import init_ray
     from aigc.models.hub import resolve_model
 
-    t0 = time.monotonic()
-    cfg = pipeline_config(cfg)
     # before any Ray work: one commit for every stage, its fingerprints and the registered version
     cfg = cfg.model_copy(update={"model": resolve_model(cfg.model, weights=True)})
     init_ray(cfg.cluster.num_cpus)
