@@ -153,3 +153,25 @@ def test_aigc_pipeline_stops_on_a_held_lock_before_any_ray_work(tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert elapsed < 120
+
+
+def test_on_s3_a_second_taker_is_refused_and_a_dead_holders_lock_is_taken_over(s3_server, capsys):
+    """The same lock on an object store (moto): a conditional PUT creates it, a second taker is refused, a lock
+    left by a process that has ended on this host is taken over."""
+    from aigc import storage
+
+    out = s3_server("pipe")
+    me = acquire(out, command="first")
+    with pytest.raises(LockHeldError, match=rf"running on {out}: pid {os.getpid()} on .*running `first`"):
+        acquire(out, command="second")
+    release(out, me)
+    assert not storage.exists(lock_path(out))
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    storage.write_json(lock_path(out), {"host": socket.gethostname(), "pid": ended.pid, "pid_started_at": None,
+                                        "since": time.time() - 5, "command": "killed", "token": "t"})  # fmt: skip
+    with pipeline_lock(out) as again:
+        assert storage.read_json(lock_path(out))["token"] == again.token
+    assert f"from pid {ended.pid} on {socket.gethostname()}" in capsys.readouterr().out
+    assert not storage.exists(lock_path(out))
