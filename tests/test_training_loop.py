@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,38 @@ def test_a_tracked_run_writes_mlflow_and_tensorboard_with_generation_metrics(dat
     assert {"loss.png", "adapter"} <= artifacts
     events = list((out / "tensorboard" / "tracked").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+_AFTER_STEPS = """
+import sys
+from aigc.train.context import RayTrainContext
+ctx = RayTrainContext()
+ctx.world_rank = lambda: int(sys.argv[1])
+ctx.after_step(4, resumed=False)
+ctx.after_step(5, resumed=True)
+print("alive", flush=True)
+ctx.after_step(5, resumed=False)
+print("still alive", flush=True)
+"""
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_kill_injection_kills_only_rank_0_of_a_first_attempt(tmp_path, monkeypatch, rank):
+    """``AIGC_KILL_AT_STEP=5`` in a plain process (no Ray): other steps and a resumed attempt go on; at step 5 of a
+    first attempt rank 0 writes the marker and dies by SIGKILL, any other rank goes on."""
+    from aigc.train.context import KILL_ENV, KILL_MARKER_ENV, RayTrainContext
+
+    marker = tmp_path / "killed.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform"), KILL_ENV: "5", KILL_MARKER_ENV: str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", _AFTER_STEPS, str(rank)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    if rank == 0:
+        assert proc.returncode == -signal.SIGKILL and out.splitlines() == ["alive"], err
+        assert json.loads(marker.read_text()) == {"pid": proc.pid, "step": 5}
+    else:
+        assert proc.returncode == 0 and out.splitlines() == ["alive", "still alive"], err
+        assert not marker.exists()
+    monkeypatch.setenv(KILL_ENV, "five")
+    with pytest.raises(ValueError, match="AIGC_KILL_AT_STEP='five': set it to the optimizer step"):
+        RayTrainContext()

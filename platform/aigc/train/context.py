@@ -8,24 +8,35 @@ only the context differs:
   worker group: rank 0 of 1, the trial's own device, the Ray Datasets as its "shards", Tune's checkpoint and
   ``ray.tune.report``. It saves a trial the Train controller, worker-group start-up and a second checkpoint copy.
 
-Fault injection for resume tests lives here, not in the loop's arguments: with ``AIGC_FAULT_AT_STEP=N`` in the
-environment of the process that builds the trainer, the :class:`RayTrainContext` it ships to the workers makes
-the first attempt (no checkpoint yet) fail after optimizer step ``N``; the restarted attempt goes on.
+Fault injection for resume tests lives here, not in the loop's arguments. Read from the environment of the
+process that builds the trainer, and carried to the workers by the :class:`RayTrainContext` it ships them:
+
+- ``AIGC_FAULT_AT_STEP=N``: the first attempt (not resumed from a checkpoint) raises after optimizer step ``N``;
+- ``AIGC_KILL_AT_STEP=N``: the first attempt's rank-0 worker process SIGKILLs itself after step ``N`` (no
+  exception, no clean-up: as a lost process or an out-of-memory kill), first writing ``{"pid", "step"}`` to the
+  file ``AIGC_KILL_MARKER`` names, if set, so a test can tell the kill happened.
+
+Either way the restarted attempt resumes from the last checkpoint and goes on; set ``N`` past the first
+checkpoint, or every attempt starts afresh and fails again.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Protocol
 
 import torch
 
+from aigc import storage
 from aigc.train import model_setup
 from aigc.train.worker_config import WorkerConfig
 
-__all__ = ["FAULT_ENV", "RayTrainContext", "TuneTrialContext", "WorkerContext"]
+__all__ = ["FAULT_ENV", "KILL_ENV", "KILL_MARKER_ENV", "RayTrainContext", "TuneTrialContext", "WorkerContext"]
 
 FAULT_ENV = "AIGC_FAULT_AT_STEP"
+KILL_ENV = "AIGC_KILL_AT_STEP"
+KILL_MARKER_ENV = "AIGC_KILL_MARKER"
 
 
 class WorkerContext(Protocol):
@@ -53,17 +64,17 @@ class WorkerContext(Protocol):
 class RayTrainContext:
     """A Ray Train worker: everything through ``ray.train``.
 
-    Built on the driver and shipped to the workers; it reads :data:`FAULT_ENV` there (resume tests).
+    Built on the driver and shipped to the workers; it reads :data:`FAULT_ENV`, :data:`KILL_ENV` and
+    :data:`KILL_MARKER_ENV` there (resume tests).
 
     Raises:
-        ValueError: :data:`FAULT_ENV` is set to something other than a step number.
+        ValueError: :data:`FAULT_ENV` or :data:`KILL_ENV` is set to something other than a step number.
     """
 
     def __init__(self) -> None:
-        raw = os.environ.get(FAULT_ENV, "").strip()
-        if raw and not raw.isdigit():
-            raise ValueError(f"{FAULT_ENV}={raw!r}: set it to the optimizer step to fail after, or unset it")
-        self.fault_at_step = int(raw) if raw else None
+        self.fault_at_step = _step_from_env(FAULT_ENV, "fail after")
+        self.kill_at_step = _step_from_env(KILL_ENV, "SIGKILL rank 0 after")
+        self.kill_marker = os.environ.get(KILL_MARKER_ENV) or None
 
     def world_rank(self) -> int:
         import ray.train
@@ -100,9 +111,23 @@ class RayTrainContext:
         ray.train.report(metrics, checkpoint=ckpt)
 
     def after_step(self, step: int, resumed: bool) -> None:
-        """Fail the first attempt after step :data:`FAULT_ENV` (set when the driver built this context)."""
-        if self.fault_at_step is not None and step == self.fault_at_step and not resumed:
+        """Fail the first attempt after step :data:`FAULT_ENV`, or kill its rank 0 after step :data:`KILL_ENV`
+        (as set when the driver built this context)."""
+        if resumed:
+            return
+        if self.kill_at_step == step and self.world_rank() == 0:
+            if self.kill_marker:
+                storage.write_json(self.kill_marker, {"pid": os.getpid(), "step": step})
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fault_at_step == step:
             raise RuntimeError(f"injected fault after step {step} ({FAULT_ENV})")
+
+
+def _step_from_env(name: str, what: str) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if raw and not raw.isdigit():
+        raise ValueError(f"{name}={raw!r}: set it to the optimizer step to {what}, or unset it")
+    return int(raw) if raw else None
 
 
 class TuneTrialContext:
