@@ -36,7 +36,23 @@ def _cfg(data, name: str, *extra: str):
     return load_config(ROOT / "configs" / "demo.yaml", [*data[0], f"train.adapter_name={name}", *extra])
 
 
-def test_a_run_killed_mid_epoch_resumes_with_the_next_batch_and_the_same_losses(data, monkeypatch):
+_FAULT_RUN = ("train.epochs=2", "train.num_workers=2", "train.grad_accum=2", "train.checkpoint_every_steps=2",
+              "train.keep_checkpoints=1", "train.max_failures=1")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data):
+    """The run both fault tests compare with: 2 epochs, checkpoints every 2 steps, nothing killed; a batch size
+    that leaves an odd number of micro-batches per worker and epoch. Returns (its overrides, its result)."""
+    from aigc.train.trainer import run_training
+
+    rows = data[1]
+    bs = next(b for b in (4, 5, 6, 7, 3) if math.ceil(rows // 2 / b) % 2 == 1)
+    common = (*_FAULT_RUN, f"train.batch_size={bs}")
+    return common, run_training(_cfg(data, "straight", *common))
+
+
+def test_a_run_killed_mid_epoch_resumes_with_the_next_batch_and_the_same_losses(data, uninterrupted, monkeypatch):
     """Fault after step 5 of 2 epochs; checkpoints every 2 steps; the restart continues from step 4's checkpoint.
 
     With the last accumulation group of each epoch as a step of its own (an odd number of micro-batches with
@@ -48,10 +64,8 @@ def test_a_run_killed_mid_epoch_resumes_with_the_next_batch_and_the_same_losses(
     from aigc.train.trainer import run_training
 
     rows = data[1]
-    bs = next(b for b in (4, 5, 6, 7, 3) if math.ceil(rows // 2 / b) % 2 == 1)
-    common = ("train.epochs=2", "train.num_workers=2", f"train.batch_size={bs}", "train.grad_accum=2",
-              "train.checkpoint_every_steps=2", "train.keep_checkpoints=1", "train.max_failures=1")  # fmt: skip
-    straight = run_training(_cfg(data, "straight", *common))
+    common, straight = uninterrupted
+    bs = int(common[-1].split("=")[1])
     monkeypatch.setenv(FAULT_ENV, "5")  # the driver's RayTrainContext carries it to the workers
     resumed = run_training(_cfg(data, "resumed", *common, "train.cache_data=false"))
 
@@ -122,7 +136,7 @@ def test_a_tracked_run_writes_mlflow_and_tensorboard_with_generation_metrics(dat
     assert events and events[0].stat().st_size > 0
 
 
-def test_a_sigkilled_rank0_worker_resumes_to_the_same_final_step_and_loss(data, monkeypatch, tmp_path):
+def test_a_sigkilled_rank0_worker_resumes_to_the_same_final_step_and_loss(data, uninterrupted, monkeypatch, tmp_path):
     """Rank 0's process SIGKILLs itself after step 5 of 2 epochs (``AIGC_KILL_AT_STEP``: no exception, no
     clean-up); checkpoints every 2 steps, one restart allowed. Ray Train replaces the worker group and the run
     resumes from step 4's checkpoint to the uninterrupted run's final step.
@@ -136,15 +150,12 @@ def test_a_sigkilled_rank0_worker_resumes_to_the_same_final_step_and_loss(data, 
     from aigc.train.trainer import run_training
 
     rows = data[1]
-    bs = next(b for b in (4, 5, 6, 7, 3) if math.ceil(rows // 2 / b) % 2 == 1)
-    common = ("train.epochs=2", "train.num_workers=2", f"train.batch_size={bs}", "train.grad_accum=2",
-              "train.checkpoint_every_steps=2", "train.keep_checkpoints=1", "train.max_failures=1",
-              "train.cache_data=false")  # fmt: skip
-    straight = run_training(_cfg(data, "unkilled", *common))
+    common, straight = uninterrupted  # its data cached in the object store; this run streams it: same batches
+    bs = int(common[-1].split("=")[1])
     marker = tmp_path / "killed.json"
     monkeypatch.setenv(KILL_ENV, "5")  # the driver's RayTrainContext carries both to the workers
     monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
-    killed = run_training(_cfg(data, "killed", *common))
+    killed = run_training(_cfg(data, "killed", *common, "train.cache_data=false"))
 
     kill = json.loads(marker.read_text())
     assert kill["step"] == 5
