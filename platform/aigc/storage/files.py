@@ -29,7 +29,6 @@ __all__ = [
     "exists",
     "filesystem",
     "filesystem_for_ray",
-    "free_run_name",
     "is_dir",
     "is_file",
     "is_uri",
@@ -284,16 +283,6 @@ def list_dirs(path: str) -> list[str]:
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
     return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
-
-
-def free_run_name(parent: str, base: str, done_marker: str) -> str:
-    """``base``, or ``base-2``, ``base-3``, ... : the first run directory under ``parent`` that holds no
-    ``done_marker`` (a finished run is kept; an unfinished one is continued under its own name)."""
-    name, n = base, 1
-    while is_file(join(parent, name, done_marker)):
-        n += 1
-        name = f"{base}-{n}"
-    return name
 
 
 def copy_dir(src: str, dst: str) -> None:
