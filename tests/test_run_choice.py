@@ -103,6 +103,6 @@ def test_resume_always_and_never_force_either_way(tmp_path):
 def test_the_record_is_written_where_the_run_will_be(tmp_path):
     inputs = _inputs()
     choice = choose_run(str(tmp_path), "bot", inputs)
-    record_run(str(tmp_path), choice, inputs)
+    record_run(str(tmp_path), choice)
     assert json.loads((tmp_path / "bot" / RUN_RECORD).read_text())["inputs"] == inputs
     assert choose_run(str(tmp_path), "bot", inputs).resumed

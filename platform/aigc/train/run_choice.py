@@ -38,11 +38,13 @@ _DECIDING_TRAIN = (
 
 @dataclass(frozen=True)
 class RunChoice:
-    """The run directory to use: ``name``, whether it continues a checkpointed run, and the line to print."""
+    """The run directory to use: ``name``, whether it continues a checkpointed run, the line to print, and the
+    inputs to record there (:func:`record_run`)."""
 
     name: str
     resumed: bool
     message: str
+    inputs: dict[str, Any]
 
 
 def run_inputs(cfg: PlatformConfig, stats: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +58,8 @@ def run_inputs(cfg: PlatformConfig, stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """``"train.lr 0.001 -> 0.002"``-style lines for every input that changed (a legacy run: one line)."""
-    if old is None:
-        return ["no record of the inputs it started on"]
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{"train.lr": (0.001, 0.002), ...}``: every input that changed, by its dotted key."""
 
     def flat(value: Any, prefix: str) -> dict[str, Any]:
         if isinstance(value, dict):
@@ -67,21 +67,14 @@ def _differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
         return {prefix: value}
 
     before, after = flat(old, ""), flat(new, "")
-    return [f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
-            if before.get(key) != after.get(key)]  # fmt: skip
+    return {key: (before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key)}  # fmt: skip
 
 
-def _extendable(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Only the epoch budget changed, and the learning rate at a step does not depend on it."""
-    if "train" not in old or "train" not in new or old["train"].get("epochs") == new["train"]["epochs"]:
-        return False
-    same_otherwise = {**old, "train": {**old["train"], "epochs": None}} == {
-        **new,
-        "train": {**new["train"], "epochs": None},
-    }
-    train = new["train"]
-    fixed_warmup = train["warmup_steps"] is not None or train["warmup_ratio"] == 0
-    return same_otherwise and train["lr_scheduler"] == "constant" and fixed_warmup
+def _epoch_free(train: dict[str, Any]) -> bool:
+    """The learning rate at a step does not depend on the epoch budget: a constant schedule, a fixed warmup."""
+    fixed_warmup = train.get("warmup_steps") is not None or train.get("warmup_ratio") == 0
+    return train.get("lr_scheduler") == "constant" and fixed_warmup
 
 
 def choose_run(parent: str, base: str, inputs: dict[str, Any], mode: str = "auto") -> RunChoice:
@@ -104,26 +97,34 @@ def choose_run(parent: str, base: str, inputs: dict[str, Any], mode: str = "auto
             continue
         if not storage.exists(run):
             why = f"; not continuing {skipped[0]}" if skipped else ""
-            return RunChoice(name, False, f"new run {name!r}{why}")
+            return RunChoice(name, False, f"new run {name!r}{why}", inputs)
         record_path = storage.join(run, RUN_RECORD)
         old = storage.read_json(record_path).get("inputs") if storage.is_file(record_path) else None
-        changed = _differences(old, inputs)
+        if old is None:  # a run from before records were kept: what it trained on is unknown
+            changes, changed = {}, ["no record of the inputs it started on"]
+        else:
+            changes = _changes(old, inputs)
+            changed = [f"{key} {before!r} -> {after!r}" for key, (before, after) in changes.items()]
         if mode == "never":
             skipped.append(f"{name!r} (train.resume=never)")
         elif not changed:
-            return RunChoice(name, True, f"resuming run {name!r} from its last checkpoint")
-        elif old is not None and _extendable(old, inputs):
-            epochs = f"{old['train']['epochs']} -> {inputs['train']['epochs']} epochs"
-            return RunChoice(name, True, f"resuming run {name!r} and extending it ({epochs}; constant schedule)")
+            return RunChoice(name, True, f"resuming run {name!r} from its last checkpoint", inputs)
+        elif set(changes) == {"train.epochs"} and _epoch_free(inputs.get("train", {})):
+            epochs = "{} -> {} epochs".format(*changes["train.epochs"])
+            return RunChoice(
+                name, True, f"resuming run {name!r} and extending it ({epochs}; constant schedule)", inputs
+            )
         elif mode == "always":
             return RunChoice(name, True, f"resuming run {name!r} although it changed (train.resume=always): "
-                                         + "; ".join(changed))  # fmt: skip
+                                         + "; ".join(changed), inputs)  # fmt: skip
         else:
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             skipped.append(f"{name!r}, started on other inputs ({'; '.join(changed[:3])}{more}; "
                            "train.resume=always continues it anyway)")  # fmt: skip
 
 
-def record_run(parent: str, choice: RunChoice, inputs: dict[str, Any]) -> None:
+def record_run(parent: str, choice: RunChoice) -> None:
     """Write ``choice``'s record: before its first step for a new run, and with the new budget when extended."""
-    storage.write_json(storage.join(parent, choice.name, RUN_RECORD), {"inputs": inputs, "recorded": time.time()})
+    storage.write_json(
+        storage.join(parent, choice.name, RUN_RECORD), {"inputs": choice.inputs, "recorded": time.time()}
+    )

@@ -122,12 +122,11 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
     storage_path = storage.join(cfg.output_dir, "ray")
     inputs = run_inputs(cfg, stats)
     choice = choose_run(storage_path, cfg.train.run_name or cfg.train.adapter_name, inputs, cfg.train.resume)
-    record_run(storage_path, choice, inputs)
+    record_run(storage_path, choice)
     name = choice.name
-    print(f"[train] {choice.message}")
     rows = dataset_rows(stats, "train")
     packed = f" (packed into {rows} rows)" if stats.get("packing") else ""
-    print(f"[train] run {name!r}: {stats['rows_train']} train{packed} / {stats['rows_val']} val examples, "
+    print(f"[train] {choice.message}: {stats['rows_train']} train{packed} / {stats['rows_val']} val examples, "
           f"{cfg.train.num_workers} workers, checkpoints in {storage.join(storage_path, name)}")  # fmt: skip
     try:
         # Rank 0 sends its step lines to this driver, which draws them as one live line (aigc.console).

@@ -200,7 +200,7 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
         )
     sweep_dir = storage.join(cfg.output_dir, "sweep")
     choice = choose_sweep(cfg, space, stats)
-    record_run(sweep_dir, choice, sweep_inputs(cfg, space, stats))
+    record_run(sweep_dir, choice)
     name = choice.name
     print(f"[sweep] {choice.message}: {plan.line()}", flush=True)
 
