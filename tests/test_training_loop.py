@@ -43,13 +43,14 @@ _FAULT_RUN = ("train.epochs=2", "train.num_workers=2", "train.grad_accum=2", "tr
 @pytest.fixture(scope="module")
 def uninterrupted(data):
     """The run both fault tests compare with: 2 epochs, checkpoints every 2 steps, nothing killed; a batch size
-    that leaves an odd number of micro-batches per worker and epoch. Returns (its overrides, its result)."""
+    that leaves an odd number of micro-batches per worker and epoch. Returns (its overrides, that batch size,
+    its result)."""
     from aigc.train.trainer import run_training
 
     rows = data[1]
     bs = next(b for b in (4, 5, 6, 7, 3) if math.ceil(rows // 2 / b) % 2 == 1)
     common = (*_FAULT_RUN, f"train.batch_size={bs}")
-    return common, run_training(_cfg(data, "straight", *common))
+    return common, bs, run_training(_cfg(data, "straight", *common))
 
 
 def test_a_run_killed_mid_epoch_resumes_with_the_next_batch_and_the_same_losses(data, uninterrupted, monkeypatch):
@@ -64,8 +65,7 @@ def test_a_run_killed_mid_epoch_resumes_with_the_next_batch_and_the_same_losses(
     from aigc.train.trainer import run_training
 
     rows = data[1]
-    common, straight = uninterrupted
-    bs = int(common[-1].split("=")[1])
+    common, bs, straight = uninterrupted
     monkeypatch.setenv(FAULT_ENV, "5")  # the driver's RayTrainContext carries it to the workers
     resumed = run_training(_cfg(data, "resumed", *common, "train.cache_data=false"))
 
@@ -150,8 +150,7 @@ def test_a_sigkilled_rank0_worker_resumes_to_the_same_final_step_and_loss(data, 
     from aigc.train.trainer import run_training
 
     rows = data[1]
-    common, straight = uninterrupted  # its data cached in the object store; this run streams it: same batches
-    bs = int(common[-1].split("=")[1])
+    common, bs, straight = uninterrupted  # its data cached in the object store; this run streams it: same batches
     marker = tmp_path / "killed.json"
     monkeypatch.setenv(KILL_ENV, "5")  # the driver's RayTrainContext carries both to the workers
     monkeypatch.setenv(KILL_MARKER_ENV, str(marker))

@@ -25,6 +25,7 @@ class Stage:
     run: Callable[[PlatformConfig], None]
     checks: str
     weights: bool = True  # the stage loads the model's weights (preprocessing needs only the tokenizer)
+    joins_cluster: bool = True  # run_stage starts or joins Ray first; False: the stage does it itself, when ready
 
 
 def _preprocess(cfg: PlatformConfig) -> None:
@@ -81,8 +82,9 @@ STAGES: dict[str, Stage] = {
     "serve": Stage("the OpenAI-compatible endpoint with autoscaling replicas (Ray Serve)", _serve,
                    "aigc.serve.checks"),
     "demo": Stage("preprocess -> fine-tune -> sweep -> serve -> chat, on the tiny model", _demo, "aigc.demo.driver"),
+    # joins the cluster itself, once it holds its output_dir's lock (aigc.pipeline.lock)
     "pipeline": Stage("preprocess -> sweep -> train -> register -> serve, resumable", _pipeline,
-                      "aigc.pipeline.checks"),
+                      "aigc.pipeline.checks", joins_cluster=False),
 }  # fmt: skip
 
 
@@ -105,6 +107,6 @@ def run_stage(stage: str, cfg: PlatformConfig) -> None:
     from aigc.cluster import init_ray
 
     cfg = check_stage(stage, cfg)
-    if stage != "pipeline":  # the pipeline joins the cluster itself, once it holds its output_dir's lock
+    if STAGES[stage].joins_cluster:
         init_ray(cfg.cluster.num_cpus)
     STAGES[stage].run(cfg)
