@@ -52,8 +52,7 @@ def export_model(registry_dir: str, model_id: str, out_dir: str, merge: bool = F
     entry = resolve_entry(registry, model_id)
     src = registry.local_adapter_dir(entry)
     if entry.kind == "full" or not merge:
-        storage.remove_tree(out_dir)
-        storage.copy_dir(src, out_dir)
+        storage.replace_dir(src, out_dir)  # whole or not at all, as training publishes its export
         return Exported(entry, out_dir, merged=entry.kind == "full")
     _write_merged(entry, src, out_dir)
     return Exported(entry, out_dir, merged=True)
