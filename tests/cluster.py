@@ -10,6 +10,9 @@ dir) and its own ports (every agent and exporter port a second raylet on the sam
 from the first). The nodes run with the project on PYTHONPATH, as a cluster image has it installed. CPUs are
 logical: 5 on a 2-core machine, enough for a 2-worker run or two Serve replicas next to the job driver.
 At the end both nodes are stopped by their own processes; ``ray stop`` would stop every cluster on the machine.
+A test can also lose a node for real (``kill_node``: SIGKILL to its raylet and every process under it, as a
+machine that dies) and bring up its replacement (``start_node``: a new node with the same resources, as an
+autoscaler or a node pool replaces a lost machine).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class Cluster:
     serve_port: int  # the one HTTP port Serve's head proxy uses in every test (Serve fixes it at its first start)
     shared_dir: Path  # a directory both nodes see, standing in for s3://
     token_path: str  # the cluster's auth token (RAY_AUTH_TOKEN_PATH for the nodes and every client)
+    node_env: dict[str, str] = field(default_factory=dict)  # the environment `ray start` runs in
+    temp_dirs: dict[str, str] = field(default_factory=dict)  # "head" / "node_b" -> the node's temp dir
     node_ids: dict[str, str] = field(default_factory=dict)  # "head" / "node_b" -> node id
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -83,6 +88,47 @@ class Cluster:
             cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=self.env(),
         )  # fmt: skip
 
+    def start_node(self, name: str) -> None:
+        """``ray start`` node ``name`` (``head`` or ``node_b``) with its resources, temp dir and ports of its own."""
+        resource, cpus = NODES[name]
+        self.temp_dirs[name] = tempfile.mkdtemp(prefix=f"rayc-{name}-", dir="/tmp")  # short: socket paths < 108
+        ports = [f"--{flag}={free_port()}" for flag in _NODE_PORT_FLAGS]
+        common = [f"--num-cpus={cpus}", f"--resources={json.dumps({resource: 1})}", "--node-ip-address=127.0.0.1",
+                  f"--temp-dir={self.temp_dirs[name]}", *ports]  # fmt: skip
+        if name == "head":
+            dash = self.address.rsplit(":", 1)[1]
+            _start_node(["--head", f"--port={self.gcs_port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                         f"--ray-client-server-port={free_port()}", *common], self.node_env)  # fmt: skip
+        else:
+            _start_node([f"--address=127.0.0.1:{self.gcs_port}", *common], self.node_env)
+
+    def wait_alive(self, timeout_s: float = 120, lost: frozenset[str] = frozenset()) -> None:
+        """Wait until the state API shows every node alive, and record their node ids; nodes whose id is in
+        ``lost`` do not count (a killed node stays ALIVE until the GCS's health checks give up on it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alive = [n for n in self.state("nodes") if n["state"] == "ALIVE" and n["node_id"] not in lost]
+            ids = {name: n["node_id"] for n in alive for name, (res, _) in NODES.items() if res in n["resources_total"]}
+            if len(ids) == len(NODES):
+                self.node_ids.update(ids)
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(ids)} of {len(NODES)} nodes alive after {timeout_s:.0f}s")
+            time.sleep(1)
+
+    def kill_node(self, name: str) -> None:
+        """Lose node ``name`` as a machine is lost: SIGKILL to its processes and theirs, no clean-up."""
+        stop_processes(re.compile(re.escape(self.temp_dirs[name])), grace_s=0)
+
+    def wait_dead(self, node_id: str, timeout_s: float = 120) -> float:
+        """Wait until the GCS marks ``node_id`` DEAD; return the seconds it took."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if any(n["node_id"] == node_id and n["state"] == "DEAD" for n in self.state("nodes")):
+                return time.monotonic() - t0
+            time.sleep(1)
+        raise RuntimeError(f"node {node_id} still not DEAD after {timeout_s:.0f}s")
+
     def ray_job_id(self, submission_id: str) -> str:
         """The Ray job id (what actors record) of a submitted job."""
         (job,) = [j for j in self.state("jobs") if j.get("submission_id") == submission_id]
@@ -103,11 +149,10 @@ def _start_node(args: list[str], env: dict[str, str]) -> None:
 def two_node_cluster(shared_dir: Path, start_timeout_s: float = 120) -> Iterator[Cluster]:
     """Start the head and a second node, wait until the state API shows both alive, and stop both at the end."""
     gcs, dash = free_port(), free_port()
-    # Short temp dirs: Ray's socket paths must stay under 108 characters.
-    temp_dirs = {name: tempfile.mkdtemp(prefix=f"rayc-{name}-", dir="/tmp") for name in NODES}
     # The cluster's own token, as an operator provisions one (`ray get-auth-token --generate`): on a fresh
     # machine there is no ~/.ray/auth_token, and `ray start --head` in token mode fails without one.
-    token_path = os.path.join(temp_dirs["head"], "auth_token")
+    token_dir = tempfile.mkdtemp(prefix="rayc-token-", dir="/tmp")
+    token_path = os.path.join(token_dir, "auth_token")
     with open(token_path, "w") as f:
         f.write(secrets.token_hex(32))
     venv_bin = str(Path(sys.executable).parent)
@@ -115,38 +160,22 @@ def two_node_cluster(shared_dir: Path, start_timeout_s: float = 120) -> Iterator
            "RAY_SERVE_LOG_TO_STDERR": "0",
            "PATH": os.pathsep.join([venv_bin, os.environ.get("PATH", "")]),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT)])}  # fmt: skip
-    cluster = Cluster(f"http://127.0.0.1:{dash}", gcs, free_port(), shared_dir, token_path)
+    cluster = Cluster(f"http://127.0.0.1:{dash}", gcs, free_port(), shared_dir, token_path, env)
     try:
-        for name, (resource, cpus) in NODES.items():
-            ports = [f"--{flag}={free_port()}" for flag in _NODE_PORT_FLAGS]
-            common = [f"--num-cpus={cpus}", f"--resources={json.dumps({resource: 1})}", "--node-ip-address=127.0.0.1",
-                      f"--temp-dir={temp_dirs[name]}", *ports]  # fmt: skip
-            if name == "head":
-                _start_node(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                             f"--ray-client-server-port={free_port()}", *common], env)  # fmt: skip
-            else:
-                _start_node([f"--address=127.0.0.1:{gcs}", *common], env)
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            alive = [n for n in cluster.state("nodes") if n["state"] == "ALIVE"]
-            for n in alive:
-                for name, (resource, _) in NODES.items():
-                    if resource in n["resources_total"]:
-                        cluster.node_ids[name] = n["node_id"]
-            if len(cluster.node_ids) == len(NODES):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(alive)} of {len(NODES)} nodes alive after {start_timeout_s:.0f}s")
-            time.sleep(1)
+        for name in NODES:
+            cluster.start_node(name)
+        cluster.wait_alive(start_timeout_s)
         yield cluster
     finally:
-        stop_processes(re.compile("|".join([*map(re.escape, temp_dirs.values()), rf":{gcs}\b"])))
-        for d in temp_dirs.values():
+        dirs = [token_dir, *cluster.temp_dirs.values()]
+        stop_processes(re.compile("|".join([*map(re.escape, dirs), rf":{gcs}\b"])))
+        for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def stop_processes(cmdline: re.Pattern) -> None:
-    """Stop the processes whose command line matches ``cmdline`` and their children (SIGTERM, then SIGKILL).
+def stop_processes(cmdline: re.Pattern, grace_s: float = 10) -> None:
+    """Stop the processes whose command line matches ``cmdline`` and their children (SIGTERM, then SIGKILL after
+    ``grace_s``; ``grace_s=0``: SIGKILL at once).
 
     A cluster's processes name its temp dir or its GCS port on their command line.
     """
@@ -157,8 +186,8 @@ def stop_processes(cmdline: re.Pattern) -> None:
     procs.pop(os.getpid(), None)
     for p in procs.values():
         with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+            p.terminate() if grace_s else p.kill()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s or 10)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()

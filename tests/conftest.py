@@ -21,14 +21,25 @@ for p in (_TESTS, _TESTS.parent):
 class S3Server:
     """A local S3-compatible server (moto) on 127.0.0.1; calling it creates a bucket and returns ``s3://bucket/prefix``.
 
-    ``stop()`` and ``start()`` make a real outage: clients get connection errors while it is down. moto keeps
-    its data in memory, so a restarted server is empty: a test that needs the data back writes it again.
+    Clients reach it through a TCP link (``helpers.Link``): ``cut()`` makes a real outage (open connections
+    reset, new ones refused, in this process and in every Ray worker) and ``restore()`` ends it, with the store
+    keeping what it held, as a real one does. ``stop()`` ends the server itself (moto keeps its data in memory).
     """
 
     def __init__(self, port: int):
-        self.port, self.endpoint = port, f"http://127.0.0.1:{port}"
+        from helpers import Link
+
+        self.port = port  # moto's own port; clients use the link's
         self._proc: subprocess.Popen | None = None
         self._counter = iter(range(10**6))
+        self.link = Link(port)
+        self.endpoint = self.link.endpoint
+
+    def cut(self) -> None:
+        self.link.cut()
+
+    def restore(self) -> None:
+        self.link.restore()
 
     def start(self) -> None:
         exe = Path(sys.executable).parent / "moto_server"
@@ -37,7 +48,7 @@ class S3Server:
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(self.endpoint, timeout=2).close()
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}", timeout=2).close()
                 return
             except OSError:
                 if self._proc.poll() is not None or time.monotonic() > deadline:

@@ -193,7 +193,7 @@ def test_readiness_asks_the_generators_and_liveness_does_not(server):
 def test_a_registry_outage_keeps_loaded_adapters_serving(server, assets):
     # A generator loads "support"; an ingress replica that never resolved it answers from its background listing.
     assert _complete(server, "Hello", model="support").status_code == 200
-    assets.s3.stop()
+    assets.s3.cut()
     try:
         time.sleep(1.5)  # past resolve_cache_s: every answer now comes from an unreachable registry
         got = [_complete(server, "Hello", model="support") for _ in range(6)]
@@ -203,10 +203,7 @@ def test_a_registry_outage_keeps_loaded_adapters_serving(server, assets):
         err = _error(never_loaded, 503)
         assert err["code"] == "registry_unavailable" and never_loaded.headers["retry-after"] == "1"
     finally:
-        assets.s3.start()
-    bucket = assets.registry_uri.split("/")[2]
-    assets.s3.client().create_bucket(Bucket=bucket)  # the store comes back (moto's restart lost the data)
-    storage.copy_dir(assets.local.root, assets.registry_uri)
+        assets.s3.restore()  # the store comes back with what it held
     spare = _wait_for(lambda: (r := _complete(server, "Hello", model="spare")).status_code == 200 and r, 20)
     assert spare and spare.json()["model"] == "spare:v1"
 

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,14 +147,14 @@ def test_a_sigkilled_rank0_worker_resumes_to_the_same_final_step_and_loss(data, 
     fault test above does; on hardware with non-deterministic kernels compare within a tolerance instead. The
     worker writes a marker (its pid and step) just before the kill, and that pid is gone afterwards.
     """
-    from aigc.train.context import KILL_ENV, KILL_MARKER_ENV
+    from aigc.train.context import FAULT_MARKER_ENV, KILL_ENV
     from aigc.train.trainer import run_training
 
     rows = data[1]
     common, bs, straight = uninterrupted  # its data cached in the object store; this run streams it: same batches
     marker = tmp_path / "killed.json"
     monkeypatch.setenv(KILL_ENV, "5")  # the driver's RayTrainContext carries both to the workers
-    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(marker))
     killed = run_training(_cfg(data, "killed", *common, "train.cache_data=false"))
 
     kill = json.loads(marker.read_text())
@@ -199,10 +200,10 @@ print("still alive", flush=True)
 def test_the_kill_injection_kills_only_rank_0_of_a_first_attempt(tmp_path, monkeypatch, rank):
     """``AIGC_KILL_AT_STEP=5`` in a plain process (no Ray): other steps and a resumed attempt go on; at step 5 of a
     first attempt rank 0 writes the marker and dies by SIGKILL, any other rank goes on."""
-    from aigc.train.context import KILL_ENV, KILL_MARKER_ENV, RayTrainContext
+    from aigc.train.context import FAULT_MARKER_ENV, KILL_ENV, RayTrainContext
 
     marker = tmp_path / "killed.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform"), KILL_ENV: "5", KILL_MARKER_ENV: str(marker)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform"), KILL_ENV: "5", FAULT_MARKER_ENV: str(marker)}
     proc = subprocess.Popen([sys.executable, "-c", _AFTER_STEPS, str(rank)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     out, err = proc.communicate(timeout=120)
@@ -214,4 +215,32 @@ def test_the_kill_injection_kills_only_rank_0_of_a_first_attempt(tmp_path, monke
         assert not marker.exists()
     monkeypatch.setenv(KILL_ENV, "five")
     with pytest.raises(ValueError, match="AIGC_KILL_AT_STEP='five': set it to the optimizer step"):
+        RayTrainContext()
+
+
+def test_the_hold_injection_stops_rank_0_until_released(tmp_path, monkeypatch):
+    """``AIGC_HOLD_AT_STEP=5`` in a plain process: rank 0 of a first attempt writes the marker after step 5 and
+    waits there until the release file exists, then goes on; without a release file named, it is refused."""
+    from aigc.train.context import FAULT_MARKER_ENV, HOLD_ENV, HOLD_RELEASE_ENV, RayTrainContext
+
+    marker, release = tmp_path / "held.json", tmp_path / "release"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform"), HOLD_ENV: "5", HOLD_RELEASE_ENV: str(release),
+           FAULT_MARKER_ENV: str(marker)}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", _AFTER_STEPS, "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert json.loads(marker.read_text()) == {"pid": proc.pid, "step": 5}
+        time.sleep(1.0)
+        assert proc.poll() is None  # still held: the release file does not exist yet
+        release.touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.splitlines() == ["alive", "still alive"], err
+    monkeypatch.delenv(HOLD_RELEASE_ENV, raising=False)
+    monkeypatch.setenv(HOLD_ENV, "5")
+    with pytest.raises(ValueError, match="AIGC_HOLD_AT_STEP is set: set AIGC_HOLD_RELEASE to the file"):
         RayTrainContext()

@@ -13,17 +13,21 @@ process that builds the trainer, and carried to the workers by the :class:`RayTr
 
 - ``AIGC_FAULT_AT_STEP=N``: the first attempt (not resumed from a checkpoint) raises after optimizer step ``N``;
 - ``AIGC_KILL_AT_STEP=N``: the first attempt's rank-0 worker process SIGKILLs itself after step ``N`` (no
-  exception, no clean-up: as a lost process or an out-of-memory kill), first writing ``{"pid", "step"}`` to the
-  file ``AIGC_KILL_MARKER`` names, if set, so a test can tell the kill happened.
+  exception, no clean-up: as a lost process or an out-of-memory kill);
+- ``AIGC_HOLD_AT_STEP=N``: the first attempt's rank 0 stops after step ``N`` (before that step's checkpoint, if
+  it has one) until the file ``AIGC_HOLD_RELEASE`` names exists, so a test can break something outside the
+  process at a known step (kill a node, cut the object store) and then let it go on (at most 10 minutes).
 
-Either way the restarted attempt resumes from the last checkpoint and goes on; set ``N`` past the first
-checkpoint, or every attempt starts afresh and fails again.
+Before killing or holding, rank 0 writes ``{"pid", "step"}`` to the file ``AIGC_FAULT_MARKER`` names, if set, so
+a test can tell the moment has come. The restarted attempt resumes from the last checkpoint and goes on; set
+``N`` past the first checkpoint, or every attempt starts afresh and fails again.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any, Protocol
 
 import torch
@@ -32,11 +36,23 @@ from aigc import storage
 from aigc.train import model_setup
 from aigc.train.worker_config import WorkerConfig
 
-__all__ = ["FAULT_ENV", "KILL_ENV", "KILL_MARKER_ENV", "RayTrainContext", "TuneTrialContext", "WorkerContext"]
+__all__ = [
+    "FAULT_ENV",
+    "FAULT_MARKER_ENV",
+    "HOLD_ENV",
+    "HOLD_RELEASE_ENV",
+    "KILL_ENV",
+    "RayTrainContext",
+    "TuneTrialContext",
+    "WorkerContext",
+]
 
 FAULT_ENV = "AIGC_FAULT_AT_STEP"
 KILL_ENV = "AIGC_KILL_AT_STEP"
-KILL_MARKER_ENV = "AIGC_KILL_MARKER"
+HOLD_ENV = "AIGC_HOLD_AT_STEP"
+HOLD_RELEASE_ENV = "AIGC_HOLD_RELEASE"
+FAULT_MARKER_ENV = "AIGC_FAULT_MARKER"
+HOLD_LIMIT_S = 600.0
 
 
 class WorkerContext(Protocol):
@@ -64,17 +80,22 @@ class WorkerContext(Protocol):
 class RayTrainContext:
     """A Ray Train worker: everything through ``ray.train``.
 
-    Built on the driver and shipped to the workers; it reads :data:`FAULT_ENV`, :data:`KILL_ENV` and
-    :data:`KILL_MARKER_ENV` there (resume tests).
+    Built on the driver and shipped to the workers; it reads the fault-injection variables there (resume
+    tests, see the module docstring).
 
     Raises:
-        ValueError: :data:`FAULT_ENV` or :data:`KILL_ENV` is set to something other than a step number.
+        ValueError: :data:`FAULT_ENV`, :data:`KILL_ENV` or :data:`HOLD_ENV` is set to something other than a step
+            number, or :data:`HOLD_ENV` without :data:`HOLD_RELEASE_ENV`.
     """
 
     def __init__(self) -> None:
         self.fault_at_step = _step_from_env(FAULT_ENV, "fail after")
         self.kill_at_step = _step_from_env(KILL_ENV, "SIGKILL rank 0 after")
-        self.kill_marker = os.environ.get(KILL_MARKER_ENV) or None
+        self.hold_at_step = _step_from_env(HOLD_ENV, "hold rank 0 after")
+        self.hold_release = os.environ.get(HOLD_RELEASE_ENV) or None
+        if self.hold_at_step is not None and not self.hold_release:
+            raise ValueError(f"{HOLD_ENV} is set: set {HOLD_RELEASE_ENV} to the file whose creation lets rank 0 go on")
+        self.marker = os.environ.get(FAULT_MARKER_ENV) or None
 
     def world_rank(self) -> int:
         import ray.train
@@ -111,16 +132,26 @@ class RayTrainContext:
         ray.train.report(metrics, checkpoint=ckpt)
 
     def after_step(self, step: int, resumed: bool) -> None:
-        """Fail the first attempt after step :data:`FAULT_ENV`, or kill its rank 0 after step :data:`KILL_ENV`
-        (as set when the driver built this context)."""
+        """On the first attempt: fail after step :data:`FAULT_ENV`, kill rank 0 after step :data:`KILL_ENV`, or
+        hold rank 0 after step :data:`HOLD_ENV` (as set when the driver built this context)."""
         if resumed:
             return
-        if self.kill_at_step == step and self.world_rank() == 0:
-            if self.kill_marker:
-                storage.write_json(self.kill_marker, {"pid": os.getpid(), "step": step})
-            os.kill(os.getpid(), signal.SIGKILL)
+        if step in (self.kill_at_step, self.hold_at_step) and self.world_rank() == 0:
+            if self.marker:
+                storage.write_json(self.marker, {"pid": os.getpid(), "step": step})
+            if step == self.kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self._hold(step)
         if self.fault_at_step == step:
             raise RuntimeError(f"injected fault after step {step} ({FAULT_ENV})")
+
+    def _hold(self, step: int) -> None:
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while not storage.exists(self.hold_release):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"held after step {step} ({HOLD_ENV}) for {HOLD_LIMIT_S:.0f}s: "
+                                   f"{self.hold_release} was never created")  # fmt: skip
+            time.sleep(0.2)
 
 
 def _step_from_env(name: str, what: str) -> int | None:
