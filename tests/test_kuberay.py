@@ -102,9 +102,12 @@ def test_rayjob_runs_the_finetune_job_on_shared_storage():
 
 
 def test_rayservice_embeds_openai_yaml_and_builds_the_platforms_app():
+    from ray.serve.schema import ServeDeploySchema
+
     from aigc.serve.builder import build_app
 
     embedded = yaml.safe_load(_load("rayservice.yaml")["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)  # what `serve deploy` and KubeRay accept (deployment overrides too)
     local = yaml.safe_load((ROOT / "serve_apps" / "openai.yaml").read_text())
     assert embedded["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert embedded["proxy_location"] == local["proxy_location"]
