@@ -9,14 +9,16 @@ holds in all three manifests:
    a RayJob's status) and gives it to the containers it adds (the autoscaler, a RayJob's submitter).
 2. **Secrets by reference, only where needed.** The API keys (``aigc-api-keys``) are a read-only volume in the
    RayService's head container alone, where the Serve ingress is pinned (the head's ``aigc_ingress``
-   resource); a mounted Secret is updated in place when it changes, an environment variable is not. Storage
+   resource); the kubelet updates a mounted Secret in place (within a minute or so), an environment variable
+   only changes with a new pod. Storage
    credentials (``aigc-storage``) reach every Ray container, since drivers, Train workers and Serve replicas
    all read and write ``s3://``; each key is optional, so a pod role (IRSA, Workload Identity) works without it.
 3. **One NetworkPolicy per cluster.** Ray's ports (GCS 6379, dashboard 8265, client 10001, the raylets'
    and workers' ports) admit only pods of the same cluster; the dashboard also admits the KubeRay operator
    (RayJob, RayService) and a RayJob's submitter pod; the Serve port 8000 admits anyone, on the RayService only.
-   Egress stays open (storage, the model hub). Kubelet probes and ``kubectl port-forward`` are not network
-   traffic to the pod, so ``kubectl port-forward svc/<cluster>-head-svc 8265`` still reaches the dashboard.
+   Egress stays open (storage, the model hub). Kubelet probes come from the pod's node, which a NetworkPolicy
+   always admits, and ``kubectl port-forward svc/<name>-head-svc 8265`` enters the pod through the kubelet:
+   that is how an operator reaches the dashboard (with the token).
 
 The dashboard's address is KubeRay's default (the pod's interfaces, so the operator reaches it through the head
 Service): the NetworkPolicy and the token are what keep it inside the cluster.
