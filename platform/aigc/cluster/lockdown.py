@@ -10,9 +10,9 @@ holds in all three manifests:
 2. **Secrets by reference, only where needed.** The API keys (``aigc-api-keys``) are a read-only volume in the
    RayService's head container alone, where the Serve ingress is pinned (the head's ``aigc_ingress``
    resource); the kubelet updates a mounted Secret in place (within a minute or so), an environment variable
-   only changes with a new pod. Storage
-   credentials (``aigc-storage``) reach every Ray container, since drivers, Train workers and Serve replicas
-   all read and write ``s3://``; each key is optional, so a pod role (IRSA, Workload Identity) works without it.
+   only changes with a new pod. Storage credentials (``aigc-storage``) reach every Ray container, since
+   drivers, Train workers and Serve replicas all read and write ``s3://``; each key is optional, so a pod role
+   (IRSA, Workload Identity) works without it.
 3. **One NetworkPolicy per cluster.** Ray's ports (GCS 6379, dashboard 8265, client 10001, the raylets'
    and workers' ports) admit only pods of the same cluster; the dashboard also admits the KubeRay operator
    (RayJob, RayService) and a RayJob's submitter pod; the Serve port 8000 admits anyone, on the RayService only.
