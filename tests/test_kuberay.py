@@ -31,7 +31,8 @@ def test_committed_manifests_are_what_the_renderer_writes(tmp_path):
     for name, manifest in render().items():
         assert (KUBERAY / name).read_text() == dump(manifest), f"re-render deploy/kuberay/{name} (aigc kuberay)"
     written = write_manifests(str(tmp_path), image="example.com/aigc:1", storage="gs://b/x")
-    assert sorted(Path(p).name for p in written) == ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"]
+    names = ["networkpolicy.yaml", "raycluster.yaml", "rayjob.yaml", "rayservice.yaml"]
+    assert sorted(Path(p).name for p in written) == names
     assert "example.com/aigc:1" in Path(written[0]).read_text() and "gs://b/x/registry" in Path(written[2]).read_text()
 
 
@@ -54,7 +55,8 @@ def _check_cluster_spec(spec: dict, where: str) -> None:
     for g in spec["workerGroupSpecs"]:
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], (where, g["groupName"])
     assert len(images) == 1, f"{where}: every pod runs the one image, got {images}"
-    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # the job submitter reaches the dashboard
+    # KubeRay's default address (where its operator reaches it); the NetworkPolicy keeps it in the cluster.
+    assert "dashboard-host" not in head["rayStartParams"], where
 
 
 @pytest.mark.parametrize(
@@ -100,9 +102,12 @@ def test_rayjob_runs_the_finetune_job_on_shared_storage():
 
 
 def test_rayservice_embeds_openai_yaml_and_builds_the_platforms_app():
+    from ray.serve.schema import ServeDeploySchema
+
     from aigc.serve.builder import build_app
 
     embedded = yaml.safe_load(_load("rayservice.yaml")["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)  # what `serve deploy` and KubeRay accept (deployment overrides too)
     local = yaml.safe_load((ROOT / "serve_apps" / "openai.yaml").read_text())
     assert embedded["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert embedded["proxy_location"] == local["proxy_location"]
@@ -112,15 +117,12 @@ def test_rayservice_embeds_openai_yaml_and_builds_the_platforms_app():
         assert app[key] == local_app[key], key
     assert app["args"]["config"] == f"{IMAGE_ROOT}/{local_app['args']['config']}"
     overrides = app["args"]["overrides"]
-    assert "serve.api_keys_env=AIGC_API_KEYS" in overrides and "serve.host=0.0.0.0" in overrides
+    assert "serve.host=0.0.0.0" in overrides and "serve.auth=keys" in overrides
+    assert "serve.api_keys_file=/etc/aigc/api-keys/keys" in overrides  # the mounted Secret (test_cluster_lockdown)
     # The args build the app the platform serves: the ingress in front of the generator.
     args = {**app["args"], "config": str(ROOT / local_app["args"]["config"])}
     built = build_app(args)._bound_deployment
     assert built.name == "OpenAIIngress"
     assert [a._bound_deployment.name for a in built.init_args] == ["Generator"]
     assert built.init_kwargs["registry_dir"] == "s3://my-bucket/aigc/registry"
-    # Every pod gets the API keys from the Secret, so the ingress replica finds them wherever it lands.
-    spec = _load("rayservice.yaml")["spec"]["rayClusterConfig"]
-    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
-        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
-        assert env["AIGC_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "aigc-api-keys"
+    assert built.init_kwargs["security"].api_keys_file == "/etc/aigc/api-keys/keys"

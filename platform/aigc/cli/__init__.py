@@ -16,7 +16,7 @@
     aigc submit train --config configs/demo.yaml [k=v ...]   # run a stage as a job on RAY_ADDRESS's cluster
     aigc jobs list | logs ID [--follow] | stop ID       # the cluster's jobs (RAY_AUTH_MODE=token: see submit.py)
     aigc --verbose train ...                           # Ray's worker output on the console too (AIGC_VERBOSE=1)
-    aigc kuberay [--image REPO:TAG] [--storage s3://bucket/aigc] [--out deploy/kuberay]  # KubeRay manifests
+    aigc kuberay [--image REPO:TAG] [--storage s3://bucket/aigc] [--operator-namespace NS] [--out deploy/kuberay]
 
 Config errors are reported before any Ray work starts, with exit status 2; any other platform error
 (bad data, a registry problem, a failed run) is one line on stderr and exit status 1.

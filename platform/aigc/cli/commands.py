@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import yaml
 
 from aigc.cli.stages import STAGES
+from aigc.cluster.lockdown import OPERATOR_NAMESPACE
 from aigc.config import PlatformConfig
 
 __all__ = ["COMMANDS", "Command", "add_config_arguments"]
@@ -154,13 +155,20 @@ def _jobs(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
 def _kuberay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=None, help="the image every pod runs (built from deploy/kuberay/Dockerfile)")
     p.add_argument("--storage", default="s3://my-bucket/aigc", help="shared storage for registry/ and runs/")
+    p.add_argument(
+        "--operator-namespace",
+        default=OPERATOR_NAMESPACE,
+        help="the KubeRay operator's namespace (its NetworkPolicies admit it to the dashboard)",
+    )
     p.add_argument("--out", default="deploy/kuberay", help="the directory to write them to")
 
 
 def _kuberay(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
     from aigc.cluster.kuberay import DEFAULT_IMAGE, write_manifests
 
-    for path in write_manifests(args.out, image=args.image or DEFAULT_IMAGE, storage=args.storage):
+    for path in write_manifests(
+        args.out, image=args.image or DEFAULT_IMAGE, storage=args.storage, operator_namespace=args.operator_namespace
+    ):
         print(f"[kuberay] {path}")
 
 
@@ -193,7 +201,8 @@ COMMANDS: dict[str, Command] = {
                       _submit, reads_config=False),
     "jobs": Command("list the cluster's jobs, show a job's logs, stop a job", _jobs_arguments, _jobs,
                     reads_config=False),
-    "kuberay": Command("write the RayCluster, RayJob and RayService manifests", _kuberay_arguments, _kuberay,
+    "kuberay": Command("write the RayCluster, RayJob, RayService and NetworkPolicy manifests", _kuberay_arguments,
+                       _kuberay,
                        reads_config=False),
     "build-assets": Command("rebuild the tiny base model and the demo dataset", _assets_arguments, _build_assets,
                             reads_config=False),
