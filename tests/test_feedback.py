@@ -25,6 +25,7 @@ from aigc.errors import ConfigError, StorageError
 from aigc.feedback import FeedbackRequest, FeedbackStore, UnknownCompletionError, export_dataset
 from aigc.feedback.store import MAX_CORRECTION_CHARS
 from aigc.serve.engine import SamplingParams
+from aigc.serve.feedback import FeedbackCapture
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-base")
@@ -36,17 +37,19 @@ def _cid(n: int, prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{n:032x}"
 
 
-def _completion(cid: str, user: str = "Where is my parcel?", answer: str = "It ships today.", created: int = 0) -> dict:
+def _completion(cid: str, user: str = "Where is my parcel?", answer: str = "It ships today.", created: int = 0,
+                key: str | None = None) -> dict:  # fmt: skip
     if cid.startswith("cmpl-"):
-        return {"id": cid, "object": "text_completion", "created": created, "model": "m", "prompt": user,
-                "answer": answer}  # fmt: skip
+        return {"id": cid, "object": "text_completion", "created": created, "model": "m", "key_name": key,
+                "prompt": user, "answer": answer}  # fmt: skip
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}]
-    return {"id": cid, "object": "chat.completion", "created": created, "model": "m", "messages": messages,
-            "answer": answer}  # fmt: skip
+    return {"id": cid, "object": "chat.completion", "created": created, "model": "m", "key_name": key,
+            "messages": messages, "answer": answer}  # fmt: skip
 
 
-def _rate(store: FeedbackStore, cid: str, rating: int, correction: str | None = None):
-    return store.add_feedback(FeedbackRequest(id=cid, rating=rating, correction=correction))
+def _rate(store: FeedbackStore, cid: str, rating: int, correction: str | None = None, key: str | None = None,
+          owner_only: bool = False):  # fmt: skip
+    return store.add_feedback(FeedbackRequest(id=cid, rating=rating, correction=correction), key, owner_only)
 
 
 # ====================================================================================== the store on its own
@@ -59,10 +62,11 @@ def test_records_are_whole_objects_and_a_torn_write_leaves_nothing(tmp_path, mon
 
     first = _rate(store, cid, 1)
     [written] = (tmp_path / "fb" / "ratings" / cid).iterdir()
-    assert written.name == f"{first.created_ns:020d}-{first.feedback_id}.json"
+    assert written.name == "anonymous.json"  # a server without keys: one rating per completion
     assert json.loads(written.read_text()) == first.to_json()
 
-    # The writer dies between writing its temporary file and renaming it into place: no record appears.
+    # The writer of a replacement dies between writing its temporary file and renaming it into place: the
+    # first rating stays as it was.
     def die(*_):
         raise OSError("killed mid-write")
 
@@ -72,7 +76,8 @@ def test_records_are_whole_objects_and_a_torn_write_leaves_nothing(tmp_path, mon
     monkeypatch.undo()
     names = sorted(p.name for p in (tmp_path / "fb" / "ratings" / cid).iterdir())
     assert names == [written.name]  # the failed write removed its temporary file
-    assert store.latest_ratings() == {cid: first}
+    assert json.loads(written.read_text()) == first.to_json()
+    assert store.ratings() == [first]
 
 
 def test_unknown_id_is_refused_and_nothing_is_written(tmp_path):
@@ -90,8 +95,6 @@ def test_unknown_id_is_refused_and_nothing_is_written(tmp_path):
 
 def test_unwritable_store_raises_storage_error(tmp_path, caplog):
     import asyncio
-
-    from aigc.serve.feedback import FeedbackCapture
 
     root = tmp_path / "fb"
     store = FeedbackStore(str(root))
@@ -114,21 +117,6 @@ def test_unwritable_store_raises_storage_error(tmp_path, caplog):
     assert ok is False
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"capture of {_cid(3)} failed"]
     assert secret not in caplog.text
-
-
-def test_latest_rating_wins_by_time(tmp_path, monkeypatch):
-    import aigc.feedback.store as store_mod
-
-    store = FeedbackStore(str(tmp_path / "fb"))
-    store.capture(_completion(_cid(1)))
-    clock = iter([2_000, 1_000, 3_000])  # the second write carries an earlier time (another replica's clock)
-    monkeypatch.setattr(store_mod.time, "time_ns", lambda: next(clock))
-    _rate(store, _cid(1), 1)
-    _rate(store, _cid(1), -1)
-    assert store.latest_ratings()[_cid(1)].rating == 1
-    _rate(store, _cid(1), 0, correction="Fixed.")
-    latest = store.latest_ratings()[_cid(1)]
-    assert (latest.rating, latest.correction, latest.created_ns) == (0, "Fixed.", 3_000)
 
 
 def test_export_keeps_good_and_corrected_answers(tmp_path):
@@ -431,6 +419,7 @@ def test_capture_off_refuses_feedback():
     # The route itself, outside Serve, on an ingress built without a feedback_dir: it says so, naming the key.
     ingress = SimpleNamespace(_feedback=None)
     with pytest.raises(ApiError) as err:
-        asyncio.run(OpenAIIngress.func_or_class.feedback(ingress, FeedbackRequest(id=_cid(1), rating=1)))
+        request = SimpleNamespace(state=SimpleNamespace(key_name="team-a"))
+        asyncio.run(OpenAIIngress.func_or_class.feedback(ingress, FeedbackRequest(id=_cid(1), rating=1), request))
     assert (err.value.status, err.value.code, err.value.param) == (404, "feedback_disabled", None)
     assert err.value.message == "feedback is off on this server (serve.capture: false)"
