@@ -19,7 +19,6 @@ after a lost replica) are :mod:`aigc.serve.upstream`.
 # class-based routes do not resolve string annotations (a body model would become a query parameter).
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -53,8 +52,6 @@ from aigc.serve.shapes import CHAT, TEXT, FinishReason, Kind, sse
 from aigc.serve.upstream import GeneratorClient
 
 __all__ = ["OpenAIIngress", "app"]
-
-logger = logging.getLogger("ray.serve")
 
 # The ingress only parses JSON and relays tokens: a fraction of a CPU, and room for many open streams
 # (Serve's default of 5 ongoing requests per replica would queue streams behind each other).
