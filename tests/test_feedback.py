@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import httpx
 import pandas as pd
 import pytest
+import yaml
 from helpers import free_port
 
 from aigc import storage
@@ -25,6 +26,7 @@ from aigc.errors import ConfigError, StorageError
 from aigc.feedback import FeedbackRequest, FeedbackStore, UnknownCompletionError, export_dataset
 from aigc.feedback.store import MAX_CORRECTION_CHARS
 from aigc.serve.engine import SamplingParams
+from aigc.serve.feedback import FeedbackCapture
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-base")
@@ -36,17 +38,19 @@ def _cid(n: int, prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{n:032x}"
 
 
-def _completion(cid: str, user: str = "Where is my parcel?", answer: str = "It ships today.", created: int = 0) -> dict:
+def _completion(cid: str, user: str = "Where is my parcel?", answer: str = "It ships today.", created: int = 0,
+                key: str | None = None) -> dict:  # fmt: skip
     if cid.startswith("cmpl-"):
-        return {"id": cid, "object": "text_completion", "created": created, "model": "m", "prompt": user,
-                "answer": answer}  # fmt: skip
+        return {"id": cid, "object": "text_completion", "created": created, "model": "m", "key_name": key,
+                "prompt": user, "answer": answer}  # fmt: skip
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}]
-    return {"id": cid, "object": "chat.completion", "created": created, "model": "m", "messages": messages,
-            "answer": answer}  # fmt: skip
+    return {"id": cid, "object": "chat.completion", "created": created, "model": "m", "key_name": key,
+            "messages": messages, "answer": answer}  # fmt: skip
 
 
-def _rate(store: FeedbackStore, cid: str, rating: int, correction: str | None = None):
-    return store.add_feedback(FeedbackRequest(id=cid, rating=rating, correction=correction))
+def _rate(store: FeedbackStore, cid: str, rating: int, correction: str | None = None, key: str | None = None,
+          owner_only: bool = False):  # fmt: skip
+    return store.add_feedback(FeedbackRequest(id=cid, rating=rating, correction=correction), key, owner_only)
 
 
 # ====================================================================================== the store on its own
@@ -59,10 +63,11 @@ def test_records_are_whole_objects_and_a_torn_write_leaves_nothing(tmp_path, mon
 
     first = _rate(store, cid, 1)
     [written] = (tmp_path / "fb" / "ratings" / cid).iterdir()
-    assert written.name == f"{first.created_ns:020d}-{first.feedback_id}.json"
+    assert written.name == "anonymous.json"  # a server without keys: one rating per completion
     assert json.loads(written.read_text()) == first.to_json()
 
-    # The writer dies between writing its temporary file and renaming it into place: no record appears.
+    # The writer of a replacement dies between writing its temporary file and renaming it into place: the
+    # first rating stays as it was.
     def die(*_):
         raise OSError("killed mid-write")
 
@@ -72,7 +77,8 @@ def test_records_are_whole_objects_and_a_torn_write_leaves_nothing(tmp_path, mon
     monkeypatch.undo()
     names = sorted(p.name for p in (tmp_path / "fb" / "ratings" / cid).iterdir())
     assert names == [written.name]  # the failed write removed its temporary file
-    assert store.latest_ratings() == {cid: first}
+    assert json.loads(written.read_text()) == first.to_json()
+    assert store.ratings() == [first]
 
 
 def test_unknown_id_is_refused_and_nothing_is_written(tmp_path):
@@ -90,8 +96,6 @@ def test_unknown_id_is_refused_and_nothing_is_written(tmp_path):
 
 def test_unwritable_store_raises_storage_error(tmp_path, caplog):
     import asyncio
-
-    from aigc.serve.feedback import FeedbackCapture
 
     root = tmp_path / "fb"
     store = FeedbackStore(str(root))
@@ -114,21 +118,6 @@ def test_unwritable_store_raises_storage_error(tmp_path, caplog):
     assert ok is False
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"capture of {_cid(3)} failed"]
     assert secret not in caplog.text
-
-
-def test_latest_rating_wins_by_time(tmp_path, monkeypatch):
-    import aigc.feedback.store as store_mod
-
-    store = FeedbackStore(str(tmp_path / "fb"))
-    store.capture(_completion(_cid(1)))
-    clock = iter([2_000, 1_000, 3_000])  # the second write carries an earlier time (another replica's clock)
-    monkeypatch.setattr(store_mod.time, "time_ns", lambda: next(clock))
-    _rate(store, _cid(1), 1)
-    _rate(store, _cid(1), -1)
-    assert store.latest_ratings()[_cid(1)].rating == 1
-    _rate(store, _cid(1), 0, correction="Fixed.")
-    latest = store.latest_ratings()[_cid(1)]
-    assert (latest.rating, latest.correction, latest.created_ns) == (0, "Fixed.", 3_000)
 
 
 def test_export_keeps_good_and_corrected_answers(tmp_path):
@@ -227,25 +216,45 @@ def server(ray_cluster, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("feedback")
     serve.shutdown()  # Serve's port is fixed when it starts: begin from a clean slate
+    keys_file = tmp / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(KEYS))
+    # One ingress replica: the feedback limit is counted per replica, and this module checks it exactly.
     cfg = PlatformConfig.model_validate({
         "output_dir": str(tmp / "out"),
         "registry_dir": str(tmp / "registry"),
         "model": {"name_or_path": TINY},
         "serve": {"port": free_port(), "app_name": "aigc-feedback", "max_tokens_cap": 32, "default_max_tokens": 8,
-                  "cpus_per_replica": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "capture": True},
+                  "cpus_per_replica": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "capture": True,
+                  "ingress_replicas": 1, "api_keys_file": str(keys_file),
+                  "feedback_per_key_per_minute": FEEDBACK_PER_MINUTE},
     })  # fmt: skip
     url = run_server(cfg, blocking=False)
-    http = httpx.Client(base_url=url, timeout=TIMEOUT_S)
+    clients = []
+
+    def as_key(name: str) -> SimpleNamespace:
+        """The openai client and a raw HTTP client that send ``name``'s key."""
+        http = httpx.Client(base_url=url, timeout=TIMEOUT_S, headers={"Authorization": f"Bearer {KEYS[name]}"})
+        clients.append(http)
+        return SimpleNamespace(client=OpenAI(base_url=url, api_key=KEYS[name], timeout=TIMEOUT_S, max_retries=0),
+                               http=http)  # fmt: skip
+
+    alice = as_key("alice")  # the tests that do not care about keys use alice's
     yield SimpleNamespace(
         cfg=cfg,
         tmp=tmp,
         dir=tmp / "out" / "feedback",
-        client=OpenAI(base_url=url, api_key="none", timeout=TIMEOUT_S, max_retries=0),
-        http=http,
+        client=alice.client,
+        http=alice.http,
+        as_key=as_key,
         base_id="tiny-base",
     )
-    http.close()
+    for http in clients:
+        http.close()
     serve.shutdown()
+
+
+KEYS = {name: f"{name}-secret-{'x' * 16}" for name in ("alice", "bob", "erin")}
+FEEDBACK_PER_MINUTE = 20
 
 
 MARKER = "zebra-7731 parcel"  # in prompts only: must never reach a log
@@ -285,8 +294,8 @@ def test_capture_feedback_export_preprocess_round_trip(server):
     r = server.client.chat.completions.create(model=server.base_id, messages=messages, max_tokens=8, temperature=0)
     assert r.id.startswith("chatcmpl-")
     captured = json.loads((server.dir / "completions" / f"{r.id}.json").read_text())
-    assert {k: captured[k] for k in ("id", "object", "model", "messages", "answer", "finish_reason")} == {
-        "id": r.id, "object": "chat.completion", "model": server.base_id, "messages": messages,
+    assert {k: captured[k] for k in ("id", "object", "model", "key_name", "messages", "answer", "finish_reason")} == {
+        "id": r.id, "object": "chat.completion", "model": server.base_id, "key_name": "alice", "messages": messages,
         "answer": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason,
     }  # fmt: skip
     assert captured["params"] == {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
@@ -299,6 +308,7 @@ def test_capture_feedback_export_preprocess_round_trip(server):
     streamed = json.loads((server.dir / "completions" / f"{sid}.json").read_text())
     assert streamed["answer"] == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed["answer"] == r.choices[0].message.content  # greedy: the same text
+    assert streamed["key_name"] == "alice"
 
     t = server.client.completions.create(model=server.base_id, prompt=f"The {MARKER}", max_tokens=4, temperature=0)
     assert t.id.startswith("cmpl-")
@@ -308,8 +318,9 @@ def test_capture_feedback_export_preprocess_round_trip(server):
     correction = "Your parcel is at the depot and arrives tomorrow."
     fb = server.client.post("/feedback", cast_to=object, body={"id": r.id, "rating": -1, "correction": correction,
                                                                "comment": "wrong"})  # fmt: skip
-    assert {k: fb[k] for k in ("object", "completion_id", "rating", "correction", "comment")} == {
+    assert {k: fb[k] for k in ("object", "completion_id", "rating", "correction", "comment", "key_name")} == {
         "object": "feedback", "completion_id": r.id, "rating": -1, "correction": correction, "comment": "wrong",
+        "key_name": "alice",
     }  # fmt: skip
     assert fb["id"].startswith("fb-")
     assert server.http.post("/feedback", json={"id": sid, "rating": 1}).status_code == 200
@@ -317,7 +328,7 @@ def test_capture_feedback_export_preprocess_round_trip(server):
     assert len(_ratings(server)) == 3
 
     out = str(server.tmp / "export.jsonl")
-    res = export_feedback(server.cfg, min_rating=1, output=out)
+    res = export_feedback(server.cfg, min_rating=1, output=out, policy=None)
     assert (res.rows, res.corrected, res.skipped) == (2, 1, {"text_completion": 1})
     rows = [json.loads(line) for line in Path(out).read_text().splitlines()]
     assert sorted(row["messages"][-1]["content"] for row in rows) == sorted([correction, streamed["answer"]])
@@ -422,6 +433,42 @@ def test_prompts_and_answers_never_reach_the_logs(server):
     assert MARKER not in text  # neither the prompt nor the comment
 
 
+def test_feedback_is_attributed_owned_and_limited_per_key(server):
+    bob, erin = server.as_key("bob"), server.as_key("erin")
+    hi = [{"role": "user", "content": "hi"}]
+    r = bob.client.chat.completions.create(model=server.base_id, messages=hi, max_tokens=4, temperature=0)
+    assert json.loads((server.dir / "completions" / f"{r.id}.json").read_text())["key_name"] == "bob"
+
+    # Another key may not rate or correct it: 403, nothing written.
+    err = _error(server.http.post("/feedback", json={"id": r.id, "rating": -1, "correction": "Poison."}), 403)
+    assert err == {"message": f"the completion '{r.id}' was made with another API key: only the key that made a "
+                              "request may rate or correct its answer (serve.feedback_from: owner)",
+                   "type": "invalid_request_error", "param": "id", "code": "not_completion_owner"}  # fmt: skip
+    assert not (server.dir / "ratings" / r.id).exists()
+
+    # Its own key rates it twice: one record, the second, under the key's name; no key is stored anywhere.
+    assert bob.http.post("/feedback", json={"id": r.id, "rating": 1}).status_code == 200
+    second = bob.http.post("/feedback", json={"id": r.id, "rating": -1, "correction": "Hello!"}).json()
+    assert [p.name for p in (server.dir / "ratings" / r.id).iterdir()] == ["key-bob.json"]
+    assert json.loads((server.dir / "ratings" / r.id / "key-bob.json").read_text()) == second
+    assert (second["key_name"], second["rating"], second["correction"]) == ("bob", -1, "Hello!")
+    stored = "".join(p.read_text() for p in server.dir.rglob("*") if p.is_file())
+    assert not [name for name, key in KEYS.items() if key in stored]
+
+    # erin's posts count toward erin's limit only (unknown ids included); then 429 with Retry-After.
+    before = _ratings(server)
+    for _ in range(FEEDBACK_PER_MINUTE):
+        assert erin.http.post("/feedback", json={"id": _cid(777), "rating": 1}).status_code == 404
+    resp = erin.http.post("/feedback", json={"id": _cid(777), "rating": 1})
+    err = _error(resp, 429)
+    assert 1 <= int(resp.headers["retry-after"]) <= 60
+    assert (err["type"], err["code"], err["param"]) == ("requests", "rate_limit_exceeded", None)
+    limit = f"{FEEDBACK_PER_MINUTE} per minute (serve.feedback_per_key_per_minute)"
+    assert err["message"].startswith(f"Rate limit reached for feedback from API key 'erin': {limit}. Please try again")
+    assert bob.http.post("/feedback", json={"id": r.id, "rating": 0}).status_code == 200  # bob is not limited
+    assert _ratings(server) == before
+
+
 def test_capture_off_refuses_feedback():
     import asyncio
 
@@ -431,6 +478,7 @@ def test_capture_off_refuses_feedback():
     # The route itself, outside Serve, on an ingress built without a feedback_dir: it says so, naming the key.
     ingress = SimpleNamespace(_feedback=None)
     with pytest.raises(ApiError) as err:
-        asyncio.run(OpenAIIngress.func_or_class.feedback(ingress, FeedbackRequest(id=_cid(1), rating=1)))
+        request = SimpleNamespace(state=SimpleNamespace(key_name="team-a"))
+        asyncio.run(OpenAIIngress.func_or_class.feedback(ingress, FeedbackRequest(id=_cid(1), rating=1), request))
     assert (err.value.status, err.value.code, err.value.param) == (404, "feedback_disabled", None)
     assert err.value.message == "feedback is off on this server (serve.capture: false)"

@@ -328,7 +328,7 @@ def test_pipeline_fails_at_train_then_continues_registers_promotes_and_serves(ra
         answer = ask(client, "support-bot:stable", "My parcel arrived damaged. What now?", max_tokens=8)
         fix = "I am sorry! We will send a replacement at once."
         client.post("/feedback", cast_to=object, body={"id": answer.id, "rating": -1, "correction": fix})
-        exported = export_feedback(cfg, 1, str(tmp_path / "feedback.jsonl"))
+        exported = export_feedback(cfg, 1, str(tmp_path / "feedback.jsonl"), policy=None)
         assert exported.rows == exported.corrected == 1
         nxt = with_values(cfg, {"pipeline.feedback": exported.path, "pipeline.feedback_weight": 2.0,
                                 "pipeline.sweep": False})  # fmt: skip

@@ -1,5 +1,6 @@
 """The ``aigc`` subcommands that need no cluster of their own, as a table: the config, the registry (list,
-export, promote, rollback), feedback export, jobs on a remote cluster, KubeRay manifests and the demo assets."""
+export, promote, rollback), feedback export and delete, jobs on a remote cluster, KubeRay manifests and the
+demo assets."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import yaml
 
@@ -99,19 +101,45 @@ def _move_alias(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
     print(f"[{args.command}] {alias.model_id} -> {alias.target} (was {was})")
 
 
+def _date(text: str) -> datetime:
+    """``--before``'s value: an ISO date or date-time (UTC unless it names an offset)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (e.g. 2026-11-01 or 2026-11-01T12:00)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _key_names(text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one API key, e.g. --keys team-a,team-b")
+    return names
+
+
 def _feedback_arguments(p: argparse.ArgumentParser) -> None:
-    e = p.add_subparsers(dest="action", required=True).add_parser(
-        "export", help="write rated answers (and corrections) as a messages-format JSONL dataset"
-    )
+    actions = p.add_subparsers(dest="action", required=True)
+    e = actions.add_parser("export", help="write rated answers (and corrections) as a messages-format JSONL dataset")
     e.add_argument("--min-rating", type=int, default=1, choices=(-1, 0, 1), help="keep answers rated at least this")
     e.add_argument("--output", "-o", help="the JSONL file to write (default: <output_dir>/feedback-export.jsonl)")
+    e.add_argument("--keys", type=_key_names, help="keep only ratings sent with these API key names (a,b)")
     add_config_arguments(e)
+    d = actions.add_parser("delete", help="delete captured answers and their feedback: by date or by API key")
+    which = d.add_mutually_exclusive_group(required=True)
+    which.add_argument("--before", type=_date, help="answers captured before this date (UTC), with their feedback")
+    which.add_argument("--key", help="answers made with this API key name (with their feedback), and its ratings")
+    add_config_arguments(d)
 
 
 def _feedback(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
-    from aigc.feedback.export import export_feedback
+    from aigc.feedback import delete_feedback, export_feedback
+    from aigc.serve.moderation import load_policy
 
-    export_feedback(cfg, args.min_rating, args.output)
+    if args.action == "delete":
+        delete_feedback(cfg, before=args.before, key=args.key)
+        return
+    policy = load_policy(cfg.serve.moderation.categories, cfg.serve.moderation.classifier)  # corrections pass it
+    export_feedback(cfg, args.min_rating, args.output, policy=policy, keys=args.keys)
 
 
 def _submit_arguments(p: argparse.ArgumentParser) -> None:

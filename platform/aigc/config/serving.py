@@ -186,6 +186,24 @@ class ServeConfig(_Section):
     feedback_dir: str | None = Field(
         None, min_length=1, description="Captures and feedback (local dir or URI); None = <output_dir>/feedback."
     )
+    feedback_from: Literal["owner", "any"] = Field(
+        "owner",
+        description="Who may rate or correct an answer: owner = only the API key that made the request (another "
+        "key gets 403 not_completion_owner); any = any key (each key's rating is kept apart).",
+    )
+    feedback_per_key_per_minute: int | None = Field(
+        60,
+        ge=1,
+        description="Feedback posts one API key may send per minute, counted in each ingress replica (so up to "
+        "ingress_replicas times this across the endpoint); over it 429 rate_limit_exceeded with Retry-After. "
+        "None = no limit.",
+    )
+    capture_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Captured answers older than this are deleted with their feedback: hourly by each ingress "
+        "replica, and by `aigc feedback export` before it reads. None = kept until `aigc feedback delete`.",
+    )
 
     @model_validator(mode="after")
     def _default_le_cap(self) -> ServeConfig:

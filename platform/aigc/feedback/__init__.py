@@ -1,14 +1,27 @@
 """Feedback on served answers: captured completions, user ratings and corrections, export to a dataset."""
 
 from aigc.feedback.export import ExportResult, export_dataset, export_feedback
-from aigc.feedback.store import FeedbackRequest, FeedbackStore, Rating, UnknownCompletionError, feedback_dir_for
+from aigc.feedback.retention import apply_retention, delete_feedback
+from aigc.feedback.store import (
+    FeedbackRequest,
+    FeedbackStore,
+    NotCompletionOwnerError,
+    Rating,
+    Removed,
+    UnknownCompletionError,
+    feedback_dir_for,
+)
 
 __all__ = [
     "ExportResult",
     "FeedbackRequest",
     "FeedbackStore",
+    "NotCompletionOwnerError",
     "Rating",
+    "Removed",
     "UnknownCompletionError",
+    "apply_retention",
+    "delete_feedback",
     "export_dataset",
     "export_feedback",
     "feedback_dir_for",

@@ -3,26 +3,38 @@ runs: the collect -> curate -> fine-tune loop's curate step.
 
 A captured chat completion becomes one row ``{"messages": [<the request's messages>, <assistant answer>]}``
 when its latest rating is at least ``min_rating`` (the answer as served), or when the latest feedback carries
-a correction, whatever its rating (the correction replaces the answer: it is what the user wanted). Rows are
+a correction, whatever its rating (the correction replaces the answer: it is what the user wanted). With
+``keys``, only ratings sent with those API keys count. A correction must pass the content policy (the
+server's ``serve.moderation``): a flagged one is left out as ``correction_flagged:<category>``. Rows are
 checked with the same validation ``aigc preprocess`` applies, so the file is accepted as it is. Rows it would
-reject, text completions (no conversation to train a chat model on) and ratings whose completion is gone are
-counted by reason, not written; completions nobody rated are not looked at.
+reject, text completions (no conversation to train a chat model on), ratings whose completion is gone and
+completions rated only by other keys are counted by reason, not written; completions nobody rated are not
+looked at. Before reading, ``serve.capture_retention_days`` is applied to the store
+(:mod:`aigc.feedback.retention`), so an expired answer is never exported.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aigc import storage
 from aigc.config import PlatformConfig
 from aigc.data.formats import RowError, to_example
-from aigc.errors import DataError
-from aigc.feedback.store import MAX_RATING, FeedbackStore, Rating, feedback_dir_for
+from aigc.feedback.retention import apply_retention, open_store
+from aigc.feedback.store import MAX_RATING, FeedbackStore, Rating
 
-__all__ = ["ExportResult", "export_dataset", "export_feedback", "row_for"]
+__all__ = ["ContentPolicy", "ExportResult", "export_dataset", "export_feedback", "row_for"]
+
+
+class ContentPolicy(Protocol):
+    """What the export needs of a content policy (``aigc.serve.moderation.load_policy`` returns one):
+    ``check(text)`` gives None for acceptable text, else a flag with a ``category``."""
+
+    def check(self, text: str) -> Any: ...
 
 
 @dataclass
@@ -35,11 +47,16 @@ class ExportResult:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
-def row_for(completion: dict[str, Any], rating: Rating, min_rating: int) -> tuple[dict[str, Any] | None, str]:
+def row_for(
+    completion: dict[str, Any], rating: Rating, min_rating: int, policy: ContentPolicy | None = None
+) -> tuple[dict[str, Any] | None, str]:
     """The dataset row for one rated completion, or ``(None, reason)`` when it is left out."""
     if completion.get("object") != "chat.completion":
         return None, "text_completion"
     if rating.correction is not None:
+        flag = policy.check(rating.correction) if policy is not None else None
+        if flag is not None:
+            return None, f"correction_flagged:{flag.category}"
         answer, why = rating.correction, "corrected"
     elif rating.rating >= min_rating:
         answer, why = completion["answer"], "rated"
@@ -53,20 +70,44 @@ def row_for(completion: dict[str, Any], rating: Rating, min_rating: int) -> tupl
     return row, why
 
 
-def export_dataset(store: FeedbackStore, output: str, min_rating: int = MAX_RATING) -> ExportResult:
+def export_dataset(
+    store: FeedbackStore,
+    output: str,
+    min_rating: int = MAX_RATING,
+    *,
+    keys: Collection[str] | None = None,
+    policy: ContentPolicy | None = None,
+) -> ExportResult:
     """Write the rated completions of ``store`` as a messages-format JSONL file at ``output`` (whole or not at all).
+
+    Args:
+        store: the feedback store.
+        output: the JSONL file to write (local or URI).
+        min_rating: keep answers (not corrections) whose latest rating is at least this.
+        keys: keep only ratings sent with these API key names (None = every rating, anonymous ones included).
+        policy: the content policy corrections must pass (None = no check).
 
     Rows are ordered by capture time, then id, so two exports of the same store are identical.
 
     Raises:
         StorageError: the store cannot be read or ``output`` cannot be written.
     """
-    latest = store.latest_ratings()
+    latest: dict[str, Rating] = {}
+    other_keys: set[str] = set()
+    for r in store.ratings():
+        if keys is not None and r.key_name not in keys:
+            other_keys.add(r.completion_id)
+            continue
+        cur = latest.get(r.completion_id)
+        if cur is None or (r.created_ns, r.feedback_id) > (cur.created_ns, cur.feedback_id):
+            latest[r.completion_id] = r
     found = {cid: store.completion(cid) for cid in latest}
     completions = sorted((c for c in found.values() if c), key=lambda c: (c.get("created", 0), c["id"]))
-    rows, reasons = [], Counter({"completion_missing": sum(c is None for c in found.values())})
+    reasons = Counter({"completion_missing": sum(c is None for c in found.values()),
+                       "key_not_selected": len(other_keys - latest.keys())})  # fmt: skip
+    rows = []
     for c in completions:
-        row, why = row_for(c, latest[c["id"]], min_rating)
+        row, why = row_for(c, latest[c["id"]], min_rating, policy)
         reasons[why] += 1
         if row is not None:
             rows.append(row)
@@ -75,19 +116,31 @@ def export_dataset(store: FeedbackStore, output: str, min_rating: int = MAX_RATI
     return ExportResult(path=output, rows=len(rows), corrected=reasons["corrected"], skipped=skipped)
 
 
-def export_feedback(cfg: PlatformConfig, min_rating: int = MAX_RATING, output: str | None = None) -> ExportResult:
+def export_feedback(
+    cfg: PlatformConfig,
+    min_rating: int = MAX_RATING,
+    output: str | None = None,
+    *,
+    policy: ContentPolicy | None,
+    keys: Collection[str] | None = None,
+) -> ExportResult:
     """``aigc feedback export``: the store named by ``cfg.serve`` to ``output`` (default
-    ``<output_dir>/feedback-export.jsonl``); prints a one-line report.
+    ``<output_dir>/feedback-export.jsonl``), after applying ``serve.capture_retention_days``; prints a
+    one-line report.
+
+    Args:
+        policy: the content policy corrections must pass (the CLI loads ``serve.moderation``); explicit, so
+            a caller cannot skip the check by leaving it out: None means no check.
+        keys: keep only ratings sent with these API key names.
 
     Raises:
         DataError: there is no feedback store where the config points (nothing was ever captured there).
         StorageError: the store cannot be read or ``output`` cannot be written.
     """
-    store = FeedbackStore(feedback_dir_for(cfg.serve.feedback_dir, cfg.output_dir))
-    if not storage.exists(store.root):
-        raise DataError(f"no feedback store at {store.root}: serve with serve.capture=true, or set serve.feedback_dir")
+    store = open_store(cfg)
+    apply_retention(store, cfg.serve.capture_retention_days)
     out = storage.resolve(output) if output else storage.join(cfg.output_dir, "feedback-export.jsonl")
-    res = export_dataset(store, out, min_rating)
+    res = export_dataset(store, out, min_rating, keys=keys, policy=policy)
     left_out = ", ".join(f"{k}={v}" for k, v in res.skipped.items()) or "none"
     print(f"[feedback] {res.rows} rows ({res.corrected} corrected) -> {res.path}; left out: {left_out}")
     print(f"[feedback] fine-tune on it: aigc preprocess --config ... data.path={res.path} data.format=messages")

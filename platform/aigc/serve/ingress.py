@@ -19,23 +19,22 @@ after a lost replica) are :mod:`aigc.serve.upstream`.
 # class-based routes do not resolve string annotations (a body model would become a query parameter).
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from aigc.config import ModerationConfig, ServeConfig
-from aigc.errors import RegistryError, StorageError
-from aigc.feedback.store import FeedbackRequest, UnknownCompletionError
+from aigc.errors import RegistryError
+from aigc.feedback.store import FeedbackRequest
 from aigc.registry import Registry
 from aigc.serve.api_errors import ApiError, api_error_from, install_error_handlers
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
-from aigc.serve.feedback import FeedbackCapture
+from aigc.serve.feedback import FeedbackCapture, key_name_of
 from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
 from aigc.serve.middleware import HttpGuard, install_guard
 from aigc.serve.moderation import OutputGuard, load_policy
@@ -53,8 +52,6 @@ from aigc.serve.shapes import CHAT, TEXT, FinishReason, Kind, sse
 from aigc.serve.upstream import GeneratorClient
 
 __all__ = ["OpenAIIngress", "app"]
-
-logger = logging.getLogger("ray.serve")
 
 # The ingress only parses JSON and relays tokens: a fraction of a CPU, and room for many open streams
 # (Serve's default of 5 ongoing requests per replica would queue streams behind each other).
@@ -93,7 +90,9 @@ class OpenAIIngress:
         security: the ``serve`` section, for its API key sources (``auth``, ``api_keys_file``,
             ``api_keys_env``), ``max_request_bytes`` and ``cors_origins``; the keys are read here, in the
             replica. None = the defaults.
-        feedback_dir: where completions are captured and feedback is kept; None = capture off.
+        feedback_dir: where completions are captured and feedback is kept; None = capture off. Who may rate,
+            how often, and how long captures are kept come from ``security`` (``feedback_from``,
+            ``feedback_per_key_per_minute``, ``capture_retention_days``).
         resolve_cache_s: seconds a model id's resolution is reused (an alias move is seen within this).
         base_model_name: the base model's own id (hub id or directory name); only adapters trained on it are
             served. Defaults to ``base_model_id``.
@@ -130,7 +129,13 @@ class OpenAIIngress:
         self._check_prompts = self._policy is not None and mod.check_prompts
         self._check_outputs = self._policy is not None and mod.check_outputs
         self._holdback = mod.holdback_chars
-        self._feedback = FeedbackCapture(feedback_dir) if feedback_dir else None
+        s = security or ServeConfig()
+        self._feedback = None
+        if feedback_dir:
+            self._feedback = FeedbackCapture(feedback_dir, owner_only=s.feedback_from == "owner",
+                                             per_key_per_minute=s.feedback_per_key_per_minute,
+                                             retention_days=s.capture_retention_days)  # fmt: skip
+            self._retention_task = asyncio.get_running_loop().create_task(self._feedback.keep_sweeping())
 
     # 1. models -----------------------------------------------------------------------------------------
     async def _model_cards(self) -> list[ModelCard]:
@@ -274,32 +279,25 @@ class OpenAIIngress:
         return JSONResponse(ModelList(data=await self._model_cards()).model_dump())
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        return await self._run_request(CHAT, body, [m.as_template_dict() for m in body.messages])
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        return await self._run_request(CHAT, body, [m.as_template_dict() for m in body.messages], key_name_of(request))
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> Response:
-        return await self._run_request(TEXT, body, body.prompt_text)
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._run_request(TEXT, body, body.prompt_text, key_name_of(request))
 
     @app.post("/v1/feedback")
-    async def feedback(self, body: FeedbackRequest) -> Response:
+    async def feedback(self, body: FeedbackRequest, request: Request) -> Response:
         if self._feedback is None:
             raise ApiError(404, "feedback is off on this server (serve.capture: false)", code="feedback_disabled")
-        try:
-            rating = await self._feedback.submit(body)
-        except UnknownCompletionError as exc:
-            raise ApiError(404, exc.message, param="id", code="completion_not_found") from None
-        except StorageError as exc:
-            logger.error("feedback store unavailable: %s", exc)
-            msg, code = "the feedback store is unavailable; retry later", "feedback_store_unavailable"
-            raise ApiError(503, msg, type="server_error", code=code) from None
-        return JSONResponse(rating.to_json())
+        return JSONResponse((await self._feedback.submit(body, key_name_of(request))).to_json())
 
     # 4. the one request path both endpoints share ------------------------------------------------------
     async def _run_request(
-        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt
+        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt, key_name: str | None
     ) -> Response:
-        """Resolve the model, generate, and answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming)."""
+        """Resolve the model, generate, and answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming);
+        ``key_name`` (the caller's API key name) is captured with the answer."""
         deadline = time.time() + self._timeout_s  # wall clock: the generator replica may be on another node
         model_id = await self._resolve(body.model)
         model_name = model_id or self._base_model_id
@@ -313,7 +311,7 @@ class OpenAIIngress:
             metrics.usage(model_name, out.prompt_tokens, out.completion_tokens)
             text, reason = self._moderate_answer(out.text, out.finish_reason)
             if self._feedback:  # stored before the answer leaves, so feedback can follow at once
-                await self._feedback.capture(rid, model_name, prompt, params, text, reason)
+                await self._feedback.capture(rid, model_name, prompt, params, text, reason, key_name)
             choice = kind.answer(text, reason)
             usage = Usage.of(out.prompt_tokens, out.completion_tokens)
             return JSONResponse(kind.response(id=rid, model=model_name, choices=[choice], usage=usage).model_dump())
@@ -331,7 +329,7 @@ class OpenAIIngress:
         async def finish(reason: FinishReason, d: Delta) -> list[str]:
             """The closing events; a finished stream is captured before they leave, as a whole answer is."""
             if self._feedback:
-                await self._feedback.capture(rid, model_name, prompt, params, "".join(answer), reason)
+                await self._feedback.capture(rid, model_name, prompt, params, "".join(answer), reason, key_name)
             metrics.usage(model_name, d.prompt_tokens, d.completion_tokens)
             if first is not None:
                 metrics.timing(model_name, first - started, time.perf_counter() - started, d.completion_tokens)
