@@ -12,6 +12,8 @@
     aigc promote support-bot:v3 [--alias stable] --config configs/demo.yaml   # move an alias (default: bare name)
     aigc rollback support-bot [--alias stable] --config configs/demo.yaml     # back to its previous target
     aigc feedback export --config configs/demo.yaml [--min-rating 1] [--output PATH]  # rated answers -> JSONL
+    aigc keys add NAME [--rpm N --tpm N --concurrency N --models a,b --expires DATE] [--file PATH]  # printed once
+    aigc keys list | revoke NAME | migrate | usage      # the keys file (serve.api_keys_file): hashes and policies
     aigc build-assets                                   # rebuild the tiny base model and demo data
     aigc submit train --config configs/demo.yaml [k=v ...]   # run a stage as a job on RAY_ADDRESS's cluster
     aigc jobs list | logs ID [--follow] | stop ID       # the cluster's jobs (RAY_AUTH_MODE=token: see submit.py)

@@ -376,7 +376,7 @@ class OpenAIIngress:
             try:  # leaving early (flagged answer, client gone) stops the generation and ends the key's request
                 async with contextlib.aclosing(deltas):
                     async for d in deltas:
-                        last = d
+                        last = d if d.prompt_tokens else last  # a held-back tail carries no counts
                         admission.count_prompt(d.prompt_tokens)  # the generator admitted it: count the prompt
                         text = d.text if guard is None else guard.push(d.text)
                         if guard is not None and d.finish_reason is not None:
