@@ -429,6 +429,9 @@ def test_revoked_key_is_refused_within_the_reload_interval(tenants, capsys):
 
 
 def test_keys_usage_and_usage_metrics(tenants, capsys):
+    from aigc.serve.auth import proxy_bind_host
+
+    assert proxy_bind_host("not asked") == "127.0.0.1"  # the running proxy's own http_options.host
     assert _chat(tenants, tenants.free).status_code == 200
     assert cli.main(["keys", "usage", f"serve.app_name={APP}"]) == 0
     rows = {line.split("\t")[0]: line.split("\t")[1:] for line in capsys.readouterr().out.splitlines()[1:]}
