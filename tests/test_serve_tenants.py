@@ -23,7 +23,7 @@ from aigc.config import PlatformConfig, ServeConfig
 from aigc.errors import ConfigError
 from aigc.serve.api_errors import ApiError
 from aigc.serve.auth import KeyStore, check_exposure
-from aigc.serve.keys import KeyPolicy, add_key, hash_key, read_records, revoke_key
+from aigc.serve.keys import KeyPolicy, add_key, hash_key, read_records, revoke_key, write_records
 from aigc.serve.limits import KeyCounters, duration
 from aigc.serve.middleware import HttpGuard, install_guard
 from aigc.serve.quota import Quota
@@ -98,6 +98,9 @@ def test_key_store_rereads_the_file_when_it_changes(tmp_path):
     Path(path).write_text("keys: {broken: {sha256: nothex}}\n")  # a bad edit keeps the keys in force
     now[0] = 4.0
     assert store.current().match(new) == "b"
+    write_records(path, {})  # the last key revoked: nothing is accepted any more
+    now[0] = 6.0
+    assert store.current().match(new) is None and store.current().names == []
 
 
 @pytest.fixture

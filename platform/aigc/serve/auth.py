@@ -67,8 +67,8 @@ class ApiKeys:
     """A set of named keys, held as SHA-256 hashes with their policies. :meth:`match` compares the presented
     token's hash with every stored hash in constant time."""
 
-    def __init__(self, records: dict[str, KeyRecord]):
-        if not records:
+    def __init__(self, records: dict[str, KeyRecord], allow_empty: bool = False):
+        if not records and not allow_empty:  # at start, no key is a configuration error (fail closed)
             raise ConfigError("no API keys given")
         self._records = list(records.values())
 
@@ -235,8 +235,8 @@ class KeyStore:
     request, no thread of its own) and re-reads it when either moved, so a key added or revoked with
     ``aigc keys`` is in force within ``reload_s``, without a restart. A file that is malformed or gone at a
     re-read leaves the keys read before in force (logged as an error): revoke a key with ``aigc keys revoke``,
-    not by deleting the file. The first read happens in the constructor and raises, so a replica never starts
-    without its keys.
+    not by deleting the file. A file whose every key was revoked refuses every request. The first read happens
+    in the constructor and raises, so a replica never starts without its keys.
 
     Raises:
         ConfigError: from the constructor, as :func:`resolve_api_keys`.
@@ -273,8 +273,8 @@ class KeyStore:
             self._checked = self._clock()
             stamp = self._file_stamp()
             if stamp != self._stamp:
-                try:
-                    self._keys = resolve_api_keys(*self._args)
+                try:  # every key revoked: every request is refused (not the keys read before)
+                    self._keys = ApiKeys(load_api_keys(*self._args[1:]), allow_empty=True)
                     self._stamp = stamp
                     logger.info("re-read the keys file %s: %d key(s)", self._file, len(self._keys.names))
                 except ConfigError as exc:  # keep the keys in force; try again next period
