@@ -21,6 +21,7 @@ from aigc.config import PlatformConfig, ServeConfig, load_config
 from aigc.errors import ConfigError, InvalidRequestError
 from aigc.serve.auth import (
     ApiKeys,
+    KeyStore,
     check_exposure,
     is_loopback,
     load_api_keys,
@@ -28,6 +29,7 @@ from aigc.serve.auth import (
     parse_keys_text,
     resolve_api_keys,
 )
+from aigc.serve.keys import hash_key
 from aigc.serve.middleware import BearerAuth, HttpGuard, install_guard
 
 TIMEOUT_S = 60
@@ -69,7 +71,8 @@ def test_load_keys_from_file_and_env(tmp_path, monkeypatch):
     path = tmp_path / "keys.yaml"
     path.write_text(f"ci: {KEY_CI}\n")
     monkeypatch.setenv("AIGC_TEST_KEYS", f"team-a:{KEY_TEAM}")
-    assert load_api_keys(str(path), "AIGC_TEST_KEYS") == {"ci": KEY_CI, "team-a": KEY_TEAM}
+    records = load_api_keys(str(path), "AIGC_TEST_KEYS")  # the old plain file and the variable: hashed in memory
+    assert {n: r.sha256 for n, r in records.items()} == {"ci": hash_key(KEY_CI), "team-a": hash_key(KEY_TEAM)}
 
     monkeypatch.setenv("AIGC_TEST_KEYS", f"ci:{KEY_TEAM}")
     with pytest.raises(ConfigError, match=r"^variable AIGC_TEST_KEYS: the key name 'ci' is given twice$"):
@@ -109,7 +112,7 @@ def test_auth_modes(tmp_path, monkeypatch):
 
 
 def test_key_match_is_by_name_and_never_shows_keys():
-    keys = ApiKeys({"ci": KEY_CI, "team-a": KEY_TEAM})
+    keys = ApiKeys.from_plain({"ci": KEY_CI, "team-a": KEY_TEAM})
     assert keys.match(KEY_TEAM) == "team-a" and keys.match(KEY_CI) == "ci"
     assert keys.match(WRONG_KEY) is None and keys.match(KEY_CI[:-1]) is None and keys.match("") is None
     assert repr(keys) == "ApiKeys(names=['ci', 'team-a'])"
@@ -170,7 +173,7 @@ def bare_app():
     from starlette.testclient import TestClient
 
     guard = HttpGuard(ServeConfig(auth="none", max_request_bytes=2048, cors_origins=["https://app.example.com"]))
-    guard.keys = ApiKeys({"ci": KEY_CI, "team-a": KEY_TEAM})
+    guard.store = KeyStore.fixed(ApiKeys.from_plain({"ci": KEY_CI, "team-a": KEY_TEAM}))
     app = FastAPI()
     install_guard(app, lambda: guard)
 
@@ -216,7 +219,7 @@ def test_healthz_is_open_under_a_route_prefix():
     async def send(message):
         sent.append(message)
 
-    auth = BearerAuth(app, keys=lambda: ApiKeys({"ci": KEY_CI}))
+    auth = BearerAuth(app, keys=lambda: ApiKeys.from_plain({"ci": KEY_CI}))
     for path in ("/tight/healthz", "/tight/v1/models"):
         scope = {"type": "http", "method": "GET", "path": path, "root_path": "/tight", "headers": []}
         asyncio.run(auth(scope, None, send))

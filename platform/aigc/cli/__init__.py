@@ -13,6 +13,8 @@
     aigc rollback support-bot [--alias stable] --config configs/demo.yaml     # back to its previous target
     aigc feedback export --config configs/demo.yaml [--min-rating 1] [--output PATH]  # rated answers -> JSONL
     aigc feedback delete --config configs/demo.yaml --before 2026-11-01 | --key NAME  # captures + feedback
+    aigc keys add NAME [--rpm N --tpm N --concurrency N --models a,b --expires DATE] [--file PATH]  # printed once
+    aigc keys list | revoke NAME | migrate | usage      # the keys file (serve.api_keys_file): hashes and policies
     aigc build-assets                                   # rebuild the tiny base model and demo data
     aigc submit train --config configs/demo.yaml [k=v ...]   # run a stage as a job on RAY_ADDRESS's cluster
     aigc jobs list | logs ID [--follow] | stop ID       # the cluster's jobs (RAY_AUTH_MODE=token: see submit.py)

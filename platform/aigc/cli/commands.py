@@ -142,6 +142,32 @@ def _feedback(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
     export_feedback(cfg, args.min_rating, args.output, policy=policy, keys=args.keys)
 
 
+def _keys_arguments(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="make a key: printed once, only its hash is stored")
+    add.add_argument("name", help="the key's name (logs, metrics, feedback): letters, digits, '.', '_', '-'")
+    add.add_argument("--rpm", type=int, help="requests per minute (default: no limit)")
+    add.add_argument("--tpm", type=int, help="tokens per minute, prompt + completion (default: no limit)")
+    add.add_argument("--concurrency", type=int, help="requests at once (default: no limit)")
+    add.add_argument("--models", help="comma-separated model ids the key may use (default: all)")
+    add.add_argument("--expires", help="refused from then on: 2027-01-31 (UTC midnight) or 2027-01-31T12:00:00Z")
+    actions.add_parser("list", help="names, policies, expiry (never keys)")
+    actions.add_parser("revoke", help="remove a key (refused within serve.api_keys_reload_s)").add_argument("name")
+    actions.add_parser("migrate", help="rewrite an old plain 'name: key' file as hashes")
+    usage = actions.add_parser("usage", help="each key's requests and tokens, from the cluster's counter")
+    usage.add_argument("--address", help="the Ray cluster (default: RAY_ADDRESS, else the local one)")
+    for name, sp in actions.choices.items():
+        if name != "usage":
+            sp.add_argument("--file", "-f", help="the keys file (default: serve.api_keys_file)")
+        add_config_arguments(sp)
+
+
+def _keys(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    from aigc.cli.keys import run_keys_command
+
+    run_keys_command(args, cfg)
+
+
 def _submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--config", "-c", help="YAML config file inside this project (it travels with the job)")
@@ -225,6 +251,8 @@ COMMANDS: dict[str, Command] = {
                         _alias_arguments("name", "the registered model name"), _move_alias),
     "feedback": Command("work with captured answers and their feedback (serve.capture)", _feedback_arguments,
                         _feedback),
+    "keys": Command("API keys: add (printed once, stored hashed), list, revoke, migrate, usage", _keys_arguments,
+                    _keys),
     "submit": Command("run a stage as a Ray job on the cluster at RAY_ADDRESS; prints its id", _submit_arguments,
                       _submit, reads_config=False),
     "jobs": Command("list the cluster's jobs, show a job's logs, stop a job", _jobs_arguments, _jobs,

@@ -157,10 +157,19 @@ class ServeConfig(_Section):
         "keys = require them; none = no keys, on any host (e.g. behind an authenticating proxy).",
     )
     api_keys_file: str | None = Field(
-        None, description="Keys file (path or URI, read where the server runs): YAML/JSON name: key, or name:key lines."
+        None,
+        description="Keys file (path or URI, read where the server runs) written by `aigc keys add`: names, "
+        "SHA-256 hashes of the keys and per-key limits; re-read when it changes.",
     )
     api_keys_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding name:key,name2:key2."
+    )
+    api_keys_reload_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="How often (at most, on a request) the ingress checks the keys file for changes: a key added "
+        "or revoked with `aigc keys` is in force within this long, without a restart.",
     )
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; larger gets 413.")
     max_prompt_tokens: int | None = Field(

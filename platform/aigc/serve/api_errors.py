@@ -43,14 +43,16 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         message, param = _utf8(message), None if param is None else _utf8(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # e.g. a 429's Retry-After and x-ratelimit-*
 
     def response(self) -> JSONResponse:
         body = error_body(self.message, self.type, self.param, self.code)
-        headers = {"Retry-After": "1"} if self.status == 503 else None
+        headers = self.headers or ({"Retry-After": "1"} if self.status == 503 else None)
         return JSONResponse(status_code=self.status, content=body, headers=headers)
 
 

@@ -11,7 +11,7 @@ from aigc.errors import ConfigError
 from aigc.feedback.store import feedback_dir_for
 from aigc.models.hub import resolve_model
 from aigc.models.loading import model_id_for
-from aigc.serve.auth import check_exposure
+from aigc.serve.auth import check_exposure, proxy_bind_host
 from aigc.serve.generator import Generator
 from aigc.serve.ingress import INGRESS_MAX_ONGOING, OpenAIIngress
 
@@ -25,11 +25,16 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
     replicas load that snapshot, while clients keep naming it by its hub id.
 
     Raises:
-        aigc.errors.ConfigError: ``serve.host`` is reachable from other machines and no API keys are configured.
+        aigc.errors.ConfigError: ``serve.host``, or the address the running Serve proxy binds (a Serve YAML's
+            ``http_options.host``), is reachable from other machines and no API keys are configured.
         aigc.errors.ModelUnavailableError: the base model cannot be had.
     """
     s = cfg.serve
     check_exposure(s.host, s.auth, s.api_keys_file, s.api_keys_env)
+    bound = proxy_bind_host(s.host)  # `serve run app.yaml` binds its http_options.host, whatever serve.host says
+    if bound != s.host:
+        what = "the Serve HTTP proxy's bind address (http_options.host)"
+        check_exposure(bound, s.auth, s.api_keys_file, s.api_keys_env, what=what)
     model = resolve_model(cfg.model, weights=True)
     base_model_id = s.base_model_id or model_id_for(cfg.model.name_or_path)
     generator = Generator.options(

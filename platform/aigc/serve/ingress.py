@@ -19,6 +19,7 @@ after a lost replica) are :mod:`aigc.serve.upstream`.
 # class-based routes do not resolve string annotations (a body model would become a query parameter).
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,11 +34,13 @@ from aigc.errors import RegistryError
 from aigc.feedback.store import FeedbackRequest
 from aigc.registry import Registry
 from aigc.serve.api_errors import ApiError, api_error_from, install_error_handlers
+from aigc.serve.auth import proxy_bind_host
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
 from aigc.serve.feedback import FeedbackCapture, key_name_of
 from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
 from aigc.serve.middleware import HttpGuard, install_guard
 from aigc.serve.moderation import OutputGuard, load_policy
+from aigc.serve.quota import Quota
 from aigc.serve.resolver import ModelResolver, check_servable, servable
 from aigc.serve.schemas import (
     ChatCompletionRequest,
@@ -52,6 +55,8 @@ from aigc.serve.shapes import CHAT, TEXT, FinishReason, Kind, sse
 from aigc.serve.upstream import GeneratorClient
 
 __all__ = ["OpenAIIngress", "app"]
+
+logger = logging.getLogger("ray.serve")
 
 # The ingress only parses JSON and relays tokens: a fraction of a CPU, and room for many open streams
 # (Serve's default of 5 ongoing requests per replica would queue streams behind each other).
@@ -113,7 +118,9 @@ class OpenAIIngress:
         base_model_name: str | None = None,
         request_timeout_s: float = 300.0,
     ):
-        self.guard = HttpGuard(security or ServeConfig())
+        security = security or ServeConfig()
+        # Exposure is decided from the address the proxy really binds (a Serve YAML's http_options.host).
+        self.guard = HttpGuard(security, proxy_host=proxy_bind_host(security.host))
         self._generator_handle = generator
         self._generator = GeneratorClient(generator)
         self._base_model_id = base_model_id
@@ -129,13 +136,14 @@ class OpenAIIngress:
         self._check_prompts = self._policy is not None and mod.check_prompts
         self._check_outputs = self._policy is not None and mod.check_outputs
         self._holdback = mod.holdback_chars
-        s = security or ServeConfig()
         self._feedback = None
         if feedback_dir:
-            self._feedback = FeedbackCapture(feedback_dir, owner_only=s.feedback_from == "owner",
-                                             per_key_per_minute=s.feedback_per_key_per_minute,
-                                             retention_days=s.capture_retention_days)  # fmt: skip
+            self._feedback = FeedbackCapture(feedback_dir, owner_only=security.feedback_from == "owner",
+                                             per_key_per_minute=security.feedback_per_key_per_minute,
+                                             retention_days=security.capture_retention_days)  # fmt: skip
             self._retention_task = asyncio.get_running_loop().create_task(self._feedback.keep_sweeping())
+        # Per-key limits, shared by every ingress replica of the app (a slot is held at most past the deadline).
+        self._quota = Quota(security.app_name, lease_s=request_timeout_s + 30)
 
     # 1. models -----------------------------------------------------------------------------------------
     async def _model_cards(self) -> list[ModelCard]:
@@ -245,7 +253,7 @@ class OpenAIIngress:
         return text[: flag.start], "content_filter"
 
     @staticmethod
-    def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    def _event_stream(events: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
             try:
                 async for e in events:
@@ -255,7 +263,7 @@ class OpenAIIngress:
                 yield sse(error_body(err.message, type=err.type, param=err.param, code=err.code))
             yield sse("[DONE]")
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
     # 3. routes ----------------------------------------------------------------------------------------
@@ -275,16 +283,18 @@ class OpenAIIngress:
         return JSONResponse({"status": "ready", "base_model": self._base_model_id})
 
     @app.get("/v1/models")
-    async def list_models(self) -> Response:
-        return JSONResponse(ModelList(data=await self._model_cards()).model_dump())
+    async def list_models(self, request: Request) -> Response:
+        policy = self.guard.policy(key_name_of(request))  # a key limited to some models sees only those
+        cards = [c for c in await self._model_cards() if policy.allows(c.id)]
+        return JSONResponse(ModelList(data=cards).model_dump())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._run_request(CHAT, body, [m.as_template_dict() for m in body.messages], key_name_of(request))
+        return await self._run_request(CHAT, body, [m.as_template_dict() for m in body.messages], request)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._run_request(TEXT, body, body.prompt_text, key_name_of(request))
+        return await self._run_request(TEXT, body, body.prompt_text, request)
 
     @app.post("/v1/feedback")
     async def feedback(self, body: FeedbackRequest, request: Request) -> Response:
@@ -294,29 +304,45 @@ class OpenAIIngress:
 
     # 4. the one request path both endpoints share ------------------------------------------------------
     async def _run_request(
-        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt, key_name: str | None
+        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt, request: Request
     ) -> Response:
-        """Resolve the model, generate, and answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming);
-        ``key_name`` (the caller's API key name) is captured with the answer."""
+        """Check the key's policy, resolve the model, admit under the key's limits (429 past them), generate, and
+        answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming) with the rate-limit headers."""
         deadline = time.time() + self._timeout_s  # wall clock: the generator replica may be on another node
+        key, policy = key_name_of(request), self.guard.policy(key_name_of(request))
+        if not policy.allows(body.model):  # OpenAI's answer for a model a key may not use
+            msg = f"The model '{body.model}' does not exist or you do not have access to it."
+            raise ApiError(404, msg, param="model", code="model_not_found")
         model_id = await self._resolve(body.model)
         model_name = model_id or self._base_model_id
         request_info()["model"] = model_name  # a metrics label: only ids that exist, never what clients typed
         params = self._params(body)
         rid = new_id(kind.id_prefix)  # the id feedback refers to, streamed or not
         self._moderate_prompt(prompt)
+        admission = await self._quota.admit(key, policy)  # 429 with Retry-After past a limit
+        logger.info("%s: key %s, model %s", rid, key or "-", model_name)  # the key's name, never the key
         metrics = ingress_metrics()
         if not body.stream:
-            out = await self._complete(model_id, prompt, params, deadline)
+            try:
+                out = await self._complete(model_id, prompt, params, deadline)
+            except BaseException:
+                await admission.finish()  # a failed request frees its slot; its tokens are not known
+                raise
+            await admission.finish(out.prompt_tokens, out.completion_tokens)
             metrics.usage(model_name, out.prompt_tokens, out.completion_tokens)
             text, reason = self._moderate_answer(out.text, out.finish_reason)
             if self._feedback:  # stored before the answer leaves, so feedback can follow at once
-                await self._feedback.capture(rid, model_name, prompt, params, text, reason, key_name)
+                await self._feedback.capture(rid, model_name, prompt, params, text, reason, key)
             choice = kind.answer(text, reason)
             usage = Usage.of(out.prompt_tokens, out.completion_tokens)
-            return JSONResponse(kind.response(id=rid, model=model_name, choices=[choice], usage=usage).model_dump())
+            answer_body = kind.response(id=rid, model=model_name, choices=[choice], usage=usage).model_dump()
+            return JSONResponse(answer_body, headers=admission.headers)
 
-        deltas = await self._open_stream(model_id, prompt, params, deadline)
+        try:
+            deltas = await self._open_stream(model_id, prompt, params, deadline)
+        except BaseException:
+            await admission.finish()
+            raise
         head = {"id": rid, "created": int(time.time()), "model": model_name}
         guard = OutputGuard(self._policy, self._holdback) if self._check_outputs else None
         answer: list[str] = []  # the text sent, for capture
@@ -329,7 +355,8 @@ class OpenAIIngress:
         async def finish(reason: FinishReason, d: Delta) -> list[str]:
             """The closing events; a finished stream is captured before they leave, as a whole answer is."""
             if self._feedback:
-                await self._feedback.capture(rid, model_name, prompt, params, "".join(answer), reason, key_name)
+                await self._feedback.capture(rid, model_name, prompt, params, "".join(answer), reason, key)
+            await admission.finish(d.prompt_tokens, d.completion_tokens)
             metrics.usage(model_name, d.prompt_tokens, d.completion_tokens)
             if first is not None:
                 metrics.timing(model_name, first - started, time.perf_counter() - started, d.completion_tokens)
@@ -342,23 +369,29 @@ class OpenAIIngress:
 
         async def events() -> AsyncIterator[str]:
             nonlocal first
+            last = Delta()
             if kind.opening is not None:
                 yield chunk([kind.opening()])
-            async with contextlib.aclosing(deltas):  # leaving early (flagged answer) stops the generation
-                async for d in deltas:
-                    text = d.text if guard is None else guard.push(d.text)
-                    if guard is not None and d.finish_reason is not None:
-                        text += guard.flush()
-                    if text:
-                        first = first or time.perf_counter()
-                        answer.append(text)
-                        yield chunk([kind.delta(text, None)])
-                    if guard is not None and guard.flag is not None:
-                        for e in await finish("content_filter", d):
-                            yield e
-                        return
-                    if d.finish_reason is not None:
-                        for e in await finish(d.finish_reason, d):
-                            yield e
+            try:  # leaving early (flagged answer, client gone) stops the generation and ends the key's request
+                async with contextlib.aclosing(deltas):
+                    async for d in deltas:
+                        last = d if d.prompt_tokens else last  # a held-back tail carries no counts
+                        admission.count_prompt(d.prompt_tokens)  # the generator admitted it: count the prompt
+                        text = d.text if guard is None else guard.push(d.text)
+                        if guard is not None and d.finish_reason is not None:
+                            text += guard.flush()
+                        if text:
+                            first = first or time.perf_counter()
+                            answer.append(text)
+                            yield chunk([kind.delta(text, None)])
+                        if guard is not None and guard.flag is not None:
+                            for e in await finish("content_filter", d):
+                                yield e
+                            return
+                        if d.finish_reason is not None:
+                            for e in await finish(d.finish_reason, d):
+                                yield e
+            finally:
+                await admission.finish(last.prompt_tokens, last.completion_tokens)  # no-op when finish() ran
 
-        return self._event_stream(events())
+        return self._event_stream(events(), admission.headers)

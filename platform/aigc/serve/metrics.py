@@ -9,6 +9,10 @@ Ray exports every metric with a ``ray_`` prefix on each node's metrics port (``r
 - ``ray_aigc_request_latency_seconds{route, model}``: until the response starts (whole answer, or stream open).
 - ``ray_aigc_prompt_tokens_total{model}``, ``ray_aigc_completion_tokens_total{model}``.
 - ``ray_aigc_time_to_first_token_seconds{model}``, ``ray_aigc_time_per_output_token_seconds{model}``.
+- ``ray_aigc_key_tokens_total{key, kind}``: tokens per API key name, ``kind`` ``prompt`` or ``completion``.
+- ``ray_aigc_rate_limited_total{key, type}``: requests refused with 429 (``type``: ``requests`` or ``tokens``).
+- ``ray_aigc_limiter_fallback_total``: requests whose limits a replica decided alone (the counter actor was
+  unreachable, :mod:`aigc.serve.quota`).
 - ``ray_aigc_content_filter_total{where, category}``: prompts refused and answers stopped by the content policy.
 - per generator replica: ``ray_aigc_batch_rows`` (requests decoding now), ``ray_aigc_batch_capacity``
   (``serve.max_batch_size``), ``ray_aigc_queue_depth`` (waiting for a batch slot), ``ray_aigc_adapters_loaded``,
@@ -67,10 +71,31 @@ class _IngressMetrics:
             "aigc_time_per_output_token_seconds", "Generation time per output token after the first.",
             _TOKEN_TIME_BUCKETS, tag_keys=("model",),
         )  # fmt: skip
+        self.key_tokens = Counter(
+            "aigc_key_tokens_total", "Tokens per API key name (prompt or completion).", tag_keys=("key", "kind"),
+        )  # fmt: skip
+        self.limited = Counter(
+            "aigc_rate_limited_total", "Requests refused with 429 per API key name and limit type.",
+            tag_keys=("key", "type"),
+        )  # fmt: skip
+        self.fallback = Counter(
+            "aigc_limiter_fallback_total", "Requests whose limits one ingress replica decided (counter unreachable).",
+        )  # fmt: skip
         self.flagged = Counter(
             "aigc_content_filter_total", "Prompts refused / answers stopped by the content policy.",
             tag_keys=("where", "category"),
         )  # fmt: skip
+
+    def key_usage(self, key: str, prompt_tokens: int, completion_tokens: int) -> None:
+        for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if n:
+                self.key_tokens.inc(n, tags={"key": key, "kind": kind})
+
+    def rate_limited(self, key: str, kind: str) -> None:
+        self.limited.inc(1, tags={"key": key, "type": kind})
+
+    def limiter_fallback(self) -> None:
+        self.fallback.inc(1)
 
     def usage(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         tags = {"model": model}

@@ -13,6 +13,7 @@ engine enforces it (:class:`aigc.serve.engine.GenerationEngine`'s ``max_prompt_t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
@@ -20,7 +21,8 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
 
 from aigc.config import ServeConfig
-from aigc.serve.auth import ApiKeys, is_loopback, resolve_api_keys
+from aigc.serve.auth import ApiKeys, KeyStore, check_exposure, is_loopback
+from aigc.serve.keys import KeyPolicy, format_time
 from aigc.serve.schemas import error_body
 
 __all__ = ["BearerAuth", "BodyLimit", "ConfiguredCORS", "HttpGuard", "install_guard"]
@@ -37,22 +39,44 @@ _LOCAL_ONLY = (
     "this server has no API keys configured, so it answers only clients on its own machine; configure "
     "serve.api_keys_file or serve.api_keys_env"
 )
+# A request relayed by a proxy on this machine (nginx, a sidecar, kubectl port-forward) comes from a loopback
+# peer: its real client is elsewhere. Any of these headers means "not local".
+_FORWARDING = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 
 
 class HttpGuard:
-    """One replica's guard settings from the ``serve`` section, with its API keys loaded (None = requests are
-    not authenticated).
+    """One replica's guard settings from the ``serve`` section, with its API keys loaded (:attr:`keys`: None =
+    requests are not authenticated), re-read from the keys file when it changes.
+
+    Args:
+        s: the ``serve`` section.
+        proxy_host: the address Serve's HTTP proxy really binds (``http_options.host``, which a Serve YAML sets
+            whatever ``serve.host`` says); None = not known (only ``serve.host`` was checked).
 
     Raises:
-        aigc.errors.ConfigError: a configured key source is missing, malformed or empty.
+        aigc.errors.ConfigError: a configured key source is missing, malformed or empty; or the proxy binds an
+            address other machines reach and no key source is configured (``auth: auto``).
     """
 
-    def __init__(self, s: ServeConfig):
-        self.keys: ApiKeys | None = resolve_api_keys(s.auth, s.api_keys_file, s.api_keys_env)
+    def __init__(self, s: ServeConfig, proxy_host: str | None = None):
+        if proxy_host is not None:
+            what = "the Serve HTTP proxy's bind address (http_options.host)"
+            check_exposure(proxy_host, s.auth, s.api_keys_file, s.api_keys_env, what=what)
+        self.store = KeyStore(s.auth, s.api_keys_file, s.api_keys_env, reload_s=s.api_keys_reload_s)
         # auto without keys: loopback clients only, even when the proxy listens on 0.0.0.0
-        self.local_only = s.auth == "auto" and self.keys is None
+        self.local_only = s.auth == "auto" and self.store.current() is None
         self.max_request_bytes = s.max_request_bytes
         self.cors_origins = tuple(s.cors_origins)
+
+    @property
+    def keys(self) -> ApiKeys | None:
+        """The keys in force now (the keys file is re-read when it changed, see :class:`KeyStore`)."""
+        return self.store.current()
+
+    def policy(self, key_name: str | None) -> KeyPolicy:
+        """The policy of the caller's key (no limits without keys)."""
+        keys = self.keys
+        return keys.policy(key_name) if keys is not None else KeyPolicy()
 
 
 def install_guard(app: Any, current: Callable[[], HttpGuard]) -> None:
@@ -68,10 +92,12 @@ class BearerAuth:
 
     ``keys`` is called per request (the ingress replica's keys, loaded when it starts); None = no check.
     ``local_only`` (``auto`` without keys) answers only clients on this machine, whatever address the HTTP
-    proxy listens on (``serve run`` takes it from the Serve YAML, which the config check cannot see): others
-    get a 403 saying to configure keys.
-    A missing or wrong key gets OpenAI's 401 (``invalid_api_key``) with ``WWW-Authenticate: Bearer``; a
-    valid one puts its name in ``scope["state"]["key_name"]`` (``request.state.key_name``).
+    proxy listens on: others, and every request carrying a forwarding header (``X-Forwarded-For``,
+    ``Forwarded``, ``X-Real-IP``: a proxy on this machine relaying a remote client), get a 403 saying to
+    configure keys.
+    A missing or wrong key gets OpenAI's 401 (``invalid_api_key``) with ``WWW-Authenticate: Bearer``, an expired
+    one a 401 saying so (``expired_api_key``); a valid one puts its name in ``scope["state"]["key_name"]``
+    (``request.state.key_name``).
     """
 
     def __init__(self, app: ASGIApp, keys: Callable[[], ApiKeys | None], local_only: Callable[[], bool] = bool):
@@ -80,19 +106,31 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or _route_path(scope) in _OPEN_PATHS:
             return await self.app(scope, receive, send)
-        if self._local_only() and not is_loopback((scope.get("client") or ("",))[0]):
+        if self._local_only() and not _is_local(scope):
             return await _refuse(403, error_body(_LOCAL_ONLY, code="local_clients_only"), scope, send)
         keys = self._keys()
         name = None
         if keys is not None:
             token = _bearer(scope)
-            name = keys.match(token) if token else None
-            if name is None:
+            record = keys.record(token) if token else None
+            headers = {"WWW-Authenticate": "Bearer"}
+            if record is None:
                 msg = "Incorrect API key provided." if token else _MISSING_KEY
-                headers = {"WWW-Authenticate": "Bearer"}
                 return await _refuse(401, error_body(msg, code="invalid_api_key"), scope, send, headers)
+            if record.policy.expired(time.time()):
+                msg = (f"The API key '{record.name}' expired at {format_time(record.policy.expires)}; ask for a "
+                       "new key (aigc keys add).")  # fmt: skip
+                return await _refuse(401, error_body(msg, code="expired_api_key"), scope, send, headers)
+            name = record.name
         scope["state"] = {**(scope.get("state") or {}), "key_name": name}
         await self.app(scope, receive, send)
+
+
+def _is_local(scope: Scope) -> bool:
+    """A loopback peer that is not relaying for anyone (no forwarding header)."""
+    if any(_header(scope, h) is not None for h in _FORWARDING):
+        return False
+    return is_loopback((scope.get("client") or ("",))[0])
 
 
 def _route_path(scope: Scope) -> str:
