@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from aigc.config import DataConfig, ModelConfig
+from aigc.data.templates import render_by_prefixes, render_chat, render_for_training
 from aigc.data.tokenizing import Tokenize
+from aigc.data.turn_spans import single_render_offsets
 from aigc.demo.dataset import generate_support_examples
 from aigc.models.chat_template import DEFAULT_CHAT_TEMPLATE
 from aigc.models.loading import load_tokenizer
@@ -118,3 +120,36 @@ GOLDEN: dict[tuple[str, str, int], str] = {
 def test_rows_are_identical_to_the_two_render_method(tmp_path, family, fmt, max_length):
     path = _tokenizer_dir(tmp_path, TEMPLATES[family])
     assert row_digest(path, fmt, max_length) == GOLDEN[(family, fmt, max_length)]
+
+
+TOOL_CALL = [{"type": "function", "function": {"name": "track", "arguments": {"order": "4821"}}}]
+CONVERSATIONS = [
+    CONVO,
+    CONVO[1:3],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": "  "}],
+    [*CONVO[:3], {"role": "system", "content": "Be kind."}, *CONVO[3:]],
+    [CONVO[1], {"role": "assistant", "content": "", "tool_calls": TOOL_CALL},
+     {"role": "tool", "content": '{"status": "shipped"}'}, {"role": "assistant", "content": "Shipped.\n\n"}],
+    [CONVO[1], {"role": "assistant", "content": "a <|end|> b"}],  # eos text inside an answer
+    [CONVO[1], {"role": "assistant", "content": "\x00 0 \x00"}],  # sentinel-like text: the prefix path
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("tools", [None, TOOLS], ids=["no-tools", "tools"])
+@pytest.mark.parametrize("family", list(TEMPLATES))
+def test_one_render_equals_the_prefix_renderings(tmp_path, family, tools):
+    """Field by field, on conversations the formats can produce (tool calls, a system turn mid-way, empty
+    answers); the known templates take the one-render path, the others fall back to the prefix renderings."""
+    tok = load_tokenizer(_tokenizer_dir(tmp_path, TEMPLATES[family]))
+    for turns in CONVERSATIONS:
+        one = single_render_offsets(tok.chat_template, turns, lambda m: render_chat(tok, m, tools))
+        known = family != "rewrites-history" and "\x00" not in turns[-1]["content"]
+        assert (one is not None) == known
+        assert _outcome(render_for_training, tok, turns, tools) == _outcome(render_by_prefixes, tok, turns, tools)
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # the same error, with the same message, is the same outcome
+        return type(exc), str(exc)

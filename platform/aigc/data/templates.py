@@ -15,6 +15,10 @@ turns with something other than eos) trains the **last assistant turn only**: it
 serving renders it, its target the rendered answer ending with eos (or the answer's text and eos, when the
 template renders the prompt differently once the answer follows it); the row is counted as
 ``rows_last_turn_only`` in stats.json.
+
+Those prefix renderings cost two template calls per assistant turn. For the project's default template and
+ChatML, :mod:`aigc.data.turn_spans` proves their offsets from ONE rendering and :func:`render_for_training`
+renders once; any other template, or a row outside that proof, takes :func:`render_by_prefixes`.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aigc.data.turn_spans import single_render_offsets
+
 __all__ = [
     "Rendered",
     "control_tokens",
     "encode_chat",
     "end_of_turn",
     "render_chat",
+    "render_by_prefixes",
     "render_for_training",
     "render_prompt",
 ]
@@ -119,15 +126,45 @@ def _trained_part(delta: str, eos: str) -> str | None:
     return None if at < 0 else delta[: at + len(eos)]
 
 
+def _cut_turns(turns: list[dict[str, Any]], last: int) -> list[int]:
+    return [i for i in range(1, last + 1) if turns[i]["role"] == "user" and turns[i - 1]["role"] == "assistant"]
+
+
 def render_for_training(
     tokenizer: Any, turns: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
 ) -> Rendered:
     """Render ``turns`` (ending with an assistant turn) and find the characters to train on (see module doc).
 
+    One rendering where :func:`aigc.data.turn_spans.single_render_offsets` proves it gives the prefix
+    renderings' offsets (the project's default template, ChatML); otherwise :func:`render_by_prefixes`.
+
     Raises:
         Exception: whatever the template raises (a template may reject a conversation); ValueError when even
             the last turn cannot be told apart from its prompt.
     """
+    eos = end_of_turn(tokenizer)
+    found = single_render_offsets(
+        getattr(tokenizer, "chat_template", None), turns, lambda msgs: render_chat(tokenizer, msgs, tools)
+    ) if eos and turns and turns[-1]["role"] == "assistant" else None  # fmt: skip
+    if found is None:
+        return render_by_prefixes(tokenizer, turns, tools)
+    full, offsets = found
+    spans, ends = [], {}
+    for a, (before, through) in zip([i for i, t in enumerate(turns) if t["role"] == "assistant"], offsets, strict=True):
+        part = _trained_part(full[before:through], eos)
+        if part is None:  # the two renderings fall to the last-turn-only path: let them decide it
+            return render_by_prefixes(tokenizer, turns, tools)
+        spans.append((before, before + len(part)))
+        ends[a] = through
+    cut_turns = _cut_turns(turns, len(turns) - 1)
+    return Rendered(text=full[: spans[-1][1]], spans=spans, prompt=full[: spans[-1][0]], full=full,
+                    cuts=[ends[i - 1] for i in cut_turns], cut_turns=cut_turns)  # fmt: skip
+
+
+def render_by_prefixes(
+    tokenizer: Any, turns: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> Rendered:
+    """:func:`render_for_training` from the prefix renderings (two per assistant turn): any template."""
     eos = end_of_turn(tokenizer)
     assistants = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
     last = assistants[-1]
@@ -148,9 +185,7 @@ def render_for_training(
         spans.append((len(before), len(before) + len(part)))
         done = ends[a] = len(through)
     else:
-        cut_turns = [
-            i for i in range(1, last + 1) if turns[i]["role"] == "user" and turns[i - 1]["role"] == "assistant"
-        ]
+        cut_turns = _cut_turns(turns, last)
         return Rendered(
             text=full[: spans[-1][1]],
             spans=spans,
