@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -101,6 +102,21 @@ class Link:
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+def tiny_tokenizer_with_template(tmp_path: Path, template: str | None) -> str:
+    """The tiny tokenizer with ``template`` as its own chat template, or with none at all."""
+    out = tmp_path / "tok"
+    tiny = Path(__file__).resolve().parents[1] / "assets" / "tiny-base"
+    shutil.copytree(tiny, out, ignore=shutil.ignore_patterns("*.safetensors", "chat_template.jinja"))
+    if template is not None:
+        from aigc.models.loading import load_tokenizer
+
+        tok = load_tokenizer(str(out))
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>"})
+        tok.save_pretrained(out)
+        (out / "chat_template.jinja").write_text(template)
+    return str(out)
 
 
 def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> str:

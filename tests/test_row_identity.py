@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiny_tokenizer_with_template
 
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.templates import render_by_prefixes, render_chat, render_for_training
@@ -66,17 +66,6 @@ def _rows(fmt: str) -> list[str]:
     return [json.dumps(r, ensure_ascii=False) for r in rows]
 
 
-def _tokenizer_dir(tmp_path: Path, template: str | None) -> str:
-    out = tmp_path / "tok"
-    shutil.copytree(TINY, out, ignore=shutil.ignore_patterns("*.safetensors", "chat_template.jinja"))
-    if template is not None:
-        tok = load_tokenizer(str(out))
-        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>"})
-        tok.save_pretrained(out)
-        (out / "chat_template.jinja").write_text(template)
-    return str(out)
-
-
 def row_digest(path: str, fmt: str, max_length: int) -> str:
     """sha256 (16 hex) of the Tokenize output of :func:`_rows` for ``fmt`` under ``max_length``."""
     tk = Tokenize(ModelConfig(name_or_path=path), DataConfig(format=fmt, max_length=max_length))
@@ -118,7 +107,7 @@ GOLDEN: dict[tuple[str, str, int], str] = {
 @pytest.mark.parametrize("fmt", ["alpaca", "messages", "sharegpt", "text"])
 @pytest.mark.parametrize("family", list(TEMPLATES))
 def test_rows_are_identical_to_the_two_render_method(tmp_path, family, fmt, max_length):
-    path = _tokenizer_dir(tmp_path, TEMPLATES[family])
+    path = tiny_tokenizer_with_template(tmp_path, TEMPLATES[family])
     assert row_digest(path, fmt, max_length) == GOLDEN[(family, fmt, max_length)]
 
 
@@ -140,7 +129,7 @@ CONVERSATIONS = [
 def test_one_render_equals_the_prefix_renderings(tmp_path, family, tools):
     """Field by field, on conversations the formats can produce (tool calls, a system turn mid-way, empty
     answers); the known templates take the one-render path, the others fall back to the prefix renderings."""
-    tok = load_tokenizer(_tokenizer_dir(tmp_path, TEMPLATES[family]))
+    tok = load_tokenizer(tiny_tokenizer_with_template(tmp_path, TEMPLATES[family]))
     for turns in CONVERSATIONS:
         one = single_render_offsets(tok.chat_template, turns, lambda m: render_chat(tok, m, tools))
         known = family != "rewrites-history" and "\x00" not in turns[-1]["content"]

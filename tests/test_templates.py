@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiny_tokenizer_with_template
 
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.templates import encode_chat, render_for_training, render_prompt
@@ -34,18 +34,6 @@ TOOLS = [{"type": "function", "function": {"name": "track", "description": "Trac
           "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}}}]  # fmt: skip
 
 
-def _tokenizer_dir(tmp_path: Path, template: str | None) -> str:
-    """The tiny tokenizer with ``template`` as its own chat template, or with none at all."""
-    out = tmp_path / "tok"
-    shutil.copytree(TINY, out, ignore=shutil.ignore_patterns("*.safetensors", "chat_template.jinja"))
-    if template is not None:
-        tok = load_tokenizer(str(out))
-        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>"})
-        tok.save_pretrained(out)
-        (out / "chat_template.jinja").write_text(template)
-    return str(out)
-
-
 def _prompt_ids(row: dict) -> list[int]:
     """The ids before the last trained run of tokens: the prompt of the last assistant turn."""
     labels = row["labels"]
@@ -59,7 +47,7 @@ def _prompt_ids(row: dict) -> list[int]:
 @pytest.mark.parametrize("template", [CHATML, None], ids=["own-chatml", "default"])
 @pytest.mark.parametrize("tools", [None, TOOLS], ids=["no-tools", "tools"])
 def test_train_prompt_is_what_serving_encodes(tmp_path, template, tools):
-    path = _tokenizer_dir(tmp_path, template)
+    path = tiny_tokenizer_with_template(tmp_path, template)
     tok = load_tokenizer(path)
     assert tok.chat_template == (template or DEFAULT_CHAT_TEMPLATE)
     tk = Tokenize(ModelConfig(name_or_path=path), DataConfig(format="messages"))
@@ -98,7 +86,7 @@ def test_default_template_is_the_tiny_models_and_prefix_stable():
 def test_a_template_that_rewrites_history_trains_the_last_turn_only(tmp_path):
     # Not prefix-stable: the header counts the messages, so every turn changes the start of the text.
     template = "{{ messages | length }} messages\n" + DEFAULT_CHAT_TEMPLATE
-    path = _tokenizer_dir(tmp_path, None)
+    path = tiny_tokenizer_with_template(tmp_path, None)
     (Path(path) / "chat_template.jinja").write_text(template)
     tok = load_tokenizer(path)
     tk = Tokenize(ModelConfig(name_or_path=path), DataConfig(format="messages"))
