@@ -182,7 +182,10 @@ def test_metrics_move_with_real_requests(server):
 
     def moved(text: str) -> bool:
         return (
-            metric_value(text, "ray_aigc_requests_total", route=chat, status="200", model="tiny-base") >= ok_before + 4
+            # key="-": this server's callers; other tests' apps may have counted keyed requests for tiny-base
+            metric_value(text, "ray_aigc_requests_total", route=chat, status="200", model="tiny-base", key="-")
+            >= ok_before + 4
+            and metric_value(text, "ray_aigc_completion_tokens_total", model="tiny-base") > tokens_before
             and metric_value(text, "ray_aigc_requests_total", route=chat, status="404", model="-") >= 1
             and metric_value(text, "ray_aigc_time_to_first_token_seconds_count", model="tiny-base") >= 1
             and 32 in metric_samples(text, "ray_aigc_batch_capacity")
