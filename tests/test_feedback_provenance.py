@@ -20,8 +20,8 @@ import yaml
 
 from aigc.feedback import FeedbackRequest, FeedbackStore, NotCompletionOwnerError, export_dataset
 from aigc.feedback.retention import DAY_S, apply_retention
-from aigc.serve.api_errors import ApiError
-from aigc.serve.feedback import FeedbackCapture, FeedbackLimiter, RateLimitedError
+from aigc.serve.api_errors import ApiError, RateLimitedError
+from aigc.serve.feedback import FeedbackCapture, FeedbackLimiter
 from aigc.serve.moderation import RulePolicy
 
 NOW = 1_800_000_000.0  # a fixed "now" for retention (seconds since the epoch)

@@ -8,6 +8,7 @@ exception text or paths: the details go to the server log under a request id the
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from typing import Any
 
@@ -54,6 +55,17 @@ class ApiError(Exception):
         body = error_body(self.message, self.type, self.param, self.code)
         headers = self.headers or ({"Retry-After": "1"} if self.status == 503 else None)
         return JSONResponse(status_code=self.status, content=body, headers=headers)
+
+
+class RateLimitedError(ApiError):
+    """OpenAI's 429 ``rate_limit_exceeded``: ``Retry-After`` in whole seconds (rounded up, at least 1), and any
+    other headers the limit sends (``x-ratelimit-*``). ``type`` is ``requests`` or ``tokens``."""
+
+    def __init__(self, message: str, retry_after_s: float, type: str = "requests",
+                 headers: dict[str, str] | None = None):  # fmt: skip
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(429, message, type=type, code="rate_limit_exceeded",
+                         headers={"Retry-After": str(self.retry_after_s), **(headers or {})})  # fmt: skip
 
 
 def _utf8(text: str) -> str:

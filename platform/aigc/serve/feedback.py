@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from aigc.errors import StorageError
 from aigc.feedback.retention import retention_cutoff
@@ -36,10 +35,10 @@ from aigc.feedback.store import (
     Rating,
     UnknownCompletionError,
 )
-from aigc.serve.api_errors import ApiError
+from aigc.serve.api_errors import ApiError, RateLimitedError
 from aigc.serve.engine import Prompt, SamplingParams
 
-__all__ = ["FeedbackCapture", "FeedbackLimiter", "RateLimitedError", "key_name_of"]
+__all__ = ["FeedbackCapture", "FeedbackLimiter", "key_name_of"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,19 +49,6 @@ _WINDOW_S = 60.0
 def key_name_of(request: Request) -> str | None:
     """The name of the API key that sent ``request`` (the auth middleware's ``request.state.key_name``)."""
     return getattr(request.state, "key_name", None)
-
-
-class RateLimitedError(ApiError):
-    """A 429 in OpenAI's shape, with ``Retry-After`` (whole seconds, rounded up)."""
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(429, message, type="requests", code="rate_limit_exceeded")
-        self.retry_after_s = max(1, math.ceil(retry_after_s))
-
-    def response(self) -> JSONResponse:
-        resp = super().response()
-        resp.headers["Retry-After"] = str(self.retry_after_s)
-        return resp
 
 
 class FeedbackLimiter:

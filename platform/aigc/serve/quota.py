@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import ray
 
 from aigc.errors import AigcError
-from aigc.serve.api_errors import ApiError
+from aigc.serve.api_errors import RateLimitedError
 from aigc.serve.keys import KeyPolicy
 from aigc.serve.limits import KeyCounters
 from aigc.serve.metrics import ingress_metrics
@@ -152,7 +151,7 @@ class Quota:
         """Admit a request of the key named ``key`` (None: the endpoint has no keys) under ``policy``.
 
         Raises:
-            ApiError: 429 ``rate_limit_exceeded`` with ``Retry-After`` and the ``x-ratelimit-*`` headers.
+            RateLimitedError: 429 ``rate_limit_exceeded`` with ``Retry-After`` and the ``x-ratelimit-*`` headers.
         """
         if key is None:
             return Admission(None, None, None, {}, limited=False)
@@ -166,9 +165,8 @@ class Quota:
             decision, counter = self.local.acquire(*args), self.local
         if not decision["allowed"]:
             ingress_metrics().rate_limited(key, decision["type"])
-            headers = {"Retry-After": str(max(1, math.ceil(decision["retry_after_s"]))), **decision["headers"]}
-            raise ApiError(429, decision["message"], type=decision["type"], code="rate_limit_exceeded",
-                           headers=headers)  # fmt: skip
+            raise RateLimitedError(decision["message"], decision["retry_after_s"], type=decision["type"],
+                                   headers=decision["headers"])  # fmt: skip
         return Admission(key, counter, decision["lease"], decision["headers"], limited=True)
 
 
