@@ -24,8 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Request
-
 from aigc.errors import StorageError
 from aigc.feedback.retention import retention_cutoff
 from aigc.feedback.store import (
@@ -38,17 +36,12 @@ from aigc.feedback.store import (
 from aigc.serve.api_errors import ApiError, RateLimitedError
 from aigc.serve.engine import Prompt, SamplingParams
 
-__all__ = ["FeedbackCapture", "FeedbackLimiter", "key_name_of"]
+__all__ = ["FeedbackCapture", "FeedbackLimiter"]
 
 logger = logging.getLogger("ray.serve")
 
 SWEEP_EVERY_S = 3600.0  # retention: deleting needs a listing and one read per capture, so not more often
 _WINDOW_S = 60.0
-
-
-def key_name_of(request: Request) -> str | None:
-    """The name of the API key that sent ``request`` (the auth middleware's ``request.state.key_name``)."""
-    return getattr(request.state, "key_name", None)
 
 
 class FeedbackLimiter:

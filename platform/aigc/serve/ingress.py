@@ -36,9 +36,9 @@ from aigc.registry import Registry
 from aigc.serve.api_errors import ApiError, api_error_from, install_error_handlers
 from aigc.serve.auth import proxy_bind_host
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
-from aigc.serve.feedback import FeedbackCapture, key_name_of
+from aigc.serve.feedback import FeedbackCapture
 from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
-from aigc.serve.middleware import HttpGuard, install_guard
+from aigc.serve.middleware import HttpGuard, install_guard, key_name_of
 from aigc.serve.moderation import OutputGuard, load_policy
 from aigc.serve.quota import Quota
 from aigc.serve.resolver import ModelResolver, check_servable, servable
@@ -309,7 +309,8 @@ class OpenAIIngress:
         """Check the key's policy, resolve the model, admit under the key's limits (429 past them), generate, and
         answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming) with the rate-limit headers."""
         deadline = time.time() + self._timeout_s  # wall clock: the generator replica may be on another node
-        key, policy = key_name_of(request), self.guard.policy(key_name_of(request))
+        key = key_name_of(request)
+        policy = self.guard.policy(key)
         if not policy.allows(body.model):  # OpenAI's answer for a model a key may not use
             msg = f"The model '{body.model}' does not exist or you do not have access to it."
             raise ApiError(404, msg, param="model", code="model_not_found")

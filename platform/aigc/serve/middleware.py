@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
 
@@ -25,7 +26,7 @@ from aigc.serve.auth import ApiKeys, KeyStore, check_exposure, is_loopback
 from aigc.serve.keys import KeyPolicy, format_time
 from aigc.serve.schemas import error_body
 
-__all__ = ["BearerAuth", "BodyLimit", "ConfiguredCORS", "HttpGuard", "install_guard"]
+__all__ = ["BearerAuth", "BodyLimit", "ConfiguredCORS", "HttpGuard", "install_guard", "key_name_of"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -42,6 +43,11 @@ _LOCAL_ONLY = (
 # A request relayed by a proxy on this machine (nginx, a sidecar, kubectl port-forward) comes from a loopback
 # peer: its real client is elsewhere. Any of these headers means "not local".
 _FORWARDING = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+def key_name_of(request: Request) -> str | None:
+    """The name of the API key that sent ``request`` (the auth middleware's ``request.state.key_name``)."""
+    return getattr(request.state, "key_name", None)
 
 
 class HttpGuard:
