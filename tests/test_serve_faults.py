@@ -276,13 +276,16 @@ def test_a_redeploy_drains_long_streams_before_replicas_go(server, assets):
 
     from aigc.serve.builder import build_app_from_config
 
+    # The streams must outlive the redeploy, not a deadline: on a loaded machine 120 tokens can take longer than
+    # the module's 6 s request timeout, so the replicas they start on get a long one first.
+    serve.run(build_app_from_config(_config(assets, request_timeout_s=120)), name=APP, route_prefix="/")
     old = _generator_pids()
     with ThreadPoolExecutor(6) as pool:
         streams = [pool.submit(_stream, server, ORDINARY[i], max_tokens=120) for i in range(6)]
         time.sleep(0.8)
-        cfg = _config(assets, max_batch_size=16, request_timeout_s=REQUEST_TIMEOUT_S + 1)
+        cfg = _config(assets, max_batch_size=16, request_timeout_s=121)
         serve.run(build_app_from_config(cfg), name=APP, route_prefix="/")
-        results = [f.result(timeout=60) for f in streams]
+        results = [f.result(timeout=150) for f in streams]
     # Each ends as an undisturbed stream would: its length, or the model's end of text (a cut stream has no
     # finish_reason, a lost one an error).
     assert all(s == 200 and e is None and r in ("length", "stop") and t for s, t, e, r in results), results
