@@ -526,7 +526,7 @@ def test_promote_and_rollback_reach_a_running_app_without_redeploy(server, asset
         return secs
 
     reg.promote("rollout:v1")
-    assert moved_to(1) < 5  # serve.resolve_cache_s (1 s) plus a request, not a redeploy
+    assert moved_to(1) < 10  # serve.resolve_cache_s (1 s) plus a request or two (slow on a loaded machine)
     reg.promote("rollout:v2")
     moved_to(2)
     reg.rollback("rollout")

@@ -8,7 +8,8 @@ resolves the model id against the registry per request (an alias such as ``suppo
 :mod:`aigc.serve.resolver`) and calls the ``Generator`` with
 ``multiplexed_model_id`` = the resolved ``name:vN``, which is also the response's ``model``. Errors become
 HTTP statuses only in :mod:`aigc.serve.api_errors` (OpenAI-shaped bodies; a 500 never carries exception text
-or paths); the response shapes of the two endpoints are in :mod:`aigc.serve.shapes`. Before any route, the guard
+or paths); the response shapes of the two endpoints are in :mod:`aigc.serve.shapes`, and answers are shaped,
+checked, captured and counted in :mod:`aigc.serve.answers`. Before any route, the guard
 (:mod:`aigc.serve.middleware`: CORS, API keys, body cap) and the metrics middleware run; content safety is
 :mod:`aigc.serve.moderation`. With ``serve.capture``, answers are stored under their ids and
 ``POST /v1/feedback`` rates them (:mod:`aigc.serve.feedback`). Calls to the generator (deadline, one safe retry
@@ -18,14 +19,13 @@ after a lost replica) are :mod:`aigc.serve.upstream`.
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
 # class-based routes do not resolve string annotations (a body model would become a query parameter).
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -33,13 +33,14 @@ from aigc.config import ModerationConfig, ServeConfig
 from aigc.errors import RegistryError
 from aigc.feedback.store import FeedbackRequest
 from aigc.registry import Registry
+from aigc.serve.answers import Answerer, Turn
 from aigc.serve.api_errors import ApiError, api_error_from, install_error_handlers
 from aigc.serve.auth import proxy_bind_host
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
 from aigc.serve.feedback import FeedbackCapture
 from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
 from aigc.serve.middleware import HttpGuard, install_guard, key_name_of
-from aigc.serve.moderation import OutputGuard, load_policy
+from aigc.serve.moderation import load_policy
 from aigc.serve.quota import Quota
 from aigc.serve.resolver import ModelResolver, check_servable, servable
 from aigc.serve.schemas import (
@@ -47,11 +48,9 @@ from aigc.serve.schemas import (
     CompletionRequest,
     ModelCard,
     ModelList,
-    Usage,
-    error_body,
     new_id,
 )
-from aigc.serve.shapes import CHAT, TEXT, FinishReason, Kind, sse
+from aigc.serve.shapes import CHAT, TEXT, Kind
 from aigc.serve.upstream import GeneratorClient
 
 __all__ = ["OpenAIIngress", "app"]
@@ -134,14 +133,13 @@ class OpenAIIngress:
         mod = moderation or ModerationConfig()
         self._policy = load_policy(mod.categories, mod.classifier)
         self._check_prompts = self._policy is not None and mod.check_prompts
-        self._check_outputs = self._policy is not None and mod.check_outputs
-        self._holdback = mod.holdback_chars
         self._feedback = None
         if feedback_dir:
             self._feedback = FeedbackCapture(feedback_dir, owner_only=security.feedback_from == "owner",
                                              per_key_per_minute=security.feedback_per_key_per_minute,
                                              retention_days=security.capture_retention_days)  # fmt: skip
             self._retention_task = asyncio.get_running_loop().create_task(self._feedback.keep_sweeping())
+        self._answers = Answerer(self._policy, mod.check_outputs, mod.holdback_chars, self._feedback)
         # Per-key limits, shared by every ingress replica of the app (a slot is held at most past the deadline).
         self._quota = Quota(security.app_name, lease_s=request_timeout_s + 30)
 
@@ -244,28 +242,6 @@ class OpenAIIngress:
                 code="content_filter",
             )
 
-    def _moderate_answer(self, text: str, reason: FinishReason) -> tuple[str, FinishReason]:
-        """A whole answer cut before its first flagged span, with ``finish_reason`` content_filter."""
-        flag = self._policy.check(text) if self._check_outputs else None
-        if flag is None:
-            return text, reason
-        ingress_metrics().content_filter("answer", flag.category)
-        return text[: flag.start], "content_filter"
-
-    @staticmethod
-    def _event_stream(events: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for e in events:
-                    yield e
-            except Exception as exc:  # the status line is already sent: report in-band, as OpenAI does
-                err = api_error_from(exc)
-                yield sse(error_body(err.message, type=err.type, param=err.param, code=err.code))
-            yield sse("[DONE]")
-
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
     # 3. routes ----------------------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz(self) -> Response:
@@ -322,77 +298,17 @@ class OpenAIIngress:
         self._moderate_prompt(prompt)
         admission = await self._quota.admit(key, policy)  # 429 with Retry-After past a limit
         logger.info("%s: key %s, model %s", rid, key or "-", model_name)  # the key's name, never the key
-        metrics = ingress_metrics()
+        turn = Turn(kind, rid, model_name, prompt, params, key, admission, include_usage=body.include_usage)
         if not body.stream:
             try:
                 out = await self._complete(model_id, prompt, params, deadline)
             except BaseException:
                 await admission.finish()  # a failed request frees its slot; its tokens are not known
                 raise
-            await admission.finish(out.prompt_tokens, out.completion_tokens)
-            metrics.usage(model_name, out.prompt_tokens, out.completion_tokens)
-            text, reason = self._moderate_answer(out.text, out.finish_reason)
-            if self._feedback:  # stored before the answer leaves, so feedback can follow at once
-                await self._feedback.capture(rid, model_name, prompt, params, text, reason, key)
-            choice = kind.answer(text, reason)
-            usage = Usage.of(out.prompt_tokens, out.completion_tokens)
-            answer_body = kind.response(id=rid, model=model_name, choices=[choice], usage=usage).model_dump()
-            return JSONResponse(answer_body, headers=admission.headers)
-
+            return await self._answers.whole(turn, out)
         try:
             deltas = await self._open_stream(model_id, prompt, params, deadline)
         except BaseException:
             await admission.finish()
             raise
-        head = {"id": rid, "created": int(time.time()), "model": model_name}
-        guard = OutputGuard(self._policy, self._holdback) if self._check_outputs else None
-        answer: list[str] = []  # the text sent, for capture
-
-        def chunk(choices: list[Any], usage: Usage | None = None) -> str:
-            return sse(kind.chunk(**head, choices=choices, usage=usage).model_dump())
-
-        started, first = time.perf_counter(), None
-
-        async def finish(reason: FinishReason, d: Delta) -> list[str]:
-            """The closing events; a finished stream is captured before they leave, as a whole answer is."""
-            if self._feedback:
-                await self._feedback.capture(rid, model_name, prompt, params, "".join(answer), reason, key)
-            await admission.finish(d.prompt_tokens, d.completion_tokens)
-            metrics.usage(model_name, d.prompt_tokens, d.completion_tokens)
-            if first is not None:
-                metrics.timing(model_name, first - started, time.perf_counter() - started, d.completion_tokens)
-            if reason == "content_filter":
-                metrics.content_filter("answer", guard.flag.category)
-            out = [chunk([kind.delta(None, reason)])]
-            if body.include_usage:  # OpenAI's last chunk: no choices, the usage
-                out.append(chunk([], Usage.of(d.prompt_tokens, d.completion_tokens)))
-            return out
-
-        async def events() -> AsyncIterator[str]:
-            nonlocal first
-            last = Delta()
-            if kind.opening is not None:
-                yield chunk([kind.opening()])
-            try:  # leaving early (flagged answer, client gone) stops the generation and ends the key's request
-                async with contextlib.aclosing(deltas):
-                    async for d in deltas:
-                        last = d if d.prompt_tokens else last  # a held-back tail carries no counts
-                        admission.count_prompt(d.prompt_tokens)  # the generator admitted it: count the prompt
-                        text = d.text if guard is None else guard.push(d.text)
-                        if guard is not None and d.finish_reason is not None:
-                            text += guard.flush()
-                        if text:
-                            first = first or time.perf_counter()
-                            answer.append(text)
-                            yield chunk([kind.delta(text, None)])
-                        if guard is not None and guard.flag is not None:
-                            for e in await finish("content_filter", d):
-                                yield e
-                            return
-                        if d.finish_reason is not None:
-                            for e in await finish(d.finish_reason, d):
-                                yield e
-            finally:
-                await admission.finish(last.prompt_tokens, last.completion_tokens)  # no-op when finish() ran
-
-        return self._event_stream(events(), admission.headers)
+        return self._answers.stream(turn, deltas)
