@@ -11,7 +11,7 @@
     aigc export NAME[:vN] --out DIR [--merge] --config configs/demo.yaml  # a registered model as a plain dir
     aigc promote support-bot:v3 [--alias stable] --config configs/demo.yaml   # move an alias (default: bare name)
     aigc rollback support-bot [--alias stable] --config configs/demo.yaml     # back to its previous target
-    aigc feedback export --config configs/demo.yaml [--min-rating 1] [--output PATH]  # rated answers -> JSONL
+    aigc feedback export --config configs/demo.yaml [--min-rating 1 | --pairs] [--output PATH]  # rated -> JSONL
     aigc feedback delete --config configs/demo.yaml --before 2026-11-01 | --key NAME  # captures + feedback
     aigc keys add NAME [--rpm N --tpm N --concurrency N --models a,b --expires DATE] [--file PATH]  # printed once
     aigc keys list | revoke NAME | migrate | usage      # the keys file (serve.api_keys_file): hashes and policies

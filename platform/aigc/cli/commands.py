@@ -121,7 +121,10 @@ def _feedback_arguments(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", required=True)
     e = actions.add_parser("export", help="write rated answers (and corrections) as a messages-format JSONL dataset")
     e.add_argument("--min-rating", type=int, default=1, choices=(-1, 0, 1), help="keep answers rated at least this")
-    e.add_argument("--output", "-o", help="the JSONL file to write (default: <output_dir>/feedback-export.jsonl)")
+    e.add_argument("--pairs", action="store_true",
+                   help="write preference pairs (chosen/rejected) for DPO/ORPO instead of supervised rows")  # fmt: skip
+    e.add_argument("--output", "-o", help="the JSONL file to write (default: <output_dir>/feedback-export.jsonl, "
+                   "or feedback-pairs.jsonl with --pairs)")  # fmt: skip
     e.add_argument("--keys", type=_key_names, help="keep only ratings sent with these API key names (a,b)")
     add_config_arguments(e)
     d = actions.add_parser("delete", help="delete captured answers and their feedback: by date or by API key")
@@ -139,7 +142,7 @@ def _feedback(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
         delete_feedback(cfg, before=args.before, key=args.key)
         return
     policy = load_policy(cfg.serve.moderation.categories, cfg.serve.moderation.classifier)  # corrections pass it
-    export_feedback(cfg, args.min_rating, args.output, policy=policy, keys=args.keys)
+    export_feedback(cfg, args.min_rating, args.output, policy=policy, keys=args.keys, pairs=args.pairs)
 
 
 def _keys_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,8 @@
-"""Feedback on served answers: captured completions, user ratings and corrections, export to a dataset."""
+"""Feedback on served answers: captured completions, user ratings and corrections, export to a dataset
+(supervised rows, or preference pairs)."""
 
 from aigc.feedback.export import ExportResult, export_dataset, export_feedback
+from aigc.feedback.pairs import PairsResult, export_pairs
 from aigc.feedback.retention import apply_retention, delete_feedback
 from aigc.feedback.store import (
     FeedbackRequest,
@@ -17,6 +19,7 @@ __all__ = [
     "FeedbackRequest",
     "FeedbackStore",
     "NotCompletionOwnerError",
+    "PairsResult",
     "Rating",
     "Removed",
     "UnknownCompletionError",
@@ -24,5 +27,6 @@ __all__ = [
     "delete_feedback",
     "export_dataset",
     "export_feedback",
+    "export_pairs",
     "feedback_dir_for",
 ]

@@ -16,25 +16,19 @@ looked at. Before reading, ``serve.capture_retention_days`` is applied to the st
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from aigc import storage
 from aigc.config import PlatformConfig
 from aigc.data.formats import RowError, to_example
+from aigc.feedback.pairs import PairsResult, export_pairs
+from aigc.feedback.rated import ContentPolicy, rated_completions
 from aigc.feedback.retention import apply_retention, open_store
 from aigc.feedback.store import MAX_RATING, FeedbackStore, Rating
 
-__all__ = ["ContentPolicy", "ExportResult", "export_dataset", "export_feedback", "row_for"]
-
-
-class ContentPolicy(Protocol):
-    """What the export needs of a content policy (``aigc.serve.moderation.load_policy`` returns one):
-    ``check(text)`` gives None for acceptable text, else a flag with a ``category``."""
-
-    def check(self, text: str) -> Any: ...
+__all__ = ["ExportResult", "export_dataset", "export_feedback", "row_for"]
 
 
 @dataclass
@@ -92,19 +86,7 @@ def export_dataset(
     Raises:
         StorageError: the store cannot be read or ``output`` cannot be written.
     """
-    latest: dict[str, Rating] = {}
-    other_keys: set[str] = set()
-    for r in store.ratings():
-        if keys is not None and r.key_name not in keys:
-            other_keys.add(r.completion_id)
-            continue
-        cur = latest.get(r.completion_id)
-        if cur is None or (r.created_ns, r.feedback_id) > (cur.created_ns, cur.feedback_id):
-            latest[r.completion_id] = r
-    found = {cid: store.completion(cid) for cid in latest}
-    completions = sorted((c for c in found.values() if c), key=lambda c: (c.get("created", 0), c["id"]))
-    reasons = Counter({"completion_missing": sum(c is None for c in found.values()),
-                       "key_not_selected": len(other_keys - latest.keys())})  # fmt: skip
+    completions, latest, reasons = rated_completions(store, keys)
     rows = []
     for c in completions:
         row, why = row_for(c, latest[c["id"]], min_rating, policy)
@@ -123,15 +105,18 @@ def export_feedback(
     *,
     policy: ContentPolicy | None,
     keys: Collection[str] | None = None,
-) -> ExportResult:
-    """``aigc feedback export``: the store named by ``cfg.serve`` to ``output`` (default
-    ``<output_dir>/feedback-export.jsonl``), after applying ``serve.capture_retention_days``; prints a
-    one-line report.
+    pairs: bool = False,
+) -> ExportResult | PairsResult:
+    """``aigc feedback export [--pairs]``: the store named by ``cfg.serve`` to ``output`` (default
+    ``<output_dir>/feedback-export.jsonl``, or ``feedback-pairs.jsonl`` with ``pairs``), after applying
+    ``serve.capture_retention_days``; prints a one-line report and the next command.
 
     Args:
+        min_rating: keep answers rated at least this (supervised rows only).
         policy: the content policy corrections must pass (the CLI loads ``serve.moderation``); explicit, so
             a caller cannot skip the check by leaving it out: None means no check.
         keys: keep only ratings sent with these API key names.
+        pairs: write preference pairs (:mod:`aigc.feedback.pairs`) instead of supervised rows.
 
     Raises:
         DataError: there is no feedback store where the config points (nothing was ever captured there).
@@ -139,9 +124,16 @@ def export_feedback(
     """
     store = open_store(cfg)
     apply_retention(store, cfg.serve.capture_retention_days)
-    out = storage.resolve(output) if output else storage.join(cfg.output_dir, "feedback-export.jsonl")
-    res = export_dataset(store, out, min_rating, keys=keys, policy=policy)
+    default = "feedback-pairs.jsonl" if pairs else "feedback-export.jsonl"
+    out = storage.resolve(output) if output else storage.join(cfg.output_dir, default)
+    if pairs:
+        res: ExportResult | PairsResult = export_pairs(store, out, keys=keys, policy=policy)
+        made = f"{res.pairs} preference pairs ({res.from_corrections} corrected, {res.from_ratings} from ratings)"
+    else:
+        res = export_dataset(store, out, min_rating, keys=keys, policy=policy)
+        made = f"{res.rows} rows ({res.corrected} corrected)"
     left_out = ", ".join(f"{k}={v}" for k, v in res.skipped.items()) or "none"
-    print(f"[feedback] {res.rows} rows ({res.corrected} corrected) -> {res.path}; left out: {left_out}")
-    print(f"[feedback] fine-tune on it: aigc preprocess --config ... data.path={res.path} data.format=messages")
+    print(f"[feedback] {made} -> {res.path}; left out: {left_out}")
+    tune = "preference-tune" if pairs else "fine-tune"
+    print(f"[feedback] {tune} on it: aigc preprocess --config ... data.path={res.path} data.format=messages")
     return res
