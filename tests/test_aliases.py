@@ -209,8 +209,8 @@ def test_cli_promote_rollback_and_registry_listing(tmp_path, capsys):
     assert main(["registry", "--json", *common]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r for r in rows if "alias" in r] == [
-        {"alias": "bot", "target": "bot:v1", "previous": []},
-        {"alias": "bot:stable", "target": "bot:v1", "previous": []},
+        {"alias": "bot", "target": "bot:v1", "previous": [], "weights": None},
+        {"alias": "bot:stable", "target": "bot:v1", "previous": [], "weights": None},
     ]
     assert main(["promote", "bot:v7", *common]) == 1
     assert "model 'bot' has no version 7 (have [1, 2])" in capsys.readouterr().err

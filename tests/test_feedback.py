@@ -469,6 +469,58 @@ def test_feedback_is_attributed_owned_and_limited_per_key(server):
     assert _ratings(server) == before
 
 
+def test_a_split_alias_answers_by_weight_sticks_per_user_and_moves_under_load(server):
+    """``aigc traffic``: each answer is named (and captured) by the version that wrote it, the same ``user`` gets
+    the same version, ratings compare side by side, and moving the weights under load fails no request."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import make_tiny_adapter
+
+    from aigc.feedback.compare import compare_versions
+    from aigc.registry import Registry
+
+    reg = Registry(server.cfg.registry_dir)
+    for seed in (4, 5):
+        reg.register("canary", make_tiny_adapter(TINY, server.tmp / f"canary-{seed}", seed=seed), base_model=TINY)
+    reg.set_traffic("canary", {1: 50, 2: 50})
+    bob = server.as_key("bob")
+    hi = [{"role": "user", "content": "Where is my parcel?"}]
+
+    def ask(user: str | None = None):
+        extra = {"user": user} if user else {}
+        return bob.client.chat.completions.create(model="canary", messages=hi, max_tokens=4, temperature=0,
+                                                    **extra)  # fmt: skip
+
+    answers = [ask(f"user-{i}") for i in range(24)]
+    split = Counter(a.model for a in answers)
+    assert set(split) == {"canary:v1", "canary:v2"} and min(split.values()) >= 6, split
+    for i, a in enumerate(answers[:4]):  # sticky per user
+        assert {ask(f"user-{i}").model for _ in range(3)} == {a.model}
+    for a in answers:  # captured under the version that answered
+        assert json.loads((server.dir / "completions" / f"{a.id}.json").read_text())["model"] == a.model
+
+    rated = answers[:6]
+    for a in rated:  # v2's answers rated good, v1's bad
+        rating = 1 if a.model == "canary:v2" else -1
+        assert bob.http.post("/feedback", json={"id": a.id, "rating": rating}).status_code == 200
+    rows = {v.model: (v.good, v.bad) for v in compare_versions(FeedbackStore(str(server.dir)), "canary")}
+    expected = Counter(a.model for a in rated)
+    assert rows == {m: (n, 0) if m == "canary:v2" else (0, n) for m, n in expected.items()}
+
+    # All traffic to v2 while 4 callers keep asking: no request fails, and soon every answer is v2's.
+    with ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(ask) for _ in range(16)]
+        reg.set_traffic("canary", {2: 100})
+        pending += [pool.submit(ask) for _ in range(16)]
+        models = [f.result(timeout=60).model for f in pending]  # the openai client raises on any error
+    assert set(models) <= {"canary:v1", "canary:v2"}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and {ask(f"user-{i}").model for i in range(6)} != {"canary:v2"}:
+        time.sleep(0.5)
+    assert {ask(f"user-{i}").model for i in range(6)} == {"canary:v2"}
+
+
 def test_capture_off_refuses_feedback():
     import asyncio
 

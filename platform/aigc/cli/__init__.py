@@ -11,7 +11,9 @@
     aigc export NAME[:vN] --out DIR [--merge] --config configs/demo.yaml  # a registered model as a plain dir
     aigc promote support-bot:v3 [--alias stable] --config configs/demo.yaml   # move an alias (default: bare name)
     aigc rollback support-bot [--alias stable] --config configs/demo.yaml     # back to its previous target
+    aigc traffic support-bot v3=90 v4=10 [--alias stable] --config configs/demo.yaml  # split between versions
     aigc feedback export --config configs/demo.yaml [--min-rating 1 | --pairs] [--output PATH]  # rated -> JSONL
+    aigc feedback compare support-bot --config configs/demo.yaml  # each version's ratings side by side
     aigc feedback delete --config configs/demo.yaml --before 2026-11-01 | --key NAME  # captures + feedback
     aigc keys add NAME [--rpm N --tpm N --concurrency N --models a,b --expires DATE] [--file PATH]  # printed once
     aigc keys list | revoke NAME | migrate | usage      # the keys file (serve.api_keys_file): hashes and policies

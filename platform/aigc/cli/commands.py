@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,7 +15,8 @@ import yaml
 
 from aigc.cli.stages import STAGES
 from aigc.cluster.lockdown import OPERATOR_NAMESPACE
-from aigc.config import PlatformConfig
+from aigc.config import PlatformConfig, load_config
+from aigc.errors import ConfigError
 
 __all__ = ["COMMANDS", "Command", "add_config_arguments"]
 
@@ -54,7 +56,7 @@ def _show_registry(args: argparse.Namespace, cfg: PlatformConfig | None) -> None
         print(registry_table(entries))
         for a in aliases:
             previous = ", ".join(f"v{h['version']}" for h in a.history) or "-"
-            print(f"alias {a.model_id} -> {a.target} (before: {previous})")
+            print(f"alias {a.model_id} -> {a.shown_target} (before: {previous})")
         return
     for e in entries:
         print(json.dumps({"model": e.model_id, "kind": e.kind, "base_model": e.base_model,
@@ -62,7 +64,8 @@ def _show_registry(args: argparse.Namespace, cfg: PlatformConfig | None) -> None
                           "eval_loss": e.metrics.get("eval_loss"), "created_at": e.created_at,
                           "path": e.adapter_uri}))  # fmt: skip
     for a in aliases:
-        print(json.dumps({"alias": a.model_id, "target": a.target, "previous": [h["version"] for h in a.history]}))
+        print(json.dumps({"alias": a.model_id, "target": a.target, "previous": [h["version"] for h in a.history],
+                          "weights": {f"v{v}": w for v, w in a.split} if a.weights else None}))  # fmt: skip
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,7 +101,45 @@ def _move_alias(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
     else:
         alias, before = reg.rollback(args.name, args.alias)
     was = "unset (latest)" if before is None else f"v{before}"
-    print(f"[{args.command}] {alias.model_id} -> {alias.target} (was {was})")
+    print(f"[{args.command}] {alias.model_id} -> {alias.shown_target} (was {was})")
+
+
+def _traffic_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the registered model name")
+    p.add_argument("weights", nargs="+", metavar="vN=WEIGHT",
+                   help="each version's share of the traffic, e.g. v3=90 v4=10 (then any section.key=value "
+                   "overrides)")  # fmt: skip
+    p.add_argument("--alias", "-a", help="the alias to split, e.g. stable (default: the bare name)")
+    p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+
+
+_WEIGHT = re.compile(r"^v([0-9]+)=(.*)$")
+
+
+def _traffic(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
+    """``aigc traffic NAME v3=90 v4=10 [k=v ...]``: split an alias's traffic between versions. The weights and
+    the config overrides share the positionals, so the config is read here."""
+    from aigc.registry import Registry
+
+    weights: dict[int, int] = {}
+    overrides = []
+    for arg in args.weights:
+        m = _WEIGHT.match(arg)
+        if m is None:
+            overrides.append(arg)
+        elif not m.group(2).isdigit():
+            raise ConfigError(f"expected vN=WEIGHT with a whole number (e.g. v4=10), got {arg!r}")
+        elif int(m.group(1)) in weights:
+            raise ConfigError("each version may be named once, e.g. aigc traffic support-bot v3=90 v4=10")
+        else:
+            weights[int(m.group(1))] = int(m.group(2))
+    if not weights:
+        raise ConfigError("name each version's share of the traffic, e.g. aigc traffic support-bot v3=90 v4=10")
+    cfg = load_config(args.config, overrides)
+    alias, before = Registry(cfg.registry_dir).set_traffic(args.name, weights, args.alias)
+    was = "unset (latest)" if before is None else before.shown_target
+    print(f"[traffic] {alias.model_id} -> {alias.shown_target} (was {was}); a running app follows within "
+          "serve.resolve_cache_s; compare ratings with: aigc feedback compare " + args.name)  # fmt: skip
 
 
 def _date(text: str) -> datetime:
@@ -127,6 +168,11 @@ def _feedback_arguments(p: argparse.ArgumentParser) -> None:
                    "or feedback-pairs.jsonl with --pairs)")  # fmt: skip
     e.add_argument("--keys", type=_key_names, help="keep only ratings sent with these API key names (a,b)")
     add_config_arguments(e)
+    c = actions.add_parser("compare", help="each version's ratings side by side (e.g. a canary against v3)")
+    c.add_argument("name", help="the registered model name")
+    c.add_argument("--keys", type=_key_names, help="count only ratings sent with these API key names (a,b)")
+    c.add_argument("--json", action="store_true", help="one JSON object per version instead of a table")
+    add_config_arguments(c)
     d = actions.add_parser("delete", help="delete captured answers and their feedback: by date or by API key")
     which = d.add_mutually_exclusive_group(required=True)
     which.add_argument("--before", type=_date, help="answers captured before this date (UTC), with their feedback")
@@ -140,6 +186,20 @@ def _feedback(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
 
     if args.action == "delete":
         delete_feedback(cfg, before=args.before, key=args.key)
+        return
+    if args.action == "compare":
+        from aigc.feedback.compare import compare_table, compare_versions
+        from aigc.feedback.retention import apply_retention, open_store
+
+        store = open_store(cfg)
+        apply_retention(store, cfg.serve.capture_retention_days)
+        rows = compare_versions(store, args.name, args.keys)
+        if not rows:
+            print(f"[feedback] no rated answers of {args.name} yet")
+        elif args.json:
+            print("\n".join(json.dumps(r.to_json()) for r in rows))
+        else:
+            print(compare_table(rows))
         return
     policy = load_policy(cfg.serve.moderation.categories, cfg.serve.moderation.classifier)  # corrections pass it
     export_feedback(cfg, args.min_rating, args.output, policy=policy, keys=args.keys, pairs=args.pairs)
@@ -252,6 +312,8 @@ COMMANDS: dict[str, Command] = {
                                         "alias)"), _move_alias),
     "rollback": Command("point an alias back at its previous target",
                         _alias_arguments("name", "the registered model name"), _move_alias),
+    "traffic": Command("split an alias's traffic between versions (e.g. a canary: v3=90 v4=10)", _traffic_arguments,
+                       _traffic, reads_config=False),
     "feedback": Command("work with captured answers and their feedback (serve.capture)", _feedback_arguments,
                         _feedback),
     "keys": Command("API keys: add (printed once, stored hashed), list, revoke, migrate, usage", _keys_arguments,

@@ -5,6 +5,11 @@ Layout under the registry root, beside the versions (:mod:`aigc.registry.store`)
     <name>/aliases/<alias>/<N>.json   move number N: {"version": 3, "history": [{"version": 2, "at": ...}], ...}
     <name>/aliases/_default/...        the bare name's alias: what ``model: <name>`` serves (unset = latest)
 
+An alias may split its traffic between versions (``"weights": {"3": 90, "4": 10}``, ``aigc traffic``): then
+``version`` is the one with the largest weight (the newest on a tie), which is what readers that do not pick per
+request (``aigc export``, the CLI, a reader of an older release) take; the serving resolver picks per request.
+A history entry keeps the weights it had, so a rollback restores a split as it was.
+
 An alias is its newest record. A move (promote or rollback) reads the newest record N and creates record N+1
 with create-if-absent (:func:`aigc.storage.create_exclusive`: a hard link locally, a conditional PUT on S3, a
 generation match on GCS): a compare-and-swap. When two moves race, one creates N+1 and the other finds it
@@ -27,7 +32,7 @@ from typing import Any
 from aigc import storage
 from aigc.errors import RegistryError, StorageError
 
-__all__ = ["DEFAULT_ALIAS", "LATEST", "Alias", "AliasStore", "check_alias", "shown_alias"]
+__all__ = ["DEFAULT_ALIAS", "LATEST", "Alias", "AliasStore", "check_alias", "primary_version", "shown_alias"]
 
 DEFAULT_ALIAS = "_default"  # the bare name's alias; cannot clash with a user alias (those start with a letter)
 LATEST = "latest"  # reserved: always the newest version, never stored
@@ -71,6 +76,17 @@ class Alias:
     version: int
     history: list[dict[str, Any]] = field(default_factory=list)
     updated_at: float = 0.0
+    weights: dict[int, int] | None = None  # version -> share of the traffic; None = all to ``version``
+
+    @property
+    def split(self) -> list[tuple[int, int]]:
+        """(version, weight) pairs, ascending versions: ``[(version, 1)]`` without a split."""
+        return sorted(self.weights.items()) if self.weights else [(self.version, 1)]
+
+    @property
+    def shown_target(self) -> str:
+        """``name:v3``, or the split as ``v3=90 v4=10``."""
+        return " ".join(f"v{v}={w}" for v, w in self.split) if self.weights else self.target
 
     @property
     def model_id(self) -> str:
@@ -83,7 +99,25 @@ class Alias:
         return f"{self.name}:v{self.version}"
 
     def to_json(self) -> str:
-        return json.dumps({"version": self.version, "history": self.history, "updated_at": self.updated_at}, indent=2)
+        data: dict[str, Any] = {"version": self.version, "history": self.history, "updated_at": self.updated_at}
+        if self.weights:
+            data["weights"] = {str(v): w for v, w in sorted(self.weights.items())}
+        return json.dumps(data, indent=2)
+
+    def _as_history(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"version": self.version, "at": self.updated_at}
+        if self.weights:
+            entry["weights"] = {str(v): w for v, w in sorted(self.weights.items())}
+        return entry
+
+
+def primary_version(weights: dict[int, int]) -> int:
+    """The version a split sends most traffic to (the newest on a tie)."""
+    return max(weights, key=lambda v: (weights[v], v))
+
+
+def _weights(raw: Any) -> dict[int, int] | None:
+    return {int(v): int(w) for v, w in raw.items()} if raw else None
 
 
 class AliasStore:
@@ -121,7 +155,7 @@ class AliasStore:
         try:
             data = json.loads(text)
             return Alias(name, alias, int(data["version"]), list(data.get("history", [])),
-                         float(data.get("updated_at", 0.0)))  # fmt: skip
+                         float(data.get("updated_at", 0.0)), _weights(data.get("weights")))  # fmt: skip
         except (ValueError, KeyError, TypeError):
             raise RegistryError(f"alias {shown_alias(name, alias)} has an unreadable file; promote it again") from None
 
@@ -180,15 +214,23 @@ class AliasStore:
                 with contextlib.suppress(OSError, StorageError):
                     storage.remove_tree(f)
 
-    def set(self, name: str, alias: str, version: int) -> tuple[Alias, int | None]:
-        """Point ``alias`` at ``version`` (the caller checked it is published); returns (alias, previous
-        version or None). Moving an alias to the version it already has changes nothing."""
+    def set(
+        self, name: str, alias: str, version: int, weights: dict[int, int] | None = None
+    ) -> tuple[Alias, int | None]:
+        """Point ``alias`` at ``version``, or split it by ``weights`` (version -> positive weight; ``version`` is
+        then ignored: the primary is derived). The caller checked the versions are published. Returns (alias,
+        previous version or None). Moving an alias to what it already has changes nothing."""
+        weights = {v: w for v, w in (weights or {}).items() if w > 0} or None
+        if weights is not None and len(weights) == 1:
+            version, weights = next(iter(weights)), None
+        elif weights is not None:
+            version = primary_version(weights)
 
         def change(old: Alias | None) -> Alias | None:
-            if old is not None and old.version == version:
+            if old is not None and old.version == version and old.weights == weights:
                 return None
-            history = [] if old is None else [*old.history, {"version": old.version, "at": old.updated_at}]
-            return Alias(name, alias, version, history[-_MAX_HISTORY:], time.time())
+            history = [] if old is None else [*old.history, old._as_history()]
+            return Alias(name, alias, version, history[-_MAX_HISTORY:], time.time(), weights)
 
         new, old = self._move(name, alias, change)
         return new, None if old is None else old.version
@@ -210,7 +252,7 @@ class AliasStore:
                     f"promote another version instead (aigc promote {old.name}:vN)"
                 )
             *rest, prev = old.history
-            return Alias(name, alias, int(prev["version"]), rest, time.time())
+            return Alias(name, alias, int(prev["version"]), rest, time.time(), _weights(prev.get("weights")))
 
         new, old = self._move(name, alias, change)
         assert old is not None

@@ -301,12 +301,59 @@ class Registry:
         alias = check_alias(alias or DEFAULT_ALIAS)
         current = self._aliases.get(name, alias)
         if current is not None and current.history:
-            prev = int(current.history[-1]["version"])
-            if prev not in self.versions(name):
-                raise RegistryError(
-                    f"{shown_alias(name, alias)} cannot roll back to v{prev}: it is no longer published"
-                )
+            prev = current.history[-1]
+            published = self.versions(name)
+            for v in sorted({int(prev["version"]), *(int(k) for k in prev.get("weights") or {})}):
+                if v not in published:
+                    raise RegistryError(
+                        f"{shown_alias(name, alias)} cannot roll back to v{v}: it is no longer published"
+                    )
         return self._aliases.rollback(name, alias)
+
+    def set_traffic(self, name: str, weights: dict[int, int], alias: str | None = None) -> tuple[Alias, Alias | None]:
+        """Split ``alias`` of ``name`` (default: the bare name) between versions by weight
+        (``{3: 90, 4: 10}``: about one request in ten to v4); one version is a plain promote.
+
+        Returns:
+            The alias as written and the one it replaced (None if it was unset).
+
+        Raises:
+            RegistryError: a weight that is not a non-negative integer, no positive weight, a version that is
+                not published, or a malformed alias.
+        """
+        _check_name(name)
+        alias = check_alias(alias or DEFAULT_ALIAS)
+        bad = {v: w for v, w in weights.items() if not isinstance(w, int) or isinstance(w, bool) or w < 0}
+        if bad or not any(w > 0 for w in weights.values()):
+            raise RegistryError(
+                "traffic weights must be whole numbers >= 0 with at least one above 0, e.g. v3=90 v4=10; got "
+                + " ".join(f"v{v}={w}" for v, w in weights.items())
+            )
+        published = self.versions(name)
+        missing = [v for v, w in weights.items() if w > 0 and v not in published]
+        if missing:
+            raise RegistryError(
+                f"{name} has no published version {', '.join(f'v{v}' for v in missing)} (versions: {published})"
+            )
+        before = self._aliases.get(name, alias)
+        new, _ = self._aliases.set(name, alias, 0, weights)
+        return new, before
+
+    def resolve_split(self, model_id: str) -> list[tuple[AdapterVersion, int]]:
+        """What :meth:`resolve` names, as (version, weight) pairs: several for an alias split by
+        :meth:`set_traffic` (``resolve`` gives its primary version), else one with weight 1.
+
+        Raises:
+            RegistryError: as :meth:`resolve`.
+        """
+        entry = self.resolve(model_id)
+        name, _, ref = model_id.partition(":")
+        if _VERSION_LIKE.match(ref) or ref == LATEST:
+            return [(entry, 1)]
+        target = self._aliases.get(name, ref or DEFAULT_ALIAS)
+        if target is None or not target.weights:
+            return [(entry, 1)]
+        return [(entry if v == entry.version else self.get(name, v), w) for v, w in target.split]
 
     def aliases(self, name: str | None = None) -> list[Alias]:
         """The aliases that are set, of ``name`` or of every name."""

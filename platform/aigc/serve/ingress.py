@@ -170,12 +170,13 @@ class OpenAIIngress:
             cards.append(ModelCard(id=e.model_id, created=int(e.created_at), root=e.model_id, parent=e.base_model))
         return cards
 
-    async def _resolve(self, model: str) -> str:
-        """The multiplexed model id for ``model``: "" for the base model, else the registry's ``name:vN``."""
+    async def _resolve(self, model: str, sticky: str | None = None) -> str:
+        """The multiplexed model id for ``model``: "" for the base model, else the registry's ``name:vN`` (for an
+        alias split between versions, the one this request gets: the same for the same ``sticky`` key)."""
         if model == self._base_model_id:
             return ""
         try:
-            entry = await self._models.resolve(model)
+            entry = await self._models.resolve(model, sticky)
         except RegistryError:
             ids = [c.id for c in await self._model_cards()]
             shown = ", ".join(ids[:_MAX_LISTED_IN_ERRORS]) + (" ..." if len(ids) > _MAX_LISTED_IN_ERRORS else "")
@@ -290,7 +291,7 @@ class OpenAIIngress:
         if not policy.allows(body.model):  # OpenAI's answer for a model a key may not use
             msg = f"The model '{body.model}' does not exist or you do not have access to it."
             raise ApiError(404, msg, param="model", code="model_not_found")
-        model_id = await self._resolve(body.model)
+        model_id = await self._resolve(body.model, sticky=body.user or key)
         model_name = model_id or self._base_model_id
         request_info()["model"] = model_name  # a metrics label: only ids that exist, never what clients typed
         params = self._params(body)

@@ -15,6 +15,12 @@ those that happened to receive a request for the id); an id missing from it too 
 outage is therefore seen at its previous version by replicas that never resolved it (the store is down, so
 nothing moves during the outage itself).
 
+An alias split between versions (``aigc traffic support-bot v3=90 v4=10``) is resolved to all of them and each
+request picks one by weight: the same ``user`` (or, without one, the same API key) always lands on the same
+version while the weights stay (a hash of the id and the sticky key), a request with neither is drawn at random.
+The answer's ``model`` names the version that answered, so captured feedback records it. During an outage a
+replica that never resolved the alias serves the listing's primary version only.
+
 :func:`check_servable` says whether this server can serve a registered version at all: LoRA adapters trained on
 its base model only.
 """
@@ -22,7 +28,9 @@ its base model only.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,7 +41,7 @@ from aigc.models.loading import model_id_for
 from aigc.registry import AdapterVersion, Alias, Registry
 from aigc.registry.aliases import DEFAULT_ALIAS, LATEST
 
-__all__ = ["Listing", "ModelResolver", "check_servable", "servable"]
+__all__ = ["Listing", "ModelResolver", "Split", "check_servable", "pick", "servable"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -103,6 +111,26 @@ def servable(entry: AdapterVersion, base_model: str) -> bool:
     return True
 
 
+Split = list[tuple[AdapterVersion, int]]  # (version, weight): one entry unless an alias splits its traffic
+
+
+def pick(split: Split, model_id: str, sticky: str | None = None) -> AdapterVersion:
+    """The version of ``split`` a request gets: by weight; the same for the same ``sticky`` key and weights."""
+    if len(split) == 1:
+        return split[0][0]
+    total = sum(w for _, w in split)
+    if sticky:
+        digest = hashlib.sha256(f"{model_id}\0{sticky}".encode()).digest()
+        point = int.from_bytes(digest[:8], "big") % total
+    else:
+        point = random.randrange(total)
+    for entry, weight in split:
+        if point < weight:
+            return entry
+        point -= weight
+    return split[-1][0]
+
+
 class ModelResolver:
     """``model`` id -> registry version, each answer reused for ``ttl_s`` seconds.
 
@@ -114,13 +142,14 @@ class ModelResolver:
 
     def __init__(self, registry: Registry, ttl_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self._registry, self._ttl, self._clock = registry, ttl_s, clock
-        self._cache: OrderedDict[str, tuple[float, AdapterVersion | str]] = OrderedDict()
-        self._pending: dict[str, asyncio.Future[tuple[float, AdapterVersion | str]]] = {}
+        self._cache: OrderedDict[str, tuple[float, Split | str]] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[tuple[float, Split | str]]] = {}
         self._listing: tuple[float, Listing] | None = None
         self._outage = False  # the registry failed to read: stale answers are in use (logged once)
 
-    async def resolve(self, model_id: str) -> AdapterVersion:
-        """The version ``model_id`` names now (at most ``ttl_s`` old).
+    async def resolve(self, model_id: str, sticky: str | None = None) -> AdapterVersion:
+        """The version ``model_id`` names now (at most ``ttl_s`` old); for a split alias, the version this request
+        gets: by weight, the same one for the same ``sticky`` key (the request's ``user`` or API key name).
 
         Raises:
             RegistryError: the id is malformed or names nothing registered (also remembered for ``ttl_s``).
@@ -138,17 +167,18 @@ class ModelResolver:
             hit = await asyncio.shield(pending)
         if isinstance(hit[1], str):
             raise RegistryError(hit[1])
-        return hit[1]
+        return pick(hit[1], model_id, sticky)
 
-    async def _read(self, model_id: str) -> tuple[float, AdapterVersion | str]:
+    async def _read(self, model_id: str) -> tuple[float, Split | str]:
         try:
-            value: AdapterVersion | str = await asyncio.to_thread(self._registry.resolve, model_id)
+            value: Split | str = await asyncio.to_thread(self._registry.resolve_split, model_id)
         except RegistryError as exc:
             value = exc.message  # a fresh error per raise: a kept exception would grow its traceback
         except OSError as exc:
             stale = self._cache.get(model_id)
             self._note_outage(exc)
-            value = stale[1] if stale is not None else self._listed(model_id)
+            listed = self._listed(model_id)
+            value = stale[1] if stale is not None else [(listed, 1)] if listed is not None else None
             if value is None:
                 raise _unavailable() from None
             hit = (self._clock() + self._ttl, value)  # stale-while-error: try the registry again after ttl_s
