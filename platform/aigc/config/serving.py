@@ -146,6 +146,11 @@ class ServeConfig(_Section):
         1.0, gt=0, description="CPUs per generator replica; Ray sets torch's thread count to it."
     )
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per generator replica (1 on a GPU cluster).")
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="The base model's weights when served: int8 = weight-only int8 (torchao on CPU, the `quant` "
+        "extra; bitsandbytes on GPU, the `gpu` extra), nf4 = 4-bit NF4 (GPU only); adapters stay full precision.",
+    )
     autoscaling: AutoscalingConfig = Field(
         default_factory=AutoscalingConfig, description="Generator replica autoscaling (Serve's autoscaling_config)."
     )
@@ -222,6 +227,11 @@ class ServeConfig(_Section):
             raise ValueError(
                 f"autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests:g}) > "
                 f"max_ongoing_requests ({self.max_ongoing_requests}): replicas could never reach the target"
+            )
+        if self.quantization == "nf4" and self.gpus_per_replica == 0:
+            raise ValueError(
+                "quantization 'nf4' needs a CUDA GPU (bitsandbytes 4-bit kernels): set gpus_per_replica=1 on a GPU "
+                "machine, or use quantization=int8 on CPU"
             )
         if self.auth == "keys" and not (self.api_keys_file or self.api_keys_env):
             raise ValueError("auth is 'keys' but neither api_keys_file nor api_keys_env is set")

@@ -49,16 +49,32 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_base_model(
-    name_or_path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False
+    name_or_path: str,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    quantization: str = "none",
 ) -> Any:
-    """Causal LM on ``device`` in eval mode."""
+    """Causal LM on ``device`` in eval mode, its weights quantized for serving if asked
+    (:mod:`aigc.models.quantize`: torchao int8 on CPU, bitsandbytes int8/nf4 on CUDA).
+
+    Raises:
+        ConfigError: a quantization ``device`` cannot run (nf4 on CPU).
+        ModelUnavailableError: the library a quantization needs is not installed.
+    """
     from transformers import AutoModelForCausalLM
 
+    from aigc.models.quantize import quantization_config
+
+    torch_dtype = resolve_dtype(dtype, device)
+    quant = quantization_config(quantization, device, torch_dtype)
+    extra: dict[str, Any] = {} if quant is None else {"quantization_config": quant}
+    if quant is not None and device.startswith("cuda"):
+        extra["device_map"] = {"": device}  # bitsandbytes places the weights while loading
     model = AutoModelForCausalLM.from_pretrained(
-        local_model_dir(name_or_path, weights=True), dtype=resolve_dtype(dtype, device),
-        trust_remote_code=trust_remote_code,
-    )  # fmt: skip
-    return model.to(device).eval()
+        local_model_dir(name_or_path, weights=True), dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+    )
+    return (model if "device_map" in extra else model.to(device)).eval()
 
 
 def apply_lora(

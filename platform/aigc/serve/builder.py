@@ -57,6 +57,7 @@ def build_app_from_config(cfg: PlatformConfig) -> serve.Application:
         max_prompt_tokens=s.max_prompt_tokens,
         stall_timeout_s=s.engine_stall_timeout_s,
         adapter_retry_s=s.adapter_retry_s,
+        quantization=s.quantization,
     )
     ingress = OpenAIIngress.options(
         num_replicas=s.ingress_replicas,

@@ -103,6 +103,7 @@ class Generator:
         max_prompt_tokens: int | None = None,
         stall_timeout_s: float = 30.0,
         adapter_retry_s: float = 30.0,
+        quantization: str = "none",
     ):
         import torch
 
@@ -116,6 +117,7 @@ class Generator:
             max_batch_size=max_batch_size,
             max_prompt_tokens=max_prompt_tokens,
             stall_timeout_s=stall_timeout_s,
+            quantization=quantization,
         )
         self._registry = Registry(registry_dir)
         self._adapter_retry_s = adapter_retry_s

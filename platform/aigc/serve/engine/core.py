@@ -65,6 +65,8 @@ class GenerationEngine:
         admit_max_wait_s: ...or once the oldest has waited this long (bounds the added time to first token).
         max_prompt_tokens: the longest prompt accepted, in tokens (None = the model's context only).
         stall_timeout_s: with work waiting, no forward pass for this long makes the engine unhealthy.
+        quantization: ``none``, ``int8`` (torchao on CPU, bitsandbytes on CUDA) or ``nf4`` (CUDA only): the base
+            model's weights; adapters stay in full precision (:mod:`aigc.models.quantize`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class GenerationEngine:
         admit_max_wait_s: float = 0.02,
         max_prompt_tokens: int | None = None,
         stall_timeout_s: float = 30.0,
+        quantization: str = "none",
     ):
         from peft import LoraConfig, get_peft_model
 
@@ -88,7 +91,8 @@ class GenerationEngine:
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
         self._prompts = PromptEncoder(self.tokenizer)  # client text never becomes control tokens
-        base = load_base_model(model_name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        base = load_base_model(model_name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               quantization=quantization)  # fmt: skip
         self.max_context: int | None = getattr(base.config, "max_position_embeddings", None)
         self._eos_ids = set(self._eos_token_ids(base))
         # A rank-1 zero LoRA keeps the PeftModel valid with no adapter loaded: one code path for all rows.
