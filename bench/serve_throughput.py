@@ -1,7 +1,11 @@
 """Serving throughput: the OpenAI app under concurrent load against plain sequential ``generate``.
 
     .venv/bin/python bench/serve_throughput.py [--requests 96] [--max-tokens 64] [--concurrency 1 8 32]
-                                               [--set serve.cpus_per_replica=1 ...]
+                                               [--model-shape SmolLM2-135M] [--set serve.cpus_per_replica=1 ...]
+
+``--model-shape`` serves a random-weight model with a real model's layer shapes (``bench/_shapes.py``, no
+download) instead of the 1.2M-parameter demo model, so the figures show compute rather than Python overhead;
+``--set serve.quantization=int8`` runs the engine and the app quantized (the baseline stays float32).
 
 Baseline (same run, same model, prompts and max_tokens, greedy): one process calling
 ``model.generate`` for one request after another, in a fresh process with torch's default threads (its
@@ -36,6 +40,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
 
 from _adapters import register_random_adapter  # noqa: E402  (bench/ is on the path: the script's folder)
+from _shapes import SHAPES, build_shape  # noqa: E402
 
 from aigc.config import load_config, with_values  # noqa: E402
 from aigc.demo.dataset import demo_eval_prompts  # noqa: E402
@@ -183,11 +188,16 @@ def main() -> None:
     ap.add_argument("--skip-serve", action="store_true", help="baseline and engine only (no Ray)")
     ap.add_argument("--json", help="also write every figure to this file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), help="a random-weight model with this model's shapes")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="aigc-bench-serve-")
+    shape = []
+    if args.model_shape:
+        path = build_shape(args.model_shape, os.path.join(tempfile.gettempdir(), f"aigc-shape-{args.model_shape}"))
+        shape = [f"model.name_or_path={path}"]
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [f"registry_dir={work}/registry",
-                      f"serve.max_tokens_cap={max(args.max_tokens, 64)}", *args.set])  # fmt: skip
+                      f"serve.max_tokens_cap={max(args.max_tokens, 64)}", *shape, *args.set])  # fmt: skip
     prompts = _prompts(args.requests)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         baseline = pool.apply(bench_baseline, (cfg.model.name_or_path, prompts, args.max_tokens))
@@ -200,7 +210,7 @@ def main() -> None:
     from aigc.registry import Registry
     from aigc.serve.engine import GenerationEngine
 
-    engine = GenerationEngine(cfg.model.name_or_path, dtype="float32")
+    engine = GenerationEngine(cfg.model.name_or_path, dtype="float32", quantization=cfg.serve.quantization)
     reg = Registry(cfg.registry_dir)
     names = []
     for mid in adapters:
@@ -228,7 +238,9 @@ def main() -> None:
         init_ray(cfg.cluster.num_cpus)
         url = run_server(with_values(cfg, {"serve.autoscaling.max_replicas": 1}), blocking=False)
         try:
-            base_id = "tiny-base"
+            from aigc.models.loading import model_id_for
+
+            base_id = cfg.serve.base_model_id or model_id_for(cfg.model.name_or_path)
             bench_serve(url, prompts[:8], args.max_tokens, 8, False, [base_id, *adapters])  # warm-up: load adapters
             for stream in (False, True):
                 for c in args.concurrency:
