@@ -297,6 +297,12 @@ def fuzz_schema(live_schema):
             if field in props:
                 (number,) = [b for b in props[field]["anyOf"] if b.get("type") == "integer"]
                 number["maximum"] = FUZZ_MAX_TOKENS
+    # Tool calling's cross-field rules (unique names, a named or required choice needs those tools) are not in the
+    # schema; tests/test_serve_tools.py covers them. Here: at most one tool, and a choice that needs none.
+    chat = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    (tools,) = [b for b in chat["tools"]["anyOf"] if b.get("type") == "array"]
+    tools["maxItems"] = 1
+    chat["tool_choice"] = {"anyOf": [{"type": "string", "enum": ["auto", "none"]}, {"type": "null"}]}
     for branch in schema["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
         (branch.get("items") or branch)["minLength"] = 1
     return schemathesis.openapi.from_dict(schema)
