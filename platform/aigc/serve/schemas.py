@@ -25,8 +25,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from aigc.serve.tool_schemas import (
-    TOOL_CHOICE_SCHEMA,
-    TOOLS_SCHEMA,
     ChoiceMode,
     RequestToolCall,
     TextPart,
@@ -34,6 +32,9 @@ from aigc.serve.tool_schemas import (
     ToolCallDelta,
     check_tool_choice,
     check_tools,
+    template_message,
+    tool_choice_field,
+    tools_field,
 )
 
 __all__ = [
@@ -199,12 +200,8 @@ class ChatMessage(BaseModel):
         """The message as the chat template sees it (``developer`` is OpenAI's new name for ``system``), in the
         shape training renders (:mod:`aigc.data.formats`): tool calls with object arguments, a tool result with
         its call id."""
-        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
-        if self.tool_calls and self.role == "assistant":  # only assistant turns make calls
-            out["tool_calls"] = [c.as_template_dict() for c in self.tool_calls]
-        if self.role == "tool":
-            out.update({k: v for k, v in (("tool_call_id", self.tool_call_id), ("name", self.name)) if v})
-        return out
+        role = "system" if self.role == "developer" else self.role
+        return template_message(role, self.text, self.tool_calls, self.tool_call_id, self.name)
 
 
 class ChatCompletionRequest(_Request):
@@ -213,18 +210,8 @@ class ChatCompletionRequest(_Request):
         None, description="OpenAI's newer name for max_tokens.", json_schema_extra=_POSITIVE_INT
     )
     top_logprobs: Any = _unsupported("top_logprobs")
-    tools: Any = Field(
-        None,
-        json_schema_extra=TOOLS_SCHEMA,
-        description="Functions the model may call: [{type: function, function: {name, description?, "
-        "parameters?}}], names unique.",
-    )
-    tool_choice: Any = Field(
-        None,
-        validate_default=True,
-        json_schema_extra=TOOL_CHOICE_SCHEMA,
-        description='"auto" (the default with tools), "none", "required" or {type: function, function: {name}}.',
-    )
+    tools: Any = tools_field()
+    tool_choice: Any = tool_choice_field()
     functions: Any = _unsupported("functions")
     function_call: Any = _unsupported("function_call")
     response_format: Any = _unsupported("response_format")

@@ -33,6 +33,9 @@ __all__ = [
     "ToolCallDelta",
     "check_tool_choice",
     "check_tools",
+    "template_message",
+    "tool_choice_field",
+    "tools_field",
 ]
 
 MAX_TOOLS = 128  # OpenAI's cap; each tool's schema is rendered into every prompt
@@ -139,6 +142,31 @@ class ToolCallDelta(ToolCall):
     """A call in a streamed answer: ``delta.tool_calls[i]`` (sent whole, in one delta)."""
 
     index: int
+
+
+def tools_field() -> Any:
+    """The request's ``tools`` field (checked by :func:`check_tools`)."""
+    return Field(None, json_schema_extra=TOOLS_SCHEMA, description="Functions the model may call: [{type: "
+                 "function, function: {name, description?, parameters?}}], names unique.")  # fmt: skip
+
+
+def tool_choice_field() -> Any:
+    """The request's ``tool_choice`` field (checked by :func:`check_tool_choice`, also when left out)."""
+    return Field(None, validate_default=True, json_schema_extra=TOOL_CHOICE_SCHEMA, description='"auto" (the '
+                 'default with tools), "none", "required" or {type: function, function: {name}}.')  # fmt: skip
+
+
+def template_message(
+    role: str, text: str, calls: list[RequestToolCall] | None, call_id: str | None, name: str | None
+) -> dict[str, Any]:
+    """A message in the shape training renders (:mod:`aigc.data.formats`): an assistant's tool calls with object
+    arguments, a tool result with its call id (and tool name)."""
+    out: dict[str, Any] = {"role": role, "content": text}
+    if calls and role == "assistant":  # only assistant turns make calls
+        out["tool_calls"] = [c.as_template_dict() for c in calls]
+    if role == "tool":
+        out.update({k: v for k, v in (("tool_call_id", call_id), ("name", name)) if v})
+    return out
 
 
 def _check_text(value: Any, where: str) -> None:
