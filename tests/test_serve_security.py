@@ -290,8 +290,6 @@ def test_without_keys_only_local_clients_are_answered():
         ("chat", "logprobs", True, False),
         ("chat", "top_logprobs", 3, 0),
         ("chat", "logit_bias", {"50": 100}, {}),
-        ("chat", "tools", [{"type": "function", "function": {"name": "f"}}], []),
-        ("chat", "tool_choice", "auto", "none"),
         ("chat", "functions", [{"name": "f"}], []),
         ("chat", "function_call", "auto", "none"),
         ("chat", "response_format", {"type": "json_object"}, {"type": "text"}),
@@ -480,11 +478,11 @@ def test_limits_and_hostile_input_over_http(server):
     assert post("/chat/completions", json=_chat_body(server, seed=2**63 - 1, temperature=1)).status_code == 200
 
     # Unsupported features are refused by name; their "off" values are fine.
-    err = _error(post("/chat/completions", json=_chat_body(server, tools=[{"type": "function"}])), 400)
+    err = _error(post("/chat/completions", json=_chat_body(server, functions=[{"name": "f"}])), 400)
     assert err == {
-        "message": "tools: not supported by this server; leave it out (or send null or [])",
+        "message": "functions: not supported by this server; leave it out (or send null or [])",
         "type": "invalid_request_error",
-        "param": "tools",
+        "param": "functions",
         "code": None,
     }
     completion = {"model": server.base_id, "prompt": "The parcel", "max_tokens": 2}

@@ -26,6 +26,7 @@ from aigc.serve.moderation import OutputGuard, Policy
 from aigc.serve.quota import Admission
 from aigc.serve.schemas import Usage, error_body
 from aigc.serve.shapes import FinishReason, Kind, sse
+from aigc.serve.tool_calls import ToolCalls, ToolCallStream, answer_choice
 
 __all__ = ["Answerer", "Turn"]
 
@@ -42,6 +43,7 @@ class Turn:
     key: str | None  # the key's name (never the key)
     admission: Admission
     include_usage: bool = False  # a streamed answer ends with a usage chunk
+    tools: ToolCalls | None = None  # parse the answer's tool calls (:mod:`aigc.serve.tool_calls`)
 
 
 class Answerer:
@@ -76,7 +78,7 @@ class Answerer:
         text, reason = self.moderate(out.text, out.finish_reason)
         if self._feedback:  # stored before the answer leaves, so feedback can follow at once
             await self._feedback.capture(turn.rid, turn.model_name, turn.prompt, turn.params, text, reason, turn.key)
-        choice = turn.kind.answer(text, reason)
+        choice = turn.kind.answer(text, reason) if turn.tools is None else answer_choice(text, reason, turn.tools)
         usage = Usage.of(out.prompt_tokens, out.completion_tokens)
         body = turn.kind.response(id=turn.rid, model=turn.model_name, choices=[choice], usage=usage).model_dump()
         return JSONResponse(body, headers=turn.admission.headers)
@@ -88,6 +90,7 @@ class Answerer:
         head = {"id": turn.rid, "created": int(time.time()), "model": turn.model_name}
         guard = OutputGuard(self._policy, self._holdback) if self._check else None
         answer: list[str] = []  # the text sent, for capture
+        calls = ToolCallStream(turn.tools) if turn.tools else None  # holds what may be tool calls
         started, first = time.perf_counter(), None
 
         def chunk(choices: list[Any], usage: Usage | None = None) -> str:
@@ -95,16 +98,19 @@ class Answerer:
 
         async def finish(reason: FinishReason, d: Delta) -> list[str]:
             """The closing events; a finished stream is captured before they leave, as a whole answer is."""
-            if self._feedback:
+            if self._feedback:  # the model's text, as a whole answer captures it
                 await self._feedback.capture(turn.rid, turn.model_name, turn.prompt, turn.params, "".join(answer),
                                              reason, turn.key)  # fmt: skip
+            tail = []
+            if calls is not None:  # what was held: tool calls (finish_reason tool_calls) or content
+                tail, reason = calls.close(reason)
             await admission.finish(d.prompt_tokens, d.completion_tokens)
             metrics.usage(turn.model_name, d.prompt_tokens, d.completion_tokens)
             if first is not None:
                 metrics.timing(turn.model_name, first - started, time.perf_counter() - started, d.completion_tokens)
             if reason == "content_filter":
                 metrics.content_filter("answer", guard.flag.category)
-            out = [chunk([kind.delta(None, reason)])]
+            out = [chunk([c]) for c in tail] + [chunk([kind.delta(None, reason)])]
             if turn.include_usage:  # OpenAI's last chunk: no choices, the usage
                 out.append(chunk([], Usage.of(d.prompt_tokens, d.completion_tokens)))
             return out
@@ -122,9 +128,10 @@ class Answerer:
                         text = d.text if guard is None else guard.push(d.text)
                         if guard is not None and d.finish_reason is not None:
                             text += guard.flush()
+                        answer.append(text)
+                        text = text if calls is None else calls.push(text)
                         if text:
                             first = first or time.perf_counter()
-                            answer.append(text)
                             yield chunk([kind.delta(text, None)])
                         if guard is not None and guard.flag is not None:
                             for e in await finish("content_filter", d):

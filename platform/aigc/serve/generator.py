@@ -38,6 +38,7 @@ from aigc.errors import (
 )
 from aigc.registry import Registry
 from aigc.serve.engine import Completion, Delta, GenerationEngine, Prompt, SamplingParams, ServingEngine
+from aigc.serve.engine.tool_prompts import ToolSyntax, tool_syntax
 from aigc.serve.metrics import start_generator_gauges
 from aigc.serve.resolver import check_servable
 
@@ -125,6 +126,7 @@ class Generator:
         self._base_model_id = base_model_id
         self._stop_gauges = start_generator_gauges(self._engine, max_replicas)
         self._load_counter = itertools.count()
+        self._tool_syntax: ToolSyntax | None = None
 
         # max_adapters comes from config, so the multiplexed loader is wrapped here rather than with a
         # decorator on the class (as ray.serve.llm's LLMServer does). Serve keeps the LRU cache on it.
@@ -212,6 +214,12 @@ class Generator:
         ):
             async for delta in deltas:
                 yield delta
+
+    def tool_syntax(self) -> ToolSyntax:
+        """What the base model's chat template does with tools (the ingress plans tool calls with it)."""
+        if self._tool_syntax is None:
+            self._tool_syntax = tool_syntax(getattr(self._engine, "tokenizer", None))
+        return self._tool_syntax
 
     def active_rows(self) -> int:
         """Requests decoding in this replica's running batch now (for tests and debugging)."""

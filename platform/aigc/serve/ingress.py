@@ -37,6 +37,7 @@ from aigc.serve.answers import Answerer, Turn
 from aigc.serve.api_errors import ApiError, api_error_from, install_error_handlers
 from aigc.serve.auth import proxy_bind_host
 from aigc.serve.engine import Completion, Delta, Prompt, SamplingParams
+from aigc.serve.engine.tool_prompts import ToolSyntax
 from aigc.serve.feedback import FeedbackCapture
 from aigc.serve.metrics import MetricsMiddleware, ingress_metrics, request_info
 from aigc.serve.middleware import HttpGuard, install_guard, key_name_of
@@ -51,6 +52,7 @@ from aigc.serve.schemas import (
     new_id,
 )
 from aigc.serve.shapes import CHAT, TEXT, Kind
+from aigc.serve.tool_calls import ToolCalls, plan_tools
 from aigc.serve.upstream import GeneratorClient
 
 __all__ = ["OpenAIIngress", "app"]
@@ -142,6 +144,7 @@ class OpenAIIngress:
         self._answers = Answerer(self._policy, mod.check_outputs, mod.holdback_chars, self._feedback)
         # Per-key limits, shared by every ingress replica of the app (a slot is held at most past the deadline).
         self._quota = Quota(security.app_name, lease_s=request_timeout_s + 30)
+        self._tool_syntax: ToolSyntax | None = None  # the base model's, asked of a generator once
 
     # 1. models -----------------------------------------------------------------------------------------
     async def _model_cards(self) -> list[ModelCard]:
@@ -267,7 +270,14 @@ class OpenAIIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._run_request(CHAT, body, [m.as_template_dict() for m in body.messages], request)
+        messages = [m.as_template_dict() for m in body.messages]
+        if body.tools and body.tool_choice[0] != "none" and self._tool_syntax is None:
+            try:
+                self._tool_syntax = await self._generator_handle.tool_syntax.remote()
+            except Exception as exc:
+                raise api_error_from(exc, self._base_model_id) from None
+        prompt, tools = plan_tools(messages, body.tools, body.tool_choice, self._tool_syntax)
+        return await self._run_request(CHAT, body, prompt, request, tools)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -281,7 +291,12 @@ class OpenAIIngress:
 
     # 4. the one request path both endpoints share ------------------------------------------------------
     async def _run_request(
-        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt, request: Request
+        self,
+        kind: Kind,
+        body: ChatCompletionRequest | CompletionRequest,
+        prompt: Prompt,
+        request: Request,
+        tools: ToolCalls | None = None,
     ) -> Response:
         """Check the key's policy, resolve the model, admit under the key's limits (429 past them), generate, and
         answer in ``kind``'s OpenAI shape (JSON, or SSE when streaming) with the rate-limit headers."""
@@ -299,7 +314,8 @@ class OpenAIIngress:
         self._moderate_prompt(prompt)
         admission = await self._quota.admit(key, policy)  # 429 with Retry-After past a limit
         logger.info("%s: key %s, model %s", rid, key or "-", model_name)  # the key's name, never the key
-        turn = Turn(kind, rid, model_name, prompt, params, key, admission, include_usage=body.include_usage)
+        turn = Turn(kind, rid, model_name, prompt, params, key, admission, include_usage=body.include_usage,
+                    tools=tools)  # fmt: skip
         if not body.stream:
             try:
                 out = await self._complete(model_id, prompt, params, deadline)

@@ -22,7 +22,20 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+
+from aigc.serve.tool_schemas import (
+    ChoiceMode,
+    RequestToolCall,
+    TextPart,
+    ToolCall,
+    ToolCallDelta,
+    check_tool_choice,
+    check_tools,
+    template_message,
+    tool_choice_field,
+    tools_field,
+)
 
 __all__ = [
     "ChatCompletionChunk",
@@ -53,9 +66,7 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], Any]] = {
     "best_of": (lambda v: v is None or v == 1, 1),
     "echo": (lambda v: v is None or v is False, False),
     "suffix": (lambda v: v is None or v == "", ""),
-    "tools": (lambda v: v is None or v == [], []),
     "functions": (lambda v: v is None or v == [], []),
-    "tool_choice": (lambda v: v is None or v == "none", "none"),
     "function_call": (lambda v: v is None or v == "none", "none"),
     "response_format": (lambda v: v is None or v == {"type": "text"}, {"type": "text"}),
 }
@@ -163,12 +174,34 @@ class _Request(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(
+        None,
+        description="The text (a list of text parts is joined); null (as on an assistant turn with tool_calls) "
+        "is empty text.",
+    )
+    tool_calls: list[RequestToolCall] | None = Field(None, description="Calls an assistant turn made.")
+    tool_call_id: str | None = Field(None, description="On a tool turn: the call this result answers.")
+    name: str | None = None
 
-    def as_template_dict(self) -> dict[str, str]:
-        """The message as the chat template sees it (``developer`` is OpenAI's new name for ``system``)."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+    @model_validator(mode="after")
+    def _tool_turns(self) -> ChatMessage:
+        for call in self.tool_calls or [] if self.role == "assistant" else []:
+            call.as_template_dict()  # arguments must be a JSON object
+        return self
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def as_template_dict(self) -> dict[str, Any]:
+        """The message as the chat template sees it (``developer`` is OpenAI's new name for ``system``), in the
+        shape training renders (:mod:`aigc.data.formats`): tool calls with object arguments, a tool result with
+        its call id."""
+        role = "system" if self.role == "developer" else self.role
+        return template_message(role, self.text, self.tool_calls, self.tool_call_id, self.name)
 
 
 class ChatCompletionRequest(_Request):
@@ -177,11 +210,23 @@ class ChatCompletionRequest(_Request):
         None, description="OpenAI's newer name for max_tokens.", json_schema_extra=_POSITIVE_INT
     )
     top_logprobs: Any = _unsupported("top_logprobs")
-    tools: Any = _unsupported("tools")
-    tool_choice: Any = _unsupported("tool_choice")
+    tools: Any = tools_field()
+    tool_choice: Any = tool_choice_field()
     functions: Any = _unsupported("functions")
     function_call: Any = _unsupported("function_call")
     response_format: Any = _unsupported("response_format")
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, v: Any) -> list[dict[str, Any]] | None:
+        return check_tools(v)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, v: Any, info: ValidationInfo) -> tuple[ChoiceMode, str | None]:
+        if "tools" not in info.data:  # tools itself was refused: that error is the one reported
+            return "none", None
+        return check_tool_choice(v, info.data["tools"])
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -230,13 +275,21 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length", "content_filter"] | None
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls"] | None
     logprobs: None = None
 
 
@@ -252,6 +305,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
@@ -262,7 +316,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    finish_reason: Literal["stop", "length", "content_filter"] | None = None
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls"] | None = None
     logprobs: None = None
 
 

@@ -18,6 +18,7 @@ from jinja2 import TemplateError
 
 from aigc.data.templates import encode_chat
 from aigc.errors import InvalidRequestError
+from aigc.serve.engine.tool_prompts import ToolPrompt
 
 __all__ = ["PromptEncoder"]
 
@@ -60,6 +61,8 @@ class PromptEncoder:
                 )
             return ids
         try:
+            if isinstance(prompt, ToolPrompt):  # the tools rendered as training renders them; a forced opening
+                return encode_chat(self.tokenizer, prompt, prompt.tools) + self._encode_opening(prompt.opening)
             return encode_chat(self.tokenizer, prompt)
         except TemplateError as exc:  # the model's own template refused the conversation (role order...)
             raise InvalidRequestError(
@@ -71,6 +74,10 @@ class PromptEncoder:
             raise InvalidRequestError(
                 "the messages contain a control token this model cannot read as plain text", param="messages"
             ) from exc
+
+    def _encode_opening(self, opening: str) -> list[int]:
+        """The forced start of the answer: server text (a call marker), so its control tokens stay tokens."""
+        return list(self.tokenizer(opening, add_special_tokens=False)["input_ids"]) if opening else []
 
 
 def _check_unicode(prompt: str | list[dict[str, str]]) -> None:

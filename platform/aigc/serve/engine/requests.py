@@ -73,7 +73,7 @@ def prepare(
     """
     # A chat template writes its own special tokens (bos...); raw prompts get the tokenizer's usual ones.
     param = "prompt" if isinstance(prompt, str) else "messages"
-    ids = encoder.encode(prompt if isinstance(prompt, str) else list(prompt))
+    ids = encoder.encode(prompt if isinstance(prompt, str | list) else list(prompt))  # a ToolPrompt stays one
     if not ids:
         raise InvalidRequestError("the prompt is empty", param=param)
     if params.seed is not None and not 0 <= params.seed < 2**63:  # on the engine thread it would fail the row
