@@ -125,6 +125,7 @@ class DataConfig(_Section):
         False,
         description="Pack short examples into rows of up to max_length tokens (no attention across examples).",
     )
+    preference: bool = Field(False, description="Rows are preference pairs: prompt, `chosen` and `rejected` answers.")
     keep_shard_sets: int = Field(
         3,
         ge=1,
@@ -141,6 +142,14 @@ class DataConfig(_Section):
         if isinstance(v, str) and not v.strip():
             raise ValueError("empty: give a file, directory or glob")
         return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> DataConfig:
+        text = [src.path for src in self.sources() if src.format == "text"] if self.preference else []
+        if text or (self.preference and self.packing):
+            why = f"{text[0]} has format 'text': use alpaca, sharegpt or messages" if text else "set data.packing=false"
+            raise ValueError(f"data.preference=true needs unpacked rows of prompts and answers: {why}")
+        return self
 
     def sources(self) -> list[SourceConfig]:
         """Every dataset of ``path`` with its format and columns filled in from this section."""
