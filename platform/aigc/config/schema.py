@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from aigc.config.preference import PreferenceConfig, check_pair_data
 from aigc.config.section import _Section
 from aigc.config.serving import AutoscalingConfig, ModerationConfig, ServeConfig
 
@@ -22,6 +23,7 @@ __all__ = [
     "ModerationConfig",
     "PipelineConfig",
     "PlatformConfig",
+    "PreferenceConfig",
     "ServeConfig",
     "SourceConfig",
     "TrainConfig",
@@ -145,11 +147,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _pairs(self) -> DataConfig:
-        text = [src.path for src in self.sources() if src.format == "text"] if self.preference else []
-        if text or (self.preference and self.packing):
-            why = f"{text[0]} has format 'text': use alpaca, sharegpt or messages" if text else "set data.packing=false"
-            raise ValueError(f"data.preference=true needs unpacked rows of prompts and answers: {why}")
-        return self
+        return check_pair_data(self)
 
     def sources(self) -> list[SourceConfig]:
         """Every dataset of ``path`` with its format and columns filled in from this section."""
@@ -242,6 +240,7 @@ class TrainConfig(_Section):
         description="Ray Train run name; unset = adapter_name. An unfinished run of this name is resumed; a "
         "finished one is kept and the new run is named NAME-2, NAME-3, ... (the first not finished).",
     )
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="DPO or ORPO settings.")
     resume: Literal["auto", "always", "never"] = Field(
         "auto",
         description="auto: continue an unfinished run only if its data, model, LoRA and optimisation settings are "

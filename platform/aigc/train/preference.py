@@ -23,8 +23,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from aigc.config import TrainConfig
+from aigc.train.losses import all_reduce
+
 __all__ = [
     "DPO_LOSS_TYPES",
+    "PAIR_SUM_KEYS",
     "PairOutput",
     "PreferenceLoss",
     "adapters_disabled",
@@ -33,6 +37,7 @@ __all__ = [
     "orpo_loss",
     "pair_metric_sums",
     "pair_metrics",
+    "evaluate_pairs",
     "preference_loss",
     "reference_logps",
 ]
@@ -55,6 +60,12 @@ class PreferenceLoss:
     method: Literal["dpo", "orpo"] = "dpo"
     beta: float = 0.1
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> PreferenceLoss | None:
+        """The loss ``train.preference`` asks for; None for supervised fine-tuning."""
+        p = train.preference
+        return cls(p.method, p.beta, p.loss_type) if p.method else None
 
     def __post_init__(self) -> None:
         if self.method not in ("dpo", "orpo"):
@@ -124,8 +135,8 @@ def reference_logps(model: Any, batch: dict[str, torch.Tensor], ref_model: Any =
     adapters disabled (LoRA: the base model, without a second copy of the weights)."""
     if ref_model is not None:
         return answer_logps(ref_model, batch)[0]
-    with adapters_disabled(model):
-        return answer_logps(model, batch)[0]
+    with adapters_disabled(model):  # the wrapped module itself: a DDP forward here would expect a backward
+        return answer_logps(_unwrap(model), batch)[0]
 
 
 def dpo_loss(
@@ -200,14 +211,19 @@ def preference_loss(
 
     DPO runs a second, gradient-free forward for the reference (:func:`reference_logps`); ORPO needs none.
     """
+    ref = reference_logps(model, batch, ref_model) if spec.method == "dpo" else None  # before the policy's graph
     logps, counts = answer_logps(model, batch)
     chosen, rejected = logps.chunk(2)
     chosen_n, rejected_n = counts.chunk(2)
-    if spec.method == "orpo":
+    if ref is None:
         nll = -chosen.sum() / chosen_n.sum().clamp(min=1)
         return orpo_loss(chosen / chosen_n.clamp(min=1), rejected / rejected_n.clamp(min=1), nll, spec.beta)
-    ref_chosen, ref_rejected = reference_logps(model, batch, ref_model).chunk(2)
+    ref_chosen, ref_rejected = ref.chunk(2)
     return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, spec.beta, spec.loss_type, chosen_n, rejected_n)
+
+
+PAIR_SUM_KEYS = ("pairs", "loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected",
+             "logps_chosen", "logps_rejected")  # fmt: skip
 
 
 def pair_metric_sums(out: PairOutput) -> dict[str, float]:
@@ -230,3 +246,23 @@ def pair_metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
     """Means per pair from :func:`pair_metric_sums` (summed over batches), keys prefixed (``eval_``, ``train_``)."""
     n = max(sums.get("pairs", 0.0), 1.0)
     return {f"{prefix}{k}": v / n for k, v in sums.items() if k != "pairs"}
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model: Any, batches: Any, device: torch.device, spec: PreferenceLoss, autocast: Any = None
+) -> dict[str, float]:
+    """The preference loss and pair metrics on the val split (``eval_loss``, ``eval_reward_accuracy``, ...), exact
+    means over every pair of every worker."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast() if autocast else contextlib.nullcontext():
+            part = pair_metric_sums(preference_loss(model, batch, spec))
+        sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+    keys = PAIR_SUM_KEYS  # the same on every rank, even one without a batch: all_reduce needs equal shapes
+    sums = dict(zip(keys, all_reduce(*[sums.get(k, 0.0) for k in keys], device=device), strict=True))
+    model.train(was_training)
+    return {**pair_metrics(sums, prefix="eval_"), "eval_pairs": sums["pairs"]}

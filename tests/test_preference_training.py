@@ -1,0 +1,131 @@
+"""DPO and ORPO through the training loop (aigc.train.loop) on the tiny model, and the checks before a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aigc.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, load_config
+from aigc.data.pair_tokenizing import TokenizePairs
+from aigc.errors import ConfigError
+from aigc.train.checks import check_preference
+from aigc.train.loop import run_worker
+from aigc.train.worker_config import WorkerConfig
+
+TINY = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-base")
+
+
+def _pairs(numbers: range) -> list[dict]:
+    """A learnable preference: the chosen answer always says the order ships, the rejected one that it is lost."""
+    return [{"instruction": f"Where is order #{n}?", "chosen": f"Order #{n} ships today.",
+             "rejected": f"Order #{n} was lost, sorry."} for n in numbers]  # fmt: skip
+
+
+def _rows(tk: TokenizePairs, records: list[dict]) -> dict[str, list]:
+    table = tk({"raw": np.array([json.dumps(r) for r in records])})
+    assert all(table["ok"].to_pylist())
+    return {k: table[k].to_pylist() for k in ("input_ids", "labels", "rejected_ids", "rejected_labels")}
+
+
+class _Shard:
+    """A dataset shard as the loop iterates it (Ray Data's ``iter_torch_batches``), from rows in memory."""
+
+    def __init__(self, rows: dict[str, list]) -> None:
+        self.rows = rows
+
+    def iter_torch_batches(self, batch_size, collate_fn, local_shuffle_buffer_size=None, local_shuffle_seed=None):
+        n = len(self.rows["input_ids"])
+        order = np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_seed is not None else range(n)
+        order = list(order)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            yield collate_fn({k: np.array([v[j] for j in idx], dtype=object) for k, v in self.rows.items()})
+
+
+class _Context:
+    """One worker in this process: rank 0 of 1, on CPU, no checkpoint to resume, reports kept in a list."""
+
+    def __init__(self, shards: dict[str, _Shard]) -> None:
+        self.shards, self.reports = shards, []
+
+    def world_rank(self):
+        return 0
+
+    def world_size(self):
+        return 1
+
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    def prepare_model(self, model, wc):
+        return model
+
+    def dataset_shard(self, name):
+        return self.shards[name]
+
+    def checkpoint(self):
+        return None
+
+    def report(self, metrics, checkpoint_dir):
+        self.reports.append(dict(metrics))
+
+    def after_step(self, step, resumed):
+        pass
+
+
+def _train(method: str, **train) -> list[dict]:
+    tk = TokenizePairs(ModelConfig(name_or_path=TINY), DataConfig(preference=True))
+    shards = {
+        "train": _Shard(_rows(tk, _pairs(range(1000, 1032)))),
+        "val": _Shard(_rows(tk, _pairs(range(5000, 5016)))),
+    }
+    tc = TrainConfig(preference={"method": method, "beta": 0.5}, epochs=2, batch_size=8, lr=2e-3, num_workers=1,
+                     warmup_ratio=0.0, lr_scheduler="constant", log_every_steps=100, **train)  # fmt: skip
+    wc = WorkerConfig(model=ModelConfig(name_or_path=TINY), lora=LoraConfig(r=8, alpha=16, dropout=0.0), train=tc,
+                      micro_per_epoch=4, pad_id=tk.tok.pad_token_id, has_val=True, tokenizer=tk.tok)  # fmt: skip
+    ctx = _Context(shards)
+    assert run_worker(wc, ctx) is None
+    return ctx.reports
+
+
+def test_dpo_learns_the_preference_held_out_pairs_rank_the_chosen_answer_higher():
+    reports = _train("dpo")
+    assert [r["step"] for r in reports] == [4, 8]  # one report (and checkpoint) per epoch, as for SFT
+    last = reports[-1]
+    # held-out pairs: at the start policy == reference (every margin 0, accuracy 0); at the end well above chance
+    assert last["eval_reward_accuracy"] >= 0.9
+    assert last["eval_reward_margin"] > 0.5
+    assert last["initial_eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # a fresh adapter is its base
+    assert last["eval_loss"] < 0.5 * math.log(2)
+    assert last["eval_pairs"] == 16
+    assert last["train_reward_accuracy"] >= 0.9 and "train_logps_chosen" in last
+    # the chosen answer gained more probability against the base model than the rejected one
+    assert last["eval_rewards_chosen"] > last["eval_rewards_rejected"]
+
+
+def test_orpo_runs_through_the_same_loop_and_ranks_held_out_pairs():
+    reports = _train("orpo")
+    last = reports[-1]
+    assert last["eval_reward_accuracy"] >= 0.9 and last["eval_loss"] < reports[0]["eval_loss"]
+
+
+def _cfg(*extra: str):
+    return load_config(None, [f"model.name_or_path={TINY}", *extra])
+
+
+def test_preference_settings_are_checked_before_any_cluster_work():
+    with pytest.raises(
+        ConfigError, match="train.preference.method=dpo trains on preference pairs: set data.preference=true"
+    ):
+        check_preference(_cfg("train.preference.method=dpo"))
+    with pytest.raises(ConfigError, match="supervised fine-tuning cannot use: set train.preference.method=dpo or orpo"):
+        check_preference(_cfg("data.preference=true"))
+    with pytest.raises(ConfigError, match="use train.method=lora or qlora, or train.preference.method=orpo"):
+        check_preference(_cfg("data.preference=true", "train.preference.method=dpo", "train.method=full"))
+    check_preference(_cfg("data.preference=true", "train.preference.method=orpo", "train.method=full"))
