@@ -11,7 +11,7 @@ import pytest
 
 from aigc.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, load_config
 from aigc.data.pair_tokenizing import TokenizePairs
-from aigc.errors import ConfigError
+from aigc.errors import ConfigError, DataError
 from aigc.train.checks import check_preference
 from aigc.train.loop import run_worker
 from aigc.train.worker_config import WorkerConfig
@@ -129,3 +129,31 @@ def test_preference_settings_are_checked_before_any_cluster_work():
     with pytest.raises(ConfigError, match="use train.method=lora or qlora, or train.preference.method=orpo"):
         check_preference(_cfg("data.preference=true", "train.preference.method=dpo", "train.method=full"))
     check_preference(_cfg("data.preference=true", "train.preference.method=orpo", "train.method=full"))
+
+
+def test_a_two_worker_dpo_run_on_preference_shards_publishes_its_pair_metrics(ray_cluster, tmp_path):
+    """The whole path: preference rows preprocessed by the Ray Data job, DPO in Ray Train on 2 DDP workers (the
+    reference forward with adapters disabled inside each), the best checkpoint published with its metrics."""
+    from aigc.data.preprocess import preprocess
+    from aigc.train.checks import check
+    from aigc.train.trainer import run_training
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _pairs(range(1000, 1064))))
+    cfg = load_config(None, [
+        f"data.path={src}", f"model.name_or_path={TINY}", f"output_dir={tmp_path / 'out'}",
+        f"registry_dir={tmp_path / 'registry'}", "data.val_fraction=0.25", "data.tokenizer_actors=1",
+        "data.preference=true", "data.max_length=128", "train.preference.method=dpo", "train.preference.beta=0.5",
+        "train.num_workers=2",
+        "train.epochs=2", "train.batch_size=4", "train.lr=2e-3", "train.warmup_ratio=0", "lora.r=8", "lora.dropout=0",
+        "tracking.mlflow=false", "tracking.tensorboard=false", "train.adapter_name=dpo-pairs",
+    ])  # fmt: skip
+    preprocess(cfg.data, cfg.model, cfg.output_dir)
+    cfg = check(cfg)
+    res = run_training(cfg)
+    assert res.metrics["eval_reward_accuracy"] >= 0.9 and res.metrics["eval_reward_margin"] > 0
+    assert res.metrics["initial_eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert res.registry_id and (Path(res.adapter_dir) / "adapter_config.json").is_file()
+    with pytest.raises(DataError, match="holds preference pairs, but data.preference=false"):
+        check(cfg.model_copy(update={"data": cfg.data.model_copy(update={"preference": False}),
+                                     "train": TrainConfig()}))  # fmt: skip
