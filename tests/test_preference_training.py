@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +48,26 @@ class _Shard:
             yield collate_fn({k: np.array([v[j] for j in idx], dtype=object) for k, v in self.rows.items()})
 
 
-class _Context:
-    """One worker in this process: rank 0 of 1, on CPU, no checkpoint to resume, reports kept in a list."""
+class _Checkpoint:
+    def __init__(self, path: str) -> None:
+        self.path = path
 
-    def __init__(self, shards: dict[str, _Shard]) -> None:
-        self.shards, self.reports = shards, []
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+class _Crash(Exception):
+    pass
+
+
+class _Context:
+    """One worker in this process: rank 0 of 1, on CPU; reports kept in a list, the last checkpoint copied to
+    ``keep`` (and resumed from when ``resume``); ``crash_after`` raises after that optimizer step."""
+
+    def __init__(self, shards: dict[str, _Shard], keep: Path | None = None, resume: bool = False,
+                 crash_after: int | None = None) -> None:  # fmt: skip
+        self.shards, self.reports, self.keep, self.resume, self.crash_after = shards, [], keep, resume, crash_after
 
     def world_rank(self):
         return 0
@@ -70,32 +87,43 @@ class _Context:
         return self.shards[name]
 
     def checkpoint(self):
-        return None
+        return _Checkpoint(str(self.keep)) if self.resume else None
 
     def report(self, metrics, checkpoint_dir):
         self.reports.append(dict(metrics))
+        if checkpoint_dir and self.keep is not None:
+            shutil.rmtree(self.keep, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, self.keep)
 
     def after_step(self, step, resumed):
-        pass
+        if step == self.crash_after:
+            raise _Crash(f"killed after step {step}")
 
 
-def _train(method: str, **train) -> list[dict]:
+def _train(method: str, ctx: dict | None = None, **train) -> list[dict]:
     tk = TokenizePairs(ModelConfig(name_or_path=TINY), DataConfig(preference=True))
     shards = {
         "train": _Shard(_rows(tk, _pairs(range(1000, 1032)))),
         "val": _Shard(_rows(tk, _pairs(range(5000, 5016)))),
     }
-    tc = TrainConfig(preference={"method": method, "beta": 0.5}, epochs=2, batch_size=8, lr=2e-3, num_workers=1,
-                     warmup_ratio=0.0, lr_scheduler="constant", log_every_steps=100, **train)  # fmt: skip
+    settings = {"epochs": 2, "batch_size": 8, "lr": 2e-3, "num_workers": 1, "warmup_ratio": 0.0,
+                "lr_scheduler": "constant", "log_every_steps": 100, **train}  # fmt: skip
+    tc = TrainConfig(preference={"method": method, "beta": 0.5}, **settings)
     wc = WorkerConfig(model=ModelConfig(name_or_path=TINY), lora=LoraConfig(r=8, alpha=16, dropout=0.0), train=tc,
                       micro_per_epoch=4, pad_id=tk.tok.pad_token_id, has_val=True, tokenizer=tk.tok)  # fmt: skip
-    ctx = _Context(shards)
-    assert run_worker(wc, ctx) is None
-    return ctx.reports
+    context = _Context(shards, **(ctx or {}))
+    assert run_worker(wc, context) is None
+    return context.reports
 
 
-def test_dpo_learns_the_preference_held_out_pairs_rank_the_chosen_answer_higher():
-    reports = _train("dpo")
+@pytest.fixture(scope="module")
+def dpo_run() -> list[dict]:
+    """The reports of an uninterrupted 2-epoch DPO run."""
+    return _train("dpo")
+
+
+def test_dpo_learns_the_preference_held_out_pairs_rank_the_chosen_answer_higher(dpo_run):
+    reports = dpo_run
     assert [r["step"] for r in reports] == [4, 8]  # one report (and checkpoint) per epoch, as for SFT
     last = reports[-1]
     # held-out pairs: at the start policy == reference (every margin 0, accuracy 0); at the end well above chance
@@ -110,9 +138,20 @@ def test_dpo_learns_the_preference_held_out_pairs_rank_the_chosen_answer_higher(
 
 
 def test_orpo_runs_through_the_same_loop_and_ranks_held_out_pairs():
-    reports = _train("orpo")
-    last = reports[-1]
-    assert last["eval_reward_accuracy"] >= 0.9 and last["eval_loss"] < reports[0]["eval_loss"]
+    [last] = _train("orpo", epochs=1)
+    assert last["eval_reward_accuracy"] >= 0.9 and last["eval_loss"] < last["initial_eval_loss"] - 1.0
+
+
+def test_a_dpo_run_killed_after_an_epoch_resumes_to_the_same_metrics(dpo_run, tmp_path):
+    """Checkpoints and resume are SFT's: a DPO run that dies in epoch 2 and resumes from the epoch-1 checkpoint
+    ends where an uninterrupted run ends."""
+    straight = dpo_run
+    with pytest.raises(_Crash, match="killed after step 6"):
+        _train("dpo", ctx={"keep": tmp_path / "ckpt", "crash_after": 6})
+    resumed = _train("dpo", ctx={"keep": tmp_path / "ckpt", "resume": True})
+    assert [r["step"] for r in resumed] == [8]  # epoch 2 only: the steps of epoch 1 are not trained again
+    for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logps_chosen", "eval_logps_rejected"):
+        assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-4, abs=1e-5), key
 
 
 def _cfg(*extra: str):
