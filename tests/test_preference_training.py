@@ -196,3 +196,16 @@ def test_a_two_worker_dpo_run_on_preference_shards_publishes_its_pair_metrics(ra
     with pytest.raises(DataError, match="holds preference pairs, but data.preference=false"):
         check(cfg.model_copy(update={"data": cfg.data.model_copy(update={"preference": False}),
                                      "train": TrainConfig()}))  # fmt: skip
+
+
+def test_a_preference_sweep_may_optimise_reward_accuracy_and_not_perplexity(tmp_path):
+    from aigc.tune.search import check_sweep
+
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {choice: [0.001, 0.003]}\n")
+    pref = ("data.preference=true", "train.preference.method=dpo", f"tune.space={space}")
+    check_sweep(_cfg(*pref, "tune.metric=eval_reward_accuracy", "tune.mode=max"))
+    with pytest.raises(ConfigError, match="a train.preference.method=dpo run does not report 'eval_perplexity'"):
+        check_sweep(_cfg(*pref, "tune.metric=eval_perplexity"))
+    with pytest.raises(ConfigError, match="tune.metric: the trainer does not report 'eval_reward_accuracy'"):
+        check_sweep(_cfg(f"tune.space={space}", "tune.metric=eval_reward_accuracy", "tune.mode=max"))
