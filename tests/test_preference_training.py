@@ -193,6 +193,7 @@ def test_a_two_worker_dpo_run_on_preference_shards_publishes_its_pair_metrics(ra
     assert res.metrics["eval_reward_accuracy"] >= 0.9 and res.metrics["eval_reward_margin"] > 0
     assert res.metrics["initial_eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert res.registry_id and (Path(res.adapter_dir) / "adapter_config.json").is_file()
+    assert (Path(cfg.output_dir) / "train" / "rewards.png").stat().st_size > 5000
     with pytest.raises(DataError, match="holds preference pairs, but data.preference=false"):
         check(cfg.model_copy(update={"data": cfg.data.model_copy(update={"preference": False}),
                                      "train": TrainConfig()}))  # fmt: skip
@@ -209,3 +210,14 @@ def test_a_preference_sweep_may_optimise_reward_accuracy_and_not_perplexity(tmp_
         check_sweep(_cfg(*pref, "tune.metric=eval_perplexity"))
     with pytest.raises(ConfigError, match="tune.metric: the trainer does not report 'eval_reward_accuracy'"):
         check_sweep(_cfg(f"tune.space={space}", "tune.metric=eval_reward_accuracy", "tune.mode=max"))
+
+
+def test_the_rewards_plot_is_drawn_for_preference_runs_only(tmp_path):
+    from aigc.train.outputs import plot_rewards
+
+    history = [{"step": s, "eval_loss": 0.5, "eval_reward_accuracy": a, "eval_reward_margin": m}
+               for s, a, m in [(4, 0.6, 0.2), (8, 0.9, 1.5)]]  # fmt: skip
+    assert plot_rewards(history, str(tmp_path / "rewards.png")) is True
+    assert (tmp_path / "rewards.png").stat().st_size > 5000
+    assert plot_rewards([{"step": 4, "eval_loss": 1.0}], str(tmp_path / "sft.png")) is False
+    assert not (tmp_path / "sft.png").exists()
