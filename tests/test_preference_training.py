@@ -167,6 +167,8 @@ def test_preference_settings_are_checked_before_any_cluster_work():
         check_preference(_cfg("data.preference=true"))
     with pytest.raises(ConfigError, match="use train.method=lora or qlora, or train.preference.method=orpo"):
         check_preference(_cfg("data.preference=true", "train.preference.method=dpo", "train.method=full"))
+    with pytest.raises(ConfigError, match="train.preference.method=dpo runs with train.strategy=ddp only"):
+        check_preference(_cfg("data.preference=true", "train.preference.method=dpo", "train.strategy=fsdp"))
     check_preference(_cfg("data.preference=true", "train.preference.method=orpo", "train.method=full"))
 
 

@@ -56,6 +56,11 @@ def check_preference(cfg: PlatformConfig) -> None:
     if cfg.data.preference and not method:
         raise ConfigError("data.preference=true gives preference pairs, which supervised fine-tuning cannot use: set "
                           "train.preference.method=dpo or orpo")  # fmt: skip
+    if method == "dpo" and cfg.train.strategy == "fsdp":  # the reference pass runs the unwrapped (sharded) module
+        raise ConfigError(
+            "train.preference.method=dpo runs with train.strategy=ddp only (its reference pass needs "
+            "whole weights on each worker): set train.strategy=ddp, or use train.preference.method=orpo"
+        )
     if method == "dpo" and cfg.train.method == "full":
         raise ConfigError(
             "train.preference.method=dpo takes its reference from the base model with the adapters "
