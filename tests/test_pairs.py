@@ -166,3 +166,16 @@ def test_sft_rows_under_data_preference_fail_before_any_ray_work(tmp_path):
     data = DataConfig(path=str(src), preference=True)
     with pytest.raises(DataError, match="format 'alpaca' expects fields instruction, chosen, rejected"):
         check_columns(list_input_files(data), data)
+
+
+def test_the_rows_aigc_feedback_export_pairs_writes_are_read_as_messages_pairs():
+    """``aigc feedback export --pairs`` writes ``{messages, chosen: {role, content}, rejected: {role, content}}``."""
+    row = {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}],
+        "chosen": {"role": "assistant", "content": CHOSEN},
+        "rejected": {"role": "assistant", "content": REJECTED},
+    }
+    [out] = _run(_tk("messages"), [row])
+    assert out["ok"], out["detail"]
+    assert _tk().tok.decode(out["input_ids"]).startswith(f"<|system|>\nBe brief.\n<|user|>\n{PROMPT}")
+    assert _answer(_tk(), out["rejected_ids"], out["rejected_labels"]) == REJECTED + "<|end|>"
