@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from aigc.config.preference import PreferenceConfig, check_pair_data
 from aigc.config.section import _Section
 from aigc.config.serving import AutoscalingConfig, ModerationConfig, ServeConfig
 
@@ -22,6 +23,7 @@ __all__ = [
     "ModerationConfig",
     "PipelineConfig",
     "PlatformConfig",
+    "PreferenceConfig",
     "ServeConfig",
     "SourceConfig",
     "TrainConfig",
@@ -125,6 +127,7 @@ class DataConfig(_Section):
         False,
         description="Pack short examples into rows of up to max_length tokens (no attention across examples).",
     )
+    preference: bool = Field(False, description="Rows are preference pairs: prompt, `chosen` and `rejected` answers.")
     keep_shard_sets: int = Field(
         3,
         ge=1,
@@ -141,6 +144,10 @@ class DataConfig(_Section):
         if isinstance(v, str) and not v.strip():
             raise ValueError("empty: give a file, directory or glob")
         return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> DataConfig:
+        return check_pair_data(self)
 
     def sources(self) -> list[SourceConfig]:
         """Every dataset of ``path`` with its format and columns filled in from this section."""
@@ -233,6 +240,7 @@ class TrainConfig(_Section):
         description="Ray Train run name; unset = adapter_name. An unfinished run of this name is resumed; a "
         "finished one is kept and the new run is named NAME-2, NAME-3, ... (the first not finished).",
     )
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="DPO or ORPO settings.")
     resume: Literal["auto", "always", "never"] = Field(
         "auto",
         description="auto: continue an unfinished run only if its data, model, LoRA and optimisation settings are "

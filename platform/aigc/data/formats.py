@@ -85,8 +85,10 @@ _SHAREGPT_ROLES = {
 _MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
 
-def required_fields(fmt: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(required, optional) field names of a format."""
+def required_fields(fmt: str, preference: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) field names of a format; with ``preference``, of its pairs (:mod:`aigc.data.pairs`)."""
+    if preference:
+        return tuple(f for f in _REQUIRED[fmt] if f != "output") + ("chosen", "rejected"), _OPTIONAL[fmt]
     return _REQUIRED[fmt], _OPTIONAL[fmt]
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from aigc import storage
 from aigc.config import DataConfig, ModelConfig
+from aigc.data.pair_tokenizing import TokenizePairs as _TokenizePairs
 from aigc.data.reading import SUPPORTED_EXTENSIONS, check_columns, hash_inputs, list_input_files, read_raw
 from aigc.data.tokenizing import Tokenize as _Tokenize  # the row work, also run by bench/preprocess_throughput.py
 from aigc.errors import DataError
@@ -118,6 +119,7 @@ def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs:
         "packing": _packing_stats(totals, data.max_length) if data.packing else None,
         "sources": _source_stats(totals, data),
         "format": data.format,
+        "preference": data.preference,  # rows are chosen/rejected pairs (aigc.data.pairs)
         "max_length": data.max_length,
         "overflow": data.overflow,
         "inputs": inputs,  # {path, source, bytes, sha256} of every file read
@@ -225,7 +227,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
     hashes = hash_inputs(files)  # content hashes for the fingerprint, computed while the job runs
     raw = read_raw(files)
     rows = raw.map_batches(
-        _Tokenize,
+        _TokenizePairs if data.preference else _Tokenize,
         fn_constructor_kwargs={"model": model, "data": data},  # typed sections travel as they are
         batch_size=_BATCH_ROWS,
         batch_format="numpy",

@@ -70,7 +70,7 @@ def check_columns(files: list[InputFile], data: DataConfig) -> None:
                 if isinstance(rec, dict):
                     parsed += 1
                     seen |= set(rename(rec, src.columns or {}))
-        required, optional = required_fields(src.format)
+        required, optional = required_fields(src.format, data.preference)
         if parsed and not all(k in seen for k in required):
             where = f"{source_label(data, i)} {paths[0]}{' (and others)' if len(paths) > 1 else ''}"
             fix = (

@@ -29,6 +29,7 @@ from ray.data import Datasink
 from aigc import storage
 from aigc.data.mixing import expand_copies
 from aigc.data.packing import pack
+from aigc.data.pair_tokenizing import PAIR_COLUMNS  # preference rows also have these
 
 __all__ = ["KEPT_COLUMNS", "SPLITS", "SplitSink", "percentile"]
 
@@ -85,7 +86,8 @@ class SplitSink(Datasink):
             counts["packed_tokens_dropped"] = counts.get("packed_tokens_dropped", 0) + dropped
         if part.num_rows:
             fs, path = self._path(split, ctx, "parquet")
-            pq.write_table(part if self.packing else part.select(KEPT_COLUMNS), path, filesystem=fs)
+            columns = KEPT_COLUMNS + [c for c in PAIR_COLUMNS if c in part.column_names]
+            pq.write_table(part if self.packing else part.select(columns), path, filesystem=fs)
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
         tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b, preserve_index=False) for b in blocks]

@@ -104,6 +104,8 @@ def _token_at(starts: list[int], offsets: list[tuple[int, int]], char: int) -> i
 class Tokenize:
     """Ray Data actor: validates, renders the chat template and tokenizes a batch of raw records."""
 
+    schema = OUT_SCHEMA  # the output columns (a preference row has two more: aigc.data.pair_tokenizing)
+
     def __init__(self, model: ModelConfig, data: DataConfig):
         from aigc.data.templates import control_tokens, end_of_turn
         from aigc.models.loading import load_tokenizer
@@ -117,7 +119,8 @@ class Tokenize:
         self._controls = re.compile("|".join(map(re.escape, controls))) if controls else None
 
     # 1. one row ---------------------------------------------------------------------------------------------
-    def _example(self, raw: str, source: int) -> Example:
+    def _record(self, raw: str, source: int) -> tuple[dict[str, Any], str]:
+        """The record with its source's column renames, and its format."""
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -127,7 +130,27 @@ class Tokenize:
         if not 0 <= source < len(self.sources):
             raise RowError("bad_source", f"source {source} is not one of the {len(self.sources)} datasets")
         src = self.sources[source]
-        return to_example(rename(rec, src.columns or {}), src.format, self.cfg.system_prompt)
+        return rename(rec, src.columns or {}), src.format
+
+    def _example(self, raw: str, source: int) -> Example:
+        return to_example(*self._record(raw, source), self.cfg.system_prompt)
+
+    def _prepare(self, raw: str, source: int) -> Any:
+        """A row validated and rendered (the item :meth:`_texts` and :meth:`_row` take); RowError if it is bad."""
+        ex = self._example(raw, source)
+        self._check_controls(ex)
+        return ex, self._render(ex)
+
+    def _texts(self, item: Any) -> list[str]:
+        """The texts of a prepared row that go through the batch's tokenizer call."""
+        return [item[1].text]
+
+    def _row(self, item: Any, encoded: list[tuple[list[int], list]], source: int) -> tuple:
+        """The output row of a prepared row from its texts' (ids, offsets)."""
+        return self._kept(*item, *encoded[0], source)
+
+    def _failed(self, reason: str, detail: str, raw: str, source: int) -> tuple:
+        return (False, reason, detail, raw, "quarantine", [], [], 0, 0, False, False, source, 0)
 
     def _check_controls(self, ex: Example) -> None:
         if self._controls is None:
@@ -206,48 +229,47 @@ class Tokenize:
         sources = [int(s) for s in batch["source"]] if "source" in batch else [0] * n_rows
         errors = [_text(e) for e in batch.get("read_error", [""] * n_rows)]
         details = [_text(d) for d in batch.get("read_detail", [""] * n_rows)]
-        rows: dict[int, tuple[Example, Rendered]] = {}
+        rows: dict[int, Any] = {}
         failed: dict[int, tuple[str, str]] = {}
         for i, raw in enumerate(raws):
             if errors[i]:
                 failed[i] = (errors[i], details[i])
                 continue
             try:
-                ex = self._example(raw, sources[i])
-                self._check_controls(ex)
-                rows[i] = (ex, self._render(ex))
+                rows[i] = self._prepare(raw, sources[i])
             except RowError as err:
                 failed[i] = (err.reason, err.detail)
             except Exception as exc:  # a bug or an odd value in one row quarantines that row only
                 failed[i] = ("row_error", f"{type(exc).__name__}: {exc}")
 
-        order = list(rows)
+        texts = {i: self._texts(item) for i, item in rows.items()}
         try:
-            ids, offs = self._encode([rows[i][1].text for i in order])
-            encoded = {i: (ids[k], offs[k]) for k, i in enumerate(order)}
+            ids, offs = self._encode([t for i in rows for t in texts[i]])
+            pairs, encoded = iter(list(zip(ids, offs, strict=True))), {}
+            for i in rows:  # each row's texts, in order
+                encoded[i] = [next(pairs) for _ in texts[i]]
         except Exception:  # find the row the tokenizer rejects; the others are encoded one by one
             encoded = {}
-            for i in order:
+            for i in rows:
                 try:
-                    one_ids, one_offs = self._encode([rows[i][1].text])
-                    encoded[i] = (one_ids[0], one_offs[0])
+                    encoded[i] = list(zip(*self._encode(texts[i]), strict=True))
                 except Exception as exc:
                     failed[i] = ("tokenize_error", f"{type(exc).__name__}: {exc}")
 
-        cols: dict[str, list] = {name: [] for name in OUT_SCHEMA.names}
+        cols: dict[str, list] = {name: [] for name in self.schema.names}
         for i, raw in enumerate(raws):
             if i in encoded:
                 try:
-                    row = self._kept(*rows[i], *encoded[i], sources[i])
+                    row = self._row(rows[i], encoded[i], sources[i])
                 except RowError as err:
                     failed[i] = (err.reason, err.detail)
                 except Exception as exc:
                     failed[i] = ("row_error", f"{type(exc).__name__}: {exc}")
             if i in failed:
-                row = (False, *failed[i], raw, "quarantine", [], [], 0, 0, False, False, sources[i], 0)
-            for name, value in zip(OUT_SCHEMA.names, row, strict=True):
+                row = self._failed(*failed[i], raw, sources[i])
+            for name, value in zip(self.schema.names, row, strict=True):
                 cols[name].append(value)
-        return pa.Table.from_pydict(cols, schema=OUT_SCHEMA)
+        return pa.Table.from_pydict(cols, schema=self.schema)
 
     def _kept(self, ex: Example, r: Rendered, ids: list[int], offsets: list, source: int) -> tuple:
         """The OUT_SCHEMA row of a rendered, encoded example; RowError ``too_long`` under overflow=drop."""

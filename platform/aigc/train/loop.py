@@ -25,6 +25,14 @@ from aigc.train.checkpointing import TrainState, load_checkpoint, save_checkpoin
 from aigc.train.context import RayTrainContext, WorkerContext
 from aigc.train.gen_metrics import generation_metrics
 from aigc.train.losses import all_reduce, collate_fn, evaluate, token_loss_sum
+from aigc.train.preference import (
+    PAIR_SUM_KEYS,
+    PreferenceLoss,
+    evaluate_pairs,
+    pair_metric_sums,
+    pair_metrics,
+    preference_loss,
+)
 from aigc.train.progress import StepProgress
 from aigc.train.tracking import Tracker
 from aigc.train.worker_config import WorkerConfig
@@ -60,7 +68,9 @@ class _Run:
         self.scheduler = optim.build_scheduler(self.optimizer, self.tc, wc.total_steps)
         self.train_shard = ctx.dataset_shard("train")
         self.val_shard = ctx.dataset_shard("val") if wc.has_val else None
-        self.collate = collate_fn(wc.pad_id)  # one collate object for every pass over either shard
+        self.pref = PreferenceLoss.of(self.tc)  # DPO/ORPO on preference pairs; None = SFT
+        self.pair_sums: dict[str, float] = {}  # preference metrics of the train steps since the last report
+        self.collate = collate_fn(wc.pad_id, pairs=self.pref is not None)  # one object for every pass
         self._val_cache: list[dict[str, torch.Tensor]] | None = None
         self._val_cacheable = True
         self.state, self.resumed = TrainState(), False
@@ -74,6 +84,26 @@ class _Run:
             self.tracker = Tracker.open(
                 wc.tracking, wc.output_dir, wc.run_name, wc.params, parent_run_id=wc.parent_run_id, resume=True
             )
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SFT: the summed loss of the answer tokens and their count; DPO/ORPO: the batch's loss times its pairs,
+        and the pairs (so a step's loss is an exact mean over pairs, as SFT's is over tokens)."""
+        if self.pref is None:
+            return token_loss_sum(self.model, batch)
+        out = preference_loss(self.model, batch, self.pref)
+        self.pair_sums = {k: self.pair_sums.get(k, 0.0) + v for k, v in pair_metric_sums(out).items()}
+        pairs = out.chosen_rewards.numel()
+        return out.loss * pairs, torch.tensor(pairs)
+
+    def train_pair_metrics(self) -> dict[str, float]:
+        """Reward accuracy, margin, rewards and log-probabilities of the train pairs since the last call, over
+        every rank (a collective: every rank calls it at the same step); empty for SFT."""
+        if self.pref is None:
+            return {}
+        values = all_reduce(*[self.pair_sums.get(k, 0.0) for k in PAIR_SUM_KEYS], device=self.device)
+        sums = dict(zip(PAIR_SUM_KEYS, values, strict=True))
+        self.pair_sums = {}
+        return {k: v for k, v in pair_metrics(sums, "train_").items() if k != "train_loss"}
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return model_setup.autocast(self.wc, self.device)
@@ -112,7 +142,10 @@ class _Run:
 
     def evaluate(self, generate: bool = False) -> dict[str, float]:
         """Eval loss and perplexity on the val split; with ``generate``, also the generation metrics."""
-        metrics = evaluate(self.model, self.val_batches(), self.device, self.autocast)
+        if self.pref is not None:
+            metrics = evaluate_pairs(self.model, self.val_batches(), self.device, self.pref, self.autocast)
+        else:
+            metrics = evaluate(self.model, self.val_batches(), self.device, self.autocast)
         if generate and self.wc.gen_samples:
             metrics.update(
                 generation_metrics(
@@ -213,7 +246,7 @@ def _train(run: _Run) -> dict[str, Any] | None:
             sync = (i + 1) % accum == 0 or i + 1 == n
             no_sync = run.model.no_sync() if (not sync and hasattr(run.model, "no_sync")) else contextlib.nullcontext()
             with no_sync, run.autocast():
-                s, cnt = token_loss_sum(run.model, batch)
+                s, cnt = run.loss_sum(batch)
                 run.scaler.scale(s / max(int(cnt), 1) / group).backward()
             step_loss, step_tokens = step_loss + float(s.detach()), step_tokens + float(cnt)
             st.micro = i + 1
@@ -252,6 +285,7 @@ def _train(run: _Run) -> dict[str, Any] | None:
                 "step": st.step,
                 "lr": lr,
                 **window.metrics(),
+                **run.train_pair_metrics(),
             }
             if epoch_end:
                 metrics["epoch_time_s"] = round(time.monotonic() - epoch_t0, 2)
@@ -264,7 +298,8 @@ def _train(run: _Run) -> dict[str, Any] | None:
                 stop = _plateaued(st, metrics["eval_loss"], tc)
                 metrics["stopped_early"] = stop
             st.history.append(metrics)
-            run.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval_")}, st.step)
+            tracked = ("eval_", "train_reward", "train_logps")  # the pair metrics of preference runs too
+            run.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(tracked)}, st.step)
             _report(run, metrics, checkpoint=ckpt or stop)
             window = _Window()
             if stop:

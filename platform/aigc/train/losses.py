@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce", "collate", "collate_fn", "evaluate", "token_loss_sum", "token_losses"]
+__all__ = ["all_reduce", "collate", "collate_fn", "collate_pairs", "evaluate", "token_loss_sum", "token_losses"]
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
@@ -35,14 +35,23 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
     return {"input_ids": out_ids, "labels": out_labels, key: extra}
 
 
-def collate_fn(pad_id: int) -> Any:
-    """:func:`collate` as Ray Data's ``iter_torch_batches(collate_fn=...)`` takes it: a ``NumpyBatchCollateFn``
-    (a plain function is deprecated since Ray 2.47)."""
+def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference rows (:mod:`aigc.data.pair_tokenizing`) as one padded batch: the chosen conversations, then the
+    rejected ones in the same order (the layout of :mod:`aigc.train.preference`)."""
+    ids = [*batch["input_ids"], *batch["rejected_ids"]]
+    return collate({"input_ids": ids, "labels": [*batch["labels"], *batch["rejected_labels"]]}, pad_id)
+
+
+def collate_fn(pad_id: int, pairs: bool = False) -> Any:
+    """:func:`collate` (:func:`collate_pairs` with ``pairs``) as Ray Data's ``iter_torch_batches(collate_fn=...)``
+    takes it: a ``NumpyBatchCollateFn`` (a plain function is deprecated since Ray 2.47)."""
     from ray.data.collate_fn import NumpyBatchCollateFn
+
+    fn = collate_pairs if pairs else collate
 
     class PadCollate(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return collate(batch, pad_id)
+            return fn(batch, pad_id)
 
     return PadCollate()
 

@@ -11,7 +11,7 @@ from aigc.config import TrackingConfig
 from aigc.plots import figure
 from aigc.train.tracking import Tracker
 
-__all__ = ["plot_history", "track_artifacts", "write_outputs"]
+__all__ = ["plot_history", "plot_rewards", "track_artifacts", "write_outputs"]
 
 
 def plot_history(
@@ -31,6 +31,23 @@ def plot_history(
             ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "s-", label="eval loss")
             if evals[0].get("initial_eval_loss") is not None:
                 ax.axhline(evals[0]["initial_eval_loss"], color="grey", ls="--", label="eval loss before training")
+
+
+def plot_rewards(history: list[dict[str, Any]], path: str, title: str = "Preference tuning") -> bool:
+    """A preference run's held-out pairs at each evaluation: reward accuracy (left axis) and reward margin (right).
+    Returns False (nothing drawn) for a run without those metrics."""
+    evals = [h for h in history if "eval_reward_accuracy" in h]
+    if not evals:
+        return False
+    steps = [h["step"] for h in evals]
+    with figure(path, title, "optimizer step", "reward accuracy (held-out pairs)") as ax:
+        ax.plot(steps, [h["eval_reward_accuracy"] for h in evals], "o-", color="#4477aa", label="reward accuracy")
+        ax.axhline(0.5, color="grey", ls="--", label="chance")
+        ax.set_ylim(0, 1.05)
+        margin = ax.twinx()
+        margin.plot(steps, [h["eval_reward_margin"] for h in evals], "s-", color="#cc3311", label="reward margin")
+        margin.set_ylabel("reward margin (chosen - rejected)")
+    return True
 
 
 def track_artifacts(tracking: TrackingConfig, output_dir: str, run_name: str, paths: dict[str, str | None]) -> None:
@@ -56,11 +73,15 @@ def write_outputs(
     step_losses: list[float],
     model_dir: str,
 ) -> None:
-    """Write ``<output_dir>/train/history.json`` and ``loss.png``; attach the plot and ``model_dir`` (the
-    exported adapter) to the run's MLflow record."""
+    """Write ``<output_dir>/train/history.json``, ``loss.png`` (and ``rewards.png`` for DPO/ORPO); attach the
+    plots and ``model_dir`` (the exported adapter) to the run's MLflow record."""
     train_dir = storage.join(output_dir, "train")
     storage.write_json(storage.join(train_dir, "history.json"), history, indent=1)
     with storage.local_staging(train_dir) as local:
         plot = os.path.join(local, "loss.png")
         plot_history(history, plot, title, step_losses)
-        track_artifacts(tracking, output_dir, run_name, {plot: None, model_dir: "adapter"})
+        rewards = os.path.join(local, "rewards.png")
+        drawn = plot_rewards(history, rewards, title)
+        track_artifacts(
+            tracking, output_dir, run_name, {plot: None, model_dir: "adapter", **({rewards: None} if drawn else {})}
+        )

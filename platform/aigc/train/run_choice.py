@@ -54,7 +54,10 @@ def run_inputs(cfg: PlatformConfig, stats: dict[str, Any]) -> dict[str, Any]:
         "data": stats.get("fingerprint"),
         "model": {"name_or_path": model.name_or_path, "commit": model.commit, "dtype": model.dtype},
         "lora": None if cfg.train.method == "full" else cfg.lora.model_dump(mode="json"),
-        "train": {key: getattr(cfg.train, key) for key in _DECIDING_TRAIN} | {"epochs": cfg.train.epochs},
+        "train": {key: getattr(cfg.train, key) for key in _DECIDING_TRAIN}
+        | {"epochs": cfg.train.epochs}
+        # DPO/ORPO settings decide the run too (absent for SFT, so earlier SFT runs keep resuming)
+        | ({"preference": cfg.train.preference.model_dump(mode="json")} if cfg.train.preference.method else {}),
     }
 
 

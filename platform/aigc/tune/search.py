@@ -26,6 +26,7 @@ from aigc.tune.space import Space, load_space, to_param_space
 
 __all__ = [
     "PBT_MUTABLE",
+    "PREFERENCE_METRICS",
     "REPORTED_METRICS",
     "build_scheduler",
     "build_search",
@@ -52,6 +53,11 @@ REPORTED_METRICS = (
     "lr",
 )
 
+# What a preference run (train.preference.method) reports instead of eval_perplexity and eval_tokens
+# (aigc.train.preference): tune.metric may name these with mode "max" (accuracy, margin) for DPO/ORPO sweeps.
+PREFERENCE_METRICS = ("eval_reward_accuracy", "eval_reward_margin", "eval_rewards_chosen", "eval_rewards_rejected",
+                      "eval_logps_chosen", "eval_logps_rejected", "eval_pairs")  # fmt: skip
+
 # Keys a running trial can take a new value of when it continues another trial's checkpoint (PBT): the loop
 # re-applies lr and weight decay after loading the optimizer, reads max_grad_norm every step, and builds the
 # model (dropout) from the config before loading the weights. Shapes (lora.r, method, target modules), the
@@ -70,10 +76,12 @@ def check_sweep(cfg: PlatformConfig) -> Space:
             within ``tune.num_samples``, grid keys under Optuna, or Optuna not installed.
     """
     t = cfg.tune
-    if t.metric not in REPORTED_METRICS:
-        raise ConfigError(
-            f"tune.metric: the trainer does not report {t.metric!r}; use one of {', '.join(REPORTED_METRICS)}"
-        )
+    pref = cfg.train.preference.method
+    reported = [m for m in REPORTED_METRICS if not (pref and m in ("eval_perplexity", "eval_tokens"))]
+    reported += list(PREFERENCE_METRICS) if pref else []
+    if t.metric not in reported:
+        runs = f"a train.preference.method={pref} run" if pref else "the trainer"
+        raise ConfigError(f"tune.metric: {runs} does not report {t.metric!r}; use one of {', '.join(reported)}")
     if t.metric in ("eval_exact_match", "eval_rouge_l") and not cfg.train.eval_generation_samples:
         raise ConfigError(
             f"tune.metric: {t.metric!r} is reported only with generation metrics on: set "
