@@ -134,6 +134,9 @@ def export_feedback(
         made = f"{res.rows} rows ({res.corrected} corrected)"
     left_out = ", ".join(f"{k}={v}" for k, v in res.skipped.items()) or "none"
     print(f"[feedback] {made} -> {res.path}; left out: {left_out}")
-    tune = "preference-tune" if pairs else "fine-tune"
-    print(f"[feedback] {tune} on it: aigc preprocess --config ... data.path={res.path} data.format=messages")
+    if pairs:
+        print(f"[feedback] preference-tune on it: aigc preprocess --config ... data.path={res.path} "
+              "data.format=messages data.preference=true, then aigc train ... train.preference.method=dpo")  # fmt: skip
+    else:
+        print(f"[feedback] fine-tune on it: aigc preprocess --config ... data.path={res.path} data.format=messages")
     return res
