@@ -114,5 +114,7 @@ def test_feedback_export_pairs_cli(tmp_path, capsys):
     assert _pairs(str(written)) == [("Where is my parcel?", "Use the tracking link.", "No idea.")]
     out = capsys.readouterr().out
     assert f"1 preference pairs (1 corrected, 0 from ratings) -> {written}; left out: single_rating=1" in out
-    assert (f"preference-tune on it: aigc preprocess --config ... data.path={written} data.format=messages "
-            "data.preference=true, then aigc train ... train.preference.method=dpo") in out
+    assert (
+        f"preference-tune on it: aigc preprocess --config ... data.path={written} data.format=messages "
+        "data.preference=true, then aigc train ... train.preference.method=dpo"
+    ) in out
