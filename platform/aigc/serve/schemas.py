@@ -3,7 +3,7 @@
 Requests accept and ignore fields they do not know (``presence_penalty``, ``frequency_penalty``...), as other
 OpenAI-compatible servers do, so stock clients work; the fields they do know are validated here, and a bad
 value becomes a 400 whose ``param`` names the field. A field that asks for a feature this server does not have
-(``logprobs``, ``tools``, ``n > 1``...) is refused the same way rather than silently ignored, unless it holds
+(``tools``, ``logit_bias``...) is refused the same way rather than silently ignored, unless it holds
 its "off" value (``false``, ``null``, ``1``, ``"none"``, ``{"type": "text"}``). Responses are built from these
 models and dumped to JSON.
 
@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
+from aigc.serve.engine.types import MAX_CHOICES, MAX_TOP_LOGPROBS
+from aigc.serve.logprob_shapes import ChatLogprobs, CompletionLogprobs
+
 __all__ = [
     "ChatCompletionChunk",
     "ChatCompletionRequest",
@@ -43,12 +46,11 @@ __all__ = [
 
 MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63  # torch generators take a 64-bit seed; OpenAI's is a signed 64-bit integer
+MAX_COMPLETION_LOGPROBS = 5  # completions' integer ``logprobs`` (OpenAI's cap)
 
 # Fields asking for features this server does not have: refused (400 naming the field) unless "off".
 # field -> (is the value "off"?, the "off" value: in the schema's enum, and as JSON in the message)
 _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], Any]] = {
-    "logprobs": (lambda v: v is None or v is False, False),
-    "top_logprobs": (lambda v: v is None or v == 0, 0),
     "logit_bias": (lambda v: v is None or v == {}, {}),
     "best_of": (lambda v: v is None or v == 1, 1),
     "echo": (lambda v: v is None or v is False, False),
@@ -116,14 +118,14 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(
         1,
-        description="Choices to generate; only 1 is supported.",
-        json_schema_extra=_schema_bounds(integer={"minimum": 1, "maximum": 1}),
+        description=f"Choices to generate (1..{MAX_CHOICES}) from one prefill of the prompt; with a seed, choice i "
+        "samples with seed + i.",
+        json_schema_extra=_schema_bounds(integer={"minimum": 1, "maximum": MAX_CHOICES}),
     )
     seed: int | None = Field(
         None, ge=0, lt=MAX_SEED, description="Seed for sampling; same seed + same request = same text."
     )
     user: str | None = None
-    logprobs: Any = _unsupported("logprobs")
     logit_bias: Any = _unsupported("logit_bias")
 
     @field_validator(*_UNSUPPORTED, check_fields=False)
@@ -136,9 +138,9 @@ class _Request(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _only_one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}")
+    def _choices_within_cap(cls, v: int) -> int:
+        if not 1 <= v <= MAX_CHOICES:
+            raise ValueError(f"n must be between 1 and {MAX_CHOICES}, got {v}")
         return v
 
     @field_validator("stop")
@@ -176,22 +178,47 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(
         None, description="OpenAI's newer name for max_tokens.", json_schema_extra=_POSITIVE_INT
     )
-    top_logprobs: Any = _unsupported("top_logprobs")
+    logprobs: bool | None = Field(None, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(
+        None,
+        description=f"Alternatives per token (0..{MAX_TOP_LOGPROBS}) with their log-probabilities; needs "
+        "logprobs: true.",
+        json_schema_extra=_schema_bounds(integer={"minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
+    )
     tools: Any = _unsupported("tools")
     tool_choice: Any = _unsupported("tool_choice")
     functions: Any = _unsupported("functions")
     function_call: Any = _unsupported("function_call")
     response_format: Any = _unsupported("response_format")
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_within_cap(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {v}")
+        if v and not info.data.get("logprobs"):  # `logprobs` is declared first, so validated already
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token, or None when no log-probabilities were asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str] = Field(
         description="The text to continue (one prompt per request).",
         json_schema_extra=_schema_bounds(array={"minItems": 1, "maxItems": 1}),
+    )
+    logprobs: int | None = Field(
+        None,
+        description=f"Log-probabilities of each token and its N likeliest alternatives (0..{MAX_COMPLETION_LOGPROBS}).",
+        json_schema_extra=_schema_bounds(integer={"minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS}),
     )
     best_of: Any = _unsupported("best_of")
     echo: Any = _unsupported("echo")
@@ -203,6 +230,17 @@ class CompletionRequest(_Request):
         if isinstance(v, list) and len(v) != 1:
             raise ValueError(f"exactly one prompt per request is supported, got a list of {len(v)}")
         return v
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_within_cap(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COMPLETION_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}, got {v!r}")
+        return v
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompt_text(self) -> str:
@@ -237,7 +275,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "content_filter"] | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -263,7 +301,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: Literal["stop", "length", "content_filter"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -279,7 +317,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length", "content_filter"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

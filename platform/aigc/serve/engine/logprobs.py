@@ -47,7 +47,7 @@ def step_logprobs(logits: torch.Tensor, wants: list[int | None], tokens: list[An
     lp = torch.nan_to_num(lp, nan=FLOOR, neginf=FLOOR)  # a row whose every score is -inf has no distribution
     chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device)).squeeze(1).tolist()
     k = min(max(wants[i] for i in rows), lp.shape[-1])
-    top_v, top_i = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
     top_v, top_i = top_v.tolist(), top_i.tolist()
     for j, i in enumerate(rows):
         kk = wants[i]

@@ -145,8 +145,13 @@ class Collector:
         if len(self._final) < self.n:
             return None
         choices = [
-            Choice(i, "".join(self._text[i]), self._final[i].finish_reason, self._final[i].completion_tokens,
-                   self._logprobs[i])  # fmt: skip
+            Choice(
+                i,
+                "".join(self._text[i]),
+                self._final[i].finish_reason,
+                self._final[i].completion_tokens,
+                self._logprobs[i],
+            )
             for i in range(self.n)
         ]
         total = sum(c.completion_tokens for c in choices)
