@@ -14,7 +14,7 @@ from helpers import make_tiny_model
 
 from aigc.errors import InvalidRequestError
 from aigc.serve.engine import GenerationEngine, SamplingParams
-from aigc.serve.engine.logprobs import FLOOR, step_logprobs
+from aigc.serve.engine.logprobs import FLOOR, step_logprobs, token_bytes
 
 PROMPT = "Where is my parcel?"
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -42,7 +42,9 @@ def test_logprobs_equal_a_reference_forward_and_greedy_top_holds_the_chosen_toke
     out = engine.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, logprobs=5))
     lps = out.logprobs
     assert len(lps) == out.completion_tokens - (out.finish_reason == "stop")  # the eos token has no text
-    assert "".join(t.token for t in lps) == out.text  # the tiny tokenizer's tokens decode alone
+    assert "".join(t.token for t in lps) == out.text  # this reply's tokens each decode alone to their text
+    # the raw bytes are the reply's (where the model emitted invalid UTF-8, the text holds U+FFFD for it)
+    assert b"".join(t.raw for t in lps).decode("utf-8", errors="replace") == out.text
     ref = _reference(engine, PROMPT, [t.token_id for t in lps])
     for j, t in enumerate(lps):
         assert t.logprob == pytest.approx(float(ref[j, t.token_id]), abs=1e-4)
@@ -86,6 +88,13 @@ def test_streamed_logprobs_arrive_with_their_text(engine):
     for d in deltas:
         sent += len(d.text)
         assert all(t.offset < sent for t in d.logprobs)
+
+
+def test_a_token_inside_a_multibyte_character_reports_its_own_bytes():
+    assert token_bytes("<0xE2>", "\ufffd") == b"\xe2"  # sentencepiece byte fallback
+    assert token_bytes("Ã©", "é") == "é".encode()  # byte-level BPE: é is the two bytes C3 A9
+    assert token_bytes("âĢ", "\ufffd") == "…".encode()[:2]  # the first two of the three bytes of …
+    assert token_bytes("▁word", "\ufffd") == "\ufffd".encode()  # neither: what the tokenizer decoded
 
 
 def test_rows_that_do_not_ask_pay_nothing_and_figures_stay_finite():

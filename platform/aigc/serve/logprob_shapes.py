@@ -1,8 +1,9 @@
 """Log-probabilities in OpenAI's two shapes: chat's ``logprobs.content`` list and completions' parallel lists.
 
 The figures come from the engine (:mod:`aigc.serve.engine.logprobs`: the model's raw distribution, finite, one
-entry per generated token whose text was sent). ``bytes`` is the UTF-8 of the token's text decoded alone (a token
-that is part of a multi-byte character decodes to U+FFFD, whose bytes are reported).
+entry per generated token whose text was sent). ``bytes`` are the token's own bytes: joined over a reply's tokens
+they are the reply's UTF-8, even where a token is part of a multi-byte character (its ``token`` text is then
+U+FFFD, as the tokenizer decodes it alone).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from aigc.serve.engine.types import TokenLogprob
+from aigc.serve.engine.types import TokenLogprob, TopLogprob
 
 __all__ = [
     "ChatLogprobs",
@@ -49,8 +50,8 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-def _utf8(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+def _bytes(t: TokenLogprob | TopLogprob) -> list[int]:
+    return list(t.raw or t.token.encode("utf-8"))
 
 
 def chat_logprobs(lps: Sequence[TokenLogprob] | None) -> ChatLogprobs | None:
@@ -61,8 +62,8 @@ def chat_logprobs(lps: Sequence[TokenLogprob] | None) -> ChatLogprobs | None:
         ChatTokenLogprob(
             token=t.token,
             logprob=t.logprob,
-            bytes=_utf8(t.token),
-            top_logprobs=[ChatTopLogprob(token=a.token, logprob=a.logprob, bytes=_utf8(a.token)) for a in t.top],
+            bytes=_bytes(t),
+            top_logprobs=[ChatTopLogprob(token=a.token, logprob=a.logprob, bytes=_bytes(a)) for a in t.top],
         )
         for t in lps
     ]

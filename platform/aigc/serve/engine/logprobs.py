@@ -14,6 +14,7 @@ whose text starts at or after a stop string's cut are never reported; nor is the
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 
 from aigc.serve.engine.types import TokenLogprob, TopLogprob
 
-__all__ = ["FLOOR", "LogprobTracker", "StepLogprob", "step_logprobs", "token_texts"]
+__all__ = ["FLOOR", "LogprobTracker", "StepLogprob", "step_logprobs", "token_bytes", "token_texts"]
 
 FLOOR = -9999.0  # what a ruled-out token (-inf) or an undefined figure is reported as (OpenAI's convention)
 
@@ -55,14 +56,48 @@ def step_logprobs(logits: torch.Tensor, wants: list[int | None], tokens: list[An
     return out
 
 
-def token_texts(tokenizer: Any) -> Callable[[int], str]:
-    """A token id's text decoded alone (special tokens included), cached: reused for every alternative."""
+def token_texts(tokenizer: Any) -> Callable[[int], tuple[str, bytes]]:
+    """A token id's text decoded alone (special tokens included) and its own bytes, cached: reused for every
+    alternative."""
 
     @lru_cache(maxsize=65536)
-    def text(token_id: int) -> str:
-        return tokenizer.decode([token_id], skip_special_tokens=False)
+    def text(token_id: int) -> tuple[str, bytes]:
+        decoded = tokenizer.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in decoded:
+            return decoded, decoded.encode("utf-8")
+        return decoded, token_bytes(tokenizer.convert_ids_to_tokens(token_id), decoded)
 
     return text
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte tokens
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte (byte-level BPE vocabularies)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_table()
+
+
+def token_bytes(piece: str, decoded: str) -> bytes:
+    """The bytes of a token that decodes alone to a broken character: from its vocabulary entry (a byte-level BPE
+    piece, or a sentencepiece ``<0xNN>`` byte); the decoded text's UTF-8 when the entry is neither."""
+    fallback = _BYTE_FALLBACK.fullmatch(piece)
+    if fallback:
+        return bytes([int(fallback.group(1), 16)])
+    if piece and all(c in _BYTE_LEVEL for c in piece):
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    return decoded.encode("utf-8")
 
 
 class LogprobTracker:
@@ -72,7 +107,7 @@ class LogprobTracker:
         text_of: a token id's text (:func:`token_texts`).
     """
 
-    def __init__(self, text_of: Callable[[int], str]):
+    def __init__(self, text_of: Callable[[int], tuple[str, bytes]]):
         self._text_of = text_of
         self.decoded = 0  # characters the detokenizer produced so far
         self.sent = 0  # characters sent to the caller so far
@@ -91,13 +126,17 @@ class LogprobTracker:
             return
         run = 0
         for tid, (logprob, top) in self._unplaced:
-            text = self._text_of(tid)
-            alternatives = tuple(TopLogprob(t, self._text_of(t), _finite(v)) for t, v in top)
+            text, raw = self._text_of(tid)
+            alternatives = tuple(TopLogprob(t, *self._alternative(t, v)) for t, v in top)
             offset = self.decoded + min(run, len(piece) - 1)
-            self._pending.append(TokenLogprob(tid, text, _finite(logprob), offset, alternatives))
+            self._pending.append(TokenLogprob(tid, text, _finite(logprob), offset, alternatives, raw))
             run += len(text)
         self._unplaced.clear()
         self.decoded += len(piece)
+
+    def _alternative(self, token_id: int, logprob: float) -> tuple[str, float, bytes]:
+        text, raw = self._text_of(token_id)
+        return text, _finite(logprob), raw
 
     def release(self, sent_text: str) -> list[TokenLogprob]:
         """The tokens whose text starts within the text sent so far (``sent_text``: the newly sent part)."""

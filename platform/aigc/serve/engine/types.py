@@ -55,15 +55,16 @@ class TopLogprob:
     token_id: int
     token: str
     logprob: float
+    raw: bytes = b""  # the token's own bytes (joined over a reply's tokens: the reply's UTF-8)
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log-probability, where its text starts in the choice's text, and its alternatives.
 
-    A token decoded alone may be part of a multi-byte character (its ``token`` then holds U+FFFD);
-    ``offset`` is the character its bytes belong to. Log-probabilities are finite: a token the model rules out
-    entirely (``-inf``) is reported as -9999.0, as OpenAI does.
+    A token decoded alone may be part of a multi-byte character (its ``token`` then holds U+FFFD, and ``raw``
+    its real bytes); ``offset`` is the character its bytes belong to. Log-probabilities are finite: a token the
+    model rules out entirely (``-inf``) is reported as -9999.0, as OpenAI does.
     """
 
     token_id: int
@@ -71,6 +72,7 @@ class TokenLogprob:
     logprob: float
     offset: int
     top: tuple[TopLogprob, ...] = ()
+    raw: bytes = b""
 
 
 @dataclass
