@@ -124,8 +124,9 @@ class Answerer:
             """(prompt tokens, completion tokens of every choice) so far."""
             return streams[0].last.prompt_tokens, sum(s.last.completion_tokens for s in streams)
 
-        async def finish() -> list[str]:
-            """The closing events once every choice finished; captured before they leave, as a whole answer is."""
+        async def finish(last: str) -> list[str]:
+            """The closing events once every choice finished (``last``: the last choice's finish chunk); the answer
+            is captured before they leave, as a whole answer is."""
             if self._feedback:
                 await self._feedback.capture(turn.rid, turn.model_name, turn.prompt, turn.params,
                                              "".join(streams[0].text), streams[0].reason, turn.key)  # fmt: skip
@@ -135,8 +136,8 @@ class Answerer:
             if first is not None:
                 metrics.timing(turn.model_name, first - started, time.perf_counter() - started, completion_tokens)
             if turn.include_usage:  # OpenAI's last chunk: no choices, the usage
-                return [chunk([], Usage.of(prompt_tokens, completion_tokens))]
-            return []
+                return [last, chunk([], Usage.of(prompt_tokens, completion_tokens))]
+            return [last]
 
         async def events() -> AsyncIterator[str]:
             nonlocal first
@@ -165,11 +166,12 @@ class Answerer:
                             s.reason = "content_filter" if flagged else d.finish_reason
                             if flagged:
                                 metrics.content_filter("answer", s.guard.flag.category)
-                            yield chunk([kind.delta(None, s.reason, index=d.index)])
+                            closing = chunk([kind.delta(None, s.reason, index=d.index)])
                             if all(x.reason is not None for x in streams):
-                                for e in await finish():
+                                for e in await finish(closing):
                                     yield e
                                 return
+                            yield closing
             finally:
                 await admission.finish(*counts())  # no-op when finish() ran
 
