@@ -226,6 +226,14 @@ def test_completions_logprobs_as_parallel_lists(server):
     assert all(o < len(r.choices[0].text) for o in lp.text_offset)
     for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert top[token] == value == max(top.values())  # greedy: the chosen token is the likeliest
+    chunks = list(
+        server.client.completions.create(
+            model="support", prompt="The parcel", max_tokens=8, temperature=0, logprobs=2, stream=True
+        )
+    )
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset  # offsets in the whole text
 
 
 def test_streamed_n_choices_with_logprobs_and_usage(server):
