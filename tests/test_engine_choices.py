@@ -162,3 +162,27 @@ def test_a_row_with_logprobs_and_hostile_settings_leaves_its_neighbours_alone(en
     assert {p: o.text for (p, _), o in zip(jobs, outs, strict=False) if p in alone} == alone
     assert all(len(t.top) == 20 for t in outs[-1].logprobs)
     assert len(outs[-1].choices) == 8
+
+
+def test_a_failing_logprobs_computation_ends_only_the_rows_that_asked(engine, monkeypatch):
+    import aigc.serve.engine.scheduler as scheduler
+
+    def broken(logits, wants, tokens):
+        if any(k is not None for k in wants):
+            raise RuntimeError("log_softmax failed")
+        return [None] * len(wants)
+
+    monkeypatch.setattr(scheduler, "step_logprobs", broken)
+    alone = engine.generate("Hello", GREEDY).text
+    jobs = [("Hello", GREEDY), (PROMPT, SamplingParams(max_tokens=12, temperature=0, logprobs=3))]
+
+    def run(job):
+        try:
+            return engine.generate(*job)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        plain, asked = pool.map(run, jobs)
+    assert plain.text == alone
+    assert isinstance(asked, RuntimeError) and str(asked) == "log_softmax failed"
