@@ -162,6 +162,7 @@ def test_a_row_with_logprobs_and_hostile_settings_leaves_its_neighbours_alone(en
     assert {p: o.text for (p, _), o in zip(jobs, outs, strict=False) if p in alone} == alone
     assert all(len(t.top) == 20 for t in outs[-1].logprobs)
     assert len(outs[-1].choices) == 8
+    assert engine.max_rows_seen <= engine.max_batch_size  # choices count as rows: 20 rows never share a step
 
 
 def test_a_failing_logprobs_computation_ends_only_the_rows_that_asked(engine, monkeypatch):

@@ -132,8 +132,13 @@ class Scheduler:
                 r.finish(timeout_error())
 
     def _admissible(self) -> list[Request]:
-        """The waiting requests to prefill now (the caller holds ``_wake``); see the module doc."""
-        room = min(self.max_batch_size - len(self.batch), len(self.waiting))
+        """The waiting requests to prefill now (the caller holds ``_wake``); see the module doc.
+
+        Counted in rows: a request with ``n`` choices takes ``n``. Requests are admitted in arrival order while
+        their rows fit; an idle engine admits the first whatever its ``n`` (it could never fit otherwise).
+        """
+        free = self.max_batch_size - len(self.batch)
+        room = min(free, sum(r.params.n for r in self.waiting))
         if room <= 0:
             return []
         if (
@@ -142,7 +147,11 @@ class Scheduler:
             and time.monotonic() - self.waiting[0].arrived < self.admit_max_wait_s
         ):
             return []
-        return [self.waiting.popleft() for _ in range(room)]
+        out, rows = [], 0
+        while self.waiting and (rows + self.waiting[0].params.n <= free or not (out or len(self.batch))):
+            rows += self.waiting[0].params.n
+            out.append(self.waiting.popleft())
+        return out
 
     def _admit(self, reqs: list[Request]) -> None:
         groups = []  # per request, a row per choice: the prompt is prefilled once, then forked
