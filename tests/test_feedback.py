@@ -299,7 +299,7 @@ def test_capture_feedback_export_preprocess_round_trip(server):
         "answer": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason,
     }  # fmt: skip
     assert captured["params"] == {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
-                                  "stop": []}  # fmt: skip
+                                  "stop": [], "logprobs": None, "n": 1}  # fmt: skip
 
     chunks = list(server.client.chat.completions.create(model=server.base_id, messages=messages, max_tokens=8,
                                                         temperature=0, stream=True))  # fmt: skip
@@ -309,6 +309,16 @@ def test_capture_feedback_export_preprocess_round_trip(server):
     assert streamed["answer"] == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed["answer"] == r.choices[0].message.content  # greedy: the same text
     assert streamed["key_name"] == "alice"
+
+    # n choices: the first is the one captured (streamed or not)
+    many = dict(model=server.base_id, messages=messages, max_tokens=8, temperature=1.0, seed=3, n=3)
+    r3 = server.client.chat.completions.create(**many)
+    c3 = json.loads((server.dir / "completions" / f"{r3.id}.json").read_text())
+    assert (c3["answer"], c3["params"]["n"]) == (r3.choices[0].message.content, 3)
+    s3 = list(server.client.chat.completions.create(**many, stream=True))
+    first = "".join(ch.delta.content or "" for c in s3 for ch in c.choices if ch.index == 0)
+    assert json.loads((server.dir / "completions" / f"{s3[0].id}.json").read_text())["answer"] == first
+    assert first == r3.choices[0].message.content  # the same seed: the same choices
 
     t = server.client.completions.create(model=server.base_id, prompt=f"The {MARKER}", max_tokens=4, temperature=0)
     assert t.id.startswith("cmpl-")

@@ -196,6 +196,80 @@ def test_streaming_raw_chat_sse_shapes(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
 
+def test_chat_logprobs_and_n_choices_parse_as_the_openai_client_types_them(server):
+    r = _chat(server, server.base_id, logprobs=True, top_logprobs=3, n=2)
+    single = _chat(server, server.base_id)
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:  # greedy: n identical texts, as OpenAI and vLLM give
+        assert c.message.content == single.choices[0].message.content
+        content = c.logprobs.content
+        # the bytes are the reply's, a character split over tokens included (invalid UTF-8 the model emitted
+        # reads as U+FFFD in the text)
+        assert b"".join(bytes(t.bytes) for t in content).decode(errors="replace") == c.message.content
+        for t in content:
+            assert "\ufffd" in t.token or t.bytes == list(t.token.encode())
+            assert t.logprob <= 0
+            assert len(t.top_logprobs) == 3 and (t.top_logprobs[0].token, t.top_logprobs[0].logprob) == (
+                t.token,
+                t.logprob,
+            )
+    assert r.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counted once
+    assert r.usage.completion_tokens == 2 * single.usage.completion_tokens
+    assert single.choices[0].logprobs is None
+
+
+def test_completions_logprobs_as_parallel_lists(server):
+    r = server.client.completions.create(model="support", prompt="The parcel", max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) > 0
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert all(o < len(r.choices[0].text) for o in lp.text_offset)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[token] == value == max(top.values())  # greedy: the chosen token is the likeliest
+    chunks = list(
+        server.client.completions.create(
+            model="support", prompt="The parcel", max_tokens=8, temperature=0, logprobs=2, stream=True
+        )
+    )
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset  # offsets in the whole text
+
+
+def test_streamed_n_choices_with_logprobs_and_usage(server):
+    kw = {"temperature": 1.0, "seed": 9, "n": 3, "logprobs": True, "top_logprobs": 1}
+    whole = _chat(server, server.base_id, **kw)
+    chunks = list(_chat(server, server.base_id, stream=True, stream_options={"include_usage": True}, **kw))
+    assert len({c.message.content for c in whole.choices}) > 1  # seed + index: distinct choices
+    for c in whole.choices:
+        mine = [ch for chunk in chunks for ch in chunk.choices if ch.index == c.index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(ch.delta.content or "" for ch in mine) == c.message.content
+        assert [ch.finish_reason for ch in mine if ch.finish_reason] == [c.finish_reason]
+        streamed = [t for ch in mine if ch.logprobs for t in ch.logprobs.content]
+        assert [t.token for t in streamed] == [t.token for t in c.logprobs.content]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_n_and_logprobs_beyond_their_caps_are_400_naming_the_field(server):
+    post = server.http.post
+    chat = {"model": server.base_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    text = {"model": server.base_id, "prompt": "hi", "max_tokens": 2}
+    for path, body, param in [
+        ("/chat/completions", {**chat, "n": 9}, "n"),
+        ("/chat/completions", {**chat, "n": 0}, "n"),
+        ("/completions", {**text, "n": 9}, "n"),
+        ("/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),
+        ("/completions", {**text, "logprobs": 6}, "logprobs"),
+        ("/completions", {**text, "logprobs": True}, "logprobs"),
+    ]:
+        assert _error(post(path, json=body), 400)["param"] == param, body
+    err = _error(post("/chat/completions", json={**chat, "top_logprobs": 2, "logprobs": False}), 400)
+    assert err["message"] == "top_logprobs: top_logprobs needs logprobs: true"
+    assert post("/chat/completions", json={**chat, "logprobs": False, "top_logprobs": 0}).status_code == 200
+
+
 def _raw_chat(server) -> dict:
     return {"model": server.base_id, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
 
@@ -213,7 +287,7 @@ def test_bad_requests_get_openai_errors(server):
     bad_role = {**ok, "messages": [{"role": "robot", "content": "hi"}]}
     assert _error(post("/chat/completions", json=bad_role), 400)["param"] == "messages.0.role"
     assert _error(post("/chat/completions", json={**ok, "temperature": "hot"}), 400)["param"] == "temperature"
-    assert _error(post("/chat/completions", json={**ok, "n": 2}), 400)["param"] == "n"
+    assert _error(post("/chat/completions", json={**ok, "n": 9}), 400)["param"] == "n"
     assert _error(post("/completions", json={"model": server.base_id, "prompt": ["a", "b"]}), 400)["param"] == "prompt"
 
     err = _error(post("/chat/completions", json={**ok, "model": "no-such-model"}), 404)

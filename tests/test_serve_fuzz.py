@@ -182,7 +182,9 @@ def _check_answer(path: str, body: Any, status: int, content_type: str, text: st
     if status >= 400:
         err = _check_error(path, body, status, text)
         if valid and path in (CHAT, TEXT):
-            assert err["code"] in CONTENT_REFUSALS or _schema_gap(err), (
+            # top_logprobs needs logprobs: true, a rule between two fields that the schema does not state
+            needs_logprobs = err["param"] == "top_logprobs" and body.get("logprobs") is not True
+            assert err["code"] in CONTENT_REFUSALS or _schema_gap(err) or needs_logprobs, (
                 f"a request valid under the schema was refused: {err}"
             )
     elif path in (CHAT, TEXT):
@@ -232,6 +234,7 @@ def _stops(body: dict[str, Any]) -> list[str]:
 def _check_generation(path: str, body: dict[str, Any], content_type: str, text: str) -> None:
     chat = path == CHAT
     (limit, exact), stops = _limit(path, body), _stops(body)
+    n = body["n"] if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) else 1
     model = MODELS.get(body["model"]) if isinstance(body.get("model"), str) else None
     if content_type.startswith("text/event-stream"):
         lines = [line for line in text.split("\n") if line]
@@ -245,29 +248,31 @@ def _check_generation(path: str, body: dict[str, Any], content_type: str, text: 
         assert len({c.id for c in parsed}) == 1 and all(c.object == parsed[0].object for c in parsed)
         assert model is None or all(c.model == model for c in parsed)
         choices = [ch for c in parsed for ch in c.choices]
-        answer = "".join((ch.delta.content or "") if chat else ch.text for ch in choices)
-        finishes = [ch.finish_reason for ch in choices if ch.finish_reason is not None]
-        assert finishes in (["stop"], ["length"]), finishes
+        answers = ["".join((ch.delta.content or "") if chat else ch.text for ch in choices if ch.index == i)
+                   for i in range(n)]  # fmt: skip
+        finishes = sorted((ch.index, ch.finish_reason) for ch in choices if ch.finish_reason is not None)
+        assert [i for i, _ in finishes] == list(range(n)) and {r for _, r in finishes} <= {"stop", "length"}, finishes
         usage = [c.usage for c in parsed if c.usage is not None]
         if usage:
             assert len(usage) == 1 and parsed[-1].usage is usage[0] and not parsed[-1].choices
-            assert 1 <= usage[0].completion_tokens <= limit and usage[0].prompt_tokens > 0
+            assert n <= usage[0].completion_tokens <= n * limit and usage[0].prompt_tokens > 0
     else:
         data = json.loads(text)
         assert set(data) == {"id", "object", "created", "model", "choices", "usage"}, text
         resp = (ChatCompletionResponse if chat else CompletionResponse).model_validate(data)
         assert resp.id.startswith("chatcmpl-" if chat else "cmpl-")
         assert model is None or resp.model == model
-        (choice,) = resp.choices
-        answer = choice.message.content if chat else choice.text
-        assert choice.finish_reason in ("stop", "length")
+        assert [c.index for c in resp.choices] == list(range(n))
+        answers = [c.message.content if chat else c.text for c in resp.choices]
+        assert all(c.finish_reason in ("stop", "length") for c in resp.choices)
         u = resp.usage
-        assert u.prompt_tokens > 0 and 1 <= u.completion_tokens <= limit
+        assert u.prompt_tokens > 0 and n <= u.completion_tokens <= n * limit
         assert u.total_tokens == u.prompt_tokens + u.completion_tokens
-        if choice.finish_reason == "length" and exact:
+        if n == 1 and resp.choices[0].finish_reason == "length" and exact:
             assert u.completion_tokens == limit
-    assert isinstance(answer, str)
-    assert not [s for s in stops if s and s in answer], (stops, answer)
+    for answer in answers:
+        assert isinstance(answer, str)
+        assert not [s for s in stops if s and s in answer], (stops, answer)
 
 
 # =================================================================== schemathesis: the server's own schema
@@ -317,7 +322,7 @@ def test_schema_states_the_bounds_validation_enforces(live_schema):
         props = schemas[name]["properties"]
         assert (props["temperature"]["minimum"], props["temperature"]["maximum"]) == (0, 2)
         assert (props["top_p"]["exclusiveMinimum"], props["top_p"]["maximum"]) == (0, 1)
-        assert (props["n"]["minimum"], props["n"]["maximum"]) == (1, 1)
+        assert (props["n"]["minimum"], props["n"]["maximum"]) == (1, 8)
         seed = next(b for b in props["seed"]["anyOf"] if b["type"] == "integer")
         assert (seed["minimum"], seed["exclusiveMaximum"]) == (0, 2**63)
         stop = {b["type"]: b for b in props["stop"]["anyOf"]}
@@ -326,7 +331,7 @@ def test_schema_states_the_bounds_validation_enforces(live_schema):
         for field in ("max_tokens", "max_completion_tokens"):
             if field in props:
                 assert next(b for b in props[field]["anyOf"] if b["type"] == "integer")["minimum"] == 1
-        for field in ("logprobs", "logit_bias", "top_logprobs", "response_format", "best_of", "echo"):
+        for field in ("logit_bias", "response_format", "best_of", "echo"):
             if field in props:
                 assert len(props[field]["enum"]) == 2 and None in props[field]["enum"]
     assert schemas["ChatCompletionRequest"]["properties"]["messages"]["minItems"] == 1

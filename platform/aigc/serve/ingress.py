@@ -213,6 +213,8 @@ class OpenAIIngress:
             top_p=body.top_p,
             seed=body.seed,
             stop=tuple(body.stop_list),
+            logprobs=body.requested_logprobs,
+            n=body.n,
         )
 
     async def _complete(self, model_id: str, prompt: Prompt, params: SamplingParams, deadline: float) -> Completion:

@@ -1,11 +1,11 @@
-"""OpenAI request and response shapes (the subset this platform serves).
+"""OpenAI request shapes (the subset this platform serves); the response shapes are in
+:mod:`aigc.serve.responses` and re-exported here.
 
 Requests accept and ignore fields they do not know (``presence_penalty``, ``frequency_penalty``...), as other
 OpenAI-compatible servers do, so stock clients work; the fields they do know are validated here, and a bad
 value becomes a 400 whose ``param`` names the field. A field that asks for a feature this server does not have
-(``logprobs``, ``tools``, ``n > 1``...) is refused the same way rather than silently ignored, unless it holds
-its "off" value (``false``, ``null``, ``1``, ``"none"``, ``{"type": "text"}``). Responses are built from these
-models and dumped to JSON.
+(``logit_bias``, ``response_format``...) is refused the same way rather than silently ignored, unless it holds
+its "off" value (``false``, ``null``, ``1``, ``"none"``, ``{"type": "text"}``).
 
 The OpenAPI schema (``/openapi.json``) states the bounds validation enforces, so a client or a fuzzer generating
 from it sends only requests this server accepts: where a validator below (or the ingress, for ``max_tokens``)
@@ -17,19 +17,34 @@ from __future__ import annotations
 
 import copy
 import json
-import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from aigc.serve.engine.types import MAX_CHOICES, MAX_TOP_LOGPROBS
+from aigc.serve.responses import (  # noqa: F401  (re-exported: the shapes of both directions, one import)
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionResponse,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    error_body,
+    new_id,
+)
 from aigc.serve.tool_schemas import (
     ChoiceMode,
     RequestToolCall,
     TextPart,
-    ToolCall,
-    ToolCallDelta,
     check_tool_choice,
     check_tools,
     template_message,
@@ -56,12 +71,11 @@ __all__ = [
 
 MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63  # torch generators take a 64-bit seed; OpenAI's is a signed 64-bit integer
+MAX_COMPLETION_LOGPROBS = 5  # completions' integer ``logprobs`` (OpenAI's cap)
 
 # Fields asking for features this server does not have: refused (400 naming the field) unless "off".
 # field -> (is the value "off"?, the "off" value: in the schema's enum, and as JSON in the message)
 _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], Any]] = {
-    "logprobs": (lambda v: v is None or v is False, False),
-    "top_logprobs": (lambda v: v is None or v == 0, 0),
     "logit_bias": (lambda v: v is None or v == {}, {}),
     "best_of": (lambda v: v is None or v == 1, 1),
     "echo": (lambda v: v is None or v is False, False),
@@ -96,11 +110,6 @@ _POSITIVE_INT = _schema_bounds(integer={"minimum": 1})  # the ingress checks 1..
 _STOP_TEXT = {"type": "string", "minLength": 1}
 
 
-def new_id(prefix: str) -> str:
-    """A response id such as ``chatcmpl-3f2a...``."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -127,14 +136,14 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(
         1,
-        description="Choices to generate; only 1 is supported.",
-        json_schema_extra=_schema_bounds(integer={"minimum": 1, "maximum": 1}),
+        description=f"Choices to generate (1..{MAX_CHOICES}) from one prefill of the prompt; with a seed, choice i "
+        "samples with seed + i.",
+        json_schema_extra=_schema_bounds(integer={"minimum": 1, "maximum": MAX_CHOICES}),
     )
     seed: int | None = Field(
         None, ge=0, lt=MAX_SEED, description="Seed for sampling; same seed + same request = same text."
     )
     user: str | None = None
-    logprobs: Any = _unsupported("logprobs")
     logit_bias: Any = _unsupported("logit_bias")
 
     @field_validator(*_UNSUPPORTED, check_fields=False)
@@ -147,9 +156,9 @@ class _Request(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _only_one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}")
+    def _choices_within_cap(cls, v: int) -> int:
+        if not 1 <= v <= MAX_CHOICES:
+            raise ValueError(f"n must be between 1 and {MAX_CHOICES}, got {v}")
         return v
 
     @field_validator("stop")
@@ -209,7 +218,13 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(
         None, description="OpenAI's newer name for max_tokens.", json_schema_extra=_POSITIVE_INT
     )
-    top_logprobs: Any = _unsupported("top_logprobs")
+    logprobs: bool | None = Field(None, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(
+        None,
+        description=f"Alternatives per token (0..{MAX_TOP_LOGPROBS}) with their log-probabilities; needs "
+        "logprobs: true.",
+        json_schema_extra=_schema_bounds(integer={"minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
+    )
     tools: Any = tools_field()
     tool_choice: Any = tool_choice_field()
     functions: Any = _unsupported("functions")
@@ -228,15 +243,34 @@ class ChatCompletionRequest(_Request):
             return "none", None
         return check_tool_choice(v, info.data["tools"])
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_within_cap(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {v}")
+        if v and not info.data.get("logprobs"):  # `logprobs` is declared first, so validated already
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token, or None when no log-probabilities were asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str] = Field(
         description="The text to continue (one prompt per request).",
         json_schema_extra=_schema_bounds(array={"minItems": 1, "maxItems": 1}),
+    )
+    logprobs: int | None = Field(
+        None,
+        description=f"Log-probabilities of each token and its N likeliest alternatives (0..{MAX_COMPLETION_LOGPROBS}).",
+        json_schema_extra=_schema_bounds(integer={"minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS}),
     )
     best_of: Any = _unsupported("best_of")
     echo: Any = _unsupported("echo")
@@ -249,6 +283,17 @@ class CompletionRequest(_Request):
             raise ValueError(f"exactly one prompt per request is supported, got a list of {len(v)}")
         return v
 
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_within_cap(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COMPLETION_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}, got {v!r}")
+        return v
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
+
     @property
     def prompt_text(self) -> str:
         return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
@@ -256,127 +301,3 @@ class CompletionRequest(_Request):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
-
-
-# ----------------------------------------------------------------------------------------------- responses
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    tool_calls: list[ToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_no_calls(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        if out.get("tool_calls") is None:
-            out.pop("tool_calls", None)
-        return out
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length", "content_filter", "tool_calls"] | None
-    logprobs: None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: Any) -> dict[str, Any]:
-        # OpenAI sends only what changed: {"role": "assistant", "content": ""}, {"content": "..."}, {}.
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: ChatDelta
-    finish_reason: Literal["stop", "length", "content_filter", "tool_calls"] | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: Literal["stop", "length", "content_filter"] | None = None
-    logprobs: None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: new_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-# Streamed completions use the same object name as the non-streamed response (as OpenAI does).
-CompletionChunk = CompletionResponse
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "aigc"
-    root: str | None = Field(None, description="For an adapter: the registry version it resolves to.")
-    parent: str | None = Field(None, description="For an adapter: the base model it was trained on.")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-# ------------------------------------------------------------------------------------------------- errors
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-def error_body(
-    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """The JSON body OpenAI sends with a 4xx/5xx: ``{"error": {"message", "type", "param", "code"}}``."""
-    return ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code)).model_dump()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel
 
+from aigc.serve.engine.types import TokenLogprob
+from aigc.serve.logprob_shapes import chat_logprobs, text_logprobs
 from aigc.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -37,26 +39,37 @@ class Kind(NamedTuple):
     id_prefix: str
     response: type[BaseModel]  # the whole answer: (model, choices, usage)
     chunk: type[BaseModel]  # one streamed event: (id, created, model, choices, usage)
-    answer: Callable[[str, FinishReason], BaseModel]  # the non-streamed choice
-    delta: Callable[[str | None, FinishReason | None], BaseModel]  # a streamed choice: text, or the finish
-    opening: Callable[[], BaseModel] | None  # a choice streamed before the first token, if any
+    # Choices take keywords ``index`` (which of the n) and ``logprobs`` (the tokens of their text, or None).
+    answer: Callable[..., BaseModel]  # the non-streamed choice: (text, finish_reason)
+    delta: Callable[..., BaseModel]  # a streamed choice: (text, None), or (None, finish_reason)
+    opening: Callable[..., BaseModel] | None  # a choice streamed before the first token, if any: (index=)
 
 
-def _chat_answer(text: str, finish_reason: FinishReason) -> ChatChoice:
-    return ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+Logprobs = Sequence[TokenLogprob] | None
 
 
-def _chat_delta(text: str | None, finish_reason: FinishReason | None) -> ChatChunkChoice:
+def _chat_answer(text: str, finish_reason: FinishReason, index: int = 0, logprobs: Logprobs = None) -> ChatChoice:
+    return ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=finish_reason,
+                      logprobs=chat_logprobs(logprobs))  # fmt: skip
+
+
+def _chat_delta(
+    text: str | None, finish_reason: FinishReason | None, index: int = 0, logprobs: Logprobs = None
+) -> ChatChunkChoice:
     # The finish chunk's delta is empty ({}), as OpenAI sends it.
-    return ChatChunkChoice(delta=ChatDelta(content=text), finish_reason=finish_reason)
+    return ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=finish_reason,
+                           logprobs=chat_logprobs(logprobs))  # fmt: skip
 
 
-def _chat_opening() -> ChatChunkChoice:
-    return ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
+def _chat_opening(index: int = 0) -> ChatChunkChoice:
+    return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
 
 
-def _text_choice(text: str | None, finish_reason: FinishReason | None) -> CompletionChoice:
-    return CompletionChoice(text=text or "", finish_reason=finish_reason)
+def _text_choice(
+    text: str | None, finish_reason: FinishReason | None, index: int = 0, logprobs: Logprobs = None
+) -> CompletionChoice:
+    return CompletionChoice(index=index, text=text or "", finish_reason=finish_reason,
+                            logprobs=text_logprobs(logprobs))  # fmt: skip
 
 
 CHAT = Kind("chatcmpl", ChatCompletionResponse, ChatCompletionChunk, _chat_answer, _chat_delta, _chat_opening)

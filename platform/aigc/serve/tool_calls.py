@@ -23,11 +23,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aigc.serve.api_errors import ApiError
 from aigc.serve.engine.tool_prompts import ToolFormat, ToolPrompt, ToolSyntax
+from aigc.serve.engine.types import TokenLogprob
+from aigc.serve.logprob_shapes import chat_logprobs
 from aigc.serve.schemas import AssistantMessage, ChatChoice, ChatChunkChoice, ChatDelta
 from aigc.serve.tool_schemas import FunctionCall, ToolCall, ToolCallDelta
 
@@ -197,13 +200,19 @@ class ToolCallStream:
         return out, "tool_calls"
 
 
-def answer_choice(text: str, reason: str, tools: ToolCalls) -> ChatChoice:
-    """The non-streamed choice: the parsed calls (``finish_reason: tool_calls``), or the text as content."""
+def answer_choice(
+    text: str, reason: str, tools: ToolCalls, index: int = 0, logprobs: Sequence[TokenLogprob] | None = None
+) -> ChatChoice:
+    """The non-streamed choice: the parsed calls (``finish_reason: tool_calls``), or the text as content; with
+    its ``index`` among ``n`` choices and the log-probabilities of its tokens."""
+    lp = chat_logprobs(logprobs)
     parsed = None if reason == "content_filter" else parse_calls(text, tools)
     if parsed is None:
-        return ChatChoice(message=AssistantMessage(content=tools.opening + text), finish_reason=reason)
+        message = AssistantMessage(content=tools.opening + text)
+        return ChatChoice(index=index, message=message, finish_reason=reason, logprobs=lp)
     content, calls = parsed
-    return ChatChoice(message=AssistantMessage(content=content, tool_calls=calls), finish_reason="tool_calls")
+    message = AssistantMessage(content=content, tool_calls=calls)
+    return ChatChoice(index=index, message=message, finish_reason="tool_calls", logprobs=lp)
 
 
 def _partial_suffix(text: str, marker: str) -> int:

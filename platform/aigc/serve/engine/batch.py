@@ -38,6 +38,7 @@ class Row:
     top_p: float = 1.0
     top_k: int = 0
     generator: torch.Generator | None = None
+    logprobs: int | None = None  # None = no log-probabilities; k = the alternatives reported per token
     tokens: list[int] = field(default_factory=list)
     state: Any = None  # the engine's per-request bookkeeping (sink, detokenizer, stop filter...)
     alive: bool = True  # False once finished: still in the cache until the next compaction, never read
@@ -51,6 +52,21 @@ class Prefill:
     cache: Any
     mask: torch.Tensor
     logits: torch.Tensor
+
+    def fork(self, rows: list[Row], counts: list[int]) -> Prefill:
+        """The prefill with its row ``i`` repeated ``counts[i]`` times, as ``rows`` (n choices of one prompt).
+
+        The prompt ran through the model once; each choice gets a copy of its KV cache (a memory copy, no
+        forward pass), because ``DynamicCache`` holds one contiguous tensor per layer with a row per sequence
+        and decoding appends to every row: rows cannot share cache blocks as a paged cache would.
+        """
+        if all(c == 1 for c in counts):
+            return Prefill(rows, self.cache, self.mask, self.logits)
+        index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(self.mask.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        return Prefill(rows, self.cache, self.mask.index_select(0, index), self.logits.index_select(0, index))
 
 
 class RunningBatch:
@@ -72,6 +88,7 @@ class RunningBatch:
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # [rows, cached positions]: 1 = a real token
         self.max_rows_seen = 0  # largest number of live rows that shared one step (for tests and stats)
+        self.prefilled_rows = 0  # prompts run through prefill so far (n choices of one prompt count once)
 
     def __len__(self) -> int:
         """Live rows: the ones still generating."""
@@ -104,6 +121,7 @@ class RunningBatch:
             mask[i, width - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
+        self.prefilled_rows += len(rows)
         out = self._forward(
             [r.adapter for r in rows],
             input_ids=ids,

@@ -43,7 +43,7 @@ from aigc.serve.engine.adapters import PLACEHOLDER, AdapterSet
 from aigc.serve.engine.prompts import PromptEncoder
 from aigc.serve.engine.requests import Request, prepare, timeout_error
 from aigc.serve.engine.scheduler import Scheduler
-from aigc.serve.engine.types import Completion, Delta, Prompt, SamplingParams, join_deltas
+from aigc.serve.engine.types import Collector, Completion, Delta, Prompt, SamplingParams, join_deltas
 
 __all__ = ["Completion", "Delta", "GenerationEngine", "Prompt", "SamplingParams"]
 
@@ -204,7 +204,7 @@ class GenerationEngine:
         items: queue.Queue = queue.Queue()
         req.sink = items.put
         self._scheduler.submit(req)
-        parts: list[str] = []
+        collected = Collector(params.n)
         try:
             while True:
                 wait = None if req.deadline is None else max(0.0, req.deadline - time.monotonic()) + _CALLER_GRACE_S
@@ -214,9 +214,9 @@ class GenerationEngine:
                     raise timeout_error() from None
                 if isinstance(item, BaseException):
                     raise item
-                parts.append(item.text)
-                if item.finish_reason is not None:
-                    return Completion("".join(parts), item.finish_reason, item.prompt_tokens, item.completion_tokens)
+                done = collected.add(item)
+                if done is not None:
+                    return done
         finally:
             req.cancel.set()  # no-op when finished; frees the slot when the caller gave up
 
@@ -224,17 +224,18 @@ class GenerationEngine:
         self, prompt: Prompt, params: SamplingParams, adapter: str | None = None, timeout_s: float | None = None
     ) -> Completion:
         """:meth:`generate` for asyncio callers; cancelling the caller frees the request's batch slot."""
-        parts: list[str] = []
+        collected = Collector(params.n)
         async for d in self.astream(prompt, params, adapter, timeout_s):
-            parts.append(d.text)
-            if d.finish_reason is not None:
-                return Completion("".join(parts), d.finish_reason, d.prompt_tokens, d.completion_tokens)
+            done = collected.add(d)
+            if done is not None:
+                return done
         raise RuntimeError("the engine ended a request without a final delta")
 
     async def astream(
         self, prompt: Prompt, params: SamplingParams, adapter: str | None = None, timeout_s: float | None = None
     ) -> AsyncIterator[Delta]:
-        """Text deltas as they are decoded; the last carries finish_reason and token counts.
+        """Text deltas as they are decoded (with ``n`` > 1, every choice's, interleaved, each carrying its
+        ``index``); each choice's last delta carries its finish_reason and token counts.
 
         Closing the iterator early (a client that went away) frees the request's slot at the next step.
 
@@ -257,13 +258,18 @@ class GenerationEngine:
         if req.deadline is not None:
             delay = max(0.0, req.deadline - time.monotonic()) + _CALLER_GRACE_S
             timer = loop.call_later(delay, items.put_nowait, _TIMED_OUT)
+        unfinished, held = params.n, None
         try:
             while True:
-                item = await items.get()
-                # A consumer slower than the engine gets what has piled up as one delta (fewer messages
-                # downstream under load; one token at a time when it keeps up).
+                item = held if held is not None else await items.get()
+                held = None
+                # A consumer slower than the engine gets what has piled up as one delta per choice (fewer
+                # messages downstream under load; one token at a time when it keeps up).
                 while isinstance(item, Delta) and item.finish_reason is None and not items.empty():
                     nxt = items.get_nowait()
+                    if isinstance(nxt, Delta) and nxt.index != item.index:
+                        held = nxt  # another choice's: sent next
+                        break
                     item = timeout_error() if nxt is _TIMED_OUT else join_deltas(item, nxt)
                 if item is _TIMED_OUT:
                     raise timeout_error()
@@ -271,7 +277,9 @@ class GenerationEngine:
                     raise item
                 yield item
                 if item.finish_reason is not None:
-                    return
+                    unfinished -= 1
+                    if not unfinished:
+                        return
         finally:
             if timer is not None:
                 timer.cancel()

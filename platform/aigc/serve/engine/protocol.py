@@ -10,7 +10,10 @@ Contract beyond the signatures:
 
 * ``agenerate``/``astream`` end a request at ``timeout_s`` with :class:`~aigc.errors.RequestTimeoutError`;
   closing ``astream``'s iterator early frees the request's place in the batch; the last delta carries the
-  ``finish_reason`` and the token counts.
+  ``finish_reason`` and the token counts. With ``params.n`` > 1, ``astream`` yields every choice's deltas
+  (each with its ``index``; each choice's last one carries its ``finish_reason``) and ``agenerate`` returns
+  all of them in ``Completion.choices``; ``params.logprobs`` asks for each token's log-probability
+  (``Delta.logprobs``/``Completion.logprobs``).
 * ``adapter`` is a name given to ``load_adapter`` (None = the base model); a request holds its adapter with
   ``acquire_adapter`` (False: not loaded, or being deleted) and ``release_adapter``; ``delete_adapter`` is
   idempotent and waits for the last holder.

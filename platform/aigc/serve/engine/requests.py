@@ -10,13 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aigc.errors import InvalidRequestError, RequestTimeoutError
 from aigc.serve.engine.adapters import BASE_ADAPTER
 from aigc.serve.engine.prompts import PromptEncoder
-from aigc.serve.engine.types import Delta, Prompt, SamplingParams
+from aigc.serve.engine.types import MAX_CHOICES, MAX_TOP_LOGPROBS, Delta, Prompt, SamplingParams
 
 __all__ = ["Request", "prepare", "timeout_error"]
 
@@ -32,7 +32,7 @@ def timeout_error() -> RequestTimeoutError:
 
 @dataclass(eq=False)
 class Request:
-    """A request as the engine thread tracks it."""
+    """A request (or one of its ``n`` choices, :meth:`fork`) as the engine thread tracks it."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -42,8 +42,10 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
     detok: Any = None
     stops: Any = None
+    logprobs: Any = None  # a LogprobTracker when the request asked for log-probabilities
     done: bool = False
     arrived: float = field(default_factory=time.monotonic)
+    index: int = 0  # which of the request's n choices this is
 
     def finish(self, item: Delta | BaseException) -> None:
         """Send the last item (a final delta or the error that ends the request) exactly once."""
@@ -53,6 +55,17 @@ class Request:
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+    def fork(self) -> list[Request]:
+        """The request's ``n`` choices: one sink, one cancel event and one deadline, each its own text and
+        state; with a seed, choice ``i`` samples with ``seed + i`` (distinct, and the same on every run)."""
+        n, seed = self.params.n, self.params.seed
+        if n == 1:
+            return [self]
+        return [
+            replace(self, index=i, params=replace(self.params, seed=None if seed is None else (seed + i) % 2**63))
+            for i in range(n)
+        ]
 
 
 def prepare(
@@ -78,6 +91,12 @@ def prepare(
         raise InvalidRequestError("the prompt is empty", param=param)
     if params.seed is not None and not 0 <= params.seed < 2**63:  # on the engine thread it would fail the row
         raise InvalidRequestError(f"seed must be >= 0 and < 2**63, got {params.seed}", param="seed")
+    if not 1 <= params.n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n must be between 1 and {MAX_CHOICES}, got {params.n}", param="n")
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(
+            f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {params.logprobs}", param="top_logprobs"
+        )
     if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
         raise InvalidRequestError(
             f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt_tokens}",

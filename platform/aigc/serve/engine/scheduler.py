@@ -20,6 +20,7 @@ from aigc.errors import AdapterLoadError, ServiceUnavailableError
 from aigc.serve.engine.adapters import AdapterSet
 from aigc.serve.engine.batch import Row, RunningBatch
 from aigc.serve.engine.health import Liveness
+from aigc.serve.engine.logprobs import LogprobTracker, step_logprobs, token_texts
 from aigc.serve.engine.requests import Request, timeout_error
 from aigc.serve.engine.sampling import is_greedy, next_tokens
 from aigc.serve.engine.text import IncrementalDetokenizer, StopFilter
@@ -56,6 +57,7 @@ class Scheduler:
         stall_timeout_s: float,
     ):
         self._model_lock, self._adapters, self._tokenizer, self._eos_ids = model_lock, adapters, tokenizer, eos_ids
+        self._token_text = token_texts(tokenizer)
         self._device = model.device
         self.max_batch_size, self.admit_min_rows = max_batch_size, admit_min_rows
         self.admit_max_wait_s = admit_max_wait_s
@@ -130,8 +132,13 @@ class Scheduler:
                 r.finish(timeout_error())
 
     def _admissible(self) -> list[Request]:
-        """The waiting requests to prefill now (the caller holds ``_wake``); see the module doc."""
-        room = min(self.max_batch_size - len(self.batch), len(self.waiting))
+        """The waiting requests to prefill now (the caller holds ``_wake``); see the module doc.
+
+        Counted in rows: a request with ``n`` choices takes ``n``. Requests are admitted in arrival order while
+        their rows fit; an idle engine admits the first whatever its ``n`` (it could never fit otherwise).
+        """
+        free = self.max_batch_size - len(self.batch)
+        room = min(free, sum(r.params.n for r in self.waiting))
         if room <= 0:
             return []
         if (
@@ -140,41 +147,53 @@ class Scheduler:
             and time.monotonic() - self.waiting[0].arrived < self.admit_max_wait_s
         ):
             return []
-        return [self.waiting.popleft() for _ in range(room)]
+        out, rows = [], 0
+        while self.waiting and (rows + self.waiting[0].params.n <= free or not (out or len(self.batch))):
+            rows += self.waiting[0].params.n
+            out.append(self.waiting.popleft())
+        return out
 
     def _admit(self, reqs: list[Request]) -> None:
-        rows = []
+        groups = []  # per request, a row per choice: the prompt is prefilled once, then forked
         for r in reqs:
             if not self._adapters.is_loaded(r.adapter):
                 r.finish(AdapterLoadError(f"adapter {r.adapter!r} is not loaded"))
                 continue
-            p = r.params
-            gen = None
-            if not is_greedy(p):
-                gen = torch.Generator(device=self._device)
-                gen.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(7), "big"))
-            r.detok, r.stops = IncrementalDetokenizer(self._tokenizer), StopFilter(p.stop)
-            rows.append(Row(r.prompt_ids, r.adapter, p.temperature, p.top_p, p.top_k, gen, state=r))
-        if rows:
-            self._prefill(rows)
+            groups.append([self._row(choice) for choice in r.fork()])
+        if groups:
+            self._prefill(groups)
 
-    def _prefill(self, rows: list[Row], retry: bool = False) -> None:
-        """Prefill ``rows`` and join them to the batch; on failure, find the row at fault by trying each alone.
+    def _row(self, r: Request) -> Row:
+        """A batch row for one choice, with its own RNG, detokenizer, stop filter and log-probability tracker."""
+        p = r.params
+        gen = None
+        if not is_greedy(p):
+            gen = torch.Generator(device=self._device)
+            gen.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(7), "big"))
+        r.detok, r.stops = IncrementalDetokenizer(self._tokenizer), StopFilter(p.stop)
+        r.logprobs = None if p.logprobs is None else LogprobTracker(self._token_text)
+        return Row(r.prompt_ids, r.adapter, p.temperature, p.top_p, p.top_k, gen, p.logprobs, state=r)
+
+    def _prefill(self, groups: list[list[Row]], retry: bool = False) -> None:
+        """Prefill each group's prompt once, fork it for the group's choices and join them to the batch; on
+        failure, find the request at fault by trying each alone.
 
         Args:
-            retry: this is one row of a failed group, tried alone (its failure is not counted again).
+            retry: this is one request of a failed group, tried alone (its failure is not counted again).
         """
+        rows = [row for g in groups for row in g]
         self.liveness.begin()
         try:
-            new = self.batch.prefill(rows)
+            new = self.batch.prefill([g[0] for g in groups]).fork(rows, [len(g) for g in groups])
         except Exception as exc:
             self.liveness.failed(exc, count=not retry)
-            if len(rows) > 1:  # costs one pass per row, only after a failure
-                for row in rows:
-                    self._prefill([row], retry=True)
+            if len(groups) > 1:  # costs one pass per request, only after a failure
+                for g in groups:
+                    self._prefill([g], retry=True)
                 return
             logger.error("prefill failed for one request (adapter %s)", rows[0].adapter, exc_info=exc)
-            rows[0].state.finish(exc)
+            for row in rows:
+                row.state.finish(exc)
             return
         self.liveness.passed()
         before = len(self.batch)
@@ -223,29 +242,38 @@ class Scheduler:
             leading: live rows before ``rows`` in the batch (kept as they are: rows that just joined).
         """
         keep = [True] * leading
-        for row, token in zip(rows, next_tokens(logits, rows), strict=True):
+        tokens = next_tokens(logits, rows)
+        try:  # only rows that asked pay (see aigc.serve.engine.logprobs)
+            figures = step_logprobs(logits, [row.logprobs for row in rows], tokens)
+        except Exception as exc:  # never the batch's failure: the rows that asked end with it
+            figures = [None] * len(rows)
+            tokens = [exc if row.logprobs is not None else t for row, t in zip(rows, tokens, strict=True)]
+        for row, token, lp in zip(rows, tokens, figures, strict=True):
             try:
                 if isinstance(token, BaseException):
                     raise token
-                keep.append(self._emit(row, token))
+                keep.append(self._emit(row, token, lp))
             except Exception as exc:
                 logger.error("one request failed while decoding (adapter %s)", row.adapter, exc_info=exc)
                 row.state.finish(exc)
                 keep.append(False)
         self.batch.keep(keep)
 
-    def _emit(self, row: Row, token: int) -> bool:
+    def _emit(self, row: Row, token: int, figures: Any = None) -> bool:
         """Record one token for ``row``, send what text it completes; False when the row is finished."""
         r: Request = row.state
         row.tokens.append(token)
-        n, p = len(row.tokens), r.params
+        n, p, lps = len(row.tokens), r.params, r.logprobs
         reason: FinishReason | None = None
         if token in self._eos_ids:
             reason = "stop"
         else:
-            out = r.stops.push(r.detok.push(token))
+            piece = r.detok.push(token)
+            if lps is not None:
+                lps.add(token, figures, piece)
+            out = r.stops.push(piece)
             if out:  # counts so far travel with every delta (usage for a stream cut short downstream)
-                r.sink(Delta(text=out, prompt_tokens=len(r.prompt_ids), completion_tokens=n))
+                r.sink(Delta(out, None, len(r.prompt_ids), n, r.index, None if lps is None else lps.release(out)))
             if r.stops.hit:
                 reason = "stop"
             elif n >= p.max_tokens:
@@ -254,6 +282,7 @@ class Scheduler:
             return True
         tail = r.stops.flush()
         if tail:
-            r.sink(Delta(text=tail))
-        r.finish(Delta(finish_reason=reason or "stop", prompt_tokens=len(r.prompt_ids), completion_tokens=n))
+            r.sink(Delta(tail, index=r.index, logprobs=None if lps is None else lps.release(tail)))
+        r.finish(Delta(finish_reason=reason or "stop", prompt_tokens=len(r.prompt_ids), completion_tokens=n,
+                       index=r.index, logprobs=None if lps is None else []))  # fmt: skip
         return False
