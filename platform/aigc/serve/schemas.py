@@ -286,6 +286,8 @@ class CompletionRequest(_Request):
     @field_validator("logprobs", mode="before")
     @classmethod
     def _logprobs_within_cap(cls, v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():  # JSON's 2.0 is the integer 2 (as pydantic reads other ints)
+            v = int(v)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COMPLETION_LOGPROBS):
             raise ValueError(f"logprobs must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}, got {v!r}")
         return v
