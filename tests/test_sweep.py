@@ -195,8 +195,9 @@ def test_pbt_trial_continues_a_better_trials_checkpoint_with_its_own_perturbed_l
 @pytest.mark.slow
 def test_a_sigkilled_sweep_driver_is_continued_by_the_same_command(prepared):
     """`aigc sweep` SIGKILLed (its whole process group: the driver and the embedded cluster it started, as when
-    its machine goes) once the first trial finished; the same command again finishes the sweep without training
-    that trial again, and the best is the better of the two."""
+    its machine goes) once the first trial finished, its experiment state torn as a kill mid-write leaves it; the
+    same command again finishes the sweep without training that trial again, and the best is the better of the
+    two."""
     import os
     import re
     import signal
@@ -235,13 +236,43 @@ def test_a_sigkilled_sweep_driver_is_continued_by_the_same_command(prepared):
     first = trials()[0]
     before = (first / "result.json").read_text()
     assert before.strip(), "the first trial had not reported before the kill"
+    # The worst moment for the kill: Ray Tune rewrites its experiment state in place, so a kill mid-write leaves
+    # it torn (seen in CI). Tear it for real: the re-run must continue from the last good copy.
+    states = sorted(exp.glob("experiment_state-*.json"))
+    assert states and all(Path(f"{s}.good").is_file() for s in states), sorted(p.name for p in exp.iterdir())
+    for state in states:
+        state.write_text(state.read_text()[:40])
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     stop_processes(re.compile(re.escape(ray_tmp)))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "[sweep] resuming run 'killed' from its last checkpoint" in again.stdout, again.stdout
+    assert "was torn by the kill: continuing from its last good copy" in again.stdout, again.stdout
     assert (first / "result.json").read_text() == before  # the finished trial was not trained again
     table = pd.read_csv(exp.parent / "trials.csv")
     assert sorted(table["lora.r"]) == [4, 8] and set(table["status"]) == {"done"}
     best = yaml.safe_load((exp.parent / "best_config.yaml").read_text())
     assert best["lora"]["r"] == int(table.sort_values("eval_loss").iloc[0]["lora.r"])
+
+
+def test_a_torn_tune_state_file_is_put_back_from_its_last_good_copy(tmp_path):
+    from aigc.tune.state_guard import StateGuard, repair_state
+
+    exp = tmp_path / "sweep" / "run"
+    exp.mkdir(parents=True)
+    state, searcher = exp / "experiment_state-2026-12-06.json", exp / "basic-variant-state-2026-12-06.json"
+    state.write_text('{"trial_data": [1, 2]}')
+    searcher.write_text('{"n": 1}')
+    guard = StateGuard(str(exp))
+    guard.copy_good()
+    state.write_text('{"trial_data": [1, 2, 3]}')
+    guard.copy_good()  # the newer state is the good copy now
+    state.write_text('{"trial_da')  # torn by a kill mid-write: not copied over the good one
+    guard.copy_good()
+    assert Path(f"{state}.good").read_text() == '{"trial_data": [1, 2, 3]}'
+    assert repair_state(str(exp)) == [state.name]
+    assert state.read_text() == '{"trial_data": [1, 2, 3]}' and searcher.read_text() == '{"n": 1}'
+    assert repair_state(str(exp)) == []  # nothing torn: nothing touched
+    orphan = exp / "experiment_state-other.json"
+    orphan.write_text("")  # torn, never copied: left for Tune to report
+    assert repair_state(str(exp)) == [] and orphan.read_text() == ""

@@ -40,6 +40,7 @@ from aigc.tune.progress import SweepProgress
 from aigc.tune.results import best_config, best_config_yaml, plot_curves, plot_params, trials_table
 from aigc.tune.search import build_scheduler, build_search, check_sweep, max_reports, trial_base, trial_count
 from aigc.tune.space import Space, resolve, to_param_space
+from aigc.tune.state_guard import StateGuard, repair_state
 from aigc.tune.tracking import finish_sweep_run, open_sweep_run
 from aigc.tune.trial import run_trial, trial_resources
 
@@ -121,6 +122,9 @@ def build_tuner(
     )
     path = storage.join(cfg.output_dir, "sweep", name)
     ray_path, fs = storage.filesystem_for_ray(path)
+    repaired = repair_state(path)  # a driver killed while Tune wrote its state: the last good copy
+    if repaired:
+        print(f"[sweep] {', '.join(repaired)} was torn by the kill: continuing from its last good copy", flush=True)
     if ray.tune.Tuner.can_restore(ray_path, storage_filesystem=fs):
         return ray.tune.Tuner.restore(ray_path, trainable, resume_errored=True, storage_filesystem=fs)
 
@@ -214,7 +218,8 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
                 callbacks=callbacks, parent_run_id=parent.run_id, line=line,
                 **_shared_trial_inputs(cfg, space, datasets),
             )  # fmt: skip
-            grid = tuner.fit()
+            with StateGuard(storage.join(sweep_dir, name)):  # a good copy of Tune's state, for a kill mid-write
+                grid = tuner.fit()
         results = list(grid)
         t = cfg.tune
         try:
