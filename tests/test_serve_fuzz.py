@@ -37,13 +37,8 @@ from aigc.registry import Registry
 from aigc.serve.engine import GenerationEngine, SamplingParams
 from aigc.serve.engine.prompts import PromptEncoder
 from aigc.serve.engine.types import MAX_CHOICES
-from aigc.serve.schemas import (
-    MAX_STOP_SEQUENCES,
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    CompletionChunk,
-    CompletionResponse,
-)
+from aigc.serve.responses import ChatCompletionChunk, ChatCompletionResponse, CompletionChunk, CompletionResponse
+from aigc.serve.schemas import MAX_STOP_SEQUENCES
 
 TIMEOUT_S = 60
 BASE = "tiny-base"

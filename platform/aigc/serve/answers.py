@@ -34,7 +34,7 @@ from aigc.serve.logprob_shapes import sent_logprobs
 from aigc.serve.metrics import ingress_metrics
 from aigc.serve.moderation import OutputGuard, Policy
 from aigc.serve.quota import Admission
-from aigc.serve.schemas import Usage, error_body
+from aigc.serve.responses import Usage, error_body
 from aigc.serve.shapes import FinishReason, Kind, sse
 from aigc.serve.tool_calls import ToolCalls, ToolCallStream, answer_choice
 

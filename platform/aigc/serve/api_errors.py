@@ -27,7 +27,7 @@ from aigc.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
-from aigc.serve.schemas import error_body
+from aigc.serve.responses import error_body
 
 __all__ = ["ApiError", "api_error_from", "install_error_handlers"]
 

@@ -44,13 +44,8 @@ from aigc.serve.middleware import HttpGuard, install_guard, key_name_of
 from aigc.serve.moderation import load_policy
 from aigc.serve.quota import Quota
 from aigc.serve.resolver import ModelResolver, check_servable, servable
-from aigc.serve.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    new_id,
-)
+from aigc.serve.responses import ModelCard, ModelList, new_id
+from aigc.serve.schemas import ChatCompletionRequest, CompletionRequest
 from aigc.serve.shapes import CHAT, TEXT, Kind
 from aigc.serve.tool_calls import ToolCalls, plan_tools
 from aigc.serve.upstream import GeneratorClient

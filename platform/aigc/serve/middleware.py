@@ -24,7 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 from aigc.config import ServeConfig
 from aigc.serve.auth import ApiKeys, KeyStore, check_exposure, is_loopback
 from aigc.serve.keys import KeyPolicy, format_time
-from aigc.serve.schemas import error_body
+from aigc.serve.responses import error_body
 
 __all__ = ["BearerAuth", "BodyLimit", "ConfiguredCORS", "HttpGuard", "install_guard", "key_name_of"]
 

@@ -1,5 +1,5 @@
 """OpenAI request shapes (the subset this platform serves); the response shapes are in
-:mod:`aigc.serve.responses` and re-exported here.
+:mod:`aigc.serve.responses`.
 
 Requests accept and ignore fields they do not know (``presence_penalty``, ``frequency_penalty``...), as other
 OpenAI-compatible servers do, so stock clients work; the fields they do know are validated here, and a bad
@@ -23,24 +23,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from aigc.serve.engine.types import MAX_CHOICES, MAX_TOP_LOGPROBS
-from aigc.serve.responses import (  # noqa: F401  (re-exported: the shapes of both directions, one import)
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    ChatDelta,
-    CompletionChoice,
-    CompletionChunk,
-    CompletionResponse,
-    ErrorBody,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-    Usage,
-    error_body,
-    new_id,
-)
 from aigc.serve.tool_schemas import (
     ChoiceMode,
     RequestToolCall,
@@ -53,20 +35,10 @@ from aigc.serve.tool_schemas import (
 )
 
 __all__ = [
-    "ChatCompletionChunk",
     "ChatCompletionRequest",
-    "ChatCompletionResponse",
     "ChatMessage",
-    "CompletionChunk",
     "CompletionRequest",
-    "CompletionResponse",
-    "ErrorBody",
-    "ErrorResponse",
-    "ModelCard",
-    "ModelList",
-    "Usage",
-    "error_body",
-    "new_id",
+    "StreamOptions",
 ]
 
 MAX_STOP_SEQUENCES = 4

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from aigc.serve.engine.types import TokenLogprob
 from aigc.serve.logprob_shapes import chat_logprobs, text_logprobs
-from aigc.serve.schemas import (
+from aigc.serve.responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,

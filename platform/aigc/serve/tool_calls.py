@@ -31,7 +31,7 @@ from aigc.serve.api_errors import ApiError
 from aigc.serve.engine.tool_prompts import ToolFormat, ToolPrompt, ToolSyntax
 from aigc.serve.engine.types import TokenLogprob
 from aigc.serve.logprob_shapes import chat_logprobs
-from aigc.serve.schemas import AssistantMessage, ChatChoice, ChatChunkChoice, ChatDelta
+from aigc.serve.responses import AssistantMessage, ChatChoice, ChatChunkChoice, ChatDelta
 from aigc.serve.tool_schemas import FunctionCall, ToolCall, ToolCallDelta
 
 __all__ = ["ToolCallStream", "ToolCalls", "answer_choice", "parse_calls", "plan_tools"]
