@@ -259,3 +259,13 @@ def make_faulty_model(out_dir: str | os.PathLike, delay_s: float = 0.01, wedge_t
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_faulty.FaultyLlamaForCausalLM"}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return str(path)
+
+
+def last_prompt_ids(row: dict) -> list[int]:
+    """The ids before the last trained run of tokens in a tokenized row: the prompt of its last assistant turn."""
+    labels = row["labels"]
+    end = max(i for i, lab in enumerate(labels) if lab != -100)
+    start = end
+    while start > 0 and labels[start - 1] != -100:
+        start -= 1
+    return row["input_ids"][:start]

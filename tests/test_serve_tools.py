@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-from helpers import free_port, make_tiny_model, tiny_tokenizer_with_template
+from helpers import free_port, last_prompt_ids, make_tiny_model, tiny_tokenizer_with_template
 
 from aigc.config import DataConfig, ModelConfig, PlatformConfig
 from aigc.data.templates import encode_chat, render_prompt
@@ -79,16 +79,6 @@ TRAIN_CONVO = [
 ]  # fmt: skip
 
 
-def _prompt_ids(row: dict) -> list[int]:
-    """The ids before the last trained run of tokens: the prompt of the last assistant turn."""
-    labels = row["labels"]
-    end = max(i for i, lab in enumerate(labels) if lab != -100)
-    start = end
-    while start > 0 and labels[start - 1] != -100:
-        start -= 1
-    return row["input_ids"][:start]
-
-
 # ================================================================================================ rendering
 @pytest.mark.parametrize("template", [QWEN_TOOLS, None], ids=["qwen-hermes", "default"])
 def test_served_prompt_with_tools_is_the_training_prompt(tmp_path, template):
@@ -103,7 +93,7 @@ def test_served_prompt_with_tools_is_the_training_prompt(tmp_path, template):
     prompt, calls = plan_tools(messages, body.tools, body.tool_choice, tool_syntax(tok))
     assert isinstance(prompt, ToolPrompt) and calls is not None and calls.opening == ""
     served = PromptEncoder(tok).encode(prompt)  # what the engine encodes for this chat request
-    assert served == _prompt_ids(row)
+    assert served == last_prompt_ids(row)
     text = render_prompt(tok, TRAIN_CONVO[:-1], TOOLS)
     assert tok.decode(served) == text  # byte for byte
     assert json.dumps(TRACK["function"]) in text and '"order": "4821"' in text and "at the depot" in text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_tokenizer_with_template
+from helpers import last_prompt_ids, tiny_tokenizer_with_template
 
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.templates import encode_chat, render_for_training, render_prompt
@@ -34,16 +34,6 @@ TOOLS = [{"type": "function", "function": {"name": "track", "description": "Trac
           "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}}}]  # fmt: skip
 
 
-def _prompt_ids(row: dict) -> list[int]:
-    """The ids before the last trained run of tokens: the prompt of the last assistant turn."""
-    labels = row["labels"]
-    end = max(i for i, lab in enumerate(labels) if lab != -100)
-    start = end
-    while start > 0 and labels[start - 1] != -100:
-        start -= 1
-    return row["input_ids"][:start]
-
-
 @pytest.mark.parametrize("template", [CHATML, None], ids=["own-chatml", "default"])
 @pytest.mark.parametrize("tools", [None, TOOLS], ids=["no-tools", "tools"])
 def test_train_prompt_is_what_serving_encodes(tmp_path, template, tools):
@@ -55,10 +45,10 @@ def test_train_prompt_is_what_serving_encodes(tmp_path, template, tools):
     assert row["ok"] and not row["last_turn_only"]
 
     served = encode_chat(tok, CONVO[:-1], tools)
-    assert _prompt_ids(row) == served
+    assert last_prompt_ids(row) == served
     if tools is None:
         assert PromptEncoder(tok).encode(CONVO[:-1]) == served  # what the engine encodes for a chat request
-    assert tok.decode(_prompt_ids(row)) == render_prompt(tok, CONVO[:-1], tools)  # the text, byte for byte
+    assert tok.decode(last_prompt_ids(row)) == render_prompt(tok, CONVO[:-1], tools)  # the text, byte for byte
     eos = tok.eos_token
     assert tok.decode([i for i in row["labels"] if i != -100]) == f"It left the depot this morning.{eos}" \
         f"Tomorrow before noon.{eos}"  # fmt: skip
@@ -93,4 +83,4 @@ def test_a_template_that_rewrites_history_trains_the_last_turn_only(tmp_path):
     (row,) = tk({"raw": np.array([json.dumps({"messages": CONVO})])}).to_pylist()
     assert row["ok"] and row["last_turn_only"], row
     assert tok.decode([i for i in row["labels"] if i != -100]) == "Tomorrow before noon.<|end|>"
-    assert _prompt_ids(row) == encode_chat(tok, CONVO[:-1])
+    assert last_prompt_ids(row) == encode_chat(tok, CONVO[:-1])
