@@ -154,6 +154,48 @@ def test_a_dpo_run_killed_after_an_epoch_resumes_to_the_same_metrics(dpo_run, tm
         assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-4, abs=1e-5), key
 
 
+def test_a_dpo_round_from_an_adapter_starts_from_it_and_measures_against_it(dpo_run, tmp_path):
+    """train.init_adapter: the policy starts with the adapter's weights, and the DPO reference is that adapter
+    (a frozen second copy), not the bare base; the checkpoint holds the trained adapter only."""
+    _train("dpo", ctx={"keep": tmp_path / "first"})
+    start = tmp_path / "first" / "adapter"
+    assert (start / "adapter_config.json").is_file() and not (start / "reference").exists()
+    # lr ~0: the policy stays the starting adapter, so it scores what the first run's last eval scored, and
+    # every margin against the reference (that same adapter) is 0: the loss is ln 2
+    [last] = _train("dpo", ctx={"keep": tmp_path / "second"}, epochs=1, lr=1e-12, init_adapter=str(start))
+    first = dpo_run[-1]
+    assert last["initial_eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert last["eval_reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    for key in ("eval_logps_chosen", "eval_logps_rejected"):
+        assert last[key] == pytest.approx(first[key], rel=1e-4), key
+    saved = {p.name for p in (tmp_path / "second" / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved and "reference" not in saved
+
+
+def test_init_adapter_is_pinned_on_the_driver_and_its_settings_replace_the_lora_section(tmp_path):
+    from aigc.registry import Registry
+    from aigc.train.init_adapter import resolve_init_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": True,
+        "target_modules": ["v_proj", "q_proj"], "modules_to_save": None}))  # fmt: skip
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    Registry(str(tmp_path / "reg")).register("bot", str(adapter), TINY)
+    Registry(str(tmp_path / "reg")).register("bot", str(adapter), TINY)  # same files: still v1
+    Registry(str(tmp_path / "reg")).promote("bot:v1", "prod")
+    cfg = resolve_init_adapter(_cfg(f"registry_dir={tmp_path / 'reg'}", "train.init_adapter=bot:prod"))
+    assert cfg.train.init_adapter == str(tmp_path / "reg" / "bot" / "v1" / "adapter")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.use_rslora) == (4, 8.0, True)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert resolve_init_adapter(_cfg(f"train.init_adapter={adapter}")).train.init_adapter == str(adapter)
+    with pytest.raises(ConfigError, match="train.init_adapter 'bot:v9' is neither an adapter directory"):
+        resolve_init_adapter(_cfg(f"registry_dir={tmp_path / 'reg'}", "train.init_adapter=bot:v9"))
+    with pytest.raises(ConfigError, match="init_adapter continues a LoRA adapter: it needs train.method lora"):
+        _cfg("train.init_adapter=bot:v1", "train.method=full")
+
+
 def _cfg(*extra: str):
     return load_config(None, [f"model.name_or_path={TINY}", *extra])
 

@@ -5,11 +5,11 @@ into :class:`PlatformConfig`.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from aigc.config.pipeline import PipelineConfig
 from aigc.config.preference import PreferenceConfig, check_pair_data
 from aigc.config.section import _Section
 from aigc.config.serving import AutoscalingConfig, ModerationConfig, ServeConfig
@@ -241,6 +241,12 @@ class TrainConfig(_Section):
         "finished one is kept and the new run is named NAME-2, NAME-3, ... (the first not finished).",
     )
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="DPO or ORPO settings.")
+    init_adapter: str | None = Field(
+        None,
+        min_length=1,
+        description="Start from this LoRA adapter instead of a fresh one: a registered model (name:vN, name:ALIAS) "
+        "or an adapter directory/URI. Its own settings replace the lora section; with DPO it is also the reference.",
+    )
     resume: Literal["auto", "always", "never"] = Field(
         "auto",
         description="auto: continue an unfinished run only if its data, model, LoRA and optimisation settings are "
@@ -256,6 +262,10 @@ class TrainConfig(_Section):
             )
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ValueError("mixed_precision 'fp16' needs a GPU (train.use_gpu=true); on CPU use 'bf16' or 'no'")
+        if self.init_adapter and (self.method == "full" or self.strategy == "fsdp"):
+            raise ValueError(
+                "init_adapter continues a LoRA adapter: it needs train.method lora or qlora and train.strategy ddp"
+            )
         return self
 
 
@@ -319,50 +329,6 @@ class ClusterConfig(_Section):
         ge=1,
         description="Logical CPUs of the embedded local cluster; ignored when joining RAY_ADDRESS.",
     )
-
-
-class PipelineConfig(_Section):
-    """``aigc pipeline``: preprocess -> sweep -> train -> register (+ promote) -> deploy -> smoke test, each stage
-    skipped when its inputs have not changed since it last succeeded (:mod:`aigc.pipeline`)."""
-
-    sweep: bool = Field(
-        True, description="Sweep (tune section) and train the best trial's values; false = train the config as is."
-    )
-    feedback: str | None = Field(
-        None,
-        min_length=1,
-        description="An `aigc feedback export` file (messages format) mixed into data.path as one more source.",
-    )
-    feedback_weight: float = Field(1.0, gt=0, description="Mixture weight of the feedback rows (2 = each twice).")
-    promote: bool = Field(True, description="Move the alias to the newly registered version.")
-    alias: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z][A-Za-z0-9._-]{0,63}$",
-        description="The alias promoted (name:ALIAS); unset = the bare name, what `model: <adapter_name>` serves.",
-    )
-    deploy: bool = Field(True, description="Deploy (or update) the Serve app on this cluster, then smoke-test it.")
-    smoke_prompt: str = Field(
-        "Hello, where is my order?", min_length=1, description="Asked of the promoted model through the openai client."
-    )
-    smoke_max_tokens: int = Field(16, ge=1, description="Answer length of the smoke test.")
-    keep_serving: bool = Field(
-        True,
-        description="On an embedded local cluster, keep serving after the pipeline until Ctrl-C (the app ends "
-        "with the process); a joined cluster (RAY_ADDRESS) keeps the app anyway.",
-    )
-
-    @field_validator("alias")
-    @classmethod
-    def _not_reserved(cls, v: str | None) -> str | None:
-        if v is not None and (re.fullmatch(r"v[0-9]+", v) or v == "latest"):
-            raise ValueError(f"{v!r} is reserved: 'vN' names a version and 'latest' the newest one")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> PipelineConfig:
-        if self.alias is not None and not self.promote:
-            raise ValueError(f"alias {self.alias!r} is set but promote is false: nothing would move it")
-        return self
 
 
 class PlatformConfig(_Section):

@@ -29,6 +29,7 @@ from aigc.models.hub import local_model_dir
 from aigc.models.loading import apply_lora, load_base_model, resolve_dtype
 from aigc.models.targets import raise_for_missing
 from aigc.train import sharding
+from aigc.train.init_adapter import start_from_adapter
 from aigc.train.worker_config import WorkerConfig
 
 __all__ = ["autocast", "build_model", "check_strategy", "clip_grad_norm", "grad_scaler", "oom_error", "prepare"]
@@ -119,6 +120,8 @@ def build_model(wc: WorkerConfig, device: torch.device) -> Any:
             use_dora=lo.use_dora,
             modules_to_save=lo.modules_to_save,
         )
+        if tc.init_adapter:
+            model = start_from_adapter(model, tc)
         if tc.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks see an input that requires grad
     else:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from aigc.config import TrainConfig
+from aigc.train.init_adapter import REFERENCE_ADAPTER
 from aigc.train.losses import all_reduce
 
 __all__ = [
@@ -131,10 +132,18 @@ def answer_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 
 @torch.no_grad()
 def reference_logps(model: Any, batch: dict[str, torch.Tensor], ref_model: Any = None) -> torch.Tensor:
-    """The reference model's summed answer log-probabilities: ``ref_model`` when given, else ``model`` with its
-    adapters disabled (LoRA: the base model, without a second copy of the weights)."""
+    """The reference model's summed answer log-probabilities: ``ref_model`` when given; the frozen
+    :data:`~aigc.train.init_adapter.REFERENCE_ADAPTER` when the run started from an adapter; else ``model`` with
+    its adapters disabled (LoRA: the base model, without a second copy of the weights)."""
     if ref_model is not None:
         return answer_logps(ref_model, batch)[0]
+    inner = _unwrap(model)
+    if REFERENCE_ADAPTER in (getattr(inner, "peft_config", None) or {}):  # a run from train.init_adapter
+        inner.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+        try:
+            return answer_logps(inner, batch)[0]
+        finally:
+            inner.set_adapter("default")  # trainable again
     with adapters_disabled(model):  # the wrapped module itself: a DDP forward here would expect a backward
         return answer_logps(_unwrap(model), batch)[0]
 

@@ -20,6 +20,7 @@ from aigc.errors import TrainingError
 from aigc.models.hub import resolve_model
 from aigc.models.loading import load_tokenizer
 from aigc.train.context import RayTrainContext
+from aigc.train.init_adapter import resolve_init_adapter
 from aigc.train.loop import NONFINITE_KEY, train_loop_per_worker
 from aigc.train.outputs import write_outputs
 from aigc.train.progress import StepFeed
@@ -116,6 +117,7 @@ def run_training(cfg: PlatformConfig, register: bool = True) -> TrainResult:
     import ray.train
 
     cfg = cfg.model_copy(update={"model": resolve_model(cfg.model, weights=True)})
+    cfg = resolve_init_adapter(cfg)
     datasets, stats = load_datasets(cfg.output_dir, cfg.model)
     datasets = cache_datasets(datasets, stats, cfg.train.cache_data)
     tokenizer = load_tokenizer(cfg.model.load_path(), cfg.model.trust_remote_code)

@@ -33,7 +33,10 @@ def save_weights(model: Any, wc: WorkerConfig, path: str, rank: int) -> None:
     """
     if not sharding.is_fsdp(model):
         if rank == 0:
-            unwrap(model).save_pretrained(path)
+            inner = unwrap(model)
+            # only the trained adapter: a DPO run from train.init_adapter also holds its frozen reference
+            selected = {"selected_adapters": ["default"]} if hasattr(inner, "peft_config") else {}
+            inner.save_pretrained(path, **selected)
         return
     state = sharding.full_state_dict(model)
     if rank != 0:

@@ -32,6 +32,7 @@ from aigc.errors import ConfigError, TrainingError
 from aigc.models.hub import resolve_model
 from aigc.models.loading import load_tokenizer
 from aigc.train.gen_metrics import take_generation_samples
+from aigc.train.init_adapter import resolve_init_adapter
 from aigc.train.publish import publish
 from aigc.train.run_choice import DONE_MARKER, RunChoice, choose_run, record_run, run_inputs
 from aigc.train.tracking import Tracker
@@ -193,6 +194,13 @@ def run_sweep(cfg: PlatformConfig, register: bool = True, *, callbacks: list[Any
     space = check_sweep(cfg)
     # once, here: every trial loads this snapshot and the registry records its commit
     cfg = cfg.model_copy(update={"model": resolve_model(cfg.model, weights=True)})
+    cfg = resolve_init_adapter(cfg)
+    searched = [p.key for p in space.params if p.key.startswith("lora.")]
+    if cfg.train.init_adapter and searched:
+        raise ConfigError(
+            f"tune.space {space.source} searches {', '.join(searched)}, but train.init_adapter fixes the adapter's "
+            "shape: search other keys (train.lr, train.preference.beta, ...) or unset train.init_adapter"
+        )
     cfg = trial_base(cfg)  # the trials' epochs and evaluations (tune.epochs, tune.eval_every_steps)
     stats = read_stats(cfg.output_dir)  # fail before any cluster work if preprocessing has not run
     plan = plan_concurrency(cfg, trial_count(cfg, space), ray.cluster_resources())
