@@ -12,9 +12,10 @@ import pytest
 
 from aigc.config import load_config
 from aigc.errors import ConfigError, TrainingError
+from aigc.pipeline.feedback_round import pipeline_config, trained_config
 from aigc.pipeline.fingerprint import content_hash, data_hash, fingerprint
 from aigc.pipeline.runner import Stage, run_stages
-from aigc.pipeline.stages import build_stages, pipeline_config, trained_config
+from aigc.pipeline.stages import build_stages
 from aigc.pipeline.state import PipelineState, state_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +211,12 @@ def test_an_uncached_stage_runs_every_time_and_a_bad_state_file_reruns_all(tmp_p
         ("pipeline.swep=false", "pipeline.swep: unknown key"),
         ("pipeline.feedback_weight=0", "pipeline.feedback_weight: Input should be greater than 0"),
         ("pipeline.smoke_prompt=", "pipeline.smoke_prompt: String should have at least 1 character"),
+        ("pipeline.feedback_method=kto", "pipeline.feedback_method: Input should be 'sft' or 'dpo'"),
+        (
+            "pipeline.promote_if=eval.exact_match>=prev",
+            "promote_if 'eval.exact_match>=prev' is not a gate: write 'eval.METRIC OP previous'",
+        ),
+        ("pipeline.promote_if=eval.bleu > 0.3", "promote_if names eval.bleu; the eval report has: exact_match"),
     ],
 )
 def test_bad_pipeline_keys_are_named(override, message, tmp_path):
@@ -221,6 +228,55 @@ def test_bad_pipeline_keys_are_named(override, message, tmp_path):
 def test_inconsistent_pipeline_keys_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="alias 'stable' is set but promote is false"):
         _config("pipeline.promote=false", "pipeline.alias=stable", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="promote_if 'eval.rouge_l > 0.2' is set but promote is false"):
+        _config("pipeline.promote=false", "pipeline.promote_if=eval.rouge_l > 0.2", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="feedback_method=dpo trains on preference pairs: set pipeline.feedback"):
+        _config("pipeline.feedback_method=dpo", tmp_path=tmp_path)
+
+
+def test_a_dpo_feedback_round_trains_on_the_pairs_from_the_served_version_pinned_once(tmp_path):
+    from aigc.pipeline.checks import check_pipeline
+    from aigc.pipeline.feedback_round import round_config
+    from aigc.registry import Registry
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("{}\n")
+    cfg = _config(f"pipeline.feedback={pairs}", "pipeline.feedback_method=dpo", "pipeline.alias=prod",
+                  "pipeline.sweep=false", "train.adapter_name=bot", tmp_path=tmp_path)  # fmt: skip
+    run = pipeline_config(cfg)
+    [only] = run.data.sources()  # the pairs alone: supervised rows and pairs do not mix in one run
+    assert (only.path, only.format, run.data.preference, run.train.preference.method) == (
+        str(pairs), "messages", True, "dpo")  # fmt: skip
+    stages = build_stages(run, hash_data=lambda _: "x")
+    assert [(s.name, s.upstream) for s in stages][:4] == [
+        ("preprocess", None), ("start", "preprocess"), ("train", "start"), ("register", "train")]  # fmt: skip
+    start = stages[1]
+    done = {"preprocess": {"data_hash": "d1"}}
+    with pytest.raises(ConfigError, match="continues the version bot:prod serves, but there is none"):
+        start.run(done)
+    state = PipelineState.load(state_path(str(tmp_path / "out")))
+
+    def start_pinned(data: str) -> str:
+        """The pipeline's first two stages run for feedback data ``data``: the version the round starts from."""
+        pre = Stage("preprocess", lambda _: {"data": data}, lambda _: {"data_hash": data})
+        return run_stages([pre, start], state, echo=lambda _: None)[1].outputs["init_adapter"]
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"v1")
+    reg = Registry(str(tmp_path / "registry"))
+    reg.promote(reg.register("bot", str(adapter), "base").model_id, "prod")
+    assert start_pinned("d1") == "bot:v1"
+    assert round_config(run, {"start": {"init_adapter": "bot:v1"}}).train.init_adapter == "bot:v1"
+    # the round's own promote moves prod to v2, but the pin is the start stage's recorded output, kept while the
+    # data is the same: a re-run continues this round instead of starting another one on top of its result
+    (adapter / "adapter_model.safetensors").write_bytes(b"v2")
+    reg.promote(reg.register("bot", str(adapter), "base").model_id, "prod")
+    assert start_pinned("d1") == "bot:v1"
+    assert start_pinned("d2") == "bot:v2"  # new feedback: a new round, from what is served now
+    with pytest.raises(ConfigError, match="searches lora.r: set pipeline.sweep=false or a space without lora"):
+        check_pipeline(_config(f"pipeline.feedback={pairs}", "pipeline.feedback_method=dpo", tmp_path=tmp_path))
 
 
 def test_the_cli_refuses_a_bad_pipeline_before_any_ray_work(tmp_path, capsys):

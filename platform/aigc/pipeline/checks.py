@@ -8,7 +8,7 @@ from aigc import storage
 from aigc.config import PlatformConfig
 from aigc.data import checks as data_checks
 from aigc.errors import ConfigError, DataError
-from aigc.pipeline.stages import pipeline_config
+from aigc.pipeline.feedback_round import pipeline_config
 from aigc.serve import checks as serve_checks
 from aigc.train import checks as train_checks
 from aigc.tune import checks as tune_checks
@@ -22,6 +22,7 @@ def check_pipeline(cfg: PlatformConfig) -> None:
     Raises:
         ConfigError: ``pipeline.deploy`` with ``train.method=full`` (the app serves adapters on its base model; a
             full fine-tune is served as a base model of its own).
+        ConfigError: a DPO feedback round whose sweep searches the adapter's shape (``lora.*``).
         DataError: ``pipeline.feedback`` names no file.
     """
     if cfg.pipeline.deploy and cfg.train.method == "full":
@@ -30,6 +31,17 @@ def check_pipeline(cfg: PlatformConfig) -> None:
             "whole model; set pipeline.deploy=false and serve the registered model as a base model "
             "(aigc serve model.name_or_path=<its registry path> serve.base_model_id=<name:vN>)"
         )
+    p = cfg.pipeline
+    if p.feedback and p.feedback_method == "dpo" and p.sweep:
+        from aigc.tune.space import load_space
+
+        space = load_space(cfg.tune.space, cfg)
+        searched = [x.key for x in space.params if x.key.startswith("lora.")]
+        if searched:
+            raise ConfigError(
+                f"pipeline.feedback_method=dpo continues the served adapter, whose shape is fixed, but tune.space "
+                f"{space.source} searches {', '.join(searched)}: set pipeline.sweep=false or a space without lora keys"
+            )
     if cfg.pipeline.feedback and not storage.is_file(cfg.pipeline.feedback):
         raise DataError(
             f"pipeline.feedback: no such file {cfg.pipeline.feedback}; write it with `aigc feedback export "

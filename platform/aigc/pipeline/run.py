@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from aigc.config import PlatformConfig
+from aigc.pipeline.feedback_round import pipeline_config
 from aigc.pipeline.lock import pipeline_lock
 from aigc.pipeline.runner import StageOutcome, run_stages
-from aigc.pipeline.stages import build_stages, pipeline_config
+from aigc.pipeline.stages import build_stages
 from aigc.pipeline.state import PipelineState, state_path
 
 __all__ = ["PipelineResult", "ray_data_hash", "run_pipeline"]

@@ -3,10 +3,12 @@ runs, and how its output is found again.
 
 - **preprocess** reads ``data``, ``model`` and the data files' content; re-run when ``stats.json`` no longer
   names its shards.
+- **start** (a DPO feedback round, :mod:`aigc.pipeline.feedback_round`) pins the version the alias serves as the
+  round's starting adapter and reference; upstream preprocess.
 - **sweep** (``pipeline.sweep``) reads ``tune`` and the space file's content, ``train`` except
-  ``train.num_workers`` (trials have their own), ``lora``, ``model``; upstream preprocess; its output
+  ``train.num_workers`` (trials have their own), ``lora``, ``model``; upstream start (or preprocess); its output
   is ``best_config.yaml``. Trials train ``tune.epochs`` (short trials), the train stage ``train.epochs``.
-- **train** reads ``model``, ``lora``, ``train`` with the sweep's best values; upstream sweep (or preprocess);
+- **train** reads ``model``, ``lora``, ``train`` with the sweep's best values; upstream sweep (or start, or preprocess);
   its output is the exported model directory, done only when it was published whole
   (:func:`aigc.storage.is_complete`: a publish killed part-way trains again).
 - **register** reads ``registry_dir`` and ``train.adapter_name``; upstream train; its output is the published
@@ -33,11 +35,12 @@ from collections.abc import Callable
 from typing import Any
 
 from aigc import storage
-from aigc.config import DataConfig, PlatformConfig, with_values
+from aigc.config import DataConfig, PlatformConfig
+from aigc.pipeline.feedback_round import round_config, start_stage
 from aigc.pipeline.fingerprint import content_hash
 from aigc.pipeline.runner import Outputs, Stage
 
-__all__ = ["build_stages", "pipeline_config", "trained_config"]
+__all__ = ["build_stages"]
 
 HashData = Callable[[DataConfig], str]
 
@@ -45,24 +48,6 @@ HashData = Callable[[DataConfig], str]
 def _jsonable(value: Any) -> Any:
     """Tune's sampled values (numpy scalars included) as plain JSON values."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-
-
-def pipeline_config(cfg: PlatformConfig) -> PlatformConfig:
-    """``cfg`` with ``pipeline.feedback`` mixed into ``data.path`` as one more source (format ``messages``, no
-    column renames, weight ``pipeline.feedback_weight``); ``cfg`` itself when there is no feedback file."""
-    p = cfg.pipeline
-    if not p.feedback:
-        return cfg
-    items = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
-    sources = [s if isinstance(s, str) else s.model_dump(exclude_none=True) for s in items]
-    feedback = {"path": p.feedback, "format": "messages", "columns": {}, "weight": p.feedback_weight}
-    return with_values(cfg, {"data.path": [*sources, feedback]})
-
-
-def trained_config(cfg: PlatformConfig, sweep: dict[str, Any] | None) -> PlatformConfig:
-    """What the train stage trains: ``cfg`` with the sweep's best values, for the full schedule (``train.epochs``
-    and ``train.num_workers`` of ``cfg``, unless the space searched them)."""
-    return with_values(cfg, sweep["values"]) if sweep else cfg
 
 
 # Keys that say where a thing sits or how long it is kept, not what it is: no stage reruns when they change.
@@ -82,9 +67,14 @@ def build_stages(cfg: PlatformConfig, hash_data: HashData) -> list[Stage]:
     """
     p = cfg.pipeline
     stages = [_preprocess(cfg, hash_data)]
+    upstream = "preprocess"
+    if p.feedback and p.feedback_method == "dpo":
+        stages.append(start_stage(cfg))
+        upstream = "start"
     if p.sweep:
-        stages.append(_sweep(cfg))
-    stages += [_train(cfg, "sweep" if p.sweep else "preprocess"), _register(cfg)]
+        stages.append(_sweep(cfg, upstream))
+        upstream = "sweep"
+    stages += [_train(cfg, upstream), _register(cfg)]
     if p.promote:
         stages.append(_promote(cfg))
     if p.deploy:
@@ -121,19 +111,19 @@ def _preprocess(cfg: PlatformConfig, hash_data: HashData) -> Stage:
 
 
 # 2. sweep
-def _sweep(cfg: PlatformConfig) -> Stage:
-    def inputs(_: Outputs) -> dict[str, Any]:
-        sections = _sections(cfg, "tune", "train", "lora", "model")
+def _sweep(cfg: PlatformConfig, upstream: str) -> Stage:
+    def inputs(done: Outputs) -> dict[str, Any]:
+        sections = _sections(round_config(cfg, {"start": done.get("start")}), "tune", "train", "lora", "model")
         # Trials run tune.num_workers_per_trial workers: scaling up the final run must not sweep again.
         del sections["train"]["num_workers"]
         return {**sections, "space": content_hash(cfg.tune.space)}
 
-    def run(_: Outputs) -> dict[str, Any]:
+    def run(done: Outputs) -> dict[str, Any]:
         from aigc.report import report_sweep
         from aigc.tune.sweep import run_sweep
 
         # Not registered: the sweep only chooses values; the train stage trains them for the full schedule.
-        res = run_sweep(cfg, register=False)
+        res = run_sweep(round_config(cfg, {"start": done.get("start")}), register=False)
         report_sweep(res)
         metrics = {k: v for k, v in res.best_metrics.items() if isinstance(v, int | float)}
         return _jsonable({"sweep_id": res.sweep_id, "values": res.best_overrides, "metrics": metrics,
@@ -142,19 +132,19 @@ def _sweep(cfg: PlatformConfig) -> Stage:
     def exists(out: dict[str, Any]) -> bool:
         return bool(out.get("best_config")) and storage.is_file(out["best_config"])
 
-    return Stage("sweep", inputs, run, upstream="preprocess", exists=exists)
+    return Stage("sweep", inputs, run, upstream=upstream, exists=exists)
 
 
 # 3. train
 def _train(cfg: PlatformConfig, upstream: str) -> Stage:
     def inputs(done: Outputs) -> dict[str, Any]:
-        return _sections(trained_config(cfg, done.get("sweep")), "model", "lora", "train")
+        return _sections(round_config(cfg, done), "model", "lora", "train")
 
     def run(done: Outputs) -> dict[str, Any]:
         from aigc.report import report_train
         from aigc.train.trainer import run_training
 
-        res = run_training(trained_config(cfg, done.get("sweep")), register=False)  # the register stage does it
+        res = run_training(round_config(cfg, done), register=False)  # the register stage does it
         report_train(res)
         return _jsonable({"model_dir": res.model_dir, "metrics": res.metrics})
 
@@ -178,7 +168,7 @@ def _register(cfg: PlatformConfig) -> Stage:
 
         trained, sweep = done["train"], done.get("sweep")
         chosen = sweep and {"id": sweep["sweep_id"], "values": sweep["values"]}
-        config = {**trained_config(cfg, sweep).model_dump(), "sweep": chosen}
+        config = {**round_config(cfg, done).model_dump(), "sweep": chosen}
         entry = register_model(cfg, trained["model_dir"], trained["metrics"], config, done["preprocess"]["data_hash"])
         print(f"[register] {trained['model_dir']} -> {entry.model_id}")
         return {"registry_id": entry.model_id}
