@@ -214,6 +214,7 @@ def _keys_arguments(p: argparse.ArgumentParser) -> None:
     add.add_argument("--concurrency", type=int, help="requests at once (default: no limit)")
     add.add_argument("--models", help="comma-separated model ids the key may use (default: all)")
     add.add_argument("--expires", help="refused from then on: 2027-01-31 (UTC midnight) or 2027-01-31T12:00:00Z")
+    add.add_argument("--admin", action="store_true", help="may load/unload adapters at runtime (/v1/adapters)")
     actions.add_parser("list", help="names, policies, expiry (never keys)")
     actions.add_parser("revoke", help="remove a key (refused within serve.api_keys_reload_s)").add_argument("name")
     actions.add_parser("migrate", help="rewrite an old plain 'name: key' file as hashes")

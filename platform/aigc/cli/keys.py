@@ -31,7 +31,7 @@ def _policy(args: argparse.Namespace) -> KeyPolicy:
         if not models:
             raise ConfigError("--models must name at least one model id (leave it out for every model)")
     expires = None if args.expires is None else parse_time(args.expires, "--expires")
-    return KeyPolicy(args.rpm, args.tpm, args.concurrency, models, expires)
+    return KeyPolicy(args.rpm, args.tpm, args.concurrency, models, expires, admin=args.admin)
 
 
 def run_keys_command(args: argparse.Namespace, cfg: PlatformConfig | None) -> None:
@@ -58,7 +58,7 @@ def run_keys_command(args: argparse.Namespace, cfg: PlatformConfig | None) -> No
             models = ",".join(p.models) if p.models is not None else "all models"
             expiry = "never expires" if p.expires is None else ("expired " if p.expired(now) else "expires ")
             expiry += format_time(p.expires) if p.expires is not None else ""
-            print(f"{name}\t{limits}\t{models}\t{expiry}")
+            print(f"{name}\t{limits}\t{models}\t{expiry}" + ("\tadmin" if p.admin else ""))
     elif args.action == "revoke":
         revoke_key(path, args.name)
         reload_s = cfg.serve.api_keys_reload_s if cfg is not None else 2.0

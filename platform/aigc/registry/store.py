@@ -104,11 +104,12 @@ class AdapterVersion:
     created_at: float = 0.0
     base_model_commit: str | None = None  # the hub commit trained on; None for a local directory
     content_hash: str | None = None  # sha256 of the weights directory (file names and bytes); see register()
+    runtime: bool = False  # loaded into the servers by name (aigc.registry.runtime), not a registered version
 
     @property
     def model_id(self) -> str:
-        """The id clients pass as ``model`` to reach exactly this version."""
-        return f"{self.name}:v{self.version}"
+        """The id clients pass as ``model`` to reach exactly this version (a runtime adapter: its name)."""
+        return self.name if self.runtime else f"{self.name}:v{self.version}"
 
     @classmethod
     def from_json(cls, text: str) -> AdapterVersion:

@@ -15,6 +15,9 @@ Under faults:
 - The registry unreachable (an object-store outage): adapters already loaded keep serving (Serve's multiplexed
   cache never asks the registry again); a new one answers :class:`~aigc.errors.ServiceUnavailableError`.
 - Each call carries the request's deadline; the engine ends the request there and frees its row.
+
+Runtime adapters (``POST /v1/adapters``, :mod:`aigc.registry.runtime`) load the same way; a replica unloads one
+within seconds of its ``DELETE`` (:mod:`aigc.serve.runtime_adapters`).
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from aigc.errors import (
     ServiceUnavailableError,
 )
 from aigc.registry import Registry
+from aigc.registry.runtime import ServedModels
 from aigc.serve.engine import Completion, Delta, GenerationEngine, Prompt, SamplingParams, ServingEngine
 from aigc.serve.engine.tool_prompts import ToolSyntax, tool_syntax
 from aigc.serve.metrics import start_generator_gauges
 from aigc.serve.resolver import check_servable
+from aigc.serve.runtime_adapters import RuntimeTracker
 
 __all__ = ["Generator", "LoadedAdapter"]
 
@@ -54,9 +59,16 @@ class LoadedAdapter:
     garbage collector may call it again later, so unloading is idempotent.
     """
 
-    def __init__(self, engine: ServingEngine, name: str, model_id: str):
+    def __init__(self, engine: ServingEngine, name: str, model_id: str, loaded_at: float | None = None):
         self.engine, self.name, self.model_id = engine, name, model_id
+        self.loaded_at = loaded_at  # a runtime adapter's record stamp (aigc.serve.runtime_adapters)
+        self.stale = False  # unloaded because its runtime record went away: the next use loads it again
         self._unloaded = False
+
+    def adopt(self, fresh: LoadedAdapter) -> None:
+        """Take over ``fresh``'s engine adapter (a stale entry in Serve's cache, loaded again)."""
+        self.name, self.loaded_at, self.stale, self._unloaded = fresh.name, fresh.loaded_at, False, False
+        fresh._unloaded = True  # its engine adapter is ours now: dropping ``fresh`` must not unload it
 
     def unload(self) -> None:
         if self._unloaded:
@@ -120,7 +132,10 @@ class Generator:
             stall_timeout_s=stall_timeout_s,
             quantization=quantization,
         )
-        self._registry = Registry(registry_dir)
+        self._registry = ServedModels(Registry(registry_dir))
+        self._runtime = RuntimeTracker(self._registry.runtime)
+        with contextlib.suppress(RuntimeError):  # Serve runs the constructor on the replica's event loop
+            self._sweep_task = asyncio.get_running_loop().create_task(self._runtime.keep_sweeping())
         self._adapter_retry_s = adapter_retry_s
         self._failed: dict[str, tuple[float, Exception]] = {}  # model id -> (retry after, the error it got)
         self._base_model_id = base_model_id
@@ -160,7 +175,10 @@ class Generator:
         name = f"{re.sub(r'[^A-Za-z0-9]', '_', entry.name)}_v{entry.version}_{next(self._load_counter)}"
         await asyncio.to_thread(self._engine.load_adapter, path, name)
         logger.info("loaded adapter %s as %s", entry.model_id, name)
-        return LoadedAdapter(self._engine, name, entry.model_id)
+        adapter = LoadedAdapter(self._engine, name, entry.model_id, entry.created_at if entry.runtime else None)
+        if entry.runtime:
+            self._runtime.track(adapter)
+        return adapter
 
     async def _get_adapter(self, model_id: str) -> LoadedAdapter:
         """The loaded adapter, or the error its last load got if that was less than ``adapter_retry_s`` ago."""
@@ -168,7 +186,11 @@ class Generator:
         if failed is not None and time.monotonic() < failed[0]:
             raise failed[1]
         try:
-            return await self.get_adapter(model_id)
+            adapter = await self.get_adapter(model_id)
+            if adapter.stale:  # a runtime adapter deleted or replaced since: what its record says now, or 404
+                adapter.adopt(await self._load_adapter(model_id))
+                self._runtime.track(adapter)
+            return adapter
         except (AdapterLoadError, InvalidRequestError) as exc:  # the files or the entry: retrying cannot help soon
             self._failed[model_id] = (time.monotonic() + self._adapter_retry_s, exc)
             raise
@@ -224,6 +246,16 @@ class Generator:
     def active_rows(self) -> int:
         """Requests decoding in this replica's running batch now (for tests and debugging)."""
         return self._engine.active_rows
+
+    async def warm_adapter(self) -> str:
+        """Load the request's adapter (its multiplexed model id) now; returns its engine name. ``POST
+        /v1/adapters`` calls it so that an adapter that cannot load is refused there, not at first use."""
+        async with self._adapter_for_request() as adapter:
+            return adapter or ""
+
+    async def sweep_runtime_adapters(self) -> list[str]:
+        """Unload deleted or replaced runtime adapters now (the replica also does it every few seconds)."""
+        return await self._runtime.sweep()
 
     def loaded_adapters(self) -> list[str]:
         """Engine names of the adapters loaded in this replica (for tests and debugging)."""

@@ -12,8 +12,9 @@ or paths); the response shapes of the two endpoints are in :mod:`aigc.serve.shap
 checked, captured and counted in :mod:`aigc.serve.answers`. Before any route, the guard
 (:mod:`aigc.serve.middleware`: CORS, API keys, body cap) and the metrics middleware run; content safety is
 :mod:`aigc.serve.moderation`. With ``serve.capture``, answers are stored under their ids and
-``POST /v1/feedback`` rates them (:mod:`aigc.serve.feedback`). Calls to the generator (deadline, one safe retry
-after a lost replica) are :mod:`aigc.serve.upstream`.
+``POST /v1/feedback`` rates them (:mod:`aigc.serve.feedback`). ``POST /v1/adapters`` and
+``DELETE /v1/adapters/NAME`` (admin keys) load and unload adapters by name (:mod:`aigc.serve.admin`). Calls to
+the generator (deadline, one safe retry after a lost replica) are :mod:`aigc.serve.upstream`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
@@ -33,6 +34,8 @@ from aigc.config import ModerationConfig, ServeConfig
 from aigc.errors import RegistryError
 from aigc.feedback.store import FeedbackRequest
 from aigc.registry import Registry
+from aigc.registry.runtime import ServedModels
+from aigc.serve.admin import AdapterAdmin, LoadAdapterRequest
 from aigc.serve.answers import Answerer, Turn
 from aigc.serve.api_errors import ApiError, api_error_from, install_error_handlers
 from aigc.serve.auth import proxy_bind_host
@@ -122,7 +125,9 @@ class OpenAIIngress:
         self._base_model_id = base_model_id
         self._base_model_name = base_model_name or base_model_id
         self._timeout_s = request_timeout_s
-        self._models = ModelResolver(Registry(registry_dir), ttl_s=resolve_cache_s)
+        served = ServedModels(Registry(registry_dir))
+        self._models = ModelResolver(served, ttl_s=resolve_cache_s)
+        self._admin = AdapterAdmin(served, generator, base_model_id, self._base_model_name)
         # Serve runs the constructor on the replica's event loop: the listing refresh lives as long as the replica.
         self._listing_task = asyncio.get_running_loop().create_task(self._models.keep_listing())
         self._cap = max_tokens_cap
@@ -165,7 +170,9 @@ class OpenAIIngress:
                     cards.append(ModelCard(id=a.model_id, created=int(a.updated_at), root=a.target,
                                            parent=e.base_model))  # fmt: skip
         for e in versions:
-            cards.append(ModelCard(id=e.model_id, created=int(e.created_at), root=e.model_id, parent=e.base_model))
+            if not e.runtime:  # a runtime adapter's card is its name's, above
+                cards.append(ModelCard(id=e.model_id, created=int(e.created_at), root=e.model_id,
+                                       parent=e.base_model))  # fmt: skip
         return cards
 
     async def _resolve(self, model: str, sticky: str | None = None) -> str:
@@ -279,6 +286,21 @@ class OpenAIIngress:
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         return await self._run_request(TEXT, body, body.prompt_text, request)
+
+    @app.post("/v1/adapters")
+    async def load_adapter(self, body: LoadAdapterRequest, request: Request) -> Response:
+        key = key_name_of(request)
+        self._admin.check_admin(self.guard.keys is not None, self.guard.policy(key))
+        card = await self._admin.load(body, key)
+        self._models.forget(body.name)
+        return JSONResponse(card.model_dump())
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(self, name: str, request: Request) -> Response:
+        self._admin.check_admin(self.guard.keys is not None, self.guard.policy(key_name_of(request)))
+        out = await self._admin.unload(name)
+        self._models.forget(name)
+        return JSONResponse(out)
 
     @app.post("/v1/feedback")
     async def feedback(self, body: FeedbackRequest, request: Request) -> Response:

@@ -14,6 +14,7 @@ only its hash here; ``aigc keys revoke NAME`` removes the entry; the ingress re-
         tpm: 40000                 #   tokens per minute (prompt + completion),
         concurrency: 4             #   requests at once,
         models: [support-bot]      #   the models the key may use (a registered name covers its versions/aliases)
+        admin: true                # optional: may load/unload adapters at runtime (POST/DELETE /v1/adapters)
 
 Why a fast hash is enough: these keys are 256-bit random tokens, so nobody can search the key space from a
 leaked hash, however fast the hash; slow hashes (bcrypt, argon2) exist for low-entropy passwords and would add
@@ -56,6 +57,7 @@ class KeyPolicy:
     concurrency: int | None = None
     models: tuple[str, ...] | None = None
     expires: float | None = None  # epoch seconds
+    admin: bool = False  # may load and unload adapters on the running servers (POST/DELETE /v1/adapters)
 
     @property
     def limited(self) -> bool:
@@ -76,6 +78,8 @@ class KeyPolicy:
             out["models"] = list(self.models)
         if self.expires is not None:
             out["expires"] = format_time(self.expires)
+        if self.admin:
+            out["admin"] = True
         return out
 
 
@@ -128,7 +132,10 @@ def _policy(entry: dict[str, Any], where: str) -> KeyPolicy:
         values["models"] = tuple(models)
     if entry.get("expires") is not None:
         values["expires"] = parse_time(entry["expires"], f"{where}: expires")
-    return KeyPolicy(**values)
+    admin = entry.get("admin", False)
+    if not isinstance(admin, bool):
+        raise ConfigError(f"{where}: admin must be true or false, got {admin!r}")
+    return KeyPolicy(**values, admin=admin)
 
 
 def parse_hashed(text: str, source: str) -> dict[str, KeyRecord] | None:
@@ -145,7 +152,7 @@ def parse_hashed(text: str, source: str) -> dict[str, KeyRecord] | None:
     if not (isinstance(loaded, dict) and set(loaded) == {"keys"} and isinstance(loaded["keys"], (dict, type(None)))):
         return None
     records: dict[str, KeyRecord] = {}
-    allowed = {"sha256", "created", "expires", "models", *_LIMITS}
+    allowed = {"sha256", "created", "expires", "models", "admin", *_LIMITS}
     for name, entry in (loaded["keys"] or {}).items():
         where = f"{source}: key {name!r}"
         if not isinstance(name, str) or not NAME.match(name):

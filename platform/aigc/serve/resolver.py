@@ -40,6 +40,7 @@ from aigc.errors import InvalidRequestError, RegistryError, ServiceUnavailableEr
 from aigc.models.loading import model_id_for
 from aigc.registry import AdapterVersion, Alias, Registry
 from aigc.registry.aliases import DEFAULT_ALIAS, LATEST
+from aigc.registry.runtime import ServedModels
 
 __all__ = ["Listing", "ModelResolver", "Split", "check_servable", "pick", "servable"]
 
@@ -140,7 +141,9 @@ class ModelResolver:
         clock: a monotonic clock (tests pass a fake one).
     """
 
-    def __init__(self, registry: Registry, ttl_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, registry: Registry | ServedModels, ttl_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ):
         self._registry, self._ttl, self._clock = registry, ttl_s, clock
         self._cache: OrderedDict[str, tuple[float, Split | str]] = OrderedDict()
         self._pending: dict[str, asyncio.Future[tuple[float, Split | str]]] = {}
@@ -168,6 +171,11 @@ class ModelResolver:
         if isinstance(hit[1], str):
             raise RegistryError(hit[1])
         return pick(hit[1], model_id, sticky)
+
+    def forget(self, model_id: str) -> None:
+        """Drop the remembered answer for ``model_id`` and the listing (an adapter loaded or unloaded here)."""
+        self._cache.pop(model_id, None)
+        self._listing = None if self._listing is None else (0.0, self._listing[1])
 
     async def _read(self, model_id: str) -> tuple[float, Split | str]:
         try:
