@@ -10,6 +10,7 @@ with adapters the batched path does not take (DoRA, an embedding LoRA), which mu
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from types import SimpleNamespace
 
@@ -17,7 +18,8 @@ import pytest
 import torch
 from helpers import make_tiny_adapter, make_tiny_model
 
-from aigc.serve.engine import lora_batch
+from aigc.models.loading import load_base_model
+from aigc.serve.engine import GenerationEngine, SamplingParams, lora_batch
 from aigc.serve.engine.adapters import BASE_ADAPTER, PLACEHOLDER, AdapterSet
 from aigc.serve.engine.batch import Row, RunningBatch
 from aigc.serve.engine.lora_batch import LoraForward
@@ -52,19 +54,22 @@ def tiny(tmp_path_factory):
     )
 
 
-@pytest.fixture
-def setup(tiny):
+def _setup(tiny, quantization: str = "none") -> SimpleNamespace:
     """The engine's model (a zero placeholder LoRA, then adapters loaded by AdapterSet), both forward paths."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny.base, dtype=torch.float32)
+    base = load_base_model(tiny.base, dtype="float32", quantization=quantization)
     model = get_peft_model(base, LoraConfig(r=1, target_modules=["q_proj"]), adapter_name=PLACEHOLDER).eval()
     batched, peft = LoraForward(model), LoraForward(model, batched=False)
     adapters = AdapterSet(model, threading.Lock(), on_change=batched.reset)
     for name in ("r4", "r8", "rs"):
         adapters.load(getattr(tiny, name), name)
     return SimpleNamespace(model=model, batched=batched, peft=peft, adapters=adapters)
+
+
+@pytest.fixture
+def setup(tiny):
+    return _setup(tiny)
 
 
 def _greedy(model, lora: LoraForward, adapters: list[str]) -> tuple[list[list[int]], torch.Tensor]:
@@ -104,6 +109,11 @@ def test_a_mixed_batch_gets_the_same_tokens_and_logits_as_pefts_split(setup, mon
     assert tokens[0] == alone[0]  # padding and neighbours change nothing
     assert len(set(map(tuple, alone))) == 4, "each adapter should answer differently"
     assert setup.peft.peft_forwards > 0
+
+
+def test_an_int8_base_model_with_adapters_on_top_gets_the_same_tokens_and_logits(tiny):
+    setup = _setup(tiny, quantization="int8")  # torchao's int8 layers under peft's LoRA layers
+    _assert_same(setup, MIX)
 
 
 def test_batches_on_one_adapter_or_a_subset_of_adapters_are_batched_too(setup):
@@ -146,3 +156,32 @@ def test_a_dora_adapter_in_the_batch_falls_back_to_peft_which_refuses_it_as_befo
             _greedy(setup.model, lora, mix)
     assert setup.batched.peft_forwards == 1
     _assert_same(setup, MIX)  # the other adapters stay batched and identical while DoRA is loaded
+
+
+def test_the_engine_batches_by_default_and_answers_as_with_pefts_split(tiny):
+    """End to end through GenerationEngine: concurrent requests on a mix, then after replacing an adapter."""
+    engines = {
+        b: GenerationEngine(tiny.base, max_batch_size=8, admit_min_rows=4, batched_lora=b) for b in (True, False)
+    }
+    params = SamplingParams(max_tokens=10, temperature=0)
+    jobs = [(p, a) for p in ("Where is my parcel?", "Hello", "The coffee grinder") for a in (None, "r4", "r8", "rs")]
+
+    async def answers(engine: GenerationEngine) -> list[str]:
+        outs = await asyncio.gather(*(engine.agenerate(p, params, adapter=a) for p, a in jobs))
+        return [o.text for o in outs]
+
+    try:
+        out = {}
+        for batched, engine in engines.items():
+            for name in ("r4", "r8", "rs"):
+                engine.load_adapter(getattr(tiny, name), name)
+            first = asyncio.run(answers(engine))
+            engine.delete_adapter("r8")
+            engine.load_adapter(tiny.other, "r8")
+            out[batched] = (first, asyncio.run(answers(engine)))
+        assert out[True] == out[False]
+        assert out[True][0] != out[True][1]  # the replaced adapter answers differently
+        assert engines[True].max_rows_seen > 4  # the rows did share steps
+    finally:
+        for engine in engines.values():
+            engine.close()

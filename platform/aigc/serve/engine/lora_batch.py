@@ -87,6 +87,7 @@ class LoraForward:
         self.model, self.batched = model, batched
         self._layers: list[_Layer] | None = None  # None: to be built at the next mixed forward
         self._slots: dict[str, int] = {}  # batchable adapter name -> stack slot (1..n)
+        self._rank = 0  # the largest rank in the stacks
         self._step: _Step | None = None
         self.peft_forwards = 0  # forwards that fell back to peft's split (for tests and stats)
 
@@ -107,11 +108,10 @@ class LoraForward:
             return self._peft(adapters, **kwargs)
         rows = [0 if a == BASE_ADAPTER else self._slots[a] for a in adapters]
         present = tuple(sorted(set(rows) - {0}))
-        rank = max((layer.a.shape[1] for layer in self._layers), default=0)
         self._step = _Step(
             rows=torch.tensor(rows, device=self.model.device),
             present=present,
-            gathered=len(present) * rank > MASKED_MAX_RANK,
+            gathered=len(present) * self._rank > MASKED_MAX_RANK,
         )
         try:
             return self.model.get_base_model()(**kwargs)
@@ -164,6 +164,7 @@ class LoraForward:
             layer = self._stack(m, held)
             layer.hook = m.register_forward_hook(self._make_hook(layer), with_kwargs=True)
             self._layers.append(layer)
+        self._rank = max((layer.a.shape[1] for layer in self._layers), default=0)
 
     def _stack(self, m: Any, held: dict[str, int]) -> _Layer:
         ref = m.lora_A[next(iter(held))].weight
