@@ -155,29 +155,16 @@ class LoraForward:
         for name, config in self.model.peft_config.items():  # whole modules trained or tokens: peft's path
             if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
                 unbatchable.add(name)
-        self._slots = {n: i + 1 for i, n in enumerate(n for n in names if n not in unbatchable)}
-        self._layers = []
-        for m in modules:
-            held = {n: s for n, s in self._slots.items() if n in m.lora_A}
-            if not held:
-                continue
-            layer = self._stack(m, held)
-            layer.hook = m.register_forward_hook(self._make_hook(layer), with_kwargs=True)
-            self._layers.append(layer)
-        self._rank = max((layer.a.shape[1] for layer in self._layers), default=0)
-
-    def _stack(self, m: Any, held: dict[str, int]) -> _Layer:
-        ref = m.lora_A[next(iter(held))].weight
-        rank = max(m.lora_A[n].weight.shape[0] for n in held)
-        n_in, n_out = m.lora_A[next(iter(held))].in_features, m.lora_B[next(iter(held))].out_features
-        a = torch.zeros(len(self._slots) + 1, rank, n_in, dtype=ref.dtype, device=ref.device)
-        b = torch.zeros(len(self._slots) + 1, n_out, rank, dtype=ref.dtype, device=ref.device)
-        with torch.no_grad():
-            for name, slot in held.items():
-                r = m.lora_A[name].weight.shape[0]
-                a[slot, :r] = m.lora_A[name].weight
-                b[slot, :, :r] = m.lora_B[name].weight * m.scaling[name]
-        return _Layer(m, a, b, frozenset(held.values()))
+        slots = {n: i + 1 for i, n in enumerate(n for n in names if n not in unbatchable)}
+        layers = []
+        for m in modules:  # every stack first: a failure here (memory) leaves no half-built state behind
+            held = {n: s for n, s in slots.items() if n in m.lora_A}
+            if held:
+                layers.append(_stack(m, held, len(slots)))
+        for layer in layers:
+            layer.hook = layer.module.register_forward_hook(self._make_hook(layer), with_kwargs=True)
+        self._layers, self._slots = layers, slots
+        self._rank = max((layer.a.shape[1] for layer in layers), default=0)
 
     # 2. the per-layer product ---------------------------------------------------------------------------
     def _make_hook(self, layer: _Layer) -> Any:
@@ -214,6 +201,21 @@ class LoraForward:
         h = F.linear(x, cut[0])
         h = h * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
         return F.linear(h, cut[1])
+
+
+def _stack(m: Any, held: dict[str, int], n: int) -> _Layer:
+    """Layer ``m``'s stacks over ``n`` adapter slots, filled for the adapters in ``held`` (name -> slot)."""
+    first = next(iter(held))
+    ref = m.lora_A[first].weight
+    rank = max(m.lora_A[name].weight.shape[0] for name in held)
+    a = torch.zeros(n + 1, rank, m.lora_A[first].in_features, dtype=ref.dtype, device=ref.device)
+    b = torch.zeros(n + 1, m.lora_B[first].out_features, rank, dtype=ref.dtype, device=ref.device)
+    with torch.no_grad():
+        for name, slot in held.items():
+            r = m.lora_A[name].weight.shape[0]
+            a[slot, :r] = m.lora_A[name].weight
+            b[slot, :, :r] = m.lora_B[name].weight * m.scaling[name]
+    return _Layer(m, a, b, frozenset(held.values()))
 
 
 def _gathered(layer: _Layer, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
