@@ -32,7 +32,9 @@ this way: a DoRA or other peft variant layer, LoRA on a non-``Linear`` layer (em
 training mode. peft itself refuses DoRA in
 a mixed batch, so such a forward fails exactly as it does without this module (the engine rejects DoRA
 adapters at load anyway). ``lora_dropout`` does nothing at inference (the model is in eval mode) and is
-ignored. A batch of base-model rows only skips every hook and runs the wrapped model alone.
+ignored. A batch of base-model rows only skips every hook and runs the wrapped model alone. A batch whose
+adapter rows are all on one adapter takes the batched path as well: peft's split would be one product there
+too, but it still copies those rows' inputs out and their outputs back in every layer.
 
 Results equal peft's up to float rounding: the scaling is applied to ``B`` before the product rather than
 after it, and the zero padding adds exact zeros (``tests/test_batched_lora.py`` checks tokens and logits).
