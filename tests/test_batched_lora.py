@@ -133,6 +133,26 @@ def test_stacks_follow_adapters_deleted_and_loaded(setup, tiny):
     _assert_same(setup, [BASE_ADAPTER, "r16", "r4", "rs", "r4", "r16"])
 
 
+def test_a_forward_that_fails_midway_leaves_the_next_one_exact(setup):
+    layer = setup.model.get_base_model().model.layers[1].mlp.up_proj
+    failures = []
+
+    def fail_once(module, args):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected fault")
+
+    handle = layer.register_forward_pre_hook(fail_once)
+    try:
+        for lora in (setup.batched, setup.peft):
+            failures.clear()
+            with pytest.raises(RuntimeError, match="injected fault"):
+                _greedy(setup.model, lora, MIX)
+    finally:
+        handle.remove()
+    _assert_same(setup, [BASE_ADAPTER, "rs", "r8"])  # another size and mix: nothing of the failed batch is left
+
+
 def test_an_embedding_lora_in_the_batch_falls_back_to_pefts_forward(setup, tiny):
     setup.adapters.load(tiny.embed, "embed")
     mix = [BASE_ADAPTER, "embed", "r8", "rs"]
