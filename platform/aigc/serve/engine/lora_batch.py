@@ -74,6 +74,7 @@ class _Step:
     rows: torch.Tensor  # [rows]: each row's slot (0 = base)
     present: tuple[int, ...]  # sorted slots of the adapters in this batch
     gathered: bool
+    held: dict[frozenset[int], tuple[int, ...]] = field(default_factory=dict)  # layer slots -> those present
     masks: dict[tuple[tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
 
 
@@ -174,7 +175,9 @@ class LoraForward:
             step = self._step
             if step is None:
                 return None  # a peft or base-only forward: leave the output alone
-            present = tuple(s for s in step.present if s in layer.slots)
+            present = step.held.get(layer.slots)
+            if present is None:  # shared by the layers that hold the same adapters (usually all of them)
+                present = step.held[layer.slots] = tuple(s for s in step.present if s in layer.slots)
             if not present:
                 return None
             x = args[0] if args else kwargs["x"]
