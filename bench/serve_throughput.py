@@ -16,7 +16,10 @@ best case: torch used from two threads of one process slows both). Candidates:
 2. the Serve app (``aigc serve``: one generator replica) through the official ``openai`` async client on
    loopback, at each concurrency, streaming and not: output tokens/s, p50/p99 latency, time to first token;
 3. a mixed run: 32 concurrent requests spread over the base model and 3 LoRA adapters, against the
-   single-model run at the same concurrency.
+   single-model run at the same concurrency (target: >= 0.85x). The engine runs it with batched LoRA (one
+   product per LoRA layer for all rows, the default) and, unless ``--skip-peft-mix``, again with peft's
+   mixed-adapter forward (each LoRA layer split per adapter: the path before batched LoRA), on the same
+   adapters; the Serve app runs it with the default.
 
 Every load loop is bounded in count (``--requests``) and time (each request times out after 120 s).
 Prints one table and the ratios to the baseline.
@@ -99,7 +102,8 @@ def bench_baseline(model_path: str, prompts: list[str], max_tokens: int) -> Run:
 
 
 # 2. the engine alone ------------------------------------------------------------------------------------
-def bench_engine(engine, prompts: list[str], max_tokens: int, concurrency: int, adapters: list[str | None]) -> Run:
+def bench_engine(engine, prompts: list[str], max_tokens: int, concurrency: int, adapters: list[str | None],
+                 label: str = "") -> Run:  # fmt: skip
     from aigc.serve.engine import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
@@ -119,7 +123,7 @@ def bench_engine(engine, prompts: list[str], max_tokens: int, concurrency: int, 
 
         t0 = time.perf_counter()
         tokens = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-        name = "engine alone" + (f", {len(adapters)} models mixed" if len(adapters) > 1 else "")
+        name = "engine alone" + (f", {len(adapters)} models mixed" if len(adapters) > 1 else "") + label
         return Run(name, concurrency, False, len(prompts), sum(tokens), time.perf_counter() - t0,
                    _pct(lat, 0.5), _pct(lat, 0.99))  # fmt: skip
 
@@ -172,11 +176,23 @@ def _random_adapters(base: str, registry_dir: str, n: int) -> list[str]:
     return [register_random_adapter(base, registry_dir, f"bench-{i}", seed=i) for i in range(n)]
 
 
+def _load_adapters(engine, registry_dir: str, adapters: list[str]) -> list[str]:
+    """Load the registered adapters into ``engine``; returns the engine's names for them."""
+    from aigc.registry import Registry
+
+    reg, names = Registry(registry_dir), []
+    for mid in adapters:
+        name = mid.replace(":", "_").replace("-", "_")
+        engine.load_adapter(reg.resolve(mid).adapter_uri, name)
+        names.append(name)
+    return names
+
+
 def _print(runs: list[Run], baseline: Run) -> None:
-    print(f"\n{'run':<34}{'conc':>5}{'tok/s':>9}{'x base':>8}{'p50 s':>8}{'p99 s':>8}{'ttft p50':>10}")
+    print(f"\n{'run':<46}{'conc':>5}{'tok/s':>9}{'x base':>8}{'p50 s':>8}{'p99 s':>8}{'ttft p50':>10}")
     for r in runs:
         ttft = f"{r.ttft_p50_s:.3f}" if r.ttft_p50_s is not None else "-"
-        print(f"{r.name:<34}{r.concurrency:>5}{r.tokens_per_s:>9.0f}{r.tokens_per_s / baseline.tokens_per_s:>8.2f}"
+        print(f"{r.name:<46}{r.concurrency:>5}{r.tokens_per_s:>9.0f}{r.tokens_per_s / baseline.tokens_per_s:>8.2f}"
               f"{r.p50_s:>8.2f}{r.p99_s:>8.2f}{ttft:>10}")  # fmt: skip
 
 
@@ -186,6 +202,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--skip-serve", action="store_true", help="baseline and engine only (no Ray)")
+    ap.add_argument("--skip-peft-mix", action="store_true", help="no mixed run on peft's per-adapter split")
     ap.add_argument("--json", help="also write every figure to this file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--model-shape", choices=sorted(SHAPES), help="a random-weight model with this model's shapes")
@@ -207,26 +224,26 @@ def main() -> None:
           f"engine torch threads {torch.get_num_threads()}, overrides {args.set or 'none'}")  # fmt: skip
     adapters = _random_adapters(cfg.model.name_or_path, cfg.registry_dir, 3)
 
-    from aigc.registry import Registry
     from aigc.serve.engine import GenerationEngine
 
-    engine = GenerationEngine(cfg.model.name_or_path, dtype="float32", quantization=cfg.serve.quantization)
-    reg = Registry(cfg.registry_dir)
-    names = []
-    for mid in adapters:
-        e = reg.resolve(mid)
-        name = mid.replace(":", "_").replace("-", "_")
-        engine.load_adapter(e.adapter_uri, name)
-        names.append(name)
-    bench_engine(engine, prompts[:4], 4, 4, [None, *names])  # warm-up
-    for c in args.concurrency:
-        runs.append(bench_engine(engine, prompts, args.max_tokens, c, [None]))
-    runs.append(bench_engine(engine, prompts, args.max_tokens, max(args.concurrency), [None, *names]))
-    close = getattr(engine, "close", None)
-    if close:
-        close()
-    del engine
+    top = max(args.concurrency)
+    mixed: dict[str, Run] = {}
+    for batched in (True, False) if not args.skip_peft_mix else (True,):
+        engine = GenerationEngine(cfg.model.name_or_path, dtype="float32", quantization=cfg.serve.quantization,
+                                  batched_lora=batched)  # fmt: skip
+        names = _load_adapters(engine, cfg.registry_dir, adapters)
+        bench_engine(engine, prompts[:4], 4, 4, [None, *names])  # warm-up
+        if batched:  # the single-model runs do not touch LoRA: once is enough
+            for c in args.concurrency:
+                runs.append(bench_engine(engine, prompts, args.max_tokens, c, [None]))
+            single = runs[-1]
+        label = ", batched LoRA" if batched else ", peft split"
+        runs.append(bench_engine(engine, prompts, args.max_tokens, top, [None, *names], label))
+        mixed[label] = runs[-1]
+        engine.close()
+        del engine
 
+    serve_single = serve_mixed = None
     if not args.skip_serve:
         from ray import serve
 
@@ -245,12 +262,19 @@ def main() -> None:
             for stream in (False, True):
                 for c in args.concurrency:
                     runs.append(bench_serve(url, prompts, args.max_tokens, c, stream, [base_id]))
-            runs.append(bench_serve(url, prompts, args.max_tokens, max(args.concurrency), False,
-                                    [base_id, *adapters]))  # fmt: skip
+                    if not stream and c == top:
+                        serve_single = runs[-1]
+            runs.append(bench_serve(url, prompts, args.max_tokens, top, False, [base_id, *adapters]))
+            serve_mixed = runs[-1]
         finally:
             serve.shutdown()
 
     _print(runs, baseline)
+    print(f"\nmixed (base + {len(adapters)} adapters) / single model, tokens/s at concurrency {top} (target >= 0.85):")
+    for label, r in mixed.items():
+        print(f"  engine{label}: {r.tokens_per_s / single.tokens_per_s:.2f}x")
+    if serve_single is not None:
+        print(f"  serve, batched LoRA: {serve_mixed.tokens_per_s / serve_single.tokens_per_s:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in runs], f, indent=1)

@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -140,17 +141,19 @@ def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(out)
 
 
-def make_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 1) -> str:
+def make_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 1, **lora: Any) -> str:
     """Write a LoRA adapter for the model in ``base_dir`` whose random weights change its outputs.
 
     peft initialises ``lora_B`` to zero (an adapter that does nothing); here every LoRA matrix gets seeded
     random values large enough to move the greedy argmax, so tests can tell adapter from base output.
+    ``lora`` overrides ``LoraConfig`` fields (default: rank 4, alpha 8 on q_proj, v_proj and up_proj).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    fields = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"], **lora}
+    cfg = LoraConfig(**fields, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

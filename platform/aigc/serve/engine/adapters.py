@@ -11,6 +11,10 @@ and copy the weights in (peft's own ``add_adapter`` and ``set_peft_model_state_d
 there deletes what it injected: a failed load leaves the model exactly as it was. If peft cannot delete an
 adapter (injected or evicted), the model is in an unknown state and :attr:`AdapterSet.broken` says so; the
 engine then reports itself unhealthy and Serve replaces the replica.
+
+Every change to the model's adapters (a load, a failed load's clean-up, a delete) calls ``on_change`` under the
+model lock, before the next forward: the engine's batched LoRA stacks (:mod:`aigc.serve.engine.lora_batch`)
+are rebuilt from peft's modules then.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +40,11 @@ PLACEHOLDER = "aigc_placeholder"  # a zero LoRA that keeps the PeftModel valid w
 class AdapterSet:
     """Which adapters the model holds, which requests use them, which are to be deleted."""
 
-    def __init__(self, model: Any, model_lock: threading.Lock, wake: Any = None):
+    def __init__(
+        self, model: Any, model_lock: threading.Lock, wake: Any = None, on_change: Callable[[], None] | None = None
+    ):
         self._model, self._model_lock, self._wake = model, model_lock, wake
+        self._on_change = on_change or (lambda: None)
         self._state_lock = threading.Lock()  # guards the bookkeeping; never held while the model runs
         self._loaded: set[str] = set()
         self._refs: dict[str, int] = {}
@@ -66,6 +74,8 @@ class AdapterSet:
             except Exception as exc:
                 self._remove_injected_locked(name)
                 raise AdapterLoadError(f"could not load adapter from {path}: {exc}") from exc
+            finally:
+                self._on_change()
             self._model.eval()
             with self._state_lock:
                 self._loaded.add(name)
@@ -137,6 +147,8 @@ class AdapterSet:
                 logger.exception("failed to delete adapter %s", name)
             else:
                 logger.info("deleted adapter %s", name)
+            finally:
+                self._on_change()
             with self._state_lock:
                 self._doomed.discard(name)
                 self._loaded.discard(name)

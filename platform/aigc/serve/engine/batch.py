@@ -1,18 +1,18 @@
 """The running batch: rows join between decoding steps and leave as soon as they finish (continuous batching).
 
 One forward pass decodes one token for every row, each row on its own LoRA adapter or the base model
-(peft's mixed-adapter forward, ``adapter_names``). New requests are prefilled together (left-padded) and
-their KV cache is merged into the running one, left-padded to a common length; positions come from each
-row's attention mask, so padding never changes a row's result.
+(one batched product per LoRA layer, :mod:`aigc.serve.engine.lora_batch`). New requests are prefilled
+together (left-padded) and their KV cache is merged into the running one, left-padded to a common length;
+positions come from each row's attention mask, so padding never changes a row's result.
 
 Finished rows leave lazily: a finished row is marked dead at once (it no longer counts, its output is never
 read) and the cache is compacted only when new rows join (one copy serves both the merge and the removal) or
 when dead rows make up half the batch. Copying the whole KV cache for every row that leaves was about a tenth
 of a replica's time under load. Compaction also trims columns that are padding in every remaining row.
 
-Built on transformers' ``DynamicCache`` and the model's own forward, and peft's mixed-adapter hooks; all of
-it runs on the engine's single thread (peft's hooks sit on shared modules: two forwards at once would swap
-adapters).
+Built on transformers' ``DynamicCache`` and the model's own forward, and forward hooks on peft's LoRA layers;
+all of it runs on the engine's single thread (the hooks sit on shared modules: two forwards at once would
+mix their rows' adapters).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from aigc.serve.engine.adapters import BASE_ADAPTER
+from aigc.serve.engine.lora_batch import LoraForward
 
 __all__ = ["Prefill", "Row", "RunningBatch"]
 
@@ -73,12 +74,14 @@ class RunningBatch:
     """The rows decoding together and their KV cache. Call every method from the engine thread only.
 
     Args:
-        model: a peft ``PeftModel`` (for ``adapter_names``) around a causal LM.
+        model: a peft ``PeftModel`` around a causal LM.
         pad_id: the token id used for left padding (masked out; its value never matters).
+        lora: runs each forward with every row on its adapter (default: batched LoRA on ``model``).
     """
 
-    def __init__(self, model: Any, pad_id: int):
+    def __init__(self, model: Any, pad_id: int, lora: LoraForward | None = None):
         self.model, self.pad_id = model, pad_id
+        self.lora = lora or LoraForward(model)
         # transformers 5.x names the cache argument `cache` (older versions: `past_key_values`); the
         # DynamicCache object is updated in place either way.
         forward = model.get_base_model().forward
@@ -122,7 +125,7 @@ class RunningBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
         self.prefilled_rows += len(rows)
-        out = self._forward(
+        out = self.lora(
             [r.adapter for r in rows],
             input_ids=ids,
             attention_mask=mask,
@@ -169,7 +172,7 @@ class RunningBatch:
         positions = self._mask.sum(-1, keepdim=True)  # real tokens so far = this token's position
         mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
         self.max_rows_seen = max(self.max_rows_seen, self._live)
-        out = self._forward(
+        out = self.lora(
             [r.adapter for r in self._rows],
             input_ids=last,
             attention_mask=mask,
@@ -182,17 +185,6 @@ class RunningBatch:
         if self._live == len(self._rows):
             return logits
         return logits[torch.tensor([i for i, r in enumerate(self._rows) if r.alive], device=self.device)]
-
-    def _forward(self, adapters: list[str], **kwargs: Any) -> Any:
-        """One forward pass with each row on its adapter (peft's mixed-adapter hooks).
-
-        A step whose rows all use the base model skips peft's per-row hooks (each call walks every module and
-        splits every LoRA layer's input: a large share of a small model's step). The engine never changes the
-        active adapter, which stays the zero placeholder, so the wrapped model alone computes the base output.
-        """
-        if all(a == BASE_ADAPTER for a in adapters):
-            return self.model.get_base_model()(**kwargs)
-        return self.model(adapter_names=adapters, **kwargs)
 
     def clear(self) -> None:
         """Drop every row and the cache (after a failed shared step)."""

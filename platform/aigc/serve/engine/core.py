@@ -40,6 +40,7 @@ import torch
 from aigc.data.templates import render_prompt
 from aigc.models.loading import load_base_model, load_tokenizer, model_id_for
 from aigc.serve.engine.adapters import PLACEHOLDER, AdapterSet
+from aigc.serve.engine.lora_batch import LoraForward
 from aigc.serve.engine.prompts import PromptEncoder
 from aigc.serve.engine.requests import Request, prepare, timeout_error
 from aigc.serve.engine.scheduler import Scheduler
@@ -67,6 +68,9 @@ class GenerationEngine:
         stall_timeout_s: with work waiting, no forward pass for this long makes the engine unhealthy.
         quantization: ``none``, ``int8`` (torchao on CPU, bitsandbytes on CUDA) or ``nf4`` (CUDA only): the base
             model's weights; adapters stay in full precision (:mod:`aigc.models.quantize`).
+        batched_lora: rows on different adapters share one product per LoRA layer
+            (:mod:`aigc.serve.engine.lora_batch`); False splits each layer's rows per adapter (peft's
+            mixed-adapter forward, the slower path kept for comparison).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class GenerationEngine:
         max_prompt_tokens: int | None = None,
         stall_timeout_s: float = 30.0,
         quantization: str = "none",
+        batched_lora: bool = True,
     ):
         from peft import LoraConfig, get_peft_model
 
@@ -101,11 +106,13 @@ class GenerationEngine:
         self._model = get_peft_model(base, placeholder, adapter_name=PLACEHOLDER).eval()
 
         self._model_lock = threading.Lock()  # one step, load or delete at a time
-        self._adapters = AdapterSet(self._model, self._model_lock, wake=lambda: self._scheduler.notify())
+        lora = LoraForward(self._model, batched=batched_lora)
+        self._adapters = AdapterSet(self._model, self._model_lock, wake=lambda: self._scheduler.notify(),
+                                    on_change=lora.reset)  # fmt: skip
         self._scheduler = Scheduler(
             self._model, self._model_lock, self._adapters, self.tokenizer, self._eos_ids,
             max_batch_size=max_batch_size, admit_min_rows=self.admit_min_rows,
-            admit_max_wait_s=admit_max_wait_s, stall_timeout_s=stall_timeout_s,
+            admit_max_wait_s=admit_max_wait_s, stall_timeout_s=stall_timeout_s, lora=lora,
         )  # fmt: skip
 
     # properties ------------------------------------------------------------------------------------------

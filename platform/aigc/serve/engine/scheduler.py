@@ -21,6 +21,7 @@ from aigc.serve.engine.adapters import AdapterSet
 from aigc.serve.engine.batch import Row, RunningBatch
 from aigc.serve.engine.health import Liveness
 from aigc.serve.engine.logprobs import LogprobTracker, step_logprobs, token_texts
+from aigc.serve.engine.lora_batch import LoraForward
 from aigc.serve.engine.requests import Request, timeout_error
 from aigc.serve.engine.sampling import is_greedy, next_tokens
 from aigc.serve.engine.text import IncrementalDetokenizer, StopFilter
@@ -41,6 +42,7 @@ class Scheduler:
         tokenizer: detokenizes each row's tokens.
         eos_ids: token ids that end a row.
         max_batch_size, admit_min_rows, admit_max_wait_s, stall_timeout_s: as for the engine.
+        lora: runs each forward with every row on its adapter (default: batched LoRA on ``model``).
     """
 
     def __init__(
@@ -55,13 +57,14 @@ class Scheduler:
         admit_min_rows: int,
         admit_max_wait_s: float,
         stall_timeout_s: float,
+        lora: LoraForward | None = None,
     ):
         self._model_lock, self._adapters, self._tokenizer, self._eos_ids = model_lock, adapters, tokenizer, eos_ids
         self._token_text = token_texts(tokenizer)
         self._device = model.device
         self.max_batch_size, self.admit_min_rows = max_batch_size, admit_min_rows
         self.admit_max_wait_s = admit_max_wait_s
-        self.batch = RunningBatch(model, pad_id=int(tokenizer.pad_token_id or 0))
+        self.batch = RunningBatch(model, pad_id=int(tokenizer.pad_token_id or 0), lora=lora)
         self.waiting: deque[Request] = deque()
         self.liveness = Liveness(stall_timeout_s)
         self._wake = threading.Condition()
