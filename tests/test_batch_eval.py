@@ -121,3 +121,17 @@ def test_eval_bad_config_errors(tmp_path):
         load_config(None, ["generate.eval_models=[base, base]"])
     with pytest.raises(ConfigError, match="--models"):
         run_eval(cfg, ["base", "nope:v9"])
+
+
+def test_eval_command_takes_models_and_overrides_in_any_order(tmp_path, capsys):
+    from aigc.cli import main
+
+    cfg = _setup(tmp_path, None)
+    keys = [f"output_dir={cfg.output_dir}", f"registry_dir={cfg.registry_dir}", f"model.name_or_path={TINY}",
+            f"generate.input={cfg.generate.input}"]  # fmt: skip
+    assert main(["eval", *keys, "--models", "base", "bot:v7"]) == 2
+    assert "generate.eval_models='bot:v7'" in capsys.readouterr().err
+    assert main(["eval", "--models", "base", "bot:v7", *keys]) == 2  # overrides after the models are overrides
+    assert "generate.eval_models='bot:v7'" in capsys.readouterr().err
+    assert main(["generate", *keys, "generate.model=nobody"]) == 2
+    assert "generate.model='nobody'" in capsys.readouterr().err

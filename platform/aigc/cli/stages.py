@@ -98,7 +98,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_overrides(args: argparse.Namespace) -> list[str]:
-    return [f"generate.eval_models={json.dumps(args.models)}"] if args.models else []
+    # `--models a b k=v`: argparse hands the overrides after the models to --models; no model has a '='.
+    models = [m for m in args.models or () if "=" not in m]
+    extra = [m for m in args.models or () if "=" in m]
+    return [*extra, *([f"generate.eval_models={json.dumps(models)}"] if models else [])]
 
 
 STAGES: dict[str, Stage] = {
