@@ -150,3 +150,38 @@ def test_a_run_killed_midway_resumes_without_duplicates_or_gaps(tmp_path, regist
     fresh = run_generate(load_config(None, [*overrides[:-1], "generate.limit=4"]), output=str(tmp_path / "fresh"))
     again = [json.loads(x) for x in Path(fresh.path).read_text().splitlines()]
     assert [r["answer"] for r in again] == [r["answer"] for r in rows[:4]]
+
+
+class _FakeEngine:
+    """An engine whose answer depends on the prompt: a refused prompt, a failed row, or an engine that stopped."""
+
+    async def agenerate(self, prompt, params, adapter=None):
+        from aigc.errors import GenerationError, InvalidRequestError, ServiceUnavailableError
+        from aigc.serve.engine import Completion
+
+        text = prompt[-1]["content"]
+        if text == "too long":
+            raise InvalidRequestError("the prompt is too long", param="messages", code="context_length_exceeded")
+        if text == "nan":
+            raise GenerationError("non-finite scores", code="generation_failed")
+        if text == "down":
+            raise ServiceUnavailableError("the engine was closed; retry the request", code="shutting_down")
+        return Completion(text.upper(), "stop", 3, 2)
+
+
+def test_row_faults_are_quarantined_and_an_engine_outage_publishes_nothing(tmp_path):
+    from aigc.batch.worker import EngineSettings, generate_rows
+    from aigc.errors import ServiceUnavailableError
+
+    s = EngineSettings(TINY, "auto", False, None, "base", "tiny-base", "prompt", "prompt", None, 8, 0.0, 1.0, None,
+                       4, str(tmp_path))  # fmt: skip
+    raws = [json.dumps({"prompt": p}) for p in ("hi", "too long", "nan")] + ["{}"]
+    rows = generate_rows(_FakeEngine(), None, s, [0, 1, 2, 3], raws)
+    assert rows[0]["answer"] == "HI" and rows[0]["error"] is None and rows[0]["completion_tokens"] == 2
+    assert [(r["error"], r["raw"]) for r in rows[1:]] == [
+        ("context_length_exceeded", raws[1]),
+        ("generation_failed", raws[2]),
+        ("missing_field", "{}"),
+    ]
+    with pytest.raises(ServiceUnavailableError):
+        generate_rows(_FakeEngine(), None, s, [0, 1], [raws[0], json.dumps({"prompt": "down"})])

@@ -28,6 +28,7 @@ from aigc.batch.parts import check_run, done_rows, merge_parts
 from aigc.batch.worker import EngineSettings, GenerateActor
 from aigc.config import PlatformConfig
 from aigc.console import StageLine
+from aigc.errors import ServiceUnavailableError
 
 __all__ = ["GenerateResult", "generate_output", "run_generate", "settings_for"]
 
@@ -99,7 +100,7 @@ def run_generate(
     done = done_rows(output)
     pending = [{"index": i, "raw": r} for i, r in enumerate(raws) if i not in done]
     own = line or StageLine("generate", total=len(raws))
-    started, answered, errors, tokens = time.monotonic(), 0, 0, 0
+    started, tokens = time.monotonic(), 0
     with own if line is None else contextlib.nullcontext():
         own.log(f"{choice.label} ({choice.version}): {len(raws)} rows, {len(done)} already done, "
                 f"{len(pending)} to generate on {g.actors} actor(s)")  # fmt: skip
@@ -111,14 +112,16 @@ def run_generate(
                 GenerateActor, fn_constructor_args=(settings,), batch_size=g.batch_size, concurrency=g.actors,
                 batch_format="numpy",
             )  # fmt: skip
-            for part in results.iter_rows():
-                answered += int(part["rows"]) - int(part["errors"])
-                errors += int(part["errors"])
-                tokens += int(part["completion_tokens"])
-                elapsed = max(time.monotonic() - started, 1e-9)
-                own.update(done=len(done) + answered + errors, total=len(raws),
-                           text=f"{(answered + errors) / elapsed:.1f} rows/s, {tokens / elapsed:.0f} tokens/s, "
-                           f"{errors} quarantined")  # fmt: skip
+            try:
+                parts = list(_parts(results, own, len(done), len(raws), started))
+            except Exception as exc:  # an actor that could not start, or an engine that stopped generating
+                raise ServiceUnavailableError(
+                    f"aigc generate stopped: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}; "
+                    f"the {len(done_rows(output)) - len(done)} rows published by this run are kept: run it again "
+                    "to resume",
+                    code="batch_interrupted",
+                ) from exc
+            tokens = sum(p[2] for p in parts)
         # 4. the merged result
         ok, bad = merge_parts(output, g.output_format)
         seconds = time.monotonic() - started
@@ -128,3 +131,16 @@ def run_generate(
         own.log(f"{len(ok)} answered, {len(bad)} quarantined -> {result.path} ({seconds:.1f}s, "
                 f"{tokens / max(seconds, 1e-9):.0f} tokens/s this run)")  # fmt: skip
     return result
+
+
+def _parts(results: Any, line: StageLine, done: int, total: int, started: float) -> Any:
+    """(answered, quarantined, completion tokens) of each part as the actors publish it, with a progress line."""
+    answered = errors = tokens = 0
+    for part in results.iter_rows():
+        ok, bad, new = int(part["rows"]) - int(part["errors"]), int(part["errors"]), int(part["completion_tokens"])
+        answered, errors, tokens = answered + ok, errors + bad, tokens + new
+        elapsed = max(time.monotonic() - started, 1e-9)
+        line.update(done=done + answered + errors, total=total,
+                    text=f"{(answered + errors) / elapsed:.1f} rows/s, {tokens / elapsed:.0f} tokens/s, "
+                    f"{errors} quarantined")  # fmt: skip
+        yield ok, bad, new

@@ -5,7 +5,9 @@ Each batch Ray Data hands the actor is one part: its rows are submitted to the e
 in one running batch (continuous batching: a short answer leaves, the others go on), then the part is published
 whole (:func:`aigc.batch.parts.publish_part`) before the actor reports it. A row that fails (a record that does
 not fit its format, a prompt the engine refuses, a failed generation) is recorded in the part with its reason;
-the others are unaffected.
+the others are unaffected. An engine that cannot generate at all (:class:`~aigc.errors.ServiceUnavailableError`:
+closed, unhealthy, a failed forward pass shared by the whole batch) is no fault of the rows: the part is not
+published and the run stops, so that a re-run generates those rows again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from aigc import storage
 from aigc.batch.inputs import PromptRow, to_prompt
 from aigc.batch.parts import publish_part
 from aigc.data.formats import RowError
-from aigc.errors import AigcError
+from aigc.errors import AigcError, ServiceUnavailableError
 from aigc.serve.engine import GenerationEngine, SamplingParams
 
 __all__ = ["EngineSettings", "GenerateActor", "generate_rows"]
@@ -62,13 +64,15 @@ def _params(s: EngineSettings, index: int) -> SamplingParams:
     return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=seed)
 
 
-async def _one(engine: GenerationEngine, adapter: str | None, s: EngineSettings, index: int, raw: str) -> dict:
+async def _one(engine: Any, adapter: str | None, s: EngineSettings, index: int, raw: str) -> dict:
     try:
         row: PromptRow = to_prompt(raw, s.fmt, s.prompt_column, s.system_prompt)
     except RowError as err:
         return {"index": index, "error": err.reason, "detail": err.detail, "raw": raw}
     try:
         done = await engine.agenerate(row.prompt, _params(s, index), adapter=adapter)
+    except ServiceUnavailableError:
+        raise  # the engine's fault, not the row's: the part stays unpublished (module doc)
     except AigcError as exc:  # a prompt the engine refuses, or a failed row: that row alone
         code = getattr(exc, "code", None) or type(exc).__name__
         return {"index": index, "error": str(code), "detail": str(exc), "raw": raw}
@@ -80,9 +84,13 @@ async def _one(engine: GenerationEngine, adapter: str | None, s: EngineSettings,
             "finish_reason": done.finish_reason}  # fmt: skip
 
 
-def generate_rows(engine: GenerationEngine, adapter: str | None, s: EngineSettings, indices: list[int],
+def generate_rows(engine: Any, adapter: str | None, s: EngineSettings, indices: list[int],
                   raws: list[str]) -> list[dict[str, Any]]:  # fmt: skip
-    """Every row's output dict (or its error), generated together in the engine's running batch."""
+    """Every row's output dict (or its error), generated together in the engine's running batch.
+
+    Raises:
+        ServiceUnavailableError: the engine could not generate (no row's fault): nothing is to be published.
+    """
 
     async def run() -> list[dict[str, Any]]:
         return await asyncio.gather(*(_one(engine, adapter, s, i, r) for i, r in zip(indices, raws, strict=True)))
