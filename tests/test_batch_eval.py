@@ -78,7 +78,7 @@ def test_eval_reports_two_models_with_pairs_judge_table_and_plot(tmp_path, ray_c
     assert set(base) == {"version", *METRICS} and bot["version"] == "bot:v1" and base["version"] == "tiny-base"
     # exact match and ROUGE-L from the answers the generation runs wrote
     out = Path(eval_dir(cfg), "generations")
-    for label, m in (("base", base), ("bot_v1", bot)):
+    for label, m in (("tiny-base", base), ("bot_v1", bot)):
         rows = [json.loads(x) for x in (out / label / "generations.jsonl").read_text().splitlines()]
         scores = [answer_scores(r["answer"], r["reference"]) for r in rows]
         assert m["rouge_l"] == pytest.approx(sum(s for _, s in scores) / 5)

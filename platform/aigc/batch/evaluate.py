@@ -3,7 +3,7 @@
     aigc eval --config configs/demo.yaml generate.input=HELD_OUT.jsonl --models base support-bot:v1 support-bot:v2
 
 1. each model answers every prompt of ``generate.input`` through the batch generator (:mod:`aigc.batch.generate`,
-   one resumable run per model under ``<eval_dir>/generations/``);
+   one resumable run per model version under ``<eval_dir>/generations/<version>/``);
 2. on the prompts every model answered and that have a reference answer: exact match and ROUGE-L (training's
    own scoring, :func:`aigc.train.gen_metrics.answer_scores`), ``win_rate`` (share of prompts where the model's
    ROUGE-L beats the reference model's, ties half) and, with ``generate.judge``, ``judge_win_rate``;
@@ -106,7 +106,9 @@ def run_eval(cfg: PlatformConfig, models: list[str | None]) -> dict[str, Any]:
         ray.init()
     out = eval_dir(cfg)
     # 1. answers of every model
-    gens = {c.label: _generations(cfg, c.label, storage.join(out, "generations", re.sub(r"[^\w.-]", "_", c.label)))
+    # one directory per version: an alias moved since the last eval gets fresh answers; two labels of one version
+    # share them
+    gens = {c.label: _generations(cfg, c.label, storage.join(out, "generations", re.sub(r"[^\w.-]", "_", c.version)))
             for c in choices}  # fmt: skip
     common = sorted(set.intersection(*(set(g) for g in gens.values())))
     scored = [i for i in common if gens[labels[0]][i].get("reference") is not None]
