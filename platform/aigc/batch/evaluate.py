@@ -121,8 +121,9 @@ def run_eval(cfg: PlatformConfig, models: list[str | None]) -> dict[str, Any]:
         praws = read_rows(cfg.generate.eval_pairs, None, what="generate.eval_pairs")
         pfmt = detect_format(praws, cfg.generate.eval_pairs_format, cfg.generate.prompt_column, pairs=True)
         pairs, left_out = _tokenized(cfg, praws, pfmt, True)
-    likelihood = {c.label: score_model(cfg.model, c.adapter_uri, refs or {"input_ids": [], "labels": []}, pairs)
-                  for c in choices}  # fmt: skip
+    refs = refs or {"input_ids": [], "labels": []}
+    gpus = cfg.generate.gpus_per_actor
+    likelihood = {c.label: score_model(cfg.model, c.adapter_uri, refs, pairs, gpus) for c in choices}
     # 3. the report
     reference = labels[0]
     ref_rouge: list[float] = []

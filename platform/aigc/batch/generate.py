@@ -110,7 +110,7 @@ def run_generate(
                 ray.init()
             results = ray.data.from_items(pending).map_batches(
                 GenerateActor, fn_constructor_args=(settings,), batch_size=g.batch_size, concurrency=g.actors,
-                batch_format="numpy",
+                num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor or None, batch_format="numpy",
             )  # fmt: skip
             try:
                 parts = list(_parts(results, own, len(done), len(raws), started))

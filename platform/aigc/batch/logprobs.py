@@ -59,13 +59,14 @@ def tokenize_pairs(model: ModelConfig, data: DataConfig, raws: list[str]) -> tup
     return cols, len(raws) - len(cols["input_ids"])
 
 
-def _load(model: ModelConfig, adapter_uri: str | None) -> Any:
+def _load(model: ModelConfig, adapter_uri: str | None, device: str) -> Any:
     from peft import PeftModel
 
     from aigc import storage
     from aigc.models.loading import load_base_model
 
-    base = load_base_model(model.load_path(), dtype=model.dtype, trust_remote_code=model.trust_remote_code)
+    base = load_base_model(model.load_path(), dtype=model.dtype, device=device,
+                           trust_remote_code=model.trust_remote_code)  # fmt: skip
     if adapter_uri is None:
         return base
     return PeftModel.from_pretrained(base, storage.local_dir(adapter_uri)).eval()
@@ -80,26 +81,30 @@ def _score(model: ModelConfig, adapter_uri: str | None, refs: dict[str, list], p
 
     tok = load_tokenizer(model.load_path(), model.trust_remote_code)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    lm = _load(model, adapter_uri)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from a task without num_gpus
+    lm = _load(model, adapter_uri, device)
     n_refs = len(refs["input_ids"])
     batches = (collate({k: v[b : b + _BATCH] for k, v in refs.items()}, pad) for b in range(0, n_refs, _BATCH))
-    loss = evaluate(lm, batches, torch.device("cpu"))["eval_loss"] if n_refs else None  # training's eval_loss
+    loss = evaluate(lm, batches, torch.device(device))["eval_loss"] if n_refs else None  # training's eval_loss
     chosen: list[float] = []
     rejected: list[float] = []
     with torch.no_grad():
         for b in range(0, len(pairs.get("input_ids", [])), _BATCH):
             batch = collate_pairs({k: v[b : b + _BATCH] for k, v in pairs.items()}, pad)
-            c, r = answer_logps(lm, batch)[0].chunk(2)  # chosen rows first, then the rejected ones
+            c, r = (
+                answer_logps(lm, {k: v.to(device) for k, v in batch.items()})[0].float().cpu().chunk(2)
+            )  # chosen rows first, then the rejected ones
             chosen += c.tolist()
             rejected += r.tolist()
     return ModelScores(loss, None if loss is None else math.exp(min(loss, 50.0)), chosen, rejected)
 
 
 def score_model(
-    model: ModelConfig, adapter_uri: str | None, refs: dict[str, list], pairs: dict[str, list]
+    model: ModelConfig, adapter_uri: str | None, refs: dict[str, list], pairs: dict[str, list], num_gpus: float = 0.0
 ) -> ModelScores:
     """:class:`ModelScores` of the base model with ``adapter_uri`` (None = the base alone), computed in a Ray task
-    (the caller has joined the cluster)."""
+    (the caller has joined the cluster) with ``num_gpus`` GPUs."""
     import ray
 
-    return ray.get(ray.remote(num_cpus=1)(_score).remote(model, adapter_uri, refs, pairs))
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus)(_score)
+    return ray.get(task.remote(model, adapter_uri, refs, pairs))

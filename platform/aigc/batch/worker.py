@@ -50,7 +50,10 @@ class EngineSettings:
 
 def build_engine(s: EngineSettings) -> tuple[GenerationEngine, str | None]:
     """The engine for ``s`` and the name its adapter is loaded as (None = the base model)."""
-    engine = GenerationEngine(s.base_model, dtype=s.dtype, trust_remote_code=s.trust_remote_code,
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from an actor without num_gpus
+    engine = GenerationEngine(s.base_model, dtype=s.dtype, device=device, trust_remote_code=s.trust_remote_code,
                               max_batch_size=s.max_batch_size)  # fmt: skip
     if s.adapter_uri is None:
         return engine, None

@@ -92,6 +92,10 @@ class GenerateConfig(_Section):
     actors: int = Field(
         1, ge=1, description="Ray Data actors generating at once, each holding one engine (the model's memory each)."
     )
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor (torch's threads in it).")
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs reserved per actor; > 0 runs the engine on the GPU Ray gives the actor."
+    )
     batch_size: int = Field(
         32,
         ge=1,
