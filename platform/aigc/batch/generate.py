@@ -5,8 +5,8 @@
 1. the input's records are read and numbered on the driver (:mod:`aigc.batch.inputs`); the model reference is
    resolved once to one registry version (:mod:`aigc.batch.models`);
 2. rows already in published parts are skipped (:mod:`aigc.batch.parts`): a killed run resumes where it was;
-3. the others go through ``map_batches`` on ``generate.actors`` actors (``concurrency=``), each holding one
-   engine (:mod:`aigc.batch.worker`); each batch of ``generate.batch_size`` rows is decoded together and
+3. the others go through ``map_batches`` on a pool of ``generate.actors`` actors (``ActorPoolStrategy``), each
+   holding one engine (:mod:`aigc.batch.worker`); each batch of ``generate.batch_size`` rows is decoded together and
    published as one part; the driver prints progress and throughput as parts come back;
 4. the parts are merged into ``generations.<format>``, ``quarantine.jsonl`` and ``summary.json``.
 
@@ -109,8 +109,9 @@ def run_generate(
             if not ray.is_initialized():
                 ray.init()
             results = ray.data.from_items(pending).map_batches(
-                GenerateActor, fn_constructor_args=(settings,), batch_size=g.batch_size, concurrency=g.actors,
-                num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor or None, batch_format="numpy",
+                GenerateActor, fn_constructor_args=(settings,), batch_size=g.batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=g.actors), num_cpus=g.cpus_per_actor,
+                num_gpus=g.gpus_per_actor or None,
             )  # fmt: skip
             try:
                 parts = list(_parts(results, own, len(done), len(raws), started))
