@@ -32,6 +32,8 @@ from aigc.errors import ServiceUnavailableError
 
 __all__ = ["GenerateResult", "generate_output", "run_generate", "settings_for"]
 
+_PARTS_PER_ACTOR = 2
+
 
 @dataclass(frozen=True)
 class GenerateResult:
@@ -61,7 +63,8 @@ def settings_for(cfg: PlatformConfig, choice: ModelChoice, fmt: str, output: str
         base_model=cfg.model.load_path(), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
         adapter_uri=choice.adapter_uri, label=choice.label, version=choice.version, fmt=fmt,
         prompt_column=g.prompt_column, system_prompt=cfg.data.system_prompt, max_tokens=g.max_tokens,
-        temperature=g.temperature, top_p=g.top_p, seed=g.seed, max_batch_size=g.batch_size, output=output,
+        temperature=g.temperature, top_p=g.top_p, seed=g.seed, max_batch_size=g.batch_size * _PARTS_PER_ACTOR,
+        output=output,
     )  # fmt: skip
 
 
@@ -110,8 +113,11 @@ def run_generate(
                 ray.init()
             results = ray.data.from_items(pending).map_batches(
                 GenerateActor, fn_constructor_args=(settings,), batch_size=g.batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=g.actors), num_cpus=g.cpus_per_actor,
-                num_gpus=g.gpus_per_actor or None,
+                # Two parts at once per actor (two threads, one engine): the next part's rows join the running batch
+                # while the last answers of the previous one finish, so the engine never idles at a part's tail.
+                compute=ray.data.ActorPoolStrategy(size=g.actors, max_concurrent_calls_per_actor=_PARTS_PER_ACTOR,
+                                                   enable_true_multi_threading=True),
+                num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor or None,
             )  # fmt: skip
             try:
                 parts = list(_parts(results, own, len(done), len(raws), started))
