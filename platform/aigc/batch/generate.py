@@ -10,8 +10,9 @@
    published as one part; the driver prints progress and throughput as parts come back;
 4. the parts are merged into ``generations.<format>``, ``quarantine.jsonl`` and ``summary.json``.
 
-Costs: each actor holds the base model (and the adapter) in memory; rows of a part wait for the part's slowest
-answer before they are written, so a larger ``batch_size`` uses the engine better and loses more to a kill.
+Costs: each actor holds the base model (and the adapter) in memory and runs two parts at once on its engine (up
+to twice ``batch_size`` rows per decoding step); rows of a part wait for the part's slowest answer before they
+are written, so a larger ``batch_size`` loses more to a kill.
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ class GenerateConfig(_Section):
     batch_size: int = Field(
         32,
         ge=1,
-        description="Rows per part: each actor decodes a part's rows together (continuous batching) and publishes "
-        "it as one file; a re-run skips published parts. Higher = fewer files, more work lost to a kill.",
+        description="Rows per part: an actor decodes two parts' rows together (continuous batching) and publishes "
+        "each part as one file; a re-run skips published parts. Higher = fewer files, more work lost to a kill.",
     )
     eval_dir: str | None = Field(
         None, min_length=1, description="Where `aigc eval` writes report.json and its plot; unset = <output_dir>/eval."
