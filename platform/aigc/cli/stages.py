@@ -85,10 +85,11 @@ def _generate(cfg: PlatformConfig) -> None:
 
 
 def _eval(cfg: PlatformConfig) -> None:
-    from aigc.batch.evaluate import eval_table, run_eval
+    from aigc.batch.evaluate import eval_dir, eval_table, run_eval
 
     report = run_eval(cfg, list(cfg.generate.eval_models))
     print(eval_table(report))
+    print(f"[eval] {eval_dir(cfg)}/report.json, {eval_dir(cfg)}/eval.png")
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
