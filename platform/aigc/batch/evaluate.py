@@ -25,6 +25,8 @@ import os
 import re
 from typing import Any
 
+import torch
+
 from aigc import storage
 from aigc.batch.generate import run_generate
 from aigc.batch.inputs import detect_format, read_rows
@@ -33,7 +35,10 @@ from aigc.batch.logprobs import ModelScores, score_model, tokenize_pairs, tokeni
 from aigc.batch.models import resolve_model_ref
 from aigc.config import DataConfig, PlatformConfig
 from aigc.config.generate import BASE_MODEL
+from aigc.errors import ConfigError
 from aigc.plots import figure
+from aigc.train.gen_metrics import answer_scores
+from aigc.train.preference import dpo_loss, pair_metric_sums, pair_metrics
 
 __all__ = ["METRICS", "eval_dir", "eval_table", "run_eval"]
 
@@ -60,10 +65,6 @@ def _generations(cfg: PlatformConfig, ref: str, out: str) -> dict[int, dict[str,
 
 
 def _pair_scores(scores: ModelScores, ref: ModelScores | None) -> dict[str, float | None]:
-    import torch
-
-    from aigc.train.preference import dpo_loss, pair_metric_sums, pair_metrics
-
     if not scores.chosen_logps:
         return {"pair_accuracy": None, "reward_accuracy": None, "reward_margin": None}
     c, r = torch.tensor(scores.chosen_logps), torch.tensor(scores.rejected_logps)
@@ -94,9 +95,6 @@ def run_eval(cfg: PlatformConfig, models: list[str | None]) -> dict[str, Any]:
         ConfigError: no input, an unknown model, a model named twice.
     """
     import ray
-
-    from aigc.errors import ConfigError
-    from aigc.train.gen_metrics import answer_scores
 
     labels = [m or BASE_MODEL for m in models]
     if not labels or len(set(labels)) != len(labels):

@@ -17,7 +17,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from aigc import storage
 from aigc.config import DataConfig, ModelConfig
+from aigc.data.pair_tokenizing import TokenizePairs
+from aigc.data.tokenizing import Tokenize
+from aigc.models.loading import load_base_model, load_tokenizer
+from aigc.train.losses import collate, collate_pairs, evaluate
+from aigc.train.preference import answer_logps
 
 __all__ = ["ModelScores", "score_model", "tokenize_pairs", "tokenize_references"]
 
@@ -43,8 +51,6 @@ def _columns(table: Any, names: list[str]) -> dict[str, list]:
 def tokenize_references(model: ModelConfig, data: DataConfig, raws: list[str]) -> dict[str, list]:
     """The rows of ``raws`` that have a reference answer, tokenized as training tokenizes them (``input_ids``,
     ``labels``); rows that do not fit are left out (the generation run quarantines them)."""
-    from aigc.data.tokenizing import Tokenize
-
     if not raws:
         return {"input_ids": [], "labels": []}
     return _columns(Tokenize(model, data)({"raw": raws}), ["input_ids", "labels"])
@@ -52,8 +58,6 @@ def tokenize_references(model: ModelConfig, data: DataConfig, raws: list[str]) -
 
 def tokenize_pairs(model: ModelConfig, data: DataConfig, raws: list[str]) -> tuple[dict[str, list], int]:
     """Preference rows tokenized as preference training tokenizes them, and how many rows were left out."""
-    from aigc.data.pair_tokenizing import TokenizePairs
-
     table = TokenizePairs(model, data)({"raw": raws})
     cols = _columns(table, ["input_ids", "labels", "rejected_ids", "rejected_labels"])
     return cols, len(raws) - len(cols["input_ids"])
@@ -61,9 +65,6 @@ def tokenize_pairs(model: ModelConfig, data: DataConfig, raws: list[str]) -> tup
 
 def _load(model: ModelConfig, adapter_uri: str | None, device: str) -> Any:
     from peft import PeftModel
-
-    from aigc import storage
-    from aigc.models.loading import load_base_model
 
     base = load_base_model(model.load_path(), dtype=model.dtype, device=device,
                            trust_remote_code=model.trust_remote_code)  # fmt: skip
@@ -73,11 +74,6 @@ def _load(model: ModelConfig, adapter_uri: str | None, device: str) -> Any:
 
 
 def _score(model: ModelConfig, adapter_uri: str | None, refs: dict[str, list], pairs: dict[str, list]) -> ModelScores:
-    import torch
-
-    from aigc.models.loading import load_tokenizer
-    from aigc.train.losses import collate, collate_pairs, evaluate
-    from aigc.train.preference import answer_logps
 
     tok = load_tokenizer(model.load_path(), model.trust_remote_code)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from aigc import storage
 from aigc.batch.inputs import PromptRow, to_prompt
 from aigc.batch.parts import publish_part
@@ -50,8 +52,6 @@ class EngineSettings:
 
 def build_engine(s: EngineSettings) -> tuple[GenerationEngine, str | None]:
     """The engine for ``s`` and the name its adapter is loaded as (None = the base model)."""
-    import torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from an actor without num_gpus
     engine = GenerationEngine(s.base_model, dtype=s.dtype, device=device, trust_remote_code=s.trust_remote_code,
                               max_batch_size=s.max_batch_size)  # fmt: skip
