@@ -185,3 +185,29 @@ def test_row_faults_are_quarantined_and_an_engine_outage_publishes_nothing(tmp_p
     ]
     with pytest.raises(ServiceUnavailableError):
         generate_rows(_FakeEngine(), None, s, [0, 1], [raws[0], json.dumps({"prompt": "down"})])
+
+
+def test_a_parquet_file_with_a_prompt_column_is_read_and_detected(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aigc.batch.inputs import detect_format, read_rows
+
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"question": ["Where is my parcel?", "Can I pay later?"], "n": [1, 2]}), path)
+    raws = read_rows(str(path))
+    assert detect_format(raws, "auto", "question") == "prompt"
+    rows = [to_prompt(r, "prompt", "question", system_prompt="Be brief.") for r in raws]
+    assert rows[1].prompt == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Can I pay later?"},
+    ]
+    assert read_rows(str(path), limit=1) == raws[:1]
+    with pytest.raises(ConfigError, match="generate.format"):
+        detect_format(raws, "auto", "prompt")
+
+
+def test_judge_verdicts():
+    from aigc.batch.judge import verdict
+
+    assert [verdict(x) for x in ("A", "**B**", "Answer: A.", "b", "Neither", "")] == ["A", "B", "A", "B", None, None]
