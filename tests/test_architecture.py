@@ -24,6 +24,7 @@ LAYERS = [
     ["aigc.train"],
     ["aigc.tune"],
     ["aigc.serve"],
+    ["aigc.batch"],
     ["aigc.report"],
     ["aigc.pipeline"],
     ["aigc.demo"],

@@ -48,7 +48,12 @@ DEFAULT_MAX_TOKENS = 4  # serve.default_max_tokens
 FUZZ_MAX_TOKENS = 8  # the schema's max_tokens maximum while fuzzing
 CHAT, TEXT, FEEDBACK = "/v1/chat/completions", "/v1/completions", "/v1/feedback"
 ADAPTERS, ADAPTER = "/v1/adapters", "/v1/adapters/{name}"
-REQUIRED = {CHAT: {"model", "messages"}, TEXT: {"model", "prompt"}, FEEDBACK: {"id", "rating"}, ADAPTERS: {"name", "path"}}
+REQUIRED = {
+    CHAT: {"model", "messages"},
+    TEXT: {"model", "prompt"},
+    FEEDBACK: {"id", "rating"},
+    ADAPTERS: {"name", "path"},
+}
 CONTENT_REFUSALS = {"context_length_exceeded"}  # what a request valid under the schema may still be refused for
 CANARY_PROMPT = "Where is my parcel?"
 CANARY_CHAT = [{"role": "user", "content": "Hello"}]

@@ -6,6 +6,8 @@
     aigc serve      --config configs/demo.yaml serve.port=8001
     aigc demo       --config configs/demo.yaml
     aigc pipeline   --config configs/demo.yaml          # preprocess -> sweep -> train -> register -> serve, resumable
+    aigc generate   --config configs/demo.yaml generate.input=PROMPTS generate.model=NAME:vN  # answers, resumable
+    aigc eval       --config configs/demo.yaml --models base NAME:v1 NAME:v2  # side by side on generate.input
     aigc config     --config configs/demo.yaml          # print the resolved config
     aigc registry   --config configs/demo.yaml [--json] # registered models and aliases (a table, or JSON lines)
     aigc export NAME[:vN] --out DIR [--merge] --config configs/demo.yaml  # a registered model as a plain dir
@@ -48,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
     for name, stage in STAGES.items():
-        add_config_arguments(sub.add_parser(name, help=stage.help))
+        stage_parser = sub.add_parser(name, help=stage.help)
+        add_config_arguments(stage_parser)
+        if stage.arguments is not None:
+            stage.arguments(stage_parser)
     for name, command in COMMANDS.items():
         command.arguments(sub.add_parser(name, help=command.help))
     return p
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["AIGC_VERBOSE"] = "1"
     try:
         if args.command in STAGES:
+            if STAGES[args.command].overrides is not None:
+                args.overrides = [*args.overrides, *STAGES[args.command].overrides(args)]
             run_stage(args.command, load_config(args.config, args.overrides))
         else:
             command = COMMANDS[args.command]

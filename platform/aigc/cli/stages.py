@@ -7,7 +7,9 @@ resolved once, with its weights where the stage loads them (:mod:`aigc.models.hu
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,14 +20,17 @@ __all__ = ["STAGES", "Stage", "check_stage", "run_stage"]
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage subcommand: ``run`` it after ``checks``'s ``check(cfg)`` passed (a module path, imported only
-    when the stage runs, so that ``aigc --help`` stays fast)."""
+    """One stage subcommand: ``run`` it after ``checks``'s ``check(cfg)`` passed (a module path, or
+    ``module:function``, imported only when the stage runs, so that ``aigc --help`` stays fast)."""
 
     help: str
     run: Callable[[PlatformConfig], None]
     checks: str
     weights: bool = True  # the stage loads the model's weights (preprocessing needs only the tokenizer)
     joins_cluster: bool = True  # run_stage starts or joins Ray first; False: the stage does it itself, when ready
+    # The stage's own options beyond --config, and the overrides they stand for (`aigc eval --models a b`).
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    overrides: Callable[[argparse.Namespace], list[str]] | None = None
 
 
 def _preprocess(cfg: PlatformConfig) -> None:
@@ -73,6 +78,33 @@ def _pipeline(cfg: PlatformConfig) -> None:
     run_pipeline(cfg, block=cfg.pipeline.keep_serving)
 
 
+def _generate(cfg: PlatformConfig) -> None:
+    from aigc.batch import run_generate
+
+    run_generate(cfg)
+
+
+def _eval(cfg: PlatformConfig) -> None:
+    from aigc.batch.evaluate import eval_dir, eval_table, run_eval
+
+    report = run_eval(cfg, list(cfg.generate.eval_models))
+    print(eval_table(report))
+    print(f"[eval] {eval_dir(cfg)}/report.json, {eval_dir(cfg)}/eval.png")
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="base, name, name:vN, name@vN or name:ALIAS; the first is the reference "
+                   "(default: generate.eval_models)")  # fmt: skip
+
+
+def _eval_overrides(args: argparse.Namespace) -> list[str]:
+    # `--models a b k=v`: argparse hands the overrides after the models to --models; no model has a '='.
+    models = [m for m in args.models or () if "=" not in m]
+    extra = [m for m in args.models or () if "=" in m]
+    return [*extra, *([f"generate.eval_models={json.dumps(models)}"] if models else [])]
+
+
 STAGES: dict[str, Stage] = {
     "preprocess": Stage("raw data -> validated, tokenized Parquet shards (Ray Data)", _preprocess,
                         "aigc.data.checks", weights=False),
@@ -85,6 +117,10 @@ STAGES: dict[str, Stage] = {
     # joins the cluster itself, once it holds its output_dir's lock (aigc.pipeline.lock)
     "pipeline": Stage("preprocess -> sweep -> train -> register -> serve, resumable", _pipeline,
                       "aigc.pipeline.checks", joins_cluster=False),
+    "generate": Stage("the serving engine over a dataset: answers as JSONL/Parquet, resumable (Ray Data)", _generate,
+                      "aigc.batch.checks"),
+    "eval": Stage("several models on the same held-out prompts: a table, a plot and report.json", _eval,
+                  "aigc.batch.checks:check_eval", arguments=_eval_arguments, overrides=_eval_overrides),
 }  # fmt: skip
 
 
@@ -94,7 +130,8 @@ def check_stage(stage: str, cfg: PlatformConfig) -> PlatformConfig:
     from aigc.models.hub import resolve_model
 
     entry = STAGES[stage]
-    checked = importlib.import_module(entry.checks).check(cfg)
+    module, _, function = entry.checks.partition(":")
+    checked = getattr(importlib.import_module(module), function or "check")(cfg)
     return cfg.model_copy(update={"model": resolve_model(checked.model, weights=entry.weights)})
 
 

@@ -38,6 +38,8 @@ STAGE_SCRIPTS = {
     "serve": "jobs/serve.py",
     "demo": "jobs/demo.py",
     "pipeline": "jobs/pipeline.py",
+    "generate": "jobs/generate.py",
+    "eval": "jobs/eval.py",
 }
 # Never uploaded (gitignore syntax): run outputs, environments, VCS data and caches. Ray caps a working dir
 # at 500 MiB; these are what would blow it.

@@ -21,6 +21,8 @@ from aigc.config.schema import (
     AutoscalingConfig,
     ClusterConfig,
     DataConfig,
+    GenerateConfig,
+    JudgeConfig,
     LoraConfig,
     ModelConfig,
     ModerationConfig,
@@ -39,6 +41,8 @@ __all__ = [
     "ClusterConfig",
     "ConfigError",
     "DataConfig",
+    "GenerateConfig",
+    "JudgeConfig",
     "LoraConfig",
     "ModelConfig",
     "ModerationConfig",
@@ -201,6 +205,9 @@ def resolve_paths(cfg: PlatformConfig) -> PlatformConfig:
         out.serve.feedback_dir = _absolute(cfg.serve.feedback_dir)
     if cfg.pipeline.feedback:
         out.pipeline.feedback = _absolute(cfg.pipeline.feedback)
+    for key in ("input", "output", "eval_dir", "eval_pairs"):
+        if getattr(cfg.generate, key):
+            setattr(out.generate, key, _absolute(getattr(cfg.generate, key)))
     if os.path.exists(cfg.model.name_or_path):
         out.model.name_or_path = _absolute(cfg.model.name_or_path)
     if cfg.model.cache_dir:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from aigc.config.generate import GenerateConfig, JudgeConfig
 from aigc.config.pipeline import PipelineConfig
 from aigc.config.preference import PreferenceConfig, check_pair_data
 from aigc.config.section import _Section
@@ -18,6 +19,8 @@ __all__ = [
     "AutoscalingConfig",
     "ClusterConfig",
     "DataConfig",
+    "GenerateConfig",
+    "JudgeConfig",
     "LoraConfig",
     "ModelConfig",
     "ModerationConfig",
@@ -356,6 +359,9 @@ class PlatformConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="`aigc serve`: the OpenAI-compatible endpoint.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="The embedded local Ray cluster.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="`aigc pipeline`.")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="`aigc generate` and `aigc eval`: the engine over a dataset."
+    )
 
     @field_validator("output_dir", "registry_dir")
     @classmethod

@@ -244,11 +244,12 @@ def _generate(n: int, seed: int, heldout: bool) -> list[tuple[str, str, str]]:
     return out
 
 
-def generate_support_examples(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` distinct training rows ``{"instruction": message, "input": "", "output": reply}`` (alpaca)."""
+def generate_support_examples(n: int, seed: int = 0, heldout: bool = False) -> list[dict[str, str]]:
+    """``n`` distinct training rows ``{"instruction": message, "input": "", "output": reply}`` (alpaca); with
+    ``heldout``, rows whose order numbers never occur in training rows (``aigc eval``'s held-out prompts)."""
     return [
         {"instruction": msg, "input": "", "output": answer_for(dept)}
-        for msg, dept, _ in _generate(n, seed, heldout=False)
+        for msg, dept, _ in _generate(n, seed, heldout=heldout)
     ]
 
 
@@ -275,13 +276,14 @@ def _bad_rows(n_bad: int, seed: int) -> list[str]:
 
 
 def write_demo_dataset(
-    path: str | Path, n: int = DEFAULT_N, seed: int = 0, n_bad: int = DEFAULT_N_BAD
+    path: str | Path, n: int = DEFAULT_N, seed: int = 0, n_bad: int = DEFAULT_N_BAD, heldout: bool = False
 ) -> dict[str, int]:
-    """Write ``n`` good rows and ``n_bad`` malformed lines (spread through the file) as JSONL.
+    """Write ``n`` good rows (held-out ones with ``heldout``) and ``n_bad`` malformed lines (spread through the
+    file) as JSONL.
 
     Returns ``{"good": n, "bad": n_bad, "lines": n + n_bad}``. Same arguments -> same bytes.
     """
-    lines = [json.dumps(row) for row in generate_support_examples(n, seed)]
+    lines = [json.dumps(row) for row in generate_support_examples(n, seed, heldout)]
     bad = _bad_rows(n_bad, seed)
     for k, line in enumerate(bad):  # evenly spaced, deterministic positions
         lines.insert((k + 1) * len(lines) // (len(bad) + 1), line)
@@ -292,14 +294,15 @@ def write_demo_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m aigc.demo.dataset OUT.jsonl [--n N] [--seed S] [--n-bad B]``."""
+    """CLI: ``python -m aigc.demo.dataset OUT.jsonl [--n N] [--seed S] [--n-bad B] [--held-out]``."""
     ap = argparse.ArgumentParser(description="Write the demo customer-support dataset (JSONL).")
     ap.add_argument("path", help="output .jsonl file")
     ap.add_argument("--n", type=int, default=DEFAULT_N, help="good rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-bad", type=int, default=DEFAULT_N_BAD, help="malformed lines to quarantine")
+    ap.add_argument("--held-out", action="store_true", help="rows never trained on (order numbers apart)")
     args = ap.parse_args(argv)
-    counts = write_demo_dataset(args.path, n=args.n, seed=args.seed, n_bad=args.n_bad)
+    counts = write_demo_dataset(args.path, n=args.n, seed=args.seed, n_bad=args.n_bad, heldout=args.held_out)
     print(f"wrote {args.path}: {counts}")
 
 

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["GenSample", "generation_metrics", "generation_samples", "rank_indices", "take_generation_samples"]
+__all__ = [
+    "GenSample",
+    "answer_scores",
+    "generation_metrics",
+    "generation_samples",
+    "rank_indices",
+    "take_generation_samples",
+]
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,20 @@ def _as_factory(autocast: Any) -> Callable[[], contextlib.AbstractContextManager
     return autocast
 
 
+def answer_scores(answer: str, reference: str, scorer: Any = None) -> tuple[float, float]:
+    """(exact match, ROUGE-L F1) of one answer against its reference, both stripped of surrounding whitespace.
+
+    Args:
+        scorer: a ``rouge_score`` ``RougeScorer(["rougeL"])`` to reuse across calls (one is made when None).
+    """
+    if scorer is None:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+    answer, reference = answer.strip(), reference.strip()
+    return float(answer == reference), scorer.score(reference, answer)["rougeL"].fmeasure
+
+
 def generation_metrics(
     model: Any,
     samples: list[GenSample],
@@ -220,10 +241,11 @@ def generation_metrics(
             for i, tokens in zip(chunk, answers, strict=True):
                 if i is None:
                     continue
-                answer = tokenizer.decode(_cut(tokens, eos), skip_special_tokens=True).strip()
-                reference = tokenizer.decode(samples[i].reference_ids, skip_special_tokens=True).strip()
-                exact += float(answer == reference)
-                rouge += scorer.score(reference, answer)["rougeL"].fmeasure
+                answer = tokenizer.decode(_cut(tokens, eos), skip_special_tokens=True)
+                reference = tokenizer.decode(samples[i].reference_ids, skip_special_tokens=True)
+                match, overlap = answer_scores(answer, reference, scorer)
+                exact += match
+                rouge += overlap
                 count += 1
     finally:
         model.train(was_training)

@@ -1,0 +1,13 @@
+"""Ray job entry point for the eval stage.
+
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/eval.py --config configs/demo.yaml [section.key=value ...]
+
+Same as `aigc eval` (`--models base NAME:v1 ...` too): joins the cluster from RAY_ADDRESS (set by
+`ray job submit`), or starts a local one.
+"""
+
+from _entry import run
+
+if __name__ == "__main__":
+    run("eval")
