@@ -201,6 +201,24 @@ def test_the_mask_forbids_raw_control_characters_inside_strings(engine):
         assert allowed.any() and not allowed[control].any(), prefix
 
 
+def test_a_matcher_that_fails_ends_its_row_alone():
+    tok_logits = torch.randn(3, 64)
+    before = tok_logits.clone()
+
+    class Broken:
+        def fill_next_token_bitmask(self, bitmask, j):
+            raise RuntimeError("matcher already terminated")
+
+    class AllowsNothing:
+        def fill_next_token_bitmask(self, bitmask, j):
+            bitmask[j] = 0
+
+    errors = mask_rows(tok_logits, [(0, Broken()), (2, AllowsNothing())])
+    assert isinstance(errors[0], RuntimeError)
+    assert isinstance(errors[2], InvalidRequestError) and errors[2].param == "response_format"
+    assert torch.equal(tok_logits[1], before[1])  # an unconstrained row is never touched
+
+
 def test_logprobs_of_a_constrained_row_come_from_the_masked_distribution(engine):
     out = engine.generate(PROMPT, SamplingParams(max_tokens=96, temperature=1.0, seed=4, logprobs=3,
                                                  response_format=AS_SCHEMA))  # fmt: skip

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from aigc.errors import GenerationError, InvalidRequestError
+from aigc.errors import InvalidRequestError
 from aigc.serve.engine.types import ResponseFormat
 
 __all__ = [
@@ -224,19 +224,26 @@ def mask_rows(logits: torch.Tensor, matchers: list[tuple[int, Any]]) -> dict[int
         matchers: ``(row index, its matcher)`` for the constrained rows only.
 
     Returns:
-        Per row index, the error that ends that row (its grammar allows no token); the others are masked.
+        Per row index, the error that ends that row (its grammar allows no token: a 400); the others are masked.
     """
     xgr = _xgr()
     vocab = logits.shape[-1]
     bitmask = xgr.allocate_token_bitmask(len(matchers), vocab)
-    for j, (_, m) in enumerate(matchers):
-        m.fill_next_token_bitmask(bitmask, j)
-    dead = ~bitmask.ne(0).any(-1)  # a grammar that allows nothing (never after a token it accepted)
-    errors = {i: GenerationError("the response format allows no further token", code="grammar_dead_end")
-              for j, (i, _) in enumerate(matchers) if dead[j]}  # fmt: skip
+    errors: dict[int, BaseException] = {}
+    for j, (i, m) in enumerate(matchers):
+        try:
+            m.fill_next_token_bitmask(bitmask, j)
+        except Exception as exc:  # one row's matcher: that row ends, its neighbours are masked
+            errors[i] = exc
     index = torch.tensor([i for i, _ in matchers], device=logits.device)
     with torch.inference_mode():
         rows = logits.index_select(0, index)
         xgr.apply_token_bitmask_inplace(rows, bitmask.to(logits.device), vocab_size=vocab)
         logits.index_copy_(0, index, rows)
+        dead = rows.isneginf().all(-1).tolist()  # the grammar allows no token at all
+    # Only a schema no JSON satisfies gets here (xgrammar compiles some, e.g. a contradictory allOf): the client's.
+    for (i, _), d in zip(matchers, dead, strict=True):
+        if d and i not in errors:
+            errors[i] = InvalidRequestError("the response format's schema admits no JSON continuing this output",
+                                            param="response_format", code="response_format_unsatisfiable")  # fmt: skip
     return errors
