@@ -266,3 +266,15 @@ def test_text_is_no_format_and_a_format_the_engine_cannot_compile_is_an_invalid_
     with pytest.raises(InvalidRequestError) as info:
         engine.generate(PROMPT, SamplingParams(response_format=ResponseFormat("json_schema", '{"type": "foo"}')))
     assert info.value.param == "response_format"
+
+
+def test_an_int8_engine_enforces_the_format_too(tiny):
+    """The mask's width is the logits' (the head's out_features), whatever the base model's weights hold."""
+    eng = GenerationEngine(tiny.base, quantization="int8", max_batch_size=4)
+    try:
+        assert eng.grammars.vocab_size == eng.model.get_base_model().get_output_embeddings().out_features
+        out = eng.generate(PROMPT, SamplingParams(max_tokens=96, temperature=1.0, seed=8, response_format=AS_SCHEMA))
+        assert out.finish_reason == "stop"
+        _valid(out.text)
+    finally:
+        eng.close()

@@ -101,8 +101,9 @@ class GenerationEngine:
                                quantization=quantization)  # fmt: skip
         self.max_context: int | None = getattr(base.config, "max_position_embeddings", None)
         self._eos_ids = set(self._eos_token_ids(base))
-        vocab = base.get_output_embeddings().weight.shape[0]  # the logits' width (xgrammar loads on first use)
-        self.grammars = Grammars(self.tokenizer, vocab, self._eos_ids)
+        head = base.get_output_embeddings()  # its out_features: the logits' width (a 4-bit weight is packed)
+        vocab = getattr(head, "out_features", None) or base.config.vocab_size
+        self.grammars = Grammars(self.tokenizer, vocab, self._eos_ids)  # xgrammar loads on the first format
         # A rank-1 zero LoRA keeps the PeftModel valid with no adapter loaded: one code path for all rows.
         first_linear = next(n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
         placeholder = LoraConfig(r=1, target_modules=[first_linear], lora_dropout=0.0)
