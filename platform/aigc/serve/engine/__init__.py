@@ -20,7 +20,7 @@ from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundErro
 from aigc.serve.engine.adapters import BASE_ADAPTER
 from aigc.serve.engine.core import GenerationEngine
 from aigc.serve.engine.protocol import ServingEngine
-from aigc.serve.engine.types import Completion, Delta, Prompt, SamplingParams
+from aigc.serve.engine.types import Completion, Delta, Prompt, ResponseFormat, SamplingParams
 
 __all__ = [
     "BASE_ADAPTER",
@@ -31,6 +31,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelNotFoundError",
     "Prompt",
+    "ResponseFormat",
     "SamplingParams",
     "ServingEngine",
 ]
