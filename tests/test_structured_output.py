@@ -17,6 +17,8 @@ import jsonschema
 import pytest
 import torch
 from helpers import make_tiny_adapter, make_tiny_model
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from aigc.errors import InvalidRequestError
 from aigc.serve.engine import GenerationEngine, SamplingParams
@@ -278,3 +280,52 @@ def test_an_int8_engine_enforces_the_format_too(tiny):
         _valid(out.text)
     finally:
         eng.close()
+
+
+# Schemas, mostly real (nested objects, arrays, bounds, enums, patterns, refs), some contradictory or malformed.
+_SCALAR = st.none() | st.booleans() | st.integers(-5, 5) | st.sampled_from(["a", "b", "[^x", "\\u0000"])
+_LEAF = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["string", "integer", "number", "boolean", "null", "nope"])}),
+    st.fixed_dictionaries({"enum": st.lists(_SCALAR, max_size=3)}),
+    st.fixed_dictionaries({"const": _SCALAR}),
+    st.fixed_dictionaries({"type": st.just("string")}, optional={"maxLength": st.integers(-1, 4),
+                          "minLength": st.integers(0, 4), "pattern": st.sampled_from(["a+", "[0-9]{2}", "((", "x|y"]),
+                          "format": st.sampled_from(["email", "date", "uuid", "nope"])}),
+    st.fixed_dictionaries({"type": st.just("integer")}, optional={"minimum": st.integers(-3, 3),
+                          "maximum": st.integers(-3, 3)}),
+    st.fixed_dictionaries({"$ref": st.sampled_from(["#", "#/nope", "#/$defs/a"])}),
+    st.fixed_dictionaries({"not": st.just({})}),
+)  # fmt: skip
+_SCHEMA = st.recursive(
+    _LEAF,
+    lambda inner: st.one_of(
+        st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(st.sampled_from("abc"), inner,
+                               max_size=3)}, optional={"required": st.lists(st.sampled_from("abcd"), max_size=3),
+                               "additionalProperties": st.booleans()}),
+        st.fixed_dictionaries({"type": st.just("array"), "items": inner},
+                              optional={"minItems": st.integers(0, 3), "maxItems": st.integers(0, 3)}),
+        st.fixed_dictionaries({"anyOf": st.lists(inner, max_size=3)}),
+        st.fixed_dictionaries({"allOf": st.lists(inner, max_size=2)}),
+    ),
+    max_leaves=8,
+)  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@given(schema=_SCHEMA)
+def test_a_schema_is_refused_up_front_or_served_never_a_server_error(engine, schema):
+    """What the ingress accepts the replica compiles and decodes: a bad schema is a 400 before admission; later,
+    only one no JSON satisfies may end the request, as a 400 naming response_format."""
+    try:
+        fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "f", "schema": schema}})
+    except ValueError:
+        event("refused up front")
+        return
+    event("accepted")
+    try:
+        out = engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=1.0, seed=0, response_format=fmt))
+    except InvalidRequestError as exc:
+        assert exc.param == "response_format" and exc.code == "response_format_unsatisfiable"
+        return
+    if out.finish_reason == "stop":
+        json.loads(out.text)
