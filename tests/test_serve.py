@@ -270,6 +270,45 @@ def test_n_and_logprobs_beyond_their_caps_are_400_naming_the_field(server):
     assert post("/chat/completions", json={**chat, "logprobs": False, "top_logprobs": 0}).status_code == 200
 
 
+ORDER = {
+    "type": "object",
+    "properties": {"id": {"type": "string", "maxLength": 6}, "late": {"type": "boolean"},
+                   "status": {"enum": ["shipped", "lost"]}},
+    "required": ["id", "late", "status"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+def test_response_format_json_through_the_openai_client(server):
+    """json_schema (n choices, sampled, an adapter; streamed), json_object on both endpoints, and the 400s."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER, "strict": True}}
+    kw = {"temperature": 1.0, "seed": 3, "n": 2, "max_tokens": CAP, "response_format": fmt}
+    whole = _chat(server, "support", **kw)
+    for c in whole.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), ORDER)
+    chunks = list(_chat(server, "support", stream=True, **kw))
+    for c in whole.choices:
+        assert "".join(ch.delta.content or "" for k in chunks for ch in k.choices if ch.index == c.index) == (
+            c.message.content
+        )
+    obj = _chat(server, server.base_id, max_tokens=CAP, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason != "stop" or isinstance(json.loads(obj.choices[0].message.content), dict)
+    text = server.client.completions.create(model=server.base_id, prompt="Order:", max_tokens=CAP, temperature=0,
+                                            extra_body={"response_format": fmt})  # fmt: skip
+    jsonschema.validate(json.loads(text.choices[0].text), ORDER)
+
+    post, chat = server.http.post, {"model": server.base_id, "messages": MESSAGES, "max_tokens": 4}
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+    err = _error(post("/chat/completions", json={**chat, "response_format": bad}), 400)
+    assert err["param"] == "response_format" and "not a valid JSON Schema" in err["message"]
+    tool = {"type": "function", "function": {"name": "track", "parameters": {"type": "object"}}}
+    err = _error(post("/chat/completions", json={**chat, "response_format": fmt, "tools": [tool]}), 400)
+    assert err["param"] == "response_format" and "tool_choice" in err["message"]
+
+
 def _raw_chat(server) -> dict:
     return {"model": server.base_id, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
 

@@ -202,10 +202,13 @@ def _check_answer(path: str, body: Any, status: int, content_type: str, text: st
 
 
 def _schema_gap(err: dict[str, Any]) -> bool:
-    """A tool-calling rule no JSON schema states: tool names unique, a named tool_choice among the tools, "required"
-    with tools, a tool call's arguments holding a JSON object."""
+    """A rule no JSON schema states: tool names unique, a named tool_choice among the tools, "required" with tools,
+    a tool call's arguments holding a JSON object; a response_format's schema being valid JSON Schema that the
+    grammar engine can enforce (and satisfy), not combined with tool calls."""
     top = (err["param"] or "").split(".")[0]
-    return top in ("tools", "tool_choice") or (top == "messages" and "function.arguments" in err["message"])
+    return top in ("tools", "tool_choice", "response_format") or (
+        top == "messages" and "function.arguments" in err["message"]
+    )
 
 
 def _check_error(path: str, body: Any, status: int, text: str) -> dict[str, Any]:
@@ -346,9 +349,18 @@ def test_schema_states_the_bounds_validation_enforces(live_schema):
         for field in ("max_tokens", "max_completion_tokens"):
             if field in props:
                 assert next(b for b in props[field]["anyOf"] if b["type"] == "integer")["minimum"] == 1
-        for field in ("logit_bias", "response_format", "best_of", "echo"):
+        for field in ("logit_bias", "best_of", "echo"):
             if field in props:
                 assert len(props[field]["enum"]) == 2 and None in props[field]["enum"]
+        # response_format: null, text / json_object, or json_schema with a named schema (its content is checked
+        # by the server: a schema that is not valid JSON Schema, or cannot be enforced, is a 400 naming the field)
+        branches = props["response_format"]["anyOf"]
+        assert {"type": "null"} in branches
+        types = [t for b in branches for t in b.get("properties", {}).get("type", {}).get("enum", [])]
+        assert sorted(types) == ["json_object", "json_schema", "text"]
+        (named,) = [b for b in branches if "json_schema" in b.get("properties", {})]
+        assert named["required"] == ["type", "json_schema"]
+        assert named["properties"]["json_schema"]["required"] == ["name"]
     assert schemas["ChatCompletionRequest"]["properties"]["messages"]["minItems"] == 1
     prompt_list = next(b for b in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"] if b["type"] == "array")
     assert (prompt_list["minItems"], prompt_list["maxItems"]) == (1, 1)

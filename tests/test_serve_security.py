@@ -290,7 +290,6 @@ def test_without_keys_only_local_clients_are_answered():
         ("chat", "logit_bias", {"50": 100}, {}),
         ("chat", "functions", [{"name": "f"}], []),
         ("chat", "function_call", "auto", "none"),
-        ("chat", "response_format", {"type": "json_object"}, {"type": "text"}),
         ("text", "best_of", 3, 1),
         ("text", "echo", True, False),
         ("text", "suffix", "end", ""),
@@ -311,6 +310,41 @@ def test_unsupported_fields_are_refused_by_name(kind, field, on, off):
         model.model_validate({**body, field: on})
     (e,) = err.value.errors()
     assert e["loc"] == (field,) and e["msg"].startswith("Value error, not supported by this server; leave it out")
+
+
+@pytest.mark.parametrize("kind", ["chat", "text"])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ({"type": "yaml"}, "must be"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}, "not a valid JSON Schema"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"minLength": -1}}}, "not a valid JSON Schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/gone"}}},
+            "cannot be enforced",
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["a" * 40_000]}}}, "at most"),
+    ],
+)
+def test_response_format_is_checked_up_front_and_named(kind, value, reason):
+    """A bad or unenforceable schema is the client's error (400 naming response_format), never a 5xx later."""
+    from pydantic import ValidationError
+
+    from aigc.serve.engine.types import ResponseFormat
+    from aigc.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+    model, body = (
+        (ChatCompletionRequest, {"model": "m", "messages": MESSAGES})
+        if kind == "chat"
+        else (CompletionRequest, {"model": "m", "prompt": "hi"})
+    )
+    assert model.model_validate({**body, "response_format": {"type": "text"}}).response_format is None
+    fmt = model.model_validate({**body, "response_format": {"type": "json_object"}}).response_format
+    assert fmt == ResponseFormat("json_object")
+    with pytest.raises(ValidationError) as err:
+        model.model_validate({**body, "response_format": value})
+    (e,) = err.value.errors()
+    assert e["loc"] == ("response_format",) and reason in e["msg"]
 
 
 # ================================================================================= forged turns, as tokens

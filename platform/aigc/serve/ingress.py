@@ -217,6 +217,7 @@ class OpenAIIngress:
             stop=tuple(body.stop_list),
             logprobs=body.requested_logprobs,
             n=body.n,
+            response_format=body.response_format,
         )
 
     async def _complete(self, model_id: str, prompt: Prompt, params: SamplingParams, deadline: float) -> Completion:
@@ -275,6 +276,9 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         messages = [m.as_template_dict() for m in body.messages]
+        if body.response_format is not None and body.tools and body.tool_choice[0] != "none":
+            msg = 'response_format cannot be combined with tools unless tool_choice is "none": a tool call is not JSON'
+            raise ApiError(400, f"{msg} the format asks for", param="response_format")
         if body.tools and body.tool_choice[0] != "none" and self._tool_syntax is None:
             try:
                 self._tool_syntax = await self._generator_handle.tool_syntax.remote()

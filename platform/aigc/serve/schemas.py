@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from aigc.serve.engine.types import MAX_CHOICES, MAX_TOP_LOGPROBS
+from aigc.serve.engine.grammar import MAX_SCHEMA_CHARS, parse_response_format
+from aigc.serve.engine.types import MAX_CHOICES, MAX_TOP_LOGPROBS, ResponseFormat
 from aigc.serve.tool_schemas import (
     ChoiceMode,
     RequestToolCall,
@@ -54,7 +55,6 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], Any]] = {
     "suffix": (lambda v: v is None or v == "", ""),
     "functions": (lambda v: v is None or v == [], []),
     "function_call": (lambda v: v is None or v == "none", "none"),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, {"type": "text"}),
 }
 
 
@@ -78,7 +78,32 @@ def _schema_bounds(**by_type: dict[str, Any]) -> Callable[[dict[str, Any]], None
     return extra
 
 
-_POSITIVE_INT = _schema_bounds(integer={"minimum": 1})  # the ingress checks 1..serve.max_tokens_cap
+_POSITIVE_INT = _schema_bounds(integer={"minimum": 1})
+# What the OpenAPI schema says of response_format. Whether a json_schema's schema is valid JSON Schema that the
+# grammar engine can enforce is checked by the validator (a 400 with the reason): no JSON Schema can state it.
+_RESPONSE_FORMAT_SCHEMA = {
+    "anyOf": [
+        {"type": "null"},
+        {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}, "required": ["type"]},
+        {
+            "type": "object",
+            "properties": {
+                "type": {"enum": ["json_schema"]},
+                "json_schema": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                        "description": {"type": "string"},
+                        "schema": {"type": "object"},
+                        "strict": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+                    },
+                    "required": ["name"],
+                },
+            },
+            "required": ["type", "json_schema"],
+        },
+    ]
+}  # the ingress checks 1..serve.max_tokens_cap
 _STOP_TEXT = {"type": "string", "minLength": 1}
 
 
@@ -117,6 +142,18 @@ class _Request(BaseModel):
     )
     user: str | None = None
     logit_bias: Any = _unsupported("logit_bias")
+    response_format: Any = Field(
+        None,
+        description='{"type": "text"} (the default), {"type": "json_object"} (any JSON object) or {"type": '
+        '"json_schema", "json_schema": {"name", "schema", "strict"}}: JSON valid under the schema (always strict). '
+        f"Enforced while decoding; a schema is at most {MAX_SCHEMA_CHARS} characters of JSON.",
+        json_schema_extra=_RESPONSE_FORMAT_SCHEMA,
+    )
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, v: Any) -> ResponseFormat | None:
+        return parse_response_format(v)
 
     @field_validator(*_UNSUPPORTED, check_fields=False)
     @classmethod
@@ -201,7 +238,6 @@ class ChatCompletionRequest(_Request):
     tool_choice: Any = tool_choice_field()
     functions: Any = _unsupported("functions")
     function_call: Any = _unsupported("function_call")
-    response_format: Any = _unsupported("response_format")
 
     @field_validator("tools")
     @classmethod

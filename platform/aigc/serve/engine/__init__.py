@@ -10,7 +10,9 @@ running batch: prefill, KV-cache merge, decode, leave), :mod:`~aigc.serve.engine
 detokenization, stop strings), :mod:`~aigc.serve.engine.adapters` (loading and deferred deletion),
 :mod:`~aigc.serve.engine.prompts` (prompts to token ids, client text never as control tokens),
 :mod:`~aigc.serve.engine.types` (sampling settings, completions, deltas),
-:mod:`~aigc.serve.engine.logprobs` (log-probabilities from each step's logits), :mod:`~aigc.serve.engine.protocol`
+:mod:`~aigc.serve.engine.logprobs` (log-probabilities from each step's logits),
+:mod:`~aigc.serve.engine.grammar` (``response_format``: JSON grammars as per-row token masks),
+:mod:`~aigc.serve.engine.protocol`
 (:class:`ServingEngine`: what the ``Generator`` deployment calls, so another engine can replace this one).
 """
 
@@ -18,7 +20,7 @@ from aigc.errors import AdapterLoadError, InvalidRequestError, ModelNotFoundErro
 from aigc.serve.engine.adapters import BASE_ADAPTER
 from aigc.serve.engine.core import GenerationEngine
 from aigc.serve.engine.protocol import ServingEngine
-from aigc.serve.engine.types import Completion, Delta, Prompt, SamplingParams
+from aigc.serve.engine.types import Completion, Delta, Prompt, ResponseFormat, SamplingParams
 
 __all__ = [
     "BASE_ADAPTER",
@@ -29,6 +31,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelNotFoundError",
     "Prompt",
+    "ResponseFormat",
     "SamplingParams",
     "ServingEngine",
 ]

@@ -40,6 +40,7 @@ import torch
 from aigc.data.templates import render_prompt
 from aigc.models.loading import load_base_model, load_tokenizer, model_id_for
 from aigc.serve.engine.adapters import PLACEHOLDER, AdapterSet
+from aigc.serve.engine.grammar import Grammars
 from aigc.serve.engine.lora_batch import LoraForward
 from aigc.serve.engine.prompts import PromptEncoder
 from aigc.serve.engine.requests import Request, prepare, timeout_error
@@ -100,6 +101,9 @@ class GenerationEngine:
                                quantization=quantization)  # fmt: skip
         self.max_context: int | None = getattr(base.config, "max_position_embeddings", None)
         self._eos_ids = set(self._eos_token_ids(base))
+        head = base.get_output_embeddings()  # its out_features: the logits' width (a 4-bit weight is packed)
+        vocab = getattr(head, "out_features", None) or base.config.vocab_size
+        self.grammars = Grammars(self.tokenizer, vocab, self._eos_ids)  # xgrammar loads on the first format
         # A rank-1 zero LoRA keeps the PeftModel valid with no adapter loaded: one code path for all rows.
         first_linear = next(n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
         placeholder = LoraConfig(r=1, target_modules=[first_linear], lora_dropout=0.0)
@@ -196,7 +200,7 @@ class GenerationEngine:
         self, prompt: Prompt, params: SamplingParams, adapter: str | None, timeout_s: float | None = None
     ) -> Request:
         return prepare(self._prompts, prompt, params, adapter, max_prompt_tokens=self.max_prompt_tokens,
-                       max_context=self.max_context, timeout_s=timeout_s)  # fmt: skip
+                       max_context=self.max_context, timeout_s=timeout_s, grammars=self.grammars)  # fmt: skip
 
     # 4. the public calls --------------------------------------------------------------------------------
     def generate(

@@ -13,7 +13,9 @@ Contract beyond the signatures:
   ``finish_reason`` and the token counts. With ``params.n`` > 1, ``astream`` yields every choice's deltas
   (each with its ``index``; each choice's last one carries its ``finish_reason``) and ``agenerate`` returns
   all of them in ``Completion.choices``; ``params.logprobs`` asks for each token's log-probability
-  (``Delta.logprobs``/``Completion.logprobs``).
+  (``Delta.logprobs``/``Completion.logprobs``); ``params.response_format`` asks for JSON enforced while decoding
+  (an engine that cannot enforce one raises :class:`~aigc.errors.InvalidRequestError` naming
+  ``response_format``).
 * ``adapter`` is a name given to ``load_adapter`` (None = the base model); a request holds its adapter with
   ``acquire_adapter`` (False: not loaded, or being deleted) and ``release_adapter``; ``delete_adapter`` is
   idempotent and waits for the last holder.

@@ -43,6 +43,8 @@ class Request:
     detok: Any = None
     stops: Any = None
     logprobs: Any = None  # a LogprobTracker when the request asked for log-probabilities
+    grammar: Any = None  # the compiled response_format (shared by the request's choices), or None
+    matcher: Any = None  # this choice's grammar matcher, made when it joins the batch
     done: bool = False
     arrived: float = field(default_factory=time.monotonic)
     index: int = 0  # which of the request's n choices this is
@@ -77,12 +79,15 @@ def prepare(
     max_prompt_tokens: int | None,
     max_context: int | None,
     timeout_s: float | None = None,
+    grammars: Any = None,
 ) -> Request:
-    """Render and tokenize ``prompt``; refuse what the engine could not serve.
+    """Render and tokenize ``prompt``; refuse what the engine could not serve; compile the response format
+    (``grammars``: the engine's :class:`~aigc.serve.engine.grammar.Grammars`).
 
     Raises:
         InvalidRequestError: an empty or too-long prompt, text the tokenizer cannot read as plain text, a
-            conversation the chat template rejects, or a seed out of range.
+            conversation the chat template rejects, a seed out of range, or a response format that cannot be
+            enforced.
     """
     # A chat template writes its own special tokens (bos...); raw prompts get the tokenizer's usual ones.
     param = "prompt" if isinstance(prompt, str) else "messages"
@@ -110,5 +115,11 @@ def prepare(
             param=param,
             code="context_length_exceeded",
         )
+    grammar = None
+    if params.response_format is not None:
+        if grammars is None:
+            raise InvalidRequestError("this engine does not enforce response formats", param="response_format")
+        grammar = grammars.compile(params.response_format)  # once per distinct format (cached)
     deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
-    return Request(prompt_ids=list(ids), params=params, adapter=adapter or BASE_ADAPTER, deadline=deadline)
+    return Request(prompt_ids=list(ids), params=params, adapter=adapter or BASE_ADAPTER, deadline=deadline,
+                   grammar=grammar)  # fmt: skip

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from aigc.errors import AdapterLoadError, ServiceUnavailableError
+from aigc.errors import AdapterLoadError, GenerationError, ServiceUnavailableError
 from aigc.serve.engine.adapters import AdapterSet
 from aigc.serve.engine.batch import Row, RunningBatch
+from aigc.serve.engine.grammar import Grammars, mask_rows
 from aigc.serve.engine.health import Liveness
 from aigc.serve.engine.logprobs import LogprobTracker, step_logprobs, token_texts
 from aigc.serve.engine.lora_batch import LoraForward
@@ -175,6 +176,7 @@ class Scheduler:
             gen.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(7), "big"))
         r.detok, r.stops = IncrementalDetokenizer(self._tokenizer), StopFilter(p.stop)
         r.logprobs = None if p.logprobs is None else LogprobTracker(self._token_text)
+        r.matcher = None if r.grammar is None else Grammars.matcher(r.grammar)
         return Row(r.prompt_ids, r.adapter, p.temperature, p.top_p, p.top_k, gen, p.logprobs, state=r)
 
     def _prefill(self, groups: list[list[Row]], retry: bool = False) -> None:
@@ -245,7 +247,15 @@ class Scheduler:
             leading: live rows before ``rows`` in the batch (kept as they are: rows that just joined).
         """
         keep = [True] * leading
+        # Rows with a response format: forbidden tokens to -inf in their logits, before sampling and log-probabilities.
+        constrained = [(i, row.state.matcher) for i, row in enumerate(rows) if row.state.matcher is not None]
+        try:
+            dead = mask_rows(logits, constrained) if constrained else {}
+        except Exception as exc:  # never the batch's failure: the constrained rows end with it
+            dead = dict.fromkeys((i for i, _ in constrained), exc)
         tokens = next_tokens(logits, rows)
+        for i, exc in dead.items():
+            tokens[i] = exc
         try:  # only rows that asked pay (see aigc.serve.engine.logprobs)
             figures = step_logprobs(logits, [row.logprobs for row in rows], tokens)
         except Exception as exc:  # never the batch's failure: the rows that asked end with it
@@ -268,6 +278,8 @@ class Scheduler:
         row.tokens.append(token)
         n, p, lps = len(row.tokens), r.params, r.logprobs
         reason: FinishReason | None = None
+        if r.matcher is not None and not r.matcher.accept_token(token):  # the mask allowed it: never expected
+            raise GenerationError("the sampled token breaks the response format", code="grammar_rejected")
         if token in self._eos_ids:
             reason = "stop"
         else:

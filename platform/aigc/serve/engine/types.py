@@ -15,6 +15,7 @@ __all__ = [
     "Delta",
     "FinishReason",
     "Prompt",
+    "ResponseFormat",
     "SamplingParams",
     "TokenLogprob",
     "TopLogprob",
@@ -29,13 +30,29 @@ MAX_TOP_LOGPROBS = 20  # alternatives reported per token at most
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """What a row's output must be: ``json_object`` (any JSON object) or ``json_schema`` (``schema``: the JSON
+    Schema as JSON text, the cache key of its compiled grammar; its keys keep their order, as the properties are
+    written in the schema's order)."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: str | None = None
+
+    @property
+    def schema_text(self) -> str:
+        return self.schema if self.type == "json_schema" and self.schema is not None else '{"type": "object"}'
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to generate: ``temperature == 0`` is greedy; ``top_k == 0`` means no top-k cut.
 
     ``logprobs``: None = no log-probabilities; k >= 0 = each generated token's log-probability and its k most
     likely alternatives (the model's raw distribution: log-softmax of the logits, before temperature, top-k and
-    top-p). ``n``: choices generated from one prefill of the prompt; with a ``seed``, choice ``i`` samples
-    with ``seed + i``.
+    top-p; for a row with a ``response_format``, of the logits after the grammar's mask: the distribution the
+    token was drawn from, before temperature). ``n``: choices generated from one prefill of the prompt; with a
+    ``seed``, choice ``i`` samples with ``seed + i``. ``response_format``: the output must be JSON
+    (:mod:`aigc.serve.engine.grammar`); None = free text.
     """
 
     max_tokens: int = 64
@@ -46,6 +63,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     n: int = 1
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True)
