@@ -27,7 +27,7 @@ STAMP := $(VENV)/.installed-$(TORCH)
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-slow test-cluster lint format clean assets docs check-python
+.PHONY: setup demo demo-preference test test-fast test-slow test-cluster lint format clean assets docs check-python
 
 setup: $(STAMP)
 
@@ -66,6 +66,10 @@ $(STAMP): pyproject.toml constraints.txt | check-python
 
 demo: setup
 	$(VENV)/bin/aigc demo --config $(CONFIG)
+
+# One preference round on the tiny model: SFT -> served with capture -> rated answers -> pairs -> DPO -> aigc eval.
+demo-preference: setup
+	$(VENV)/bin/aigc demo-preference --config $(CONFIG)
 
 test: lint
 	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)

@@ -426,3 +426,57 @@ def test_register_stage_records_what_publish_records(tmp_path, monkeypatch):
     entry = Registry(cfg.registry_dir).resolve(f"{cfg.train.adapter_name}:v1")
     assert (entry.base_model, entry.base_model_commit) == (cfg.model.name_or_path, "c" * 40)
     assert (entry.metrics, entry.data_hash, entry.config["sweep"]) == ({"eval_loss": 1.5}, "d" * 16, None)
+
+
+def test_the_gate_holds_back_a_worse_version_and_promotes_a_better_one(tmp_path, monkeypatch):
+    """``pipeline.promote_if``: the gate stage compares the served version with the new one on the eval report;
+    a failing version stays registered and unpromoted (the smoke test then asks the served one)."""
+    import aigc.batch.evaluate as evaluate
+    from aigc.pipeline.checks import check_pipeline
+    from aigc.registry import Registry
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text('{"instruction": "q", "input": "", "output": "a"}\n')
+    with pytest.raises(ConfigError, match="evaluates the new version on held-out prompts: set generate.input"):
+        check_pipeline(_config("pipeline.promote_if=eval.rouge_l >= previous", tmp_path=tmp_path))
+    with pytest.raises(ConfigError, match="needs a judge: set generate.judge.url"):
+        check_pipeline(_config("pipeline.promote_if=eval.judge_win_rate > 0.5", f"generate.input={heldout}",
+                               tmp_path=tmp_path))  # fmt: skip
+    cfg = _config("pipeline.promote_if=eval.rouge_l >= previous", f"generate.input={heldout}", "pipeline.alias=prod",
+                  "pipeline.sweep=false", "train.adapter_name=bot", tmp_path=tmp_path)  # fmt: skip
+    check_pipeline(cfg)
+    stages = {s.name: s for s in build_stages(cfg, hash_data=lambda _: "x")}
+    assert (stages["gate"].upstream, stages["promote"].upstream, stages["smoke"].upstream) == (
+        "register", "gate", "promote")  # fmt: skip
+    scores = {"bot:v1": 0.5, "bot:v2": 0.4, "bot:v3": 0.6}
+    evaluated = []
+
+    def fake_eval(c, models):
+        evaluated.append(list(models))
+        return {"prompts": 1, "reference_model": models[0],
+                "models": {m: {"version": m, "rouge_l": scores[m]} for m in models}}  # fmt: skip
+
+    monkeypatch.setattr(evaluate, "run_eval", fake_eval)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    reg = Registry(cfg.registry_dir)
+
+    def round_(n: int) -> dict:
+        (adapter / "adapter_model.safetensors").write_bytes(b"v%d" % n)
+        done = {"register": {"registry_id": reg.register("bot", str(adapter), "base").model_id}}
+        done["gate"] = stages["gate"].run(done)
+        done["promote"] = stages["promote"].run(done)
+        return done
+
+    first = round_(1)  # nothing served yet: "previous" passes
+    assert (first["gate"]["passed"], first["gate"]["previous_version"], evaluated[-1]) == (True, None, ["bot:v1"])
+    assert reg.resolve("bot:prod").model_id == "bot:v1"
+    worse = round_(2)
+    assert evaluated[-1] == ["bot:v1", "bot:v2"]
+    assert (worse["gate"]["passed"], worse["gate"]["new"], worse["gate"]["previous"]) == (False, 0.4, 0.5)
+    assert worse["promote"] == {"served_as": "bot:prod", "previous": None, "serving": "bot:v1", "held": True}
+    assert reg.resolve("bot:prod").model_id == "bot:v1" and reg.resolve("bot:v2").model_id == "bot:v2"
+    better = round_(3)
+    assert evaluated[-1] == ["bot:v1", "bot:v3"] and better["gate"]["passed"]
+    assert better["promote"]["serving"] == "bot:v3" and reg.resolve("bot:prod").model_id == "bot:v3"

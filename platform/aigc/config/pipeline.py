@@ -18,6 +18,7 @@ GATE_METRICS: dict[str, bool] = {
     "exact_match": True,
     "rouge_l": True,
     "judge_win_rate": True,
+    "win_rate": True,
     "loss": False,
     "perplexity": False,
 }

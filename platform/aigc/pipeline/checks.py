@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from aigc import storage
 from aigc.config import PlatformConfig
+from aigc.config.pipeline import parse_gate
 from aigc.data import checks as data_checks
 from aigc.errors import ConfigError, DataError
 from aigc.pipeline.feedback_round import pipeline_config
@@ -23,7 +24,9 @@ def check_pipeline(cfg: PlatformConfig) -> None:
         ConfigError: ``pipeline.deploy`` with ``train.method=full`` (the app serves adapters on its base model; a
             full fine-tune is served as a base model of its own).
         ConfigError: a DPO feedback round whose sweep searches the adapter's shape (``lora.*``).
-        DataError: ``pipeline.feedback`` names no file.
+        ConfigError: ``pipeline.promote_if`` without ``generate.input`` (the held-out prompts it evaluates on), or
+            on the judge's win rate without ``generate.judge.url``.
+        DataError: ``pipeline.feedback`` or ``generate.input`` (for the gate) names no file.
     """
     if cfg.pipeline.deploy and cfg.train.method == "full":
         raise ConfigError(
@@ -42,11 +45,27 @@ def check_pipeline(cfg: PlatformConfig) -> None:
                 f"pipeline.feedback_method=dpo continues the served adapter, whose shape is fixed, but tune.space "
                 f"{space.source} searches {', '.join(searched)}: set pipeline.sweep=false or a space without lora keys"
             )
+    if p.promote_if:
+        _check_gate(cfg)
     if cfg.pipeline.feedback and not storage.is_file(cfg.pipeline.feedback):
         raise DataError(
             f"pipeline.feedback: no such file {cfg.pipeline.feedback}; write it with `aigc feedback export "
             f"--output {cfg.pipeline.feedback}` (or drop pipeline.feedback)"
         )
+
+
+def _check_gate(cfg: PlatformConfig) -> None:
+    p, g = cfg.pipeline, cfg.generate
+    if not g.input:
+        raise ConfigError(
+            f"pipeline.promote_if={p.promote_if!r} evaluates the new version on held-out prompts: set generate.input "
+            "to a held-out dataset (any format aigc preprocess reads), never the training data"
+        )
+    if not storage.exists(g.input):
+        raise DataError(f"generate.input: no such file or directory {g.input} (the held-out prompts of the gate)")
+    if parse_gate(p.promote_if).metric == "judge_win_rate" and (g.judge is None or not g.judge.url):
+        raise ConfigError("pipeline.promote_if on eval.judge_win_rate needs a judge: set generate.judge.url (an "
+                          "OpenAI-compatible endpoint) and generate.judge.model")  # fmt: skip
 
 
 def check(cfg: PlatformConfig) -> PlatformConfig:

@@ -37,6 +37,7 @@ class PipelineResult:
     served_as: str
     base_url: str | None
     elapsed_s: float
+    serving: str = ""  # the version served_as names now: registry_id, unless the gate held the promote back
 
     def outcome(self, name: str) -> str:
         return next(s.outcome for s in self.stages if s.name == name)
@@ -83,7 +84,9 @@ def _run_locked(cfg: PlatformConfig, block: bool, t0: float) -> PipelineResult:
     out = {o.name: o.outputs for o in outcomes}
     version = out["register"]["registry_id"]
     served_as = out.get("promote", {}).get("served_as", version)
-    result = PipelineResult(outcomes, version, served_as, out.get("deploy", {}).get("base_url"), time.monotonic() - t0)
+    serving = out.get("promote", {}).get("serving") or version
+    result = PipelineResult(outcomes, version, served_as, out.get("deploy", {}).get("base_url"), time.monotonic() - t0,
+                            serving)  # fmt: skip
     _summary(cfg, result)
     if block and result.base_url:
         _serve_until_interrupted()
@@ -94,8 +97,9 @@ def _summary(cfg: PlatformConfig, res: PipelineResult) -> None:
     counts = {k: sum(s.outcome == k for s in res.stages) for k in ("ran", "skipped")}
     print(f"[pipeline] done in {res.elapsed_s:.0f}s: {counts['ran']} ran, {counts['skipped']} skipped")
     if res.base_url:
-        print(f"[pipeline] serving {res.served_as} -> {res.registry_id} at {res.base_url} (app {cfg.serve.app_name!r},"
-              f" registry {cfg.registry_dir})")  # fmt: skip
+        held = f" ({res.registry_id} registered, held back by the gate)" if res.serving != res.registry_id else ""
+        print(f"[pipeline] serving {res.served_as} -> {res.serving} at {res.base_url} (app {cfg.serve.app_name!r},"
+              f" registry {cfg.registry_dir}){held}")  # fmt: skip
     else:
         shown = res.registry_id if res.served_as == res.registry_id else f"{res.registry_id} as {res.served_as}"
         print(f"[pipeline] registered {shown} (pipeline.deploy is off)")

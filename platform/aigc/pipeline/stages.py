@@ -13,7 +13,10 @@ runs, and how its output is found again.
   (:func:`aigc.storage.is_complete`: a publish killed part-way trains again).
 - **register** reads ``registry_dir`` and ``train.adapter_name``; upstream train; its output is the published
   version.
-- **promote** (``pipeline.promote``) reads ``pipeline.alias``; upstream register; moves the alias to the version.
+- **gate** (``pipeline.promote_if``, :mod:`aigc.pipeline.gate`) reads the gate and ``generate``'s held-out
+  prompts; upstream register; ``aigc eval`` of the served version against the new one, and the gate's verdict.
+- **promote** (``pipeline.promote``) reads ``pipeline.alias``; upstream gate (or register); moves the alias to
+  the version, unless the gate held it back.
 - **deploy** (``pipeline.deploy``) reads ``serve``, ``model``, ``registry_dir``, ``output_dir``; no upstream;
   its output is the Serve app, RUNNING.
 - **smoke** asks the served name ``pipeline.smoke_prompt``; never skipped: it checks the live endpoint.
@@ -36,8 +39,9 @@ from typing import Any
 
 from aigc import storage
 from aigc.config import DataConfig, PlatformConfig
-from aigc.pipeline.feedback_round import round_config, start_stage
+from aigc.pipeline.feedback_round import round_config, served_name, start_stage
 from aigc.pipeline.fingerprint import content_hash
+from aigc.pipeline.gate import gate_stage
 from aigc.pipeline.runner import Outputs, Stage
 
 __all__ = ["build_stages"]
@@ -76,7 +80,9 @@ def build_stages(cfg: PlatformConfig, hash_data: HashData) -> list[Stage]:
         upstream = "sweep"
     stages += [_train(cfg, upstream), _register(cfg)]
     if p.promote:
-        stages.append(_promote(cfg))
+        if p.promote_if:
+            stages.append(gate_stage(cfg))
+        stages.append(_promote(cfg, "gate" if p.promote_if else "register"))
     if p.deploy:
         stages += [_deploy(cfg), _smoke(cfg, "promote" if p.promote else "register")]
     return stages
@@ -187,21 +193,27 @@ def _register(cfg: PlatformConfig) -> Stage:
 
 
 # 5. promote
-def _promote(cfg: PlatformConfig) -> Stage:
-    """Move the alias to the new version. Its own stage, so a changed ``pipeline.alias`` moves an alias and
-    registers nothing; recorded as done, it is not redone: an alias rolled back by hand stays rolled back until
-    a new version is registered."""
+def _promote(cfg: PlatformConfig, upstream: str) -> Stage:
+    """Move the alias to the new version, unless the gate (``pipeline.promote_if``) held it back. Its own stage,
+    so a changed ``pipeline.alias`` moves an alias and registers nothing; recorded as done, it is not redone: an
+    alias rolled back by hand stays rolled back until a new version is registered."""
     alias_name = cfg.pipeline.alias
 
     def run(done: Outputs) -> dict[str, Any]:
         from aigc.registry import Registry
 
-        alias, before = Registry(cfg.registry_dir).promote(done["register"]["registry_id"], alias_name)
+        new, gate = done["register"]["registry_id"], done.get("gate")
+        if gate is not None and not gate["passed"]:
+            held = gate["previous_version"]
+            print(f"[promote] held back by pipeline.promote_if: {served_name(cfg)} keeps serving {held}; {new} "
+                  f"stays registered (report: {gate['report']}; `aigc promote {new}` promotes it anyway)")  # fmt: skip
+            return {"served_as": served_name(cfg), "previous": None, "serving": held, "held": True}
+        alias, before = Registry(cfg.registry_dir).promote(new, alias_name)
         was = "unset (latest)" if before is None else f"v{before}"
         print(f"[promote] {alias.model_id} -> {alias.target} (was {was})")
-        return {"served_as": alias.model_id, "previous": before}
+        return {"served_as": alias.model_id, "previous": before, "serving": new}
 
-    return Stage("promote", lambda _: {"alias": alias_name}, run, upstream="register")
+    return Stage("promote", lambda _: {"alias": alias_name}, run, upstream=upstream)
 
 
 # 6. deploy
@@ -233,7 +245,7 @@ def _smoke(cfg: PlatformConfig, upstream: str) -> Stage:
     def run(done: Outputs) -> dict[str, Any]:
         from aigc.pipeline.smoke import smoke_test
 
-        version = done["register"]["registry_id"]
+        version = done.get("promote", {}).get("serving") or done["register"]["registry_id"]
         name = done.get("promote", {}).get("served_as", version)
         timeout = max(10.0, 5 * cfg.serve.resolve_cache_s)  # a moved alias reaches traffic within resolve_cache_s
         res = smoke_test(done["deploy"]["base_url"], name, version, p.smoke_prompt, p.smoke_max_tokens, timeout)
