@@ -72,6 +72,12 @@ def _demo(cfg: PlatformConfig) -> None:
     run_demo(cfg)
 
 
+def _demo_preference(cfg: PlatformConfig) -> None:
+    from aigc.demo.preference_round import run_preference_demo
+
+    run_preference_demo(cfg)
+
+
 def _pipeline(cfg: PlatformConfig) -> None:
     from aigc.pipeline import run_pipeline
 
@@ -114,6 +120,8 @@ STAGES: dict[str, Stage] = {
     "serve": Stage("the OpenAI-compatible endpoint with autoscaling replicas (Ray Serve)", _serve,
                    "aigc.serve.checks"),
     "demo": Stage("preprocess -> fine-tune -> sweep -> serve -> chat, on the tiny model", _demo, "aigc.demo.driver"),
+    "demo-preference": Stage("SFT -> serve -> rated answers -> pairs -> DPO -> eval, on the tiny model",
+                             _demo_preference, "aigc.demo.preference_round"),
     # joins the cluster itself, once it holds its output_dir's lock (aigc.pipeline.lock)
     "pipeline": Stage("preprocess -> sweep -> train -> register -> serve, resumable", _pipeline,
                       "aigc.pipeline.checks", joins_cluster=False),

@@ -37,6 +37,7 @@ STAGE_SCRIPTS = {
     "sweep": "jobs/sweep.py",
     "serve": "jobs/serve.py",
     "demo": "jobs/demo.py",
+    "demo-preference": "jobs/demo_preference.py",
     "pipeline": "jobs/pipeline.py",
     "generate": "jobs/generate.py",
     "eval": "jobs/eval.py",

@@ -28,7 +28,7 @@ from aigc.tune import checks as tune_checks
 from aigc.tune.results import values_label
 from aigc.tune.sweep import run_sweep
 
-__all__ = ["check", "run_demo", "score_models", "sweep_spread"]
+__all__ = ["check", "check_output_dir", "fresh_output_dir", "run_demo", "score_models", "sweep_spread"]
 
 _N_EVAL_PROMPTS = 40
 _EVAL_SEED = 1234
@@ -127,6 +127,12 @@ def check_output_dir(cfg: PlatformConfig) -> None:
     _check_demo_owned(out)
 
 
+def fresh_output_dir(out: str) -> None:
+    """Clear ``out`` (checked by :func:`check_output_dir`) and mark it as the demo's, so its next run may clear it."""
+    storage.remove_tree(out)
+    storage.write_text(storage.join(out, _MARKER), "written by `aigc demo`; cleared by its next run\n")
+
+
 def _check_demo_owned(out: str) -> None:
     if storage.is_dir(out) and storage.list_files(out) and not storage.is_file(storage.join(out, _MARKER)):
         raise ConfigError(
@@ -142,8 +148,7 @@ def run_demo(cfg: PlatformConfig) -> dict[str, Any]:
     t0 = time.time()
     check_output_dir(cfg)
     # The demo starts clean (only a directory an earlier demo wrote); the registry keeps every version.
-    storage.remove_tree(cfg.output_dir)
-    storage.write_text(storage.join(cfg.output_dir, _MARKER), "written by `aigc demo`; cleared by its next run\n")
+    fresh_output_dir(cfg.output_dir)
     ray_logs = link_ray_logs(cfg.output_dir)  # what Ray's workers printed, reachable from the run's directory
 
     _banner(f"1/4 preprocess {cfg.data.path} with Ray Data", t0)
