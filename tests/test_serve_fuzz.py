@@ -402,6 +402,7 @@ def test_schemathesis_fuzz(server, fuzz_schema, method, path, mode, examples):
     operation = fuzz_schema[path][method]
     checks = [not_a_server_error, _openai_check(valid=mode == "positive")]
     statuses: Counter[int] = Counter()
+    gaps = [0]
     with requests.Session() as session:
 
         @_settings(examples)
@@ -409,13 +410,17 @@ def test_schemathesis_fuzz(server, fuzz_schema, method, path, mode, examples):
         def fuzz(case) -> None:
             response = case.call(base_url=server.root, session=session, timeout=TIMEOUT_S)
             statuses[response.status_code] += 1
+            if response.status_code == 400 and _schema_gap(response.json()["error"]):
+                gaps[0] += 1  # a rule between fields, or a JSON schema no decoder can enforce: not generation's
             case.validate_response(response, checks=checks)
 
         fuzz()
     COUNTS[f"{method} {path} {mode}"] += sum(statuses.values())
-    print(f"[fuzz] {method} {path} {mode}: {sum(statuses.values())} cases, statuses {dict(sorted(statuses.items()))}")
+    print(f"[fuzz] {method} {path} {mode}: {sum(statuses.values())} cases, statuses {dict(sorted(statuses.items()))}, "
+          f"{gaps[0]} refused for a rule the schema cannot state")  # fmt: skip
     if mode == "positive" and path in (CHAT, TEXT):
-        assert statuses[200] >= 0.8 * sum(statuses.values()), statuses  # generation was really reached
+        # generation was really reached
+        assert statuses[200] >= 0.8 * (sum(statuses.values()) - gaps[0]), (statuses, gaps)
     _check_canary(server)
 
 
