@@ -24,7 +24,7 @@ from typing import Any
 from aigc import storage
 from aigc.config import DataConfig
 from aigc.data.file_records import iter_records
-from aigc.data.formats import RowError, to_example
+from aigc.data.formats import RowError, parse_record, to_example
 from aigc.data.input_files import list_input_files
 from aigc.errors import ConfigError, DataError
 from aigc.serve.engine import Prompt
@@ -121,12 +121,7 @@ def to_prompt(raw: str, fmt: str, prompt_column: str, system_prompt: str | None 
     Raises:
         RowError: the record does not fit (the preprocessor's reasons, or ``read_error`` reasons).
     """
-    try:
-        rec = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise RowError("invalid_json", f"not valid JSON: {exc.msg}") from None
-    if not isinstance(rec, dict):
-        raise RowError("wrong_type", f"a record must be an object, got {type(rec).__name__}")
+    rec = parse_record(raw)
     if "__read_error__" in rec:
         raise RowError(str(rec["__read_error__"]), str(rec.get("__detail__", "")))
     if fmt == "prompt":

@@ -34,7 +34,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FORMATS", "RowError", "Example", "conversation_key", "to_example", "required_fields"]
+__all__ = ["FORMATS", "RowError", "Example", "conversation_key", "parse_record", "to_example", "required_fields"]
 
 
 class RowError(ValueError):
@@ -44,6 +44,21 @@ class RowError(ValueError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+def parse_record(raw: str) -> dict[str, Any]:
+    """One raw record (a JSON string) as the object every format reads.
+
+    Raises:
+        RowError: ``invalid_json``, or ``wrong_type`` for JSON that is not an object.
+    """
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RowError("invalid_json", f"not valid JSON: {exc.msg}") from None
+    if not isinstance(rec, dict):
+        raise RowError("wrong_type", f"a record must be an object, got {type(rec).__name__}")
+    return rec
 
 
 @dataclass(frozen=True)

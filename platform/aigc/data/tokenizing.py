@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from aigc.config import DataConfig, ModelConfig
-from aigc.data.formats import Example, RowError, conversation_key, to_example
+from aigc.data.formats import Example, RowError, conversation_key, parse_record, to_example
 from aigc.data.reading import rename
 from aigc.data.templates import Rendered
 
@@ -121,12 +121,7 @@ class Tokenize:
     # 1. one row ---------------------------------------------------------------------------------------------
     def _record(self, raw: str, source: int) -> tuple[dict[str, Any], str]:
         """The record with its source's column renames, and its format."""
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise RowError("invalid_json", f"not valid JSON: {exc.msg}") from None
-        if not isinstance(rec, dict):
-            raise RowError("wrong_type", f"a record must be an object, got {type(rec).__name__}")
+        rec = parse_record(raw)
         if not 0 <= source < len(self.sources):
             raise RowError("bad_source", f"source {source} is not one of the {len(self.sources)} datasets")
         src = self.sources[source]
