@@ -299,7 +299,7 @@ def test_capture_feedback_export_preprocess_round_trip(server):
         "answer": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason,
     }  # fmt: skip
     assert captured["params"] == {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
-                                  "stop": [], "logprobs": None, "n": 1}  # fmt: skip
+                                  "stop": [], "logprobs": None, "n": 1, "response_format": None}  # fmt: skip
 
     chunks = list(server.client.chat.completions.create(model=server.base_id, messages=messages, max_tokens=8,
                                                         temperature=0, stream=True))  # fmt: skip
