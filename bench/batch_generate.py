@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/batch_generate.py [--prompts 2000] [--max-tokens 32] [--concurrency 32]
                                              [--actors 1] [--batch-size 32] [--model-shape SmolLM2-135M]
-                                             [--set generate.actors=2 ...]
+                                             [--baseline-prompts 200] [--set generate.actors=2 ...]
 
 The same prompts (held-out demo questions as raw completion prompts, greedy, ``--max-tokens`` each), in the same
 run, on the same cores:
 
 1. baseline: one fresh process calling ``model.generate`` for one prompt after another (``serve_throughput.py``'s
-   baseline);
+   baseline); ``--baseline-prompts N`` times it on the first N prompts only (its figure is a rate: on a large
+   model shape, 2,000 sequential prompts would take most of an hour);
 2. ``aigc generate`` (:func:`aigc.batch.run_generate`, ``generate.format: text``): the engine on a Ray Data actor
    pool, timed from the call to the merged output (actor start and model load included);
 3. the Serve app (``aigc serve``, one generator replica) with ``--concurrency`` callers through the ``openai``
@@ -55,6 +56,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32, help="callers of the served endpoint")
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--baseline-prompts",
+        type=int,
+        default=0,
+        help="the sequential baseline on the first N prompts only (0: all; its figure is a rate)",
+    )
     ap.add_argument("--skip-serve", action="store_true", help="baseline and aigc generate only")
     ap.add_argument("--json", help="also write every figure to this file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
@@ -79,7 +86,8 @@ def main() -> None:
 
     # 1. the sequential baseline, in a fresh process
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        baseline = pool.apply(bench_baseline, (cfg.model.name_or_path, prompts, args.max_tokens))
+        sample = prompts[: args.baseline_prompts] if args.baseline_prompts else prompts
+        baseline = pool.apply(bench_baseline, (cfg.model.name_or_path, sample, args.max_tokens))
     runs = [baseline]
 
     from aigc.cli import check_stage

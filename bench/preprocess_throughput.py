@@ -1,6 +1,7 @@
 """Preprocessing throughput: `aigc preprocess` against Hugging Face `datasets` and a single-process loop.
 
     PYTHONPATH=platform .venv/bin/python bench/preprocess_throughput.py [--rows 50000,500000] [--actors N]
+                                                                        [--warm] [--platform-only]
 
 All on one generated input file (customer-support rows, alpaca format), in one run, each doing the same row
 work (`aigc.data.tokenizing.Tokenize`: validate, chat template, tokenize, length policy, split):
@@ -103,7 +104,9 @@ def _run(n: int, args: argparse.Namespace, cores: int) -> dict[str, float]:
         overrides = [f"data.path={src}", f"output_dir={tmp}/out"]
         overrides += [f"data.tokenizer_actors={args.actors}"] if args.actors else []
         cfg = check_stage("preprocess", load_config(args.config, overrides))  # before any Ray work
-        out = {"single": _single_process(cfg, src, tmp), "datasets": _datasets(cfg, src, tmp, cores)}
+        out = {}
+        if not args.platform_only:
+            out = {"single": _single_process(cfg, src, tmp), "datasets": _datasets(cfg, src, tmp, cores)}
         out["cold"], out["rss"] = _cli(overrides, args.config)
         stats = read_stats(os.path.join(tmp, "out"))
         assert stats["rows_in"] == n, stats
@@ -121,7 +124,7 @@ def _run(n: int, args: argparse.Namespace, cores: int) -> dict[str, float]:
         if key in out:
             print(f"  {name:28s}: {out[key]:7.2f}s  {n / out[key]:9.0f} rows/s")
     for name, key in [("cold CLI", "cold"), ("warm", "warm")]:
-        if key in out:
+        if key in out and "single" in out:
             print(f"  platform {name}: {out['single'] / out[key]:.2f}x single process, "
                   f"{out['datasets'] / out[key]:.2f}x datasets")  # fmt: skip
     print(f"  driver peak RSS (cold CLI): {out['rss'] / 2**20:.0f} MiB", flush=True)
@@ -134,6 +137,7 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=None, help="data.tokenizer_actors (default: the cluster's CPUs)")
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--warm", action="store_true", help="also time a second run on a warm embedded cluster")
+    ap.add_argument("--platform-only", action="store_true", help="no baselines: for trying settings, not for ratios")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     runs = {int(n): _run(int(n), args, cores) for n in args.rows.split(",")}

@@ -1,11 +1,13 @@
 """Training throughput: `aigc train` (Ray Train, DDP on CPU) against a plain single-process PyTorch + peft loop.
 
     PYTHONPATH=platform nice -n 10 .venv/bin/python bench/train_throughput.py [--epochs 1] [--rows 400]
+                                                                            [--model-shape SmolLM2-135M]
 
 All on the demo data (the first ``--rows`` rows of ``assets/demo-data/support.jsonl``), preprocessed once with
 ``aigc preprocess`` (no val split, so no run spends time on eval); every run trains LoRA on the same model
-(``model.name_or_path``, the tiny base), the same train shards and the same global batch
-(``train.batch_size`` x ``train.num_workers`` of the config):
+(``model.name_or_path``, the tiny base; ``--model-shape``: a random-weight model with a real model's layer
+shapes, ``bench/_shapes.py``, no download, so compute dominates as for users' models), the same train shards
+and the same global batch (``train.batch_size`` x ``train.num_workers`` of the config):
 
 - baseline: one process, torch threads = cores, the shards read with pyarrow, right-padded batches, AdamW with
   the config's schedule and clipping; and the same with one torch thread (on a small model and a busy
@@ -36,6 +38,8 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.append(os.path.join(ROOT, "platform"))  # PYTHONPATH wins
+
+from _shapes import SHAPES, build_shape  # noqa: E402  (bench/ is on the path: the script's folder)
 
 DEMO_DATA = os.path.join(ROOT, "assets", "demo-data", "support.jsonl")
 
@@ -202,6 +206,7 @@ def main() -> None:
     ap.add_argument(
         "--out", default=os.path.normpath(os.path.join(ROOT, "runs", "bench")), help="where the JSON of figures goes"
     )
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), help="a random-weight model with this model's shapes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -219,6 +224,9 @@ def main() -> None:
         overrides = [f"data.path={src}", f"output_dir={tmp}/out", f"registry_dir={tmp}/registry",
                      "data.val_fraction=0", f"train.epochs={args.epochs}",
                      f"cluster.num_cpus={max(4, cores + 1)}"]  # fmt: skip
+        if args.model_shape:  # same tokenizer as the demo model: the shards below serve both
+            shape = build_shape(args.model_shape, os.path.join(tempfile.gettempdir(), f"aigc-shape-{args.model_shape}"))
+            overrides.append(f"model.name_or_path={shape}")
         cfg = load_config(args.config, overrides)
         subprocess.run([sys.executable, "-m", "aigc.cli", "preprocess", "--config", args.config, *overrides],
                        stdout=subprocess.DEVNULL, check=True)  # fmt: skip
@@ -236,7 +244,8 @@ def main() -> None:
         r["tokens_per_s"] = tokens / r["train_s"]
 
     base = runs["baseline"]["tokens_per_s"]
-    print(f"rows: {len(lines[: args.rows] if args.rows else lines)}, epochs: {args.epochs}, cores: {cores}, "
+    print(f"model: {args.model_shape or 'demo tiny-base'}, "
+          f"rows: {len(lines[: args.rows] if args.rows else lines)}, epochs: {args.epochs}, cores: {cores}, "
           f"global batch: {batch * workers}, train tokens (non-padding, all epochs): {tokens}")  # fmt: skip
     print(f"  {'run':16s} {'tokens/s':>9s} {'x base':>7s} {'train s':>8s} {'wall s':>7s} "
           f"{'peak RSS MiB':>12s} {'peak PSS MiB':>12s} {'final loss':>10s}")  # fmt: skip
@@ -253,7 +262,8 @@ def main() -> None:
             )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"train_throughput-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    figures = {"rows": len(lines[: args.rows] if args.rows else lines), "epochs": args.epochs, "cores": cores,
+    figures = {"model_shape": args.model_shape, "rows": len(lines[: args.rows] if args.rows else lines),
+               "epochs": args.epochs, "cores": cores,
                "global_batch": batch * workers, "train_tokens": tokens, "runs": runs}  # fmt: skip
     with open(path, "w") as f:
         json.dump(figures, f, indent=1)
