@@ -395,3 +395,34 @@ def test_dedup_off_keeps_duplicates(ray_cluster, tmp_path):
 
 def _parts(cfg):
     return cfg.data, cfg.model, cfg.output_dir
+
+
+def test_the_default_pool_leaves_a_cpu_to_read_and_write_and_the_job_time_is_recorded(ray_cluster, tmp_path):
+    """Unset data.tokenizer_actors: the pool grows to the cluster's CPUs minus one (the shared cluster has 4), and
+    the read/dedup/write tasks (a quarter CPU each) run beside a full pool: several files and blocks go through,
+    every row counted, within a bound (a pool holding every CPU would leave the reads waiting for ever)."""
+    import threading
+
+    import ray
+
+    from aigc.data.preprocess import _actors
+    from aigc.data.reading import IO_CPUS
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for f in range(4):  # one read task per file at least
+        rows = [{"instruction": f"File {f} question {i}?", "output": f"Answer {f}-{i}."} for i in range(600)]
+        (src / f"part-{f}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [f"data.path={src}", f"model.name_or_path={TINY}", f"output_dir={tmp_path / 'out'}",
+                             "data.val_fraction=0.1"])  # fmt: skip
+    assert cfg.data.tokenizer_actors is None
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert _actors(cfg.data) == cpus - 1 and 0 < IO_CPUS <= 0.25
+    done: dict = {}
+    job = threading.Thread(target=lambda: done.update(res=preprocess(cfg.data, cfg.model, cfg.output_dir)), daemon=True)
+    job.start()
+    job.join(timeout=240)
+    assert not job.is_alive(), "preprocessing did not finish in 240 s with the default tokenizer pool"
+    s = done["res"].stats
+    assert s["rows_in"] == s["rows_kept"] == 2400 and s["rows_train"] + s["rows_val"] == 2400
+    assert 0 < s["seconds"] < 240

@@ -22,7 +22,9 @@ def report_preprocess(res: Any) -> None:
     print(
         f"[preprocess] {s['rows_in']} rows in -> {s['rows_kept']} kept ({s['rows_train']} train / "
         f"{s['rows_val']} val), rejected {s['rows_rejected'] or 'none'}; {s['tokens_total']} tokens, "
-        f"max {s['tokens_per_example']['max']} per example\n[preprocess] wrote {res.data_dir}"
+        f"max {s['tokens_per_example']['max']} per example"
+        + (f"; {s['seconds']:.1f} s, {s['rows_in'] / max(s['seconds'], 1e-9):.0f} rows/s" if "seconds" in s else "")
+        + f"\n[preprocess] wrote {res.data_dir}"
     )
 
 

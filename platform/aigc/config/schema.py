@@ -122,7 +122,7 @@ class DataConfig(_Section):
     )
     seed: int = Field(0, description="Seed of the deterministic train/val split.")
     tokenizer_actors: int | None = Field(
-        None, ge=1, description="Largest Ray Data actor pool that tokenizes; unset = the cluster's CPUs."
+        None, ge=1, description="Largest Ray Data actor pool that tokenizes; unset = the cluster's CPUs minus one."
     )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation.")
     dedup: bool = Field(True, description="Drop exact duplicates (same normalized prompt and answer).")

@@ -35,7 +35,7 @@ import numpy as np
 from aigc import storage
 from aigc.config import DataConfig, ModelConfig
 from aigc.data.pair_tokenizing import TokenizePairs as _TokenizePairs
-from aigc.data.reading import SUPPORTED_EXTENSIONS, check_columns, hash_inputs, list_input_files, read_raw
+from aigc.data.reading import IO_CPUS, SUPPORTED_EXTENSIONS, check_columns, hash_inputs, list_input_files, read_raw
 from aigc.data.tokenizing import Tokenize as _Tokenize  # the row work, also run by bench/preprocess_throughput.py
 from aigc.errors import DataError
 from aigc.models.hub import resolve_model
@@ -87,10 +87,15 @@ def _plot_lengths(hist: np.ndarray, max_length: int, path: str) -> None:
 
 
 def _actors(data: DataConfig) -> int:
-    """data.tokenizer_actors, or one tokenizer actor per CPU of the cluster."""
+    """The tokenizer pool's largest size: data.tokenizer_actors, or the cluster's CPUs minus one.
+
+    Each actor holds a whole CPU for as long as the job runs; the CPU left over takes the read, dedup and write
+    tasks (``IO_CPUS`` each), so a full pool never starves its own input (a pool as large as the cluster's CPUs
+    left no room for reading and deadlocked when fixed in size; autoscaling up to it, it ran slower).
+    """
     import ray
 
-    return data.tokenizer_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return data.tokenizer_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
 
 
 def _stats(totals: dict[str, Any], data: DataConfig, model: ModelConfig, inputs: list[dict[str, Any]]) -> dict:
@@ -199,7 +204,10 @@ def _mix(rows: Any, data: DataConfig) -> Any:
         return rows
     keyset = ray.remote(num_cpus=0)(KeySet).remote() if data.dedup else None
     return rows.map_batches(
-        mark_rows, batch_format="pyarrow", fn_kwargs={"keyset": keyset, "weights": weights, "seed": data.seed}
+        mark_rows,
+        batch_format="pyarrow",
+        fn_kwargs={"keyset": keyset, "weights": weights, "seed": data.seed},
+        num_cpus=IO_CPUS,  # light: a set lookup per row, fused with the write
     )
 
 
@@ -218,6 +226,7 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
 
     from aigc.data.sink import SplitSink
 
+    t0 = time.monotonic()
     model = resolve_model(model, weights=False)
     files = list_input_files(data)
     check_columns(files, data)
@@ -239,8 +248,9 @@ def preprocess(data: DataConfig, model: ModelConfig, output_dir: str) -> Preproc
     sink = SplitSink(shards_path, data.max_length, packing=data.packing, n_sources=len(data.sources()))
     keep_quarantine = False
     try:
-        rows.write_datasink(sink)
-        stats = {**_stats(sink.totals, data, model, ray.get(hashes)), "shards": shards}
+        rows.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
+        stats = {**_stats(sink.totals, data, model, ray.get(hashes)), "shards": shards,
+                 "seconds": round(time.monotonic() - t0, 2)}  # the job on a started cluster  # fmt: skip
         if stats["rows_kept"] == 0:
             keep_quarantine = True
             raise DataError(
