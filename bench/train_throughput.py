@@ -135,8 +135,10 @@ def _child(spec_path: str) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def _sample_tree(pid: int, peak: dict, stop: threading.Event) -> None:
-    """Peak sums of RSS and PSS over ``pid`` and its descendants, every 0.3 s."""
+def _sample_tree(pid: int, peak: dict, cpu: dict, stop: threading.Event) -> None:
+    """Peak sums of RSS and PSS over ``pid`` and its descendants, every 0.3 s; and each process's CPU seconds
+    (user + system, the last value seen) in ``cpu``: ``{pid: (name, seconds)}``, the name as the process shows it
+    (Ray sets actor processes' titles, e.g. ``ray::RayTrainWorker``)."""
     import psutil
 
     root = psutil.Process(pid)
@@ -150,10 +152,35 @@ def _sample_tree(pid: int, peak: dict, stop: threading.Event) -> None:
             try:
                 mem = p.memory_full_info()
                 rss, pss = rss + mem.rss, pss + getattr(mem, "pss", mem.rss)
+                t = p.cpu_times()
+                cpu[p.pid] = (_title(p), t.user + t.system)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         peak["rss"], peak["pss"] = max(peak.get("rss", 0), rss), max(peak.get("pss", 0), pss)
         stop.wait(0.3)
+
+
+def _title(p) -> str:
+    """A short name for a process: Ray's title up to the first space or dot (``ray::RayTrainWorker``, ``raylet``)."""
+    try:
+        words = p.cmdline()
+    except Exception:
+        words = []
+    name = words[0] if words else p.name()
+    if name.startswith("ray::"):
+        return name.split()[0].split(".")[0]
+    base = os.path.basename(name)
+    if base.startswith("python") and len(words) > 1:  # a Python process: name it by its script or module
+        script = words[2] if words[1] == "-m" and len(words) > 2 else os.path.basename(words[1])
+        return f"python {script}"
+    return base
+
+
+def _cpu_by_title(cpu: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, secs in cpu.values():
+        out[name] = round(out.get(name, 0.0) + secs, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _run(kind: str, overrides: list[str], args: argparse.Namespace, tmp: str, cores: int) -> dict:
@@ -165,12 +192,13 @@ def _run(kind: str, overrides: list[str], args: argparse.Namespace, tmp: str, co
         json.dump(spec, f)
     log = os.path.join(tmp, f"{name}.log")
     peak: dict[str, int] = {}
+    cpu: dict[int, tuple[str, float]] = {}
     stop = threading.Event()
     t0 = time.perf_counter()
     with open(log, "w") as out:
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec_path], stdout=out,
                              stderr=subprocess.STDOUT)  # fmt: skip
-        sampler = threading.Thread(target=_sample_tree, args=(p.pid, peak, stop), daemon=True)
+        sampler = threading.Thread(target=_sample_tree, args=(p.pid, peak, cpu, stop), daemon=True)
         sampler.start()
         rc = p.wait()
     wall = time.perf_counter() - t0
@@ -182,7 +210,8 @@ def _run(kind: str, overrides: list[str], args: argparse.Namespace, tmp: str, co
         raise SystemExit(f"{kind} run failed (exit {rc}); the end of its output:\n{tail}")
     with open(spec["result"]) as f:
         result = json.load(f)
-    return {**result, "wall_s": wall, "peak_rss_bytes": peak.get("rss", 0), "peak_pss_bytes": peak.get("pss", 0)}
+    return {**result, "wall_s": wall, "peak_rss_bytes": peak.get("rss", 0), "peak_pss_bytes": peak.get("pss", 0),
+            "cpu_s_by_process": _cpu_by_title(cpu)}  # fmt: skip
 
 
 def _train_tokens(output_dir: str) -> int:
@@ -207,6 +236,8 @@ def main() -> None:
         "--out", default=os.path.normpath(os.path.join(ROOT, "runs", "bench")), help="where the JSON of figures goes"
     )
     ap.add_argument("--model-shape", choices=sorted(SHAPES), help="a random-weight model with this model's shapes")
+    ap.add_argument("--skip-1thread", action="store_true", help="no 1-thread baseline (it matters on tiny models)")
+    ap.add_argument("--skip-1worker", action="store_true", help="no 1-worker platform run (the config's workers only)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -233,12 +264,12 @@ def main() -> None:
         tokens = _train_tokens(cfg.output_dir) * args.epochs
         workers, batch = cfg.train.num_workers, cfg.train.batch_size
         one_worker = ["train.num_workers=1", f"train.cpus_per_worker={cores}", f"train.batch_size={batch * workers}"]
-        runs = {
-            "baseline": _run("baseline", overrides, args, tmp, cores),
-            "baseline_1thread": _run("baseline", overrides, args, tmp, 1),
-            "platform_1w": _run("platform", [*overrides, *one_worker], args, tmp, cores),
-            f"platform_{workers}w": _run("platform", overrides, args, tmp, cores),
-        }
+        runs = {"baseline": _run("baseline", overrides, args, tmp, cores)}
+        if not args.skip_1thread:
+            runs["baseline_1thread"] = _run("baseline", overrides, args, tmp, 1)
+        if not args.skip_1worker:
+            runs["platform_1w"] = _run("platform", [*overrides, *one_worker], args, tmp, cores)
+        runs[f"platform_{workers}w"] = _run("platform", overrides, args, tmp, cores)
     for r in runs.values():
         r["train_s"] = sum(h["epoch_time_s"] for h in r["history"])
         r["tokens_per_s"] = tokens / r["train_s"]
@@ -260,6 +291,8 @@ def main() -> None:
                 f"  {name}: {r['tokens_per_s'] / base:.2f}x the baseline's tokens/s, wall "
                 f"{r['wall_s'] / runs['baseline']['wall_s']:.2f}x; its own train_tokens_per_s per epoch: {own}"
             )
+            top = list(r["cpu_s_by_process"].items())[:8]
+            print("    CPU seconds by process over the whole run: " + ", ".join(f"{k} {v:.1f}" for k, v in top))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"train_throughput-{time.strftime('%Y%m%d-%H%M%S')}.json")
     figures = {"model_shape": args.model_shape, "rows": len(lines[: args.rows] if args.rows else lines),

@@ -65,9 +65,12 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     logits = model(**inputs, use_cache=False).logits
     shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+    # One row per position, the vocabulary contiguous: cross_entropy over a transposed (batch, vocab, positions)
+    # view reads every logit with a stride; at a 49k vocabulary and 16 x 70 tokens its forward + backward took
+    # 1.3-1.4 s against 0.55 s this way (on 2 cores; a LoRA step of a 135M model is ~13 s).
     loss = torch.nn.functional.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
-    )
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shift_labels.shape)
     return loss, shift_labels != -100
 
 
