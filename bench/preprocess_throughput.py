@@ -136,7 +136,7 @@ def _run(n: int, args: argparse.Namespace, cores: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="20000", help="comma-separated row counts, e.g. 50000,500000")
-    ap.add_argument("--actors", type=int, default=None, help="data.tokenizer_actors (default: the cluster's CPUs)")
+    ap.add_argument("--actors", type=int, default=None, help="data.tokenizer_actors (default: CPUs minus one)")
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--warm", action="store_true", help="also time a second run on a warm embedded cluster")
     ap.add_argument("--platform-only", action="store_true", help="no baselines: for trying settings, not for ratios")

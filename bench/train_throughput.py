@@ -179,8 +179,8 @@ def _title(p) -> str:
 def _cpu_by_title(cpu: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, secs in cpu.values():
-        out[name] = round(out.get(name, 0.0) + secs, 2)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        out[name] = out.get(name, 0.0) + secs
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def _run(kind: str, overrides: list[str], args: argparse.Namespace, tmp: str, cores: int) -> dict:
