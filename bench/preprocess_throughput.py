@@ -10,7 +10,7 @@ work (`aigc.data.tokenizing.Tokenize`: validate, chat template, tokenize, length
 - `datasets`: `Dataset.from_json(file).map(<row work>, batched=True, num_proc=<cores>)` + `to_parquet`
   (the rows are serialized back to the JSON strings the row work takes, inside the mapped function);
 - platform, cold: `python -m aigc.cli preprocess` as a user runs it (Ray start-up included); the peak RSS of
-  its driver process is sampled every 50 ms (the Ray workers are other processes);
+  its driver process and the CPU seconds of every process of its tree (Ray's included) are sampled every 0.5 s;
 - platform, warm (`--warm`): `preprocess()` again on the same embedded cluster (workers and imports warm).
 
 Prints seconds and rows/s of each, the platform's throughput as a multiple of the others, and for several
@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))  # PYTHONPATH wins
+
+from _procs import TreeSampler  # noqa: E402  (bench/ is on the path: the script's folder)
 
 from aigc.cli import check_stage  # noqa: E402
 from aigc.config import load_config  # noqa: E402
@@ -74,23 +76,19 @@ def _datasets(cfg, path: str, out: str, procs: int) -> float:
     return time.perf_counter() - t0
 
 
-def _cli(overrides: list[str], config: str) -> tuple[float, int]:
-    """Seconds and peak RSS (bytes) of the CLI's own process."""
-    import psutil
-
+def _cli(overrides: list[str], config: str) -> tuple[float, int, dict[str, float]]:
+    """Seconds, the peak RSS (bytes) of the CLI's own process, and CPU seconds by process over its whole tree
+    (the embedded Ray cluster's processes included)."""
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "aigc.cli", "preprocess", "--config", config, *overrides],
                          stdout=subprocess.DEVNULL)  # fmt: skip
-    proc, peak = psutil.Process(p.pid), 0
-    while p.poll() is None:
-        try:
-            peak = max(peak, proc.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
-    if p.wait() != 0:
-        raise SystemExit(f"aigc preprocess failed (exit {p.returncode})")
-    return time.perf_counter() - t0, peak
+    sampler = TreeSampler(p.pid).start()
+    rc = p.wait()
+    seconds = time.perf_counter() - t0
+    sampler.stop()
+    if rc != 0:
+        raise SystemExit(f"aigc preprocess failed (exit {rc})")
+    return seconds, sampler.peak["root_rss"], sampler.cpu_by_title()
 
 
 def _run(n: int, args: argparse.Namespace, cores: int) -> dict[str, float]:
@@ -107,7 +105,7 @@ def _run(n: int, args: argparse.Namespace, cores: int) -> dict[str, float]:
         out = {}
         if not args.platform_only:
             out = {"single": _single_process(cfg, src, tmp), "datasets": _datasets(cfg, src, tmp, cores)}
-        out["cold"], out["rss"] = _cli(overrides, args.config)
+        out["cold"], out["rss"], cpu = _cli(overrides, args.config)
         stats = read_stats(os.path.join(tmp, "out"))
         assert stats["rows_in"] == n, stats
         out["job"] = stats["seconds"]  # the job itself; the rest of the cold run is start-up and shutdown
@@ -129,7 +127,9 @@ def _run(n: int, args: argparse.Namespace, cores: int) -> dict[str, float]:
             print(f"  platform {name}: {out['single'] / out[key]:.2f}x single process, "
                   f"{out['datasets'] / out[key]:.2f}x datasets")  # fmt: skip
     print(f"  of the cold CLI: job {out['job']:.2f}s, start-up and shutdown {out['cold'] - out['job']:.2f}s")
-    print(f"  driver peak RSS (cold CLI): {out['rss'] / 2**20:.0f} MiB", flush=True)
+    print(f"  driver peak RSS (cold CLI): {out['rss'] / 2**20:.0f} MiB")
+    top = ", ".join(f"{k} {v:.1f}" for k, v in list(cpu.items())[:10])
+    print(f"  CPU seconds by process (cold CLI, {sum(cpu.values()):.1f} in all): {top}", flush=True)
     return out
 
 

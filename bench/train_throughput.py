@@ -17,9 +17,10 @@ and the same global batch (``train.batch_size`` x ``train.num_workers`` of the c
 
 Each run is its own process (started cold: imports, Ray start-up and shutdown are in its wall time). Tokens are
 the non-padding tokens of the train shards times the epochs; tokens/s divides them by the summed
-``epoch_time_s`` (training steps and the data feeding them; not model loading, eval or checkpoints). Peak memory
-is sampled every 0.3 s over the run's whole process tree (the embedded Ray cluster's processes included): the
-sum of RSS (shared pages counted in every process) and of PSS (shared pages split between processes).
+``epoch_time_s`` (training steps and the data feeding them; not model loading, eval or checkpoints). The run's
+whole process tree (the embedded Ray cluster's processes included) is sampled every 0.5 s: RSS and CPU seconds
+by process; PSS (shared pages split between processes), which costs ~10x more to read, every 5 s. Figures taken
+before 2026-12-07 sampled PSS every 0.3 s, which took ~30% of a core from the platform runs (bench/_procs.py).
 
 Prints a table and the platform's tokens/s as a multiple of the baseline's; writes the figures to
 ``runs/bench/train_throughput-<time>.json``.
@@ -33,13 +34,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.append(os.path.join(ROOT, "platform"))  # PYTHONPATH wins
 
-from _shapes import SHAPES, build_shape  # noqa: E402  (bench/ is on the path: the script's folder)
+from _procs import TreeSampler  # noqa: E402  (bench/ is on the path: the script's folder)
+from _shapes import SHAPES, build_shape  # noqa: E402
 
 DEMO_DATA = os.path.join(ROOT, "assets", "demo-data", "support.jsonl")
 
@@ -135,54 +136,6 @@ def _child(spec_path: str) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def _sample_tree(pid: int, peak: dict, cpu: dict, stop: threading.Event) -> None:
-    """Peak sums of RSS and PSS over ``pid`` and its descendants, every 0.3 s; and each process's CPU seconds
-    (user + system, the last value seen) in ``cpu``: ``{pid: (name, seconds)}``, the name as the process shows it
-    (Ray sets actor processes' titles, e.g. ``ray::RayTrainWorker``)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    while not stop.is_set():
-        rss = pss = 0
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for p in procs:
-            try:
-                mem = p.memory_full_info()
-                rss, pss = rss + mem.rss, pss + getattr(mem, "pss", mem.rss)
-                t = p.cpu_times()
-                cpu[p.pid] = (_title(p), t.user + t.system)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        peak["rss"], peak["pss"] = max(peak.get("rss", 0), rss), max(peak.get("pss", 0), pss)
-        stop.wait(0.3)
-
-
-def _title(p) -> str:
-    """A short name for a process: Ray's title up to the first space or dot (``ray::RayTrainWorker``, ``raylet``)."""
-    try:
-        words = p.cmdline()
-    except Exception:
-        words = []
-    name = words[0] if words else p.name()
-    if name.startswith("ray::"):
-        return name.split()[0].split(".")[0]
-    base = os.path.basename(name)
-    if base.startswith("python") and len(words) > 1:  # a Python process: name it by its script or module
-        script = words[2] if words[1] == "-m" and len(words) > 2 else os.path.basename(words[1])
-        return f"python {script}"
-    return base
-
-
-def _cpu_by_title(cpu: dict) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, secs in cpu.values():
-        out[name] = out.get(name, 0.0) + secs
-    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
-
-
 def _run(kind: str, overrides: list[str], args: argparse.Namespace, tmp: str, cores: int) -> dict:
     name = f"{kind}-{len(os.listdir(tmp))}"
     spec = {"kind": kind, "config": args.config, "overrides": overrides, "cores": cores,
@@ -191,27 +144,22 @@ def _run(kind: str, overrides: list[str], args: argparse.Namespace, tmp: str, co
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     log = os.path.join(tmp, f"{name}.log")
-    peak: dict[str, int] = {}
-    cpu: dict[int, tuple[str, float]] = {}
-    stop = threading.Event()
     t0 = time.perf_counter()
     with open(log, "w") as out:
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec_path], stdout=out,
                              stderr=subprocess.STDOUT)  # fmt: skip
-        sampler = threading.Thread(target=_sample_tree, args=(p.pid, peak, cpu, stop), daemon=True)
-        sampler.start()
+        sampler = TreeSampler(p.pid, pss_interval=5.0).start()
         rc = p.wait()
     wall = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
+    sampler.stop()
     if rc != 0:
         with open(log) as f:
             tail = f.read()[-4000:]
         raise SystemExit(f"{kind} run failed (exit {rc}); the end of its output:\n{tail}")
     with open(spec["result"]) as f:
         result = json.load(f)
-    return {**result, "wall_s": wall, "peak_rss_bytes": peak.get("rss", 0), "peak_pss_bytes": peak.get("pss", 0),
-            "cpu_s_by_process": _cpu_by_title(cpu)}  # fmt: skip
+    return {**result, "wall_s": wall, "peak_rss_bytes": sampler.peak["rss"], "peak_pss_bytes": sampler.peak["pss"],
+            "cpu_s_by_process": sampler.cpu_by_title()}  # fmt: skip
 
 
 def _train_tokens(output_dir: str) -> int:
