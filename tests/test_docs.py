@@ -193,7 +193,7 @@ def test_docs_have_shell_commands():
     readme = [c.text for c in ALL_COMMANDS if c.doc.name == "README.md"]
     assert readme[:2] == [
         "make demo   # set up, then preprocess -> LoRA fine-tune -> sweep -> serve -> chat, on an embedded Ray cluster",
-        "make test   # set up, then lint + every test tier (unit, integration, slow end-to-end), ~40 min on 2 cores",
+        "make test   # set up, then lint + every test tier (unit, integration, slow end-to-end), ~60 min on 2 cores",
     ]
     assert len({c.doc for c in ALL_COMMANDS}) >= 6
 
