@@ -17,9 +17,10 @@ __all__ = ["TreeSampler"]
 
 class TreeSampler:
     """Samples ``pid`` and its descendants every ``interval`` s in a thread, from ``start()`` until ``stop()``:
-    ``peak`` holds the peak RSS of ``pid`` itself and the peak sums of RSS and, with ``pss``, PSS (shared pages
-    counted in every process / split between them); :meth:`cpu_by_title` each process title's CPU seconds (user
-    + system, the last value seen per process).
+    ``peak`` holds the peak RSS of ``pid`` itself and the peak sums of RSS and, with ``pss_interval``, PSS
+    (shared pages counted in every process / split between them); :meth:`cpu_by_title` each process title's CPU
+    seconds (user + system, the last value seen per process: a process that exits between samples keeps its
+    last value; a title is ``comm``, cut at 15 characters, when the command line cannot be read).
 
     The sampler runs on the cores it measures. PSS reads every process's ``smaps``: ~90 ms of CPU per sample
     over an embedded Ray cluster's ~20 processes on 2 cores (RSS and CPU times: ~8 ms), so sampling it every
