@@ -69,7 +69,7 @@ class TreeSampler:
             for p in procs:
                 try:
                     mem = p.memory_full_info() if full else p.memory_info()
-                    rss, pss = rss + mem.rss, pss + getattr(mem, "pss", 0)
+                    rss, pss = rss + mem.rss, pss + (getattr(mem, "pss", mem.rss) if full else 0)
                     if p.pid == self.pid:
                         self.peak["root_rss"] = max(self.peak["root_rss"], mem.rss)
                     t = p.cpu_times()
